@@ -10,12 +10,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-from jax.sharding import AxisType  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session")
 def mesh8():
-  """A (data=8) mesh over the 8 fake devices."""
-  return jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  """The 8 fake devices as a (data=8, fsdp=1, tensor=1) mesh."""
+  from contrastive_jax.train.sharding import make_mesh
+
+  return make_mesh({"data": 8})

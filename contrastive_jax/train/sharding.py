@@ -132,8 +132,9 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> An
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-  """Leading axis over (data, fsdp); the rest replicated."""
-  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+  """Leading axis over (data, fsdp) (those of them the mesh has); the rest replicated."""
+  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+  return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
 
 
 def host_to_global(batch: Any, mesh: Mesh) -> Any:

@@ -1,0 +1,59 @@
+"""Batches from in-memory or TFDS sources through grain, with a resumable position.
+
+grain's `MapDataset` is random access and its `shuffle` draws a new permutation per epoch from
+(seed, epoch), so the batch at position k is a pure function of (seed, k). The iterator's state
+is therefore one integer, saved in every checkpoint by `train/state.py`: a resumed run reads
+exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grain
+import jax
+import numpy as np
+
+
+class _ArraySource:
+  """Rows of a dict of equal-length arrays, as grain's random-access source."""
+
+  def __init__(self, arrays: Mapping[str, np.ndarray]):
+    lengths = {k: len(v) for k, v in arrays.items()}
+    if len(set(lengths.values())) != 1:
+      raise ValueError(f"array_batches: arrays have different lengths {lengths}")
+    self._arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    self._n = next(iter(lengths.values()))
+
+  def __len__(self):
+    return self._n
+
+  def __getitem__(self, i):
+    return {k: v[i] for k, v in self._arrays.items()}
+
+
+def batched(source, *, batch_size: int, seed: int, shuffle: bool = True) -> grain.MapDataset:
+  """An infinite MapDataset of this process's share of each global batch.
+
+  `source` is any grain random-access source (len + getitem), e.g. `tfds.data_source(...)`.
+  Each of the N processes reads every N-th example, so together they read the global batch.
+  """
+  n, i = jax.process_count(), jax.process_index()
+  if batch_size % n:
+    raise ValueError(f"batch_size {batch_size} does not divide over {n} processes")
+  ds = grain.MapDataset.source(source)
+  if len(ds) < batch_size:
+    raise ValueError(f"dataset has {len(ds)} examples, fewer than one batch of {batch_size}")
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat()
+  if n > 1:
+    ds = ds[i::n]
+  return ds.batch(batch_size // n, drop_remainder=True)
+
+
+def array_batches(arrays: Mapping[str, np.ndarray], *, batch_size: int, seed: int,
+                  shuffle: bool = True):
+  """A resumable iterator of batches (dicts of numpy arrays) from in-memory arrays."""
+  return iter(batched(_ArraySource(arrays), batch_size=batch_size, seed=seed,
+                      shuffle=shuffle).to_iter_dataset())

@@ -1,0 +1,235 @@
+"""The one training loop: cadence, logging, evaluation, checkpoints, the non-finite guard.
+
+Experiments supply an `init_state(rng)` (parameters carrying logical axis names), a
+`train_step(state, batch) -> (state, metrics)`, a resumable data iterator and evaluators; this
+module owns everything else, so the four loops share one implementation of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from contrastive_jax.train import sharding as sharding_lib
+from contrastive_jax.train.metrics import MetricsWriter
+from contrastive_jax.train.state import CheckpointManager, TrainState
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
+Evaluator = Callable[[Any], Mapping[str, float]]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or inf; the message names the step. No checkpoint of it is written."""
+
+
+def _cast_floats(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      tree)
+
+
+def make_train_step(
+  loss_fn: LossFn,
+  *,
+  lr_schedule: optax.Schedule | None = None,
+  grad_accum_steps: int = 1,
+  compute_dtype: str = "float32",
+) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+  """`train_step(state, batch)` from `loss_fn(params, batch, rng) -> (loss, metrics)`.
+
+  Parameters stay float32; with `compute_dtype="bfloat16"` the loss sees a bf16 copy and the
+  gradients flow back to the float32 master parameters. With `grad_accum_steps = A`, the batch
+  is split into A micro-batches (row r goes to micro-batch r mod A, so each device keeps an even
+  share of every micro-batch) whose gradients and metrics are averaged; a loss that uses the
+  batch as negatives then sees B/A rows at a time. The step's randomness is
+  `fold_in(state.rng, state.step)` (and micro-batch k folds in k).
+  """
+  dtype = jnp.dtype(compute_dtype)
+
+  def grads_of(params, batch, rng):
+    def f(p):
+      loss, metrics = loss_fn(_cast_floats(p, dtype), batch, rng)
+      return loss.astype(jnp.float32), metrics
+
+    (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+    return grads, {**metrics, "loss": loss}
+
+  def train_step(state: TrainState, batch):
+    rng = state.step_rng()
+    if grad_accum_steps == 1:
+      grads, metrics = grads_of(state.params, batch, rng)
+    else:
+      a = grad_accum_steps
+
+      def split(x):
+        if x.shape[0] % a:
+          raise ValueError(f"batch leading dim {x.shape[0]} not divisible by grad_accum_steps={a}")
+        return jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1)
+
+      micro = jax.tree.map(split, batch)
+
+      def body(carry, xs):
+        k, mb = xs
+        g, m = grads_of(state.params, mb, jax.random.fold_in(rng, k))
+        return jax.tree.map(jnp.add, carry, (g, m)), None
+
+      zeros = jax.eval_shape(grads_of, state.params, jax.tree.map(lambda x: x[0], micro), rng)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+      (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(a), micro))
+      grads, metrics = jax.tree.map(lambda x: x / a, (grads, metrics))
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    if lr_schedule is not None:
+      metrics["lr"] = lr_schedule(state.step)
+    return state.apply_gradients(grads), metrics
+
+  return train_step
+
+
+def state_shardings(init_state: Callable[[jax.Array], TrainState], mesh, rules=None):
+  """(abstract state with shardings, shardings) from an init whose params carry logical names."""
+  rules = sharding_lib.rules_from_config(rules)
+  boxed = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+  shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
+  )
+  return abstract, shardings
+
+
+def initialize_state(init_state, rng, mesh, rules=None) -> TrainState:
+  """Initialises directly into its shardings, so nothing full-size lands on one device."""
+  _, shardings = state_shardings(init_state, mesh, rules)
+  return jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=shardings)(rng)
+
+
+def _due(step: int, every: int) -> bool:
+  return every > 0 and step % every == 0
+
+
+def _eval_params(state: TrainState, use_ema: bool):
+  return state.ema_params if use_ema and state.ema_params is not None else state.params
+
+
+def run_evaluators(evaluators: Mapping[str, Evaluator], params) -> dict[str, float]:
+  out = {}
+  for name, fn in evaluators.items():
+    for k, v in fn(params).items():
+      out[f"eval/{name}/{k}"] = v
+  return out
+
+
+def train(
+  config,
+  workdir: str,
+  *,
+  init_state: Callable[[jax.Array], TrainState],
+  train_step: Callable[[TrainState, Any], tuple[TrainState, Mapping]],
+  data,
+  mesh,
+  evaluators: Mapping[str, Evaluator] | None = None,
+  hooks: Sequence[Callable[[int, TrainState, Mapping], None]] = (),
+  jit_step: bool = True,
+) -> TrainState:
+  """Runs (or resumes) training to `config.train.steps`.
+
+  Args:
+    config: uses `seed`, `sharding_rules` and `train.{steps, log_every, eval_every,
+      checkpoint_every, keep_checkpoints, async_checkpoint, eval_with_ema}`.
+    init_state: rng -> TrainState whose params are `nn.LogicallyPartitioned` boxes.
+    train_step: jitted here with the state's shardings and the state donated (`jit_step`), or
+      called as given when the experiment compiles its own pieces (GRPO's rollout + updates).
+    data: iterator of host batches (this process's rows) with grain's `get_state/set_state`.
+    evaluators: name -> fn(params) -> metrics; run every `eval_every` steps and at the end.
+    hooks: called as `hook(step, state, metrics)` after every step (profiling, tests).
+
+  Returns:
+    The final state. Raises `NonFiniteLossError` naming the step if the loss is not finite;
+    checkpoints written before it are kept.
+  """
+  tc = config.train
+  evaluators = evaluators or {}
+  rules = config.get("sharding_rules", None)
+  abstract, shardings = state_shardings(init_state, mesh, rules)
+  manager = CheckpointManager(
+    os.path.join(workdir, "checkpoints"),
+    save_every=tc.checkpoint_every,
+    keep=tc.keep_checkpoints,
+    async_save=tc.get("async_checkpoint", True),
+  )
+  state, data_state = manager.restore(abstract)
+  if state is None:
+    state = initialize_state(init_state, jax.random.PRNGKey(config.seed), mesh, rules)
+  else:
+    data.set_state(data_state)
+    tqdm.write(f"resumed from {manager.directory}/{int(state.step)}")
+  start = int(state.step)
+  writer = MetricsWriter(workdir, resume_step=start)
+  if jit_step:
+    train_step = jax.jit(train_step, in_shardings=(shardings, None),
+                         out_shardings=(shardings, None), donate_argnums=0)
+  use_ema = tc.get("eval_with_ema", True)
+  manager.install_signal_handlers()
+  bar = tqdm(total=tc.steps, initial=start, desc=config.experiment, dynamic_ncols=True,
+             disable=jax.process_index() != 0)
+  last_time, last_step = time.perf_counter(), start
+  try:
+    for step in range(start + 1, tc.steps + 1):
+      batch = sharding_lib.host_to_global(next(data), mesh)
+      state, metrics = train_step(state, batch)
+      metrics = jax.device_get(metrics)
+      loss = float(np.asarray(metrics["loss"]))
+      if not math.isfinite(loss):
+        raise NonFiniteLossError(
+          f"step {step}: loss is {loss}; stopping. The last good checkpoint is "
+          f"{manager.latest_step()} in {manager.directory}"
+        )
+      for hook in hooks:
+        hook(step, state, metrics)
+      bar.update(1)
+      bar.set_postfix(loss=f"{loss:.4f}")
+      if _due(step, tc.log_every) or step == tc.steps:
+        now = time.perf_counter()
+        metrics = {**metrics, "steps_per_sec": (step - last_step) / max(now - last_time, 1e-9)}
+        last_time, last_step = now, step
+        writer.write(step, metrics)
+      if evaluators and (_due(step, tc.eval_every) or step == tc.steps):
+        writer.write(step, run_evaluators(evaluators, _eval_params(state, use_ema)))
+      stop = manager.stop_requested.is_set()
+      manager.save(state, data_state=data.get_state(), config=config,
+                   force=stop or step == tc.steps)
+      if stop:
+        log.warning("stopped at step %d on request; checkpoint saved", step)
+        break
+  finally:
+    bar.close()
+    writer.close()
+    manager.close()
+  return state
+
+
+def load_params(config, workdir, init_state, mesh, *, ema: bool, step: int | None = None):
+  """Parameters (or EMA parameters) of a checkpoint for evaluation: `(step, params)`."""
+  abstract, _ = state_shardings(init_state, mesh, config.get("sharding_rules", None))
+  manager = CheckpointManager(os.path.join(workdir, "checkpoints"), async_save=False)
+  try:
+    target = abstract.ema_params if ema and abstract.ema_params is not None else abstract.params
+    got_step, params = manager.restore_params(
+      target, ema=ema and abstract.ema_params is not None, step=step
+    )
+  finally:
+    manager.close()
+  if params is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to evaluate")
+  return got_step, params
