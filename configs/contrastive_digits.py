@@ -3,7 +3,8 @@
 Two augmented views of each digit (shift by up to one pixel, pixel dropout, Gaussian noise) go
 through an MLP encoder; symmetric InfoNCE with in-batch negatives (SimCLR's objective, Chen et
 al. 2020) pulls the views together. Evaluation: 1-nearest-neighbour accuracy of held-out digits
-against the embedded training split (raw pixels give about 0.98 on this split; the point of
+against the embedded training split (raw pixels give 0.986 on this split, the cpu preset 0.961 after
+600 steps: lower, and an honest one; the point of
 this loop is the machinery, not the number).
 
   python launch.py --config configs/contrastive_digits.py:cpu --workdir /tmp/digits

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 from collections.abc import Mapping
@@ -135,7 +136,7 @@ class CheckpointManager:
   """
 
   def __init__(self, directory, *, save_every: int = 1000, keep: int = 3, async_save=True):
-    self.directory = str(directory)
+    self.directory = os.path.abspath(directory)  # Orbax requires absolute paths
     self.save_every = save_every
     handlers = {k: ocp.StandardCheckpointHandler() for k in _ARRAY_ITEMS}
     handlers.update({k: ocp.JsonCheckpointHandler() for k in _JSON_ITEMS})
