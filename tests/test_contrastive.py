@@ -49,8 +49,14 @@ def test_info_nce_equals_brute_force(symmetric, score):
   expected = _brute_force(q, p, tau=TAU, g=G, symmetric=symmetric, cosine=score == "cosine")
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   # Accuracy counts queries whose positive has the highest score among all B*G passages.
-  qn, pn = (q, p) if score == "dot" else (
-    q / np.linalg.norm(q, axis=1, keepdims=True), p / np.linalg.norm(p, axis=1, keepdims=True))
+  qn, pn = (
+    (q, p)
+    if score == "dot"
+    else (
+      q / np.linalg.norm(q, axis=1, keepdims=True),
+      p / np.linalg.norm(p, axis=1, keepdims=True),
+    )
+  )
   s = qn @ pn.T
   np.testing.assert_allclose(m["accuracy"], np.mean(s.argmax(1) == np.arange(B) * G))
   is_pos = np.zeros_like(s, bool)
@@ -128,8 +134,7 @@ def test_shard_map_local_negatives_equals_per_device_mean(mesh8):
   q, p = _data()
   loss, _ = _shard_mapped(mesh8, gather=False)(q, p)
   per_device = [
-    info_nce(q[2 * r : 2 * r + 2], p[2 * r * G : (2 * r + 2) * G], temperature=TAU,
-             group_size=G)[0]
+    info_nce(q[2 * r : 2 * r + 2], p[2 * r * G : (2 * r + 2) * G], temperature=TAU, group_size=G)[0]
     for r in range(8)
   ]
   np.testing.assert_allclose(loss, np.mean(per_device), rtol=1e-5)

@@ -30,8 +30,9 @@ def _snapshot(path):
 
 
 def _launch(*args):
-  return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
 
 
 @pytest.fixture
@@ -45,14 +46,19 @@ def other_experiment_workdir(tmp_path):
 @pytest.mark.parametrize(
   "args,message",
   [
-    ([f"--config={CONFIG}:huge"],
-     "unknown preset 'huge' for experiment 'contrastive_digits'; choose one of ['cpu', 'test']"),
-    ([f"--config={CONFIG}:test", "--config.train.stpes=3"],
-     "the config has no key 'train.stpes'; did you mean 'train.steps'?"),
-    ([f"--config={CONFIG}:test", "--config.optim.lr=fast"],
-     "flag --config.optim.lr=fast: could not convert string to float: 'fast'"),
-    ([f"--config={CONFIG}:test", "--config.train.steps=1.5"],
-     "--config.train.steps=1.5"),
+    (
+      [f"--config={CONFIG}:huge"],
+      "unknown preset 'huge' for experiment 'contrastive_digits'; choose one of ['cpu', 'test']",
+    ),
+    (
+      [f"--config={CONFIG}:test", "--config.train.stpes=3"],
+      "the config has no key 'train.stpes'; did you mean 'train.steps'?",
+    ),
+    (
+      [f"--config={CONFIG}:test", "--config.optim.lr=fast"],
+      "flag --config.optim.lr=fast: could not convert string to float: 'fast'",
+    ),
+    ([f"--config={CONFIG}:test", "--config.train.steps=1.5"], "--config.train.steps=1.5"),
   ],
 )
 def test_bad_flags_name_the_problem_and_touch_nothing(tmp_path, args, message):
@@ -69,8 +75,10 @@ def test_workdir_of_another_experiment_is_refused_untouched(other_experiment_wor
   before = _snapshot(other_experiment_workdir)
   proc = _launch(f"--config={CONFIG}:test", f"--workdir={other_experiment_workdir}")
   assert proc.returncode == 2
-  assert ("holds a run of experiment 'dispersive', but the config is for 'contrastive_digits'"
-          in proc.stderr)
+  assert (
+    "holds a run of experiment 'dispersive', but the config is for 'contrastive_digits'"
+    in proc.stderr
+  )
   assert _snapshot(other_experiment_workdir) == before
 
 

@@ -46,9 +46,12 @@ def test_logical_names_map_to_pinned_partition_specs():
   layers = shardings.params["params"]
   specs = {f"{layer}/{name}": s.spec for layer in layers for name, s in layers[layer].items()}
   assert specs == {
-    "dense_0/kernel": P("fsdp", "tensor"), "dense_0/bias": P("tensor"),
-    "dense_1/kernel": P(None, "tensor"), "dense_1/bias": P("tensor"),
-    "out/kernel": P("tensor", "fsdp"), "out/bias": P("fsdp"),
+    "dense_0/kernel": P("fsdp", "tensor"),
+    "dense_0/bias": P("tensor"),
+    "dense_1/kernel": P(None, "tensor"),
+    "dense_1/bias": P("tensor"),
+    "out/kernel": P("tensor", "fsdp"),
+    "out/bias": P("fsdp"),
   }
   # Adam/SGD state follows its parameter; step and rng are replicated.
   assert shardings.step.spec == P()
@@ -82,8 +85,9 @@ def test_gradient_accumulation_equals_full_batch():
   init, loss_fn = _setup()
   batch = _regression()
   state = init(jax.random.PRNGKey(0))
-  state = state.replace(params=jax.tree.map(lambda x: x.value, state.params,
-                                            is_leaf=lambda x: hasattr(x, "value")))
+  state = state.replace(
+    params=jax.tree.map(lambda x: x.value, state.params, is_leaf=lambda x: hasattr(x, "value"))
+  )
   full, m_full = jax.jit(loop.make_train_step(loss_fn))(state, batch)
   acc, m_acc = jax.jit(loop.make_train_step(loss_fn, grad_accum_steps=4))(state, batch)
   np.testing.assert_allclose(m_acc["loss"], m_full["loss"], rtol=1e-6)
@@ -97,8 +101,10 @@ def test_gradient_accumulation_equals_full_batch():
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
   init, loss_fn = _setup()
   batch = _regression()
-  state = jax.tree.map(lambda x: x, loop.initialize_state(init, jax.random.PRNGKey(0),
-                                                         make_mesh({"data": 1}, jax.devices()[:1])))
+  state = jax.tree.map(
+    lambda x: x,
+    loop.initialize_state(init, jax.random.PRNGKey(0), make_mesh({"data": 1}, jax.devices()[:1])),
+  )
   f32, m32 = jax.jit(loop.make_train_step(loss_fn))(state, batch)
   b16, m16 = jax.jit(loop.make_train_step(loss_fn, compute_dtype="bfloat16"))(state, batch)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(b16.params))
@@ -109,8 +115,14 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
 
 def _loop_config(steps, checkpoint_every):
   c = base_config("test_loop")
-  c.train.update(steps=steps, batch_size=16, log_every=1, eval_every=0,
-                 checkpoint_every=checkpoint_every, async_checkpoint=False)
+  c.train.update(
+    steps=steps,
+    batch_size=16,
+    log_every=1,
+    eval_every=0,
+    checkpoint_every=checkpoint_every,
+    async_checkpoint=False,
+  )
   return c
 
 
@@ -127,8 +139,14 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tm
   it = array_batches(data, batch_size=16, seed=0, shuffle=False)
   mesh = make_mesh({"data": 8})
   with pytest.raises(loop.NonFiniteLossError, match=r"step 4: loss is nan.*checkpoint is 2"):
-    loop.train(_loop_config(10, 2), str(tmp_path), init_state=init,
-               train_step=loop.make_train_step(exploding), data=it, mesh=mesh)
+    loop.train(
+      _loop_config(10, 2),
+      str(tmp_path),
+      init_state=init,
+      train_step=loop.make_train_step(exploding),
+      data=it,
+      mesh=mesh,
+    )
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
   with open(tmp_path / "metrics.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == [1, 2, 3]

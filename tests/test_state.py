@@ -67,13 +67,21 @@ KILLED_RUN = textwrap.dedent("""
 
 
 def test_resume_after_kill_is_bitwise_equal_to_uninterrupted(tmp_path):
-  config = get_config("test")  # 20 steps, checkpoints every 10, eval every 10, batch 32 on 8 devices
+  config = get_config(
+    "test"
+  )  # 20 steps, checkpoints every 10, eval every 10, batch 32 on 8 devices
   straight = str(tmp_path / "straight")
   contrastive_digits.train(config, straight)
 
   resumed = str(tmp_path / "resumed")
-  proc = subprocess.run([sys.executable, "-c", KILLED_RUN, resumed], cwd=ROOT,
-                        env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", KILLED_RUN, resumed],
+    cwd=ROOT,
+    env=_subprocess_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["10"]
   contrastive_digits.train(config, resumed)
@@ -81,8 +89,10 @@ def test_resume_after_kill_is_bitwise_equal_to_uninterrupted(tmp_path):
   a, data_a = _final(config, straight)
   b, data_b = _final(config, resumed)
   assert int(a.step) == int(b.step) == 20 and data_a == data_b
-  for x, y in zip(jax.tree.leaves((a.params, a.opt_state, a.ema_params, a.rng)),
-                  jax.tree.leaves((b.params, b.opt_state, b.ema_params, b.rng))):
+  for x, y in zip(
+    jax.tree.leaves((a.params, a.opt_state, a.ema_params, a.rng)),
+    jax.tree.leaves((b.params, b.opt_state, b.ema_params, b.rng)),
+  ):
     np.testing.assert_array_equal(x, y)
   assert _metrics(straight) == _metrics(resumed)
 
@@ -90,9 +100,20 @@ def test_resume_after_kill_is_bitwise_equal_to_uninterrupted(tmp_path):
 def test_sigterm_leaves_a_restorable_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   proc = subprocess.Popen(
-    [sys.executable, "launch.py", "--config", "configs/contrastive_digits.py:test",
-     "--config.train.steps=100000", "--config.train.checkpoint_every=0", f"--workdir={workdir}"],
-    cwd=ROOT, env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    [
+      sys.executable,
+      "launch.py",
+      "--config",
+      "configs/contrastive_digits.py:test",
+      "--config.train.steps=100000",
+      "--config.train.checkpoint_every=0",
+      f"--workdir={workdir}",
+    ],
+    cwd=ROOT,
+    env=_subprocess_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
   )
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 240
@@ -163,8 +184,7 @@ def test_truncated_latest_checkpoint_is_skipped(tmp_path, caplog):
   init, state = _mlp_state(mesh)
   manager = CheckpointManager(tmp_path, async_save=False)
   manager.save(state, force=True)  # step 0
-  later = state.replace(step=state.step + 5,
-                        params=jax.tree.map(lambda x: x + 1.0, state.params))
+  later = state.replace(step=state.step + 5, params=jax.tree.map(lambda x: x + 1.0, state.params))
   manager.save(later, force=True)  # step 5
   for root, _, files in os.walk(tmp_path / "5" / "params"):
     for name in files:
@@ -191,7 +211,6 @@ def test_restore_params_alone_and_ema(tmp_path):
   _, ema = manager.restore_params(abstract.ema_params, ema=True)
   manager.close()
   assert step == 0
-  for p, e, sp in zip(jax.tree.leaves(params), jax.tree.leaves(ema),
-                      jax.tree.leaves(state.params)):
+  for p, e, sp in zip(jax.tree.leaves(params), jax.tree.leaves(ema), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(p, sp)
     np.testing.assert_array_equal(e, sp * 0.5)
