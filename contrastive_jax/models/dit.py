@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contrastive_jax.models.layers import logical_dense
+
 # name: (depth, hidden width, heads) of DiT Table 1, plus a tiny size for CPU tests and demos.
 SIZES = {
   "T": (4, 64, 4),
@@ -75,17 +77,7 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
 
 
 def _dense(features, names, *, dtype, axis=-1, init=_xavier, name=None):
-  """DenseGeneral with fp32 params; `names` name the kernel axes, the bias takes the output ones."""
-  features = (features,) if isinstance(features, int) else tuple(features)
-  return nn.DenseGeneral(
-    features,
-    axis=axis,
-    dtype=dtype,
-    param_dtype=jnp.float32,
-    name=name,
-    kernel_init=nn.with_logical_partitioning(init, names),
-    bias_init=nn.with_logical_partitioning(_zeros, names[-len(features) :]),
-  )
+  return logical_dense(features, names, kernel_init=init, dtype=dtype, axis=axis, name=name)
 
 
 def _modulate(x, shift, scale):

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from contrastive_jax.models.layers import logical_dense
+
 _ACTIVATIONS = {
   "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form.
   "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -111,17 +113,8 @@ class EncoderConfig:
 
 
 def _dense(features, names, name, axis=-1, dtype=jnp.float32):
-  init = nn.initializers.normal(0.02)
-  nfeat = len(features) if isinstance(features, tuple) else 1
-  return nn.DenseGeneral(
-    features,
-    axis=axis,
-    dtype=dtype,
-    param_dtype=jnp.float32,
-    name=name,
-    kernel_init=nn.with_logical_partitioning(init, names),
-    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-nfeat:]),
-  )
+  return logical_dense(features, names, kernel_init=nn.initializers.normal(0.02), dtype=dtype,
+                       axis=axis, name=name)
 
 
 def _layer_norm(cfg: EncoderConfig, name: str):

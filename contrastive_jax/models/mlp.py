@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from contrastive_jax.models.layers import logical_dense
+
 
 class MLPEncoder(nn.Module):
   """x [B, ...] -> embedding [B, out_dim]; hidden layers GELU, weights named (embed, mlp)."""
@@ -20,18 +22,6 @@ class MLPEncoder(nn.Module):
     x = x.reshape(x.shape[0], -1).astype(self.dtype)
     names = [("embed", "mlp")] + [(None, "mlp")] * (len(self.hidden) - 1)
     for i, (width, axes) in enumerate(zip(self.hidden, names)):
-      x = nn.Dense(
-        width,
-        dtype=self.dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
-        name=f"dense_{i}",
-      )(x)
+      x = logical_dense(width, axes, dtype=self.dtype, name=f"dense_{i}")(x)
       x = nn.gelu(x)
-    return nn.Dense(
-      self.out_dim,
-      dtype=self.dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-      name="out",
-    )(x)
+    return logical_dense(self.out_dim, ("mlp", "embed"), dtype=self.dtype, name="out")(x)
