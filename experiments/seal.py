@@ -1,0 +1,337 @@
+"""SEAL fine-tuning of a BERT / XLM-R bi-encoder on structured documents (configs/seal.py).
+
+The step encodes the queries and the B*G passages in each view the objective needs (tagged;
+tag-stripped for SAL; element-masked for EAL), pools and l2-normalises, and applies
+`losses.seal.seal_loss` under `jax.jit` on the globally sharded batch (negatives from every
+device), or inside `shard_map` with local negatives (`loss.negatives="local"`). Hard negatives
+are mined once with the base encoder (or read from the data file) and cached with the records in
+`<workdir>/seal_data.json`, so a resumed run trains on exactly the same data. Evaluation (in the
+loop and in `--mode eval`, also of the base model with `eval.zero_shot=True`) encodes the test
+corpus in sharded batches and ranks it exactly: MRR@10, HitRate@1/5/10, NDCG@10, Recall@100, on
+the tagged documents and on their tag-stripped text.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.sharding import PartitionSpec as P
+
+from contrastive_jax.data import offline_docs, structdoc
+from contrastive_jax.data.seal_batches import SealBatches, tokenize
+from contrastive_jax.evaluation.retrieval import embedding_retrieval_metrics, encode_corpus
+from contrastive_jax.losses.seal import seal_loss
+from contrastive_jax.models.encoder import Encoder, pool
+from contrastive_jax.train import loop, sharding
+from contrastive_jax.train.optim import make_optimizer
+from contrastive_jax.train.state import TrainState
+from contrastive_jax.weights import encoder as W
+from contrastive_jax.weights.hf import load_tokenizer
+
+
+def _atomic_json(path, obj):
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def load_model(config):
+  """(EncoderConfig, pretrained {"params"} numpy tree, tokenizer) from `model.path`."""
+  path = config.model.path or W.minilm_model_dir()
+  enc_cfg, params = W.load_encoder(
+    path, attention_impl=config.model.attention_impl, remat=config.model.remat
+  )
+  return enc_cfg, params, load_tokenizer(path)
+
+
+def _offline_records(config):
+  """pydoc / package records, cached in `data.records_cache` (a JSON file) when set: building
+  the pydoc pages takes about a minute, and every run of a sweep needs the same ones."""
+  d = config.data
+  key = {
+    "source": d.source,
+    "modules": list(d.modules),
+    "max_doc_chars": d.max_doc_chars,
+    "test_fraction": d.test_fraction,
+    "python": sys.version.split()[0],
+  }
+  if d.records_cache and os.path.isfile(d.records_cache):
+    with open(d.records_cache, encoding="utf-8") as f:
+      cached = json.load(f)
+    if cached["key"] == key:
+      return cached["records"]
+  if d.source == "pydoc":
+    records, _ = offline_docs.pydoc_documents(
+      names=list(d.modules) or None, max_chars=d.max_doc_chars, test_fraction=d.test_fraction
+    )
+  elif d.source == "packages":
+    records, _ = structdoc.package_documents(test_fraction=d.test_fraction)
+  else:
+    raise ValueError(f"data.source={d.source!r}: use 'pydoc', 'packages' or 'jsonl'")
+  if d.records_cache and jax.process_index() == 0:
+    _atomic_json(d.records_cache, {"key": key, "records": records})
+  return records
+
+
+def _records(config, split):
+  d = config.data
+  if d.source != "jsonl":
+    return [r for r in _offline_records(config) if r["split"] == split]
+  path = d.train_file if split == "train" else d.test_file
+  key = "data.train_file" if split == "train" else "data.test_file"
+  if not path or not os.path.isfile(path):
+    raise FileNotFoundError(f"{key}={path!r}: no such StructDocRetrieval JSONL file")
+  if d.hard_negatives == "file":
+    with open(path, encoding="utf-8") as f:
+      return [json.loads(line) for line in f if line.strip()]
+  return structdoc.load_structdoc_jsonl(path)[0]
+
+
+def _pairs(records):
+  """Records -> (queries, unique documents, positive document index per query)."""
+  queries, docs, relevant = structdoc.structdoc_retrieval_set(records)
+  return queries, docs, np.array([int(r[0]) for r in relevant])
+
+
+def make_embed(model, config, mesh):
+  """jitted (params, ids, mask) -> [B, D] pooled, l2-normalised embeddings, batch sharded."""
+  sh = sharding.batch_sharding(mesh, 2)
+
+  @functools.partial(jax.jit, in_shardings=(None, sh, sh))
+  def embed(params, ids, mask):
+    return pool(model.apply(params, ids, mask), mask, kind=config.model.pooling)
+
+  return embed
+
+
+def encode_texts(embed, params, tokenizer, texts, *, max_length, batch_size, mesh):
+  """[len(texts), D] embeddings, `batch_size` texts per sharded call (last batch padded)."""
+
+  def fn(batch):
+    enc = tokenize(tokenizer, batch, max_length=max_length)
+    ids, mask = sharding.host_to_global((enc["ids"], enc["mask"]), mesh)
+    return np.asarray(jax.device_get(embed(params, ids, mask)))
+
+  return encode_corpus(fn, texts, batch_size=batch_size)
+
+
+def _prepare_data(config, workdir, model, params, tokenizer, mesh):
+  """Train queries, documents and [Q, G] groups (positive first), cached in the workdir."""
+  path = os.path.join(workdir, "seal_data.json")
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  train_records = _records(config, "train")
+  queries, docs, positives = _pairs(train_records)
+  g = config.loss.group_size
+  if config.data.hard_negatives == "file":  # records {"query", "content", "neg": [texts]}
+    index = {doc: i for i, doc in enumerate(docs)}
+    negs = []
+    for i, r in enumerate(train_records):
+      texts = list(r.get("neg") or [])[: g - 1]
+      if len(texts) < g - 1:
+        raise ValueError(
+          f"{config.data.train_file}: record {i} has {len(texts)} 'neg' texts; group_size={g} "
+          f"needs {g - 1} (or set data.hard_negatives='mine')"
+        )
+      for text in texts:
+        if text not in index:
+          index[text] = len(docs)
+          docs.append(text)
+      negs.append([index[t] for t in texts])
+    negs = np.array(negs, np.int64)
+  else:
+    embed = make_embed(model, config, mesh)
+    kw = {"batch_size": config.data.mine_batch_size, "mesh": mesh}
+    q_emb = encode_texts(
+      embed, params, tokenizer, queries, max_length=config.data.query_max_length, **kw
+    )
+    d_emb = encode_texts(
+      embed, params, tokenizer, docs, max_length=config.data.passage_max_length, **kw
+    )
+    negs, _ = structdoc.mine_hard_negatives(
+      q_emb,
+      d_emb,
+      positives[:, None],
+      num_negatives=g - 1,
+      rank_window=tuple(config.data.mine_window),
+      rng=config.seed,
+    )
+  groups = np.concatenate([positives[:, None], negs], axis=1)
+  data = {"queries": queries, "documents": docs, "groups": groups.tolist()}
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    _atomic_json(path, data)
+  return data
+
+
+def _views(config):
+  lc = config.loss
+  return tuple(
+    name
+    for name, ws in (
+      ("untagged", ("sal_weight", "d2d_untagged_weight")),
+      ("masked", ("eal_weight", "d2d_masked_weight")),
+    )
+    if any(lc[w] for w in ws)
+  )
+
+
+def loss_fn(params, batch, rng, *, model, config, mesh):
+  """SEAL objective of one batch (see the module docstring)."""
+  lc = config.loss
+  deterministic = not config.model.dropout
+
+  def encode(prefix, k):
+    ids, mask = batch[f"{prefix}_ids"], batch[f"{prefix}_mask"]
+    hidden = model.apply(
+      params, ids, mask, deterministic=deterministic, rngs={"dropout": jax.random.fold_in(rng, k)}
+    )
+    return pool(hidden, mask, kind=config.model.pooling)
+
+  emb = [encode("q", 0), encode("p", 1)]
+  emb += [
+    encode(k[0], i + 2) if f"{k[0]}_ids" in batch else None
+    for i, k in enumerate(("untagged", "masked"))
+  ]
+  hyper = {
+    "dense_weight": lc.dense_weight,
+    "sal_weight": lc.sal_weight,
+    "eal_weight": lc.eal_weight,
+    "d2d_untagged_weight": lc.d2d_untagged_weight,
+    "d2d_masked_weight": lc.d2d_masked_weight,
+    "temperature": lc.temperature,
+    "group_size": lc.group_size,
+  }
+  if lc.negatives == "global":
+    return seal_loss(*emb, **hyper)
+  if lc.negatives != "local":
+    raise ValueError(f"loss.negatives={lc.negatives!r}: use 'global' or 'local'")
+  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+  present = [e for e in emb if e is not None]
+
+  def local(*xs):
+    it = iter(xs)
+    views = [next(it) if e is not None else None for e in emb]
+    return seal_loss(*views, **hyper, axis_name=axes, gather=False)
+
+  return jax.shard_map(
+    local, mesh=mesh, in_specs=(P(axes),) * len(present), out_specs=P(), check_vma=False
+  )(*present)
+
+
+def _setup(config):
+  mesh = sharding.make_mesh(config.mesh)
+  tx, schedule = make_optimizer(config.optim, config.train.steps)
+  enc_cfg, pretrained, tokenizer = load_model(config)
+  return mesh, tx, schedule, Encoder(enc_cfg), enc_cfg, pretrained, tokenizer
+
+
+def _init_fn(enc_cfg, pretrained, tx):
+  """init_state whose params are the pretrained weights in their logical boxes."""
+  boxed = W.abstract_params(enc_cfg)
+
+  def init_state(rng):
+    params = jax.tree.map(
+      lambda box, x: box.replace_boxed(jnp.asarray(x)),
+      boxed,
+      pretrained,
+      is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+    return TrainState.create(params=params, tx=tx, rng=rng)
+
+  return init_state
+
+
+def make_evaluators(config, model, tokenizer, mesh):
+  """name -> fn(params) -> metrics on the test split: "test" (tagged), "test_untagged"."""
+  queries, docs, positives = _pairs(_records(config, "test"))
+  embed = make_embed(model, config, mesh)
+  kw = {"batch_size": config.eval.batch_size, "mesh": mesh}
+  corpora = {"test": docs}
+  if config.eval.untagged:
+    corpora["test_untagged"] = [structdoc.tag_stripped_view(d) for d in docs]
+
+  def evaluator(texts):
+    def run(params):
+      q = encode_texts(
+        embed, params, tokenizer, queries, max_length=config.data.query_max_length, **kw
+      )
+      d = encode_texts(
+        embed, params, tokenizer, texts, max_length=config.data.passage_max_length, **kw
+      )
+      return embedding_retrieval_metrics(q, d, positives)
+
+    return run
+
+  return {name: evaluator(texts) for name, texts in corpora.items()}
+
+
+def train(config, workdir):
+  mesh, tx, schedule, model, enc_cfg, pretrained, tokenizer = _setup(config)
+  data = _prepare_data(config, workdir, model, {"params": pretrained["params"]}, tokenizer, mesh)
+  d = config.data
+  batches = SealBatches(
+    data["queries"],
+    data["documents"],
+    data["groups"],
+    tokenizer,
+    batch_size=config.train.batch_size,
+    seed=config.seed,
+    views=_views(config),
+    mask_rate=d.mask_rate,
+    mask_mode=d.mask_mode,
+    query_max_length=d.query_max_length,
+    passage_max_length=d.passage_max_length,
+    length_buckets=tuple(d.length_buckets),
+    row_slice=sharding.process_slice(config.train.batch_size),
+  )
+  step = loop.make_train_step(
+    functools.partial(loss_fn, model=model, config=config, mesh=mesh),
+    lr_schedule=schedule,
+    grad_accum_steps=config.train.grad_accum_steps,
+    compute_dtype=config.train.compute_dtype,
+  )
+  evaluators = (
+    make_evaluators(config, model, tokenizer, mesh) if config.eval.during_training else {}
+  )
+  return loop.train(
+    config,
+    workdir,
+    init_state=_init_fn(enc_cfg, pretrained, tx),
+    train_step=step,
+    data=batches,
+    mesh=mesh,
+    evaluators=evaluators,
+  )
+
+
+def evaluate(config, workdir, step=None):
+  """Metrics of a checkpoint (latest, or `step`), or of the base model with eval.zero_shot."""
+  mesh, tx, _, model, enc_cfg, pretrained, tokenizer = _setup(config)
+  start = time.perf_counter()
+  if config.eval.zero_shot:
+    got_step, params = 0, {"params": pretrained["params"]}
+  else:
+    got_step, params = loop.load_params(
+      config, workdir, _init_fn(enc_cfg, pretrained, tx), mesh, ema=False, step=step
+    )
+  results = {
+    "step": got_step,
+    "zero_shot": bool(config.eval.zero_shot),
+    **loop.run_evaluators(make_evaluators(config, model, tokenizer, mesh), params),
+  }
+  results["eval_seconds"] = time.perf_counter() - start
+  name = "eval_zero_shot.json" if config.eval.zero_shot else f"eval_{got_step}.json"
+  if jax.process_index() == 0:
+    _atomic_json(os.path.join(workdir, name), results)
+  print(json.dumps(results))
+  return results

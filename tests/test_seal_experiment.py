@@ -1,0 +1,222 @@
+"""SEAL loop end to end on a tiny random BERT: train, checkpoint, resume bitwise, evaluate."""
+
+import functools
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.seal import get_config
+from contrastive_jax.data import offline_docs, structdoc
+from contrastive_jax.data.seal_batches import SealBatches
+from contrastive_jax.evaluation.retrieval import retrieval_metrics
+from contrastive_jax.losses.seal import seal_loss
+from contrastive_jax.models.encoder import Encoder, EncoderConfig, pool
+from contrastive_jax.train import loop
+from contrastive_jax.train.sharding import host_to_global
+from contrastive_jax.train.state import CheckpointManager
+from contrastive_jax.weights import encoder as W
+from contrastive_jax.weights.hf import load_tokenizer
+from experiments import seal
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+  """A random 2-layer BERT (width 32) with all-MiniLM-L6-v2's tokenizer."""
+  path = tmp_path_factory.mktemp("tiny_bert")
+  cfg = EncoderConfig(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+  )
+  ids = jnp.zeros((1, 4), jnp.int32)
+  params = Encoder(cfg).init(jax.random.key(0), ids, jnp.ones_like(ids))
+  W.save_encoder(path, params, cfg, copy_from=W.minilm_model_dir())
+  return str(path)
+
+
+def _config(tiny_dir, steps, **loss):
+  config = get_config("test")
+  config.unlock()
+  config.model.path = tiny_dir
+  config.data.records_cache = os.path.join(tiny_dir, "records.json")
+  config.train.steps = steps
+  config.loss.update(loss)
+  config.lock()
+  return config
+
+
+def _params(config, workdir):
+  mesh, tx, _, _, enc_cfg, pretrained, _ = seal._setup(config)
+  init = seal._init_fn(enc_cfg, pretrained, tx)
+  abstract, _ = loop.state_shardings(init, mesh)
+  manager = CheckpointManager(os.path.join(workdir, "checkpoints"), async_save=False)
+  state, data_state = manager.restore(abstract)
+  manager.close()
+  return jax.device_get(state.params), data_state
+
+
+def test_train_resume_bitwise_and_evaluate_from_checkpoint(tiny_dir, tmp_path):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  seal.train(_config(tiny_dir, 4), straight)
+  os.makedirs(resumed)  # same mined negatives (mined once per workdir): copy instead of mining
+  shutil.copy(os.path.join(straight, "seal_data.json"), resumed)
+  seal.train(_config(tiny_dir, 2), resumed)  # stops after the step-2 checkpoint
+  seal.train(_config(tiny_dir, 4), resumed)  # resumes at step 2
+  a, state_a = _params(_config(tiny_dir, 4), straight)
+  b, state_b = _params(_config(tiny_dir, 4), resumed)
+  assert state_a == state_b == {"position": 4}
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  base = W.load_encoder(tiny_dir)[1]
+  moved = max(
+    float(np.abs(np.asarray(x) - y).max())
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(base))
+  )
+  assert moved > 1e-5  # training changed the weights
+  with open(os.path.join(straight, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert len(losses) == 4 and all(np.isfinite(losses))
+  assert {"dense_loss", "sal_loss", "eal_loss", "grad_norm", "lr"} <= set(rows[0])
+
+  # Evaluate the checkpoint and recompute the metrics from embeddings by brute force.
+  config = _config(tiny_dir, 4)
+  results = seal.evaluate(config, straight)
+  assert results["step"] == 4
+  with open(os.path.join(straight, "eval_4.json")) as f:
+    assert json.load(f) == results
+  queries, docs, positives = seal._pairs(seal._records(config, "test"))
+  tok = load_tokenizer(tiny_dir)
+  enc_cfg = W.load_encoder(tiny_dir)[0]
+
+  def embed(texts, length):
+    t = tok(texts, truncation=True, max_length=length, padding="max_length", return_tensors="np")
+    h = Encoder(enc_cfg).apply(a, t["input_ids"], t["attention_mask"])
+    return np.asarray(pool(h, t["attention_mask"], kind="mean"))
+
+  scores = embed(queries, 12) @ embed(docs, 24).T
+  ranks = np.argsort(-scores, axis=1, kind="stable")
+  expected = retrieval_metrics(ranks, positives)
+  for k in ("MRR@10", "HitRate@1", "HitRate@5", "NDCG@10", "Recall@100"):
+    assert results[f"eval/test/{k}"] == pytest.approx(expected[k], abs=1e-6), k
+  r = 1 + np.argmax(ranks == positives[:, None], axis=1)  # 1-based rank of each positive
+  assert results["eval/test/MRR@10"] == pytest.approx(np.mean(np.where(r <= 10, 1 / r, 0)))
+  assert "eval/test_untagged/NDCG@10" in results
+
+
+def test_zero_shot_evaluates_base_model(tiny_dir, tmp_path):
+  config = _config(tiny_dir, 4)
+  config.unlock()
+  config.eval.zero_shot = True
+  config.eval.untagged = False
+  config.lock()
+  results = seal.evaluate(config, str(tmp_path))
+  assert results["step"] == 0 and os.path.isfile(tmp_path / "eval_zero_shot.json")
+  assert 0 < results["eval/test/MRR@10"] <= 1
+  assert results["eval/test/num_queries"] == len(seal._records(config, "test"))
+
+
+def test_views_are_pure_functions_of_seed_example_epoch(tiny_dir):
+  tok = load_tokenizer(tiny_dir)
+  docs = [
+    f"<div><p>doc {i}</p><ul><li>a {i}</li><li>b</li><li>c</li></ul><p>end</p></div>"
+    for i in range(6)
+  ]
+  groups = np.array([[i, (i + 1) % 6] for i in range(6)])
+
+  def make():
+    return SealBatches(
+      [f"q {i}" for i in range(6)],
+      docs,
+      groups,
+      tok,
+      batch_size=4,
+      seed=3,
+      views=("untagged", "masked"),
+      mask_rate=0.5,
+      query_max_length=8,
+      passage_max_length=32,
+    )
+
+  first = make()
+  batches = [next(first) for _ in range(4)]
+  again = make()
+  again.set_state({"position": 2})
+  resumed = next(again)
+  for key in batches[2]:
+    np.testing.assert_array_equal(resumed[key], batches[2][key])
+  # Epoch 0 covers the 6 examples once (positions 0..5), epoch 1 is a fresh permutation.
+  assert sorted(e for e, _ in first.examples(0) + first.examples(1)[:2]) == list(range(6))
+  assert first.masked(0, 0, 0, 0) == first.masked(0, 0, 0, 0)
+  assert {first.masked(0, 0, ep, 0) for ep in range(8)} != {first.masked(0, 0, 0, 0)}
+  assert first.untagged(0) == "doc 0 a 0 b c end"
+
+
+def test_paper_preset_names_a_missing_data_file(tmp_path):
+  config = get_config("bge_large_zh_structdoc")
+  assert (config.loss.group_size, config.loss.temperature, config.model.pooling) == (8, 0.02, "cls")
+  config.unlock()
+  config.data.train_file = str(tmp_path / "absent.jsonl")
+  config.lock()
+  with pytest.raises(FileNotFoundError, match=r"data.train_file=.*absent.jsonl"):
+    seal._records(config, "train")
+  # With a file given, hard negatives from the file must fill each group.
+  path = tmp_path / "train.jsonl"
+  path.write_text(json.dumps({"query": "q", "content": "<p>d</p>", "neg": ["<p>n</p>"]}) + "\n")
+  config.unlock()
+  config.data.update(train_file=str(path), hard_negatives="file")
+  config.lock()
+  with pytest.raises(ValueError, match="record 0 has 1 'neg' texts; group_size=8 needs 7"):
+    seal._prepare_data(config, str(tmp_path / "wd"), None, None, None, None)
+
+
+def test_local_and_global_negatives_in_the_step(tiny_dir):
+  """loss.negatives: "global" = InfoNCE of all 8 queries against all 16 passages; "local"
+  (shard_map, gather=False) = the mean over the 8 devices of each device's 1 query against its
+  own 2 passages. Dense term only, to keep the compile small."""
+  config = _config(tiny_dir, 4, sal_weight=0.0, eal_weight=0.0)
+  mesh, _, _, model, _, pretrained, _ = seal._setup(config)
+  rng = np.random.default_rng(0)
+  batch = {"q_ids": rng.integers(1000, 2000, (8, 10)), "p_ids": rng.integers(1000, 2000, (16, 10))}
+  batch = {k: v.astype(np.int32) for k, v in batch.items()}
+  batch.update({k.replace("ids", "mask"): np.ones_like(v) for k, v in batch.items()})
+  params = {"params": pretrained["params"]}
+  apply = jax.jit(lambda ids, mask: pool(model.apply(params, ids, mask), mask, kind="mean"))
+  q, p = (apply(batch[f"{k}_ids"], batch[f"{k}_mask"]) for k in "qp")
+  hyper = {"temperature": 0.02, "group_size": 2, "sal_weight": 0.0, "eal_weight": 0.0}
+  per_device = [seal_loss(q[r : r + 1], p[2 * r : 2 * r + 2], **hyper)[0] for r in range(8)]
+  expected = {"global": seal_loss(q, p, **hyper)[0], "local": np.mean(per_device)}
+  for negatives in ("global", "local"):
+    config.unlock()
+    config.loss.negatives = negatives
+    config.lock()
+    fn = jax.jit(functools.partial(seal.loss_fn, model=model, config=config, mesh=mesh))
+    loss, _ = fn(params, host_to_global(batch, mesh), jax.random.PRNGKey(0))
+    np.testing.assert_allclose(loss, expected[negatives], rtol=1e-5)
+
+
+def test_pydoc_pairs_have_no_verbatim_query_in_the_document():
+  assert offline_docs.first_sentence("Tools.  For JSON.\n\nMore text.") == (
+    "Tools.",
+    "For JSON.\n\nMore text.",
+  )
+  assert offline_docs.first_sentence("No full stop here\nstill the paragraph\n\nNext") == (
+    "No full stop here still the paragraph",
+    "Next",
+  )
+  query, page = offline_docs.module_page("json", max_chars=3000)
+  assert (
+    query == "JSON (JavaScript Object Notation) <https://json.org> is a subset of JavaScript "
+    "syntax (ECMA-262 3rd edition) used as a lightweight data interchange format."
+  )
+  text = structdoc.tag_stripped_view(page)
+  assert query not in text and "lightweight data interchange" not in text
+  assert "exposes an API familiar to users of the standard library" in text  # the rest stays
+  assert "file:" not in page and "href" not in page and len(page) <= 3000
