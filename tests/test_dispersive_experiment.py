@@ -1,0 +1,324 @@
+"""The dispersive-loss loop: train, resume bitwise, evaluate from the checkpoint; the sharded step
+equals the one-device step (global batch) and a per-device computation (local batch); the loss
+reads the block it was asked for."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.dispersive import get_config
+from contrastive_jax.evaluation.fid import feature_statistics, frechet_distance
+from contrastive_jax.losses.dispersive import dispersive_loss
+from contrastive_jax.models.dit import DiTBlock
+from contrastive_jax.train import loop
+from contrastive_jax.train.optim import make_optimizer
+from contrastive_jax.train.sharding import host_to_global, make_mesh
+from contrastive_jax.train.state import CheckpointManager
+from experiments import dispersive
+
+
+@pytest.fixture(scope="module")
+def classifier_cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("classifier_cache"))
+
+
+def _config(cache, **loss):
+  c = get_config("test")
+  c.eval.classifier_cache = cache
+  c.loss.update(loss)
+  return c
+
+
+def _final_state(config, workdir):
+  tx, _ = make_optimizer(config.optim, config.train.steps)
+  init = dispersive.init_fn(config, tx, dispersive.make_model(config))
+  abstract, _ = loop.state_shardings(init, make_mesh({"data": 1}, jax.devices()[:1]))
+  manager = CheckpointManager(os.path.join(workdir, "checkpoints"), async_save=False)
+  state, data_state = manager.restore(abstract)
+  manager.close()
+  return state, data_state
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_train_resume_bitwise_then_evaluate_from_checkpoint(
+  tmp_path, classifier_cache, monkeypatch
+):
+  config = _config(classifier_cache)  # 6 steps, checkpoints at 3 and 6, batch 32 on 8 devices
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  dispersive.train(config, straight)
+
+  def stop_after_checkpoint_3(step, state, metrics):
+    if step == 4:  # checkpoint 3 was written synchronously (test preset: async off)
+      raise _Interrupt
+
+  train = loop.train
+  monkeypatch.setattr(
+    dispersive.loop,
+    "train",
+    lambda *a, **k: train(*a, **{**k, "hooks": [*k["hooks"], stop_after_checkpoint_3]}),
+  )
+  with pytest.raises(_Interrupt):
+    dispersive.train(config, resumed)
+  monkeypatch.undo()
+  assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["3"]
+  dispersive.train(config, resumed)
+
+  a, data_a = _final_state(config, straight)
+  b, data_b = _final_state(config, resumed)
+  assert int(a.step) == int(b.step) == 6 and data_a == data_b == {"next_index": 6}
+  for x, y in zip(
+    jax.tree.leaves((a.params, a.opt_state, a.ema_params, a.rng)),
+    jax.tree.leaves((b.params, b.opt_state, b.ema_params, b.rng)),
+  ):
+    np.testing.assert_array_equal(x, y)
+
+  rec = dispersive.evaluate(config, resumed)
+  with open(os.path.join(resumed, "eval", "eval_6.json")) as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(rec))
+  assert {
+    k: rec[k]
+    for k in (
+      "step",
+      "ema",
+      "feature_network",
+      "num_samples",
+      "sampler",
+      "steps",
+      "cfg_scale",
+      "num_real",
+    )
+  } == {
+    "step": 6,
+    "ema": True,
+    "feature_network": "digits_classifier",
+    "num_samples": 40,
+    "sampler": "ode_heun",
+    "steps": 4,
+    "cfg_scale": 1.0,
+    "num_real": 359,
+  }
+  feats = np.load(rec["features"])
+  assert feats["samples"].shape == (40, 64) and feats["real"].shape == (359, 64)
+  np.testing.assert_array_equal(feats["labels"], np.arange(40) % 10)
+  recomputed = frechet_distance(
+    *feature_statistics(feats["samples"]), *feature_statistics(feats["real"])
+  )
+  assert np.isfinite(rec["fd_digits"]) and rec["fd_digits"] == pytest.approx(recomputed, rel=1e-12)
+  # The classifier is a real digits classifier; 6 steps of training make no digits.
+  assert 0.9 < rec["accuracy_test"] <= 1.0 and 0.0 <= rec["accuracy_samples"] <= 1.0
+  assert rec["fd_digits"] > 10 * rec["fd_digits_train_vs_test"]
+  # The loop evaluated the same EMA parameters with the same noise at its last step.
+  with open(os.path.join(resumed, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  in_loop = [r for r in rows if "eval/samples/fd_digits" in r]
+  assert in_loop[-1]["step"] == 6
+  assert in_loop[-1]["eval/samples/fd_digits"] == pytest.approx(rec["fd_digits"], rel=1e-4)
+  from PIL import Image
+
+  grid = np.asarray(Image.open(rec["grid"]))
+  assert grid.shape == (2 * 34, 10 * 34)  # 2 rows x 10 classes of 8x8 digits upscaled x4
+  assert grid.std() > 0
+
+
+def _step_setup(config, mesh, *, make_step=True):
+  model = dispersive.make_model(config)
+  tx, schedule = make_optimizer(config.optim, config.train.steps)
+  init = dispersive.init_fn(config, tx, model)
+  state = loop.initialize_state(init, jax.random.PRNGKey(0), mesh)
+  step = jax.jit(dispersive.make_train_step(config, model, mesh, schedule)) if make_step else None
+  return model, state, step
+
+
+def _batch(n=32, seed=0):
+  from contrastive_jax.data.digits import load_digits
+
+  d = load_digits("train")
+  idx = np.random.default_rng(seed).choice(len(d["label"]), n, replace=False)
+  return {"image": d["image"][idx], "label": d["label"][idx]}
+
+
+def test_sharded_step_with_global_batch_equals_one_device_step(classifier_cache, mesh8):
+  config = _config(classifier_cache, gather="global")
+  batch = _batch()
+  mesh1 = make_mesh({"data": 1}, jax.devices()[:1])
+  model = dispersive.make_model(config)
+  tx, schedule = make_optimizer(config.optim, config.train.steps)
+  init = dispersive.init_fn(config, tx, model)
+  state1 = loop.initialize_state(init, jax.random.PRNGKey(0), mesh1)
+  outs = []
+  for mesh in (mesh1, mesh8):
+    state = jax.device_put(state1, loop.state_shardings(init, mesh)[1])
+    step = jax.jit(dispersive.make_train_step(config, model, mesh, schedule))
+    new, metrics = step(state, host_to_global(batch, mesh))
+    outs.append((jax.device_get(new.params), jax.device_get(metrics)))
+  (p1, m1), (p8, m8) = outs
+  assert m1["dispersive_loss"] == pytest.approx(m8["dispersive_loss"], rel=1e-5)
+  assert m1["loss"] == pytest.approx(m8["loss"], rel=1e-5)
+  for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_local_gather_equals_mean_of_per_device_losses_value_and_grads(classifier_cache, mesh8):
+  config = _config(classifier_cache, gather="local", weight=0.5, blocks="last")
+  model = dispersive.make_model(config)
+  _, state, _ = _step_setup(config, mesh8, make_step=False)
+  params = jax.device_get(state.params)
+  batch = jax.tree.map(jnp.asarray, _batch())
+  rng = jax.random.PRNGKey(7)
+
+  def manual(p):
+    x_t, t, target, drop = dispersive.training_inputs(batch, rng, config=config)
+    out, acts = model.apply(
+      p, x_t, t, batch["label"], train=True, force_drop=drop, return_blocks=(1,)
+    )
+    diff = jnp.mean(jnp.square(out - target))
+    # Device k of the (data=8) mesh holds rows 4k .. 4k+3 of the batch.
+    per_device = [dispersive_loss(acts[1][4 * k : 4 * k + 4], temperature=0.5)[0] for k in range(8)]
+    return diff + 0.5 * sum(per_device) / 8
+
+  def sharded(p):
+    return dispersive.loss_fn(p, batch, rng, model=model, config=config, mesh=mesh8)[0]
+
+  want, want_g = jax.jit(jax.value_and_grad(manual))(params)
+  got, got_g = jax.jit(jax.value_and_grad(sharded))(params)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  config.loss.gather = "global"
+  whole = dispersive.loss_fn(params, batch, rng, model=model, config=config, mesh=mesh8)[0]
+  assert abs(float(whole) - float(want)) > 1e-3  # local and global batches really differ
+
+
+def test_loss_uses_the_requested_block(classifier_cache):
+  specs = {"quarter": (0,), "last": (3,), "2": (2,), "all": (0, 1, 2, 3)}
+  configs = {k: _config(classifier_cache, gather="global", blocks=k) for k in specs}
+  for c in configs.values():
+    c.model.depth = 4  # quarter -> block 0, last -> block 3
+  model = dispersive.make_model(configs["last"])
+  x = jnp.zeros((1, 8, 8, 1))
+  params = model.init(jax.random.PRNGKey(3), x, jnp.zeros(1), jnp.zeros(1, jnp.int32), train=False)
+  # Non-zero adaLN gates, so every block changes its input and the blocks' outputs differ.
+  params = jax.tree.map(
+    lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size).reshape(p.shape)), nn.unbox(params)
+  )
+  batch = jax.tree.map(jnp.asarray, _batch(16))
+  rng = jax.random.PRNGKey(1)
+
+  @jax.jit
+  def both(params):
+    got = {
+      k: dispersive.loss_fn(params, batch, rng, model=model, config=c)[1]["dispersive_loss"]
+      for k, c in configs.items()
+    }
+    x_t, t, _, drop = dispersive.training_inputs(batch, rng, config=configs["last"])
+    _, state = model.apply(
+      params,
+      x_t,
+      t,
+      batch["label"],
+      train=True,
+      force_drop=drop,
+      capture_intermediates=lambda m, _: isinstance(m, DiTBlock),
+    )
+    captured = [state["intermediates"][f"block_{i}"]["__call__"][0] for i in range(4)]
+    return got, [dispersive_loss(z, temperature=0.5)[0] for z in captured]
+
+  got, per_block = jax.device_get(both(params))
+  assert len(set(np.round(per_block, 4))) == 4  # a wrong block would give another value
+  for k, index in specs.items():
+    want = np.mean([per_block[i] for i in index])
+    assert float(got[k]) == pytest.approx(want, rel=1e-5), k
+
+
+def test_block_names_map_to_paper_indices():
+  assert dispersive.dispersive_blocks("quarter", 12) == (2,)  # SiT-B: after 3 of 12 blocks
+  assert dispersive.dispersive_blocks("quarter", 28) == (6,)  # SiT-XL
+  assert dispersive.dispersive_blocks("last", 12) == (11,)
+  assert dispersive.dispersive_blocks("all", 3) == (0, 1, 2)
+  assert dispersive.dispersive_blocks(5, 12) == dispersive.dispersive_blocks("5", 12) == (5,)
+  with pytest.raises(ValueError, match="outside the model's 12 blocks"):
+    dispersive.dispersive_blocks("12", 12)
+  with pytest.raises(ValueError, match="'quarter', 'last' or 'all'"):
+    dispersive.dispersive_blocks("middle", 12)
+
+
+def test_paper_presets_hold_the_paper_settings():
+  for name in ("sit_b2_imagenet", "sit_xl2_imagenet", "dit_b2_imagenet"):
+    c = get_config(name)
+    assert (c.optim.name, c.optim.lr, c.optim.weight_decay, c.optim.ema) == (
+      "adamw",
+      1e-4,
+      0.0,
+      0.9999,
+    )
+    assert (c.train.batch_size, c.train.steps) == (256, 400_000)
+    assert (c.loss.weight, c.loss.temperature, c.loss.blocks) == (0.5, 0.5, "quarter")
+    assert (c.model.input_size, c.model.in_channels, c.model.patch_size) == (32, 4, 2)
+  assert get_config("sit_xl2_imagenet").model.depth == 28
+  assert get_config("dit_b2_imagenet").model.kind == "dit"
+  r = get_config("sit_b2_imagenet_released")
+  assert (r.loss.weight, r.loss.temperature, r.loss.blocks) == (0.25, 1.0, "last")
+
+
+def test_missing_imagenet_latents_error_names_dataset_dir_and_command(tmp_path):
+  config = get_config("sit_b2_imagenet")
+  config.data.data_dir = str(tmp_path)
+  with pytest.raises(FileNotFoundError) as e:
+    dispersive._data(config)
+  msg = str(e.value)
+  assert "imagenet_latents/256" in msg and str(tmp_path) in msg
+  assert "python -m contrastive_jax.data.imagenet_latents" in msg and "--encoder" in msg
+
+
+def test_inception_is_refused_as_not_implemented(tmp_path):
+  config = get_config("test")
+  config.eval.feature_network = "inception_v3"
+  with pytest.raises(ValueError, match="Inception-v3 FID is not implemented"):
+    dispersive.evaluate(config, str(tmp_path))
+
+
+def fake_encoder(images):
+  """uint8 [B, 256, 256, 3] -> [B, 32, 32, 4]: 8x8 mean pooling, channels (R, G, B, R)."""
+  x = images.astype(np.float32) / 255.0
+  return x.reshape(x.shape[0], 32, 8, 32, 8, 3).mean(axis=(2, 4))[..., [0, 1, 2, 0]]
+
+
+def test_imagenet_latents_builder_encodes_center_crops_and_reads_back(tmp_path, monkeypatch):
+  import ml_collections
+  import tensorflow_datasets as tfds
+
+  from contrastive_jax.data import imagenet_latents as il
+
+  rng = np.random.default_rng(0)
+  fake = {
+    s: [
+      {"image": rng.integers(0, 256, (300, 520, 3), dtype=np.uint8), "label": 7 * i}
+      for i in range(3)
+    ]
+    for s in ("train", "validation")
+  }
+  monkeypatch.setattr(tfds, "data_source", lambda name, split, data_dir, download: fake[split])
+  builder = il.ImagenetLatents(
+    data_dir=str(tmp_path), encoder=f"{__name__}:fake_encoder", encode_batch_size=2
+  )
+  builder.download_and_prepare()
+  monkeypatch.undo()
+  cfg = ml_collections.ConfigDict(
+    {"data_dir": str(tmp_path), "tfds_name": il.TFDS_NAME, "split": "train"}
+  )
+  source = il.latent_source(cfg)
+  assert len(source) == 3
+  by_label = {int(source[i]["label"]): source[i]["image"] for i in range(3)}
+  for row in fake["train"]:
+    crop = il.center_crop(row["image"])
+    assert crop.shape == (256, 256, 3)
+    np.testing.assert_allclose(by_label[row["label"]], fake_encoder(crop[None])[0], rtol=1e-6)
