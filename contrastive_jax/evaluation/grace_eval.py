@@ -1,0 +1,126 @@
+"""GRACE evaluation (arXiv 2510.04506) of a decoder policy on held-out pydoc pages.
+
+`GraceEvaluator(params)`: retrieval (MRR@10, NDCG@10, HitRate@1/10) and Spearman on graded pairs
+(`data.grace.scored_pairs`), each with one greedy rationale per text and with none (the text
+alone), plus the held-out LM loss of the pages (`embedding_eval`), rationale length and
+truncation. The same object runs in the training loop and in `--mode eval`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from contrastive_jax.data import grace as grace_data
+from contrastive_jax.data.structdoc import tag_stripped_view
+from contrastive_jax.evaluation.embedding_eval import heldout_lm_loss, retrieval_and_sts
+from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
+from contrastive_jax.sampling.rationale import encode
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderHidden:
+  """`hidden_fn` of `sampling/rationale.py` for our Decoder: final-norm hidden states."""
+
+  config: DecoderConfig
+
+  def __call__(self, params, tokens, *, positions, key_mask):
+    out = Decoder(self.config).apply(
+      params, tokens, positions, key_mask, return_hidden=True, last_only=True
+    )
+    return out["hidden"]
+
+
+def eos_ids(tok, dcfg):
+  """Stop tokens: the tokenizer's eos and the model config's eos id(s)."""
+  ids = {tok.eos_token_id}
+  eos = dcfg.eos_token_id
+  ids |= set(eos) if isinstance(eos, tuple) else {eos}
+  return tuple(sorted(i for i in ids if i is not None))
+
+
+class GraceEvaluator:
+  """Retrieval + Spearman on held-out pydoc pages with and without a rationale, and LM loss.
+
+  Queries: the test split's module sentences (at most eval.max_docs, 0 = all); corpus: their
+  pages (tag-stripped, data.max_chars); pairs: `data.grace.scored_pairs`. Rationales are greedy,
+  eval.max_new_tokens long; `examples` keeps the last call's first rationales.
+  """
+
+  def __init__(self, config, tok, dcfg, records):
+    e, d = config.eval, config.data
+    test = [r for r in records if r["split"] == "test"]
+    test = test[: e.max_docs] if e.max_docs else test
+    if not test:
+      raise ValueError("GraceEvaluator: no test-split documents (data.modules too few?)")
+    self.cfg, self.tok = config, tok
+    self.lm, self.hidden, self.eos = DecoderLM(dcfg), DecoderHidden(dcfg), eos_ids(tok, dcfg)
+    self.queries = [r["query"] for r in test]
+    self.corpus = [tag_stripped_view(r["content"])[: d.max_chars] for r in test]
+    self.pairs = grace_data.scored_pairs(test, max_chars=d.max_chars, seed=e.seed)
+    self.lm_rows = [
+      tok(tag_stripped_view(r["content"]), add_special_tokens=False)["input_ids"] for r in test
+    ]
+    self.examples, self._stats = [], {}
+
+  def encode_fn(self, params, max_new_tokens):
+    c = self.cfg
+
+    def fn(texts):
+      arr = grace_data.chat_prompts(self.tok, texts, max_text_tokens=c.data.max_text_tokens)
+      out, bs = [], c.eval.batch_size
+      lengths, hit = [], []
+      for i, start in enumerate(range(0, len(texts), bs)):
+        rows = np.arange(start, min(start + bs, len(texts)))
+        pad = np.concatenate([rows, np.full(bs - len(rows), rows[0])])
+        emb, done = encode(
+          self.lm,
+          self.hidden,
+          params,
+          *(arr[k][pad] for k in ("tokens", "mask", "segments")),
+          jax.random.fold_in(jax.random.PRNGKey(c.eval.seed), i),
+          init_cache=self.lm.init_cache,
+          max_new_tokens=max_new_tokens,
+          greedy=True,
+          eos_ids=self.eos,
+          pad_id=self.tok.pad_token_id or 0,
+          method=c.reward.pooling,
+        )
+        out.append(np.asarray(emb)[: len(rows)])
+        if done is not None:
+          lengths += list(np.asarray(done.lengths)[: len(rows)])
+          hit += list(np.asarray(done.hit_eos)[: len(rows)])
+          if start == 0:
+            self.examples = [
+              {
+                "text": texts[j],
+                "rationale": self.tok.decode(
+                  np.asarray(done.tokens)[j][np.asarray(done.mask)[j] > 0], skip_special_tokens=True
+                ),
+              }
+              for j in range(min(c.eval.examples, len(rows)))
+            ]
+      if lengths:
+        self._stats = {
+          "rationale_length_mean": float(np.mean(lengths)),
+          "rationale_truncated": float(1 - np.mean(hit)),
+        }
+      return np.concatenate(out)
+
+    return fn
+
+  def __call__(self, params):
+    relevant = np.arange(len(self.queries))  # query i's page is corpus row i
+    results = {}
+    for name, n_new in (("rationale", self.cfg.eval.max_new_tokens), ("no_rationale", 0)):
+      m = retrieval_and_sts(
+        self.encode_fn(params, n_new), self.queries, self.corpus, relevant, *self.pairs
+      )
+      results.update({f"{name}/{k}": v for k, v in m.items()})
+    results.update(self._stats)
+    results["lm_nll"] = heldout_lm_loss(
+      self.lm, params, self.lm_rows, length=self.cfg.eval.lm_tokens
+    )
+    return results

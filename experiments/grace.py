@@ -1,0 +1,331 @@
+"""GRACE (arXiv 2510.04506): the rationale policy trained by GRPO on contrastive rewards, and the
+InfoNCE fine-tuning baseline on the same model and triplets.
+
+`config.algorithm`:
+  "grace"    `train.policy_opt.PolicyOptimizer` as the loop's step. The prompt set is the d+
+             texts; each step rolls out K rationales for `train.batch_size` triplets (T 1.0), then
+             the reward function writes the q and d- rationales (T 0.5; one per triplet in the
+             "released" form, K in the "paper" form), embeds everything with one forward pass
+             each (`sampling/rationale.py`) and scores it (`losses/grace.py`); advantages are
+             r - mean (no std), PPO-clip token-mean updates, no KL.
+  "infonce"  the paper's baseline: the same model fine-tuned as an encoder (mean-pooled text
+             tokens of the same chat prompt, no rationale) with InfoNCE over (q, d+, d-) and
+             in-batch negatives.
+Evaluation (loop and `--mode eval`): `GraceEvaluator`, with and without a rationale.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from contrastive_jax.data import grace as grace_data
+from contrastive_jax.data.offline_docs import pydoc_documents
+from contrastive_jax.data.pipeline import array_batches
+from contrastive_jax.evaluation.grace_eval import DecoderHidden, GraceEvaluator, eos_ids
+from contrastive_jax.losses.contrastive import info_nce
+from contrastive_jax.losses.grace import grace_reward, grace_unsupervised_reward
+from contrastive_jax.models.decoder import DecoderLM
+from contrastive_jax.sampling.rationale import SEGMENT_TEXT, embed, encode
+from contrastive_jax.train import loop, sharding
+from contrastive_jax.train.optim import make_optimizer
+from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
+from contrastive_jax.weights import gguf as gguf_lib
+from contrastive_jax.weights.hf import load_tokenizer
+from experiments import policy_setup as setup
+
+
+def make_tokenizer(config):
+  """The tokenizer of `model.source`: GGUF metadata, an HF directory, or the tiny char one."""
+  m = config.model
+  if m.source == "scratch":
+    return grace_data.tiny_chat_tokenizer()
+  if m.source == "gguf":
+    return gguf_lib.load_gguf_tokenizer(setup._gguf_path(config))
+  return load_tokenizer(m.path)
+
+
+def offline_records(config):
+  """pydoc records of `data.modules` (all modules if empty), cached as JSON in data.cache_dir."""
+  d = config.data
+  names = tuple(d.modules) or None
+  key = hashlib.sha256(repr(names).encode()).hexdigest()[:12]
+  path = os.path.join(d.cache_dir, f"grace_pydoc_{key}.json") if d.cache_dir else ""
+  if path and os.path.isfile(path):
+    with open(path) as f:
+      return json.load(f)
+  records, _ = pydoc_documents(names=names)
+  if path:
+    os.makedirs(d.cache_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(records, f)
+    os.replace(path + ".tmp", path)
+  return records
+
+
+def train_triplets(config, records):
+  """Training triplets: `data.train_file` (E5-style JSON lines) or mined from the pydoc records."""
+  d = config.data
+  if d.source == "jsonl":
+    triplets = grace_data.load_triplets_jsonl(d.train_file)
+  elif d.source == "offline":
+    train = [r for r in records if r["split"] == "train"]
+    triplets, _ = grace_data.offline_triplets(train, max_chars=d.max_chars, seed=d.seed)
+  else:
+    raise ValueError(f"data.source={d.source!r}; expected 'offline' or 'jsonl'")
+  return triplets[: d.train_size] if d.train_size else triplets
+
+
+def build(config, *, with_weights: bool = True):
+  """Mesh, tokenizer, model config, triplets and their prompts, init_state, evaluator."""
+  mesh = sharding.make_mesh(config.mesh)
+  tok = make_tokenizer(config)
+  dcfg = setup.decoder_config(config, types.SimpleNamespace(vocab_size=len(tok)))
+  per_step = config.policy.epochs * config.policy.minibatches
+  total = config.train.steps * (per_step if config.algorithm == "grace" else 1)
+  tx, schedule = make_optimizer(config.optim, total)
+  pretrained = setup.pretrained_params(config, dcfg, mesh) if with_weights else None
+  records = offline_records(config)
+  extra = None
+  triplets, prompts = None, None
+  if with_weights:
+    triplets = train_triplets(config, records)
+    # q, d+ and d- in one call: one padded length, so one compiled shape per batch size.
+    fields = {"q": "query", "pos": "positive", "neg": "negative"}
+    texts = [t[f] for f in fields.values() for t in triplets]
+    arrays = grace_data.chat_prompts(tok, texts, max_text_tokens=config.data.max_text_tokens)
+    n = len(triplets)
+    prompts = {
+      k: {name: a[i * n : (i + 1) * n] for name, a in arrays.items()} for i, k in enumerate(fields)
+    }
+  if config.algorithm == "grace":
+    extra = init_extra(len(triplets) if triplets else config.data.train_size)
+  init_state = setup.init_fn(dcfg, tx, pretrained, extra=extra)
+  return dict(
+    mesh=mesh,
+    tok=tok,
+    dcfg=dcfg,
+    schedule=schedule,
+    triplets=triplets,
+    prompts=prompts,
+    init_state=init_state,
+    per_step=per_step,
+    evaluators={"retrieval": GraceEvaluator(config, tok, dcfg, records)},
+  )
+
+
+def make_reward_fn(config, b, ctx):
+  """`reward_fn(params, rollouts) -> [N]` of GRACE; its metrics go to ctx["metrics"].
+
+  Randomness: ctx["rng"], set by the step from `state.step_rng()`, folded with a call counter
+  (policy_opt's reward_fn takes no key).
+  """
+  r, rw = config.rollout, config.reward
+  lm, hidden, tok, prompts = DecoderLM(b["dcfg"]), DecoderHidden(b["dcfg"]), b["tok"], b["prompts"]
+  eos, pad = eos_ids(tok, b["dcfg"]), tok.pad_token_id or 0
+  k = r.group_size
+
+  def aux(name, ids, key):
+    arr = prompts[name]
+    emb, done = encode(
+      lm,
+      hidden,
+      ctx["params"],
+      arr["tokens"][ids],
+      arr["mask"][ids],
+      arr["segments"][ids],
+      key,
+      init_cache=lm.init_cache,
+      max_new_tokens=r.max_new_tokens,
+      temperature=r.aux_temperature,
+      greedy=False,
+      eos_ids=eos,
+      pad_id=pad,
+      method=rw.pooling,
+    )
+    ctx["aux_lengths"].append(np.asarray(done.lengths))
+    return np.asarray(emb)
+
+  def reward_fn(params, ro):
+    ctx["params"], ctx["aux_lengths"] = params, []
+    key = jax.random.fold_in(ctx["rng"], ctx["calls"])
+    ctx["calls"] += 1
+    ids = np.asarray(ro.prompt_ids)
+    t = ids.shape[0] // k
+    pos = np.asarray(
+      embed(
+        hidden,
+        params,
+        ro.prompt_tokens,
+        ro.prompt_mask,
+        prompts["pos"]["segments"][ids],
+        ro.tokens,
+        ro.mask,
+        method=rw.pooling,
+      )
+    ).reshape(t, k, -1)
+    # The released `enable_length_penalty`: R = -1 for a rationale cut at the length limit.
+    trunc = ~np.asarray(ro.hit_eos, bool).reshape(t, k) & rw.truncation_penalty
+    hyper = {"tau": rw.tau, "lambda1": rw.lambda1, "lambda2": rw.lambda2}
+    k_q, k_n = jax.random.split(key)
+    if rw.unsupervised:
+      anchor = aux("pos", ids[::k], k_q)
+      rewards, metrics = grace_unsupervised_reward(anchor, pos, trunc, **hyper)
+    else:
+      aux_ids = ids if rw.form == "paper" else ids[::k]
+      q, neg = aux("q", aux_ids, k_q), aux("neg", aux_ids, k_n)
+      if rw.form == "paper":
+        q, neg = q.reshape(t, k, -1), neg.reshape(t, k, -1)
+      rewards, metrics = grace_reward(q, pos, neg, trunc, form=rw.form, **hyper)
+    lengths = np.concatenate(ctx["aux_lengths"])
+    ctx["metrics"] = {
+      **{name: float(v) for name, v in metrics.items()},
+      "aux/rationale_length_mean": float(lengths.mean()),
+      "aux/truncated_fraction": float(np.mean(lengths >= r.max_new_tokens)),
+    }
+    return np.asarray(rewards).reshape(-1)
+
+  return reward_fn
+
+
+def _train_grace(config, workdir, b):
+  r, p = config.rollout, config.policy
+  lm, tok = DecoderLM(b["dcfg"]), b["tok"]
+  settings = PolicyOptSettings(
+    group_size=r.group_size,
+    max_new_tokens=r.max_new_tokens,
+    temperature=r.temperature,
+    eos_ids=eos_ids(tok, b["dcfg"]),
+    pad_id=tok.pad_token_id or 0,
+    epochs=p.epochs,
+    minibatches=p.minibatches,
+    clip_low=p.clip_low,
+    clip_high=p.clip_high,
+    aggregation=p.aggregation,
+    kl_beta=p.kl_beta,
+    advantage_scale="none",
+    success_threshold=float("inf"),
+  )
+  ctx = {"calls": 0, "metrics": {}}
+  pos = b["prompts"]["pos"]
+  optimizer = PolicyOptimizer(
+    apply_fn=lm,
+    init_cache=lm.init_cache,
+    prompt_tokens=pos["tokens"],
+    prompt_mask=pos["mask"],
+    reward_fn=make_reward_fn(config, b, ctx),
+    settings=settings,
+    mesh=b["mesh"],
+  )
+  data = array_batches(
+    {"prompt_id": np.arange(len(b["triplets"]), dtype=np.int32)},
+    batch_size=config.train.batch_size,
+    seed=config.seed,
+  )
+
+  def step(state, batch):
+    ctx["rng"], ctx["calls"] = jax.random.fold_in(state.step_rng(), 0x6A1C), 0
+    state, metrics = optimizer.step(state, batch)
+    metrics.update(ctx["metrics"])
+    metrics["lr"] = float(b["schedule"](int(state.step) * b["per_step"] - 1))
+    return state, metrics
+
+  return loop.train(
+    config,
+    workdir,
+    init_state=b["init_state"],
+    train_step=step,
+    data=data,
+    mesh=b["mesh"],
+    evaluators=b["evaluators"],
+    jit_step=False,
+  )
+
+
+def infonce_loss(params, batch, rng, *, hidden, temperature):
+  """InfoNCE (van den Oord et al. 2018) of mean-pooled text tokens: q vs (d+, d-) + in-batch."""
+  del rng
+  empty = jnp.zeros((batch["q_tokens"].shape[0], 0), jnp.int32)
+
+  def emb(name):
+    return embed(
+      hidden,
+      params,
+      batch[f"{name}_tokens"],
+      batch[f"{name}_mask"],
+      batch[f"{name}_segments"],
+      empty,
+      empty,
+      segments=(SEGMENT_TEXT,),
+    )
+
+  passages = jnp.stack([emb("pos"), emb("neg")], axis=1)  # [B, 2, D]: d+ at row i*2
+  return info_nce(
+    emb("q"), passages.reshape(-1, passages.shape[-1]), temperature=temperature, group_size=2
+  )
+
+
+def train(config, workdir):
+  """Trains (or resumes) `config.algorithm` ("grace" | "infonce") in `workdir`."""
+  b = build(config)
+  if config.algorithm == "grace":
+    return _train_grace(config, workdir, b)
+  if config.algorithm != "infonce":
+    raise ValueError(f"algorithm={config.algorithm!r}; expected 'grace' or 'infonce'")
+  arrays = {
+    f"{k}_{f}": v[f] for k, v in b["prompts"].items() for f in ("tokens", "mask", "segments")
+  }
+  step = loop.make_train_step(
+    functools.partial(
+      infonce_loss, hidden=DecoderHidden(b["dcfg"]), temperature=config.infonce.temperature
+    ),
+    lr_schedule=b["schedule"],
+    grad_accum_steps=config.train.grad_accum_steps,
+    compute_dtype=config.train.compute_dtype,
+  )
+  data = array_batches(arrays, batch_size=config.train.batch_size, seed=config.seed)
+  return loop.train(
+    config,
+    workdir,
+    init_state=b["init_state"],
+    train_step=step,
+    data=data,
+    mesh=b["mesh"],
+    evaluators=b["evaluators"],
+  )
+
+
+def evaluate(config, workdir, step=None):
+  """Evaluator results of a checkpoint (or of the untrained model with eval.base_model) ->
+  `<workdir>/eval_<step>.json` (`eval_base.json`), example rationales included."""
+  base = config.eval.base_model
+  b = build(config, with_weights=base)
+  if base:
+    got_step = "base"
+    params = loop.initialize_state(
+      b["init_state"], jax.random.PRNGKey(config.seed), b["mesh"]
+    ).params
+  else:
+    got_step, params = loop.load_params(
+      config, workdir, b["init_state"], b["mesh"], ema=False, step=step
+    )
+  evaluator = b["evaluators"]["retrieval"]
+  results = {
+    "step": got_step,
+    **loop.run_evaluators(b["evaluators"], params),
+    "examples": evaluator.examples,
+  }
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, f"eval_{got_step}.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(results, f, indent=2)
+  os.replace(path + ".tmp", path)
+  print(json.dumps({k: v for k, v in results.items() if k != "examples"}))
+  return results
