@@ -1,0 +1,19 @@
+"""Pure, jit-able samplers: `fn(apply_fn, params, inputs, rng, *, settings)` with static shapes."""
+
+from contrastive_jax.sampling.ddpm import sample_ancestral, sample_ddim
+from contrastive_jax.sampling.flow import flow_matching_batch, sample_ode, sample_sde
+from contrastive_jax.sampling.lm import generate, sequence_logprobs
+from contrastive_jax.sampling.prompts import init_prompt_state, select_prompts, update_prompt_state
+
+__all__ = [
+  "flow_matching_batch",
+  "generate",
+  "init_prompt_state",
+  "sample_ancestral",
+  "sample_ddim",
+  "sample_ode",
+  "sample_sde",
+  "select_prompts",
+  "sequence_logprobs",
+  "update_prompt_state",
+]
