@@ -22,7 +22,7 @@ from contrastive_jax.data import policy_tasks
 from contrastive_jax.data.char_vocab import CharVocab
 from contrastive_jax.evaluation.policy_eval import policy_evaluator
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
-from contrastive_jax.train import sharding
+from contrastive_jax.train import loop, sharding
 from contrastive_jax.train.state import CheckpointManager, TrainState
 from contrastive_jax.weights import gguf as gguf_lib
 from contrastive_jax.weights.decoder import load_decoder
@@ -128,14 +128,15 @@ def pretrained_params(config, dcfg: DecoderConfig, mesh):
 def init_fn(dcfg: DecoderConfig, tx, pretrained, *, extra=None):
   """`init_state(rng)` with logically partitioned params (pretrained values when given)."""
 
-  def init_state(rng):
+  def init_state(rng, values=None):
     boxed = _init_params(dcfg, jax.random.fold_in(rng, 1))
-    if pretrained is not None:
+    if values is not None:
       boxed = jax.tree.map(lambda b, v: b.replace_boxed(jnp.asarray(v, jnp.float32)), boxed,
-                           pretrained, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+                           values, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     return TrainState.create(params=boxed, tx=tx, rng=rng, extra=extra)
 
-  return init_state
+  # Pretrained weights enter the compiled initialiser as arguments, not as constants.
+  return init_state if pretrained is None else loop.Pretrained(init_state, pretrained)
 
 
 def heldout_evaluator(config, dcfg, codec, test_task, mesh):

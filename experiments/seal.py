@@ -239,16 +239,17 @@ def _init_fn(enc_cfg, pretrained, tx):
   """init_state whose params are the pretrained weights in their logical boxes."""
   boxed = W.abstract_params(enc_cfg)
 
-  def init_state(rng):
+  def init_state(rng, values):
     params = jax.tree.map(
       lambda box, x: box.replace_boxed(jnp.asarray(x)),
       boxed,
-      pretrained,
+      values,
       is_leaf=lambda x: isinstance(x, nn.Partitioned),
     )
     return TrainState.create(params=params, tx=tx, rng=rng)
 
-  return init_state
+  # The pretrained weights enter the compiled initialiser as arguments, not as constants.
+  return loop.Pretrained(init_state, pretrained)
 
 
 def make_evaluators(config, model, tokenizer, mesh):

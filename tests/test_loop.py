@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -150,3 +151,27 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tm
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
   with open(tmp_path / "metrics.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+
+
+def test_pretrained_values_initialise_the_state_sharded():
+  """`loop.Pretrained` hands its values to the compiled initialiser with the params' shardings."""
+  init, _ = _setup(hidden=(32,))
+  model = MLPEncoder(hidden=(32,), out_dim=4)
+  values = jax.tree.map(
+    lambda x: np.asarray(x) + 1.0, nn.unbox(model.init(jax.random.PRNGKey(7), jnp.zeros((1, 16))))
+  )
+
+  tx = optax.sgd(0.1)
+
+  def from_values(rng, v):
+    boxed = init(rng).params
+    params = jax.tree.map(lambda b, x: b.replace_boxed(jnp.asarray(x)), boxed, v,
+                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return TrainState.create(params=params, tx=tx, rng=rng)
+
+  mesh = make_mesh({"fsdp": 8})
+  state = loop.initialize_state(loop.Pretrained(from_values, values), jax.random.PRNGKey(0), mesh)
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(values)):
+    np.testing.assert_array_equal(got, want)
+  kernel = state.params["params"]["dense_0"]["kernel"]
+  assert kernel.sharding.spec[0] == "fsdp" and kernel.addressable_shards[0].data.shape == (2, 32)
