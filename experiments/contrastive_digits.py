@@ -8,13 +8,13 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from contrastive_jax.data.digits import load_digits
 from contrastive_jax.data.pipeline import array_batches
 from contrastive_jax.losses.contrastive import info_nce
 from contrastive_jax.models.mlp import MLPEncoder
 from contrastive_jax.train import loop, sharding
+from contrastive_jax.train.metrics import write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.state import TrainState
 
@@ -97,8 +97,6 @@ def evaluate(config, workdir, step=None):
   results = {"step": got_step, "ema": use_ema,
              **loop.run_evaluators({"knn": knn_evaluator(model)}, params)}
   path = os.path.join(workdir, f"eval_{got_step}.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(results, f, indent=2)
-  os.replace(path + ".tmp", path)
+  write_json(path, results)
   print(json.dumps(results))
   return results

@@ -27,6 +27,7 @@ from contrastive_jax.losses.policy import dpo_loss
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.lm import sequence_logprobs
 from contrastive_jax.train import loop, sharding
+from contrastive_jax.train.metrics import write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.policy_opt import place
 from experiments import policy_setup as setup
@@ -168,8 +169,6 @@ def evaluate(config, workdir, step=None):
   got_step, params = loop.load_params(config, workdir, init_state, mesh, ema=False, step=step)
   results = {"step": got_step, **loop.run_evaluators(evaluators, params)}
   path = os.path.join(workdir, f"eval_{got_step}.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(results, f, indent=2)
-  os.replace(path + ".tmp", path)
+  write_json(path, results)
   print(json.dumps(results))
   return results

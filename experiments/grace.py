@@ -35,6 +35,7 @@ from contrastive_jax.losses.grace import grace_reward, grace_unsupervised_reward
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.rationale import SEGMENT_TEXT, embed, encode
 from contrastive_jax.train import loop, sharding
+from contrastive_jax.train.metrics import write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
 from contrastive_jax.weights import gguf as gguf_lib
@@ -63,10 +64,7 @@ def offline_records(config):
       return json.load(f)
   records, _ = pydoc_documents(names=names)
   if path:
-    os.makedirs(d.cache_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(records, f)
-    os.replace(path + ".tmp", path)
+    write_json(path, records, indent=None)
   return records
 
 
@@ -322,10 +320,7 @@ def evaluate(config, workdir, step=None):
     **loop.run_evaluators(b["evaluators"], params),
     "examples": evaluator.examples,
   }
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, f"eval_{got_step}.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(results, f, indent=2)
-  os.replace(path + ".tmp", path)
+  write_json(path, results)
   print(json.dumps({k: v for k, v in results.items() if k != "examples"}))
   return results

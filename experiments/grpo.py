@@ -26,6 +26,7 @@ from contrastive_jax.data.pipeline import array_batches
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.lm import sequence_logprobs
 from contrastive_jax.train import loop, sharding
+from contrastive_jax.train.metrics import write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
 from experiments import policy_setup as setup
@@ -137,8 +138,6 @@ def evaluate(config, workdir, step=None):
                                       step=step)
   results = {"step": got_step, **loop.run_evaluators(b["evaluators"], params)}
   path = os.path.join(workdir, f"eval_{got_step}.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(results, f, indent=2)
-  os.replace(path + ".tmp", path)
+  write_json(path, results)
   print(json.dumps(results))
   return results

@@ -31,16 +31,11 @@ from contrastive_jax.evaluation.retrieval import embedding_retrieval_metrics, en
 from contrastive_jax.losses.seal import seal_loss
 from contrastive_jax.models.encoder import Encoder, pool
 from contrastive_jax.train import loop, sharding
+from contrastive_jax.train.metrics import write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.state import TrainState
 from contrastive_jax.weights import encoder as W
 from contrastive_jax.weights.hf import load_tokenizer
-
-
-def _atomic_json(path, obj):
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(path + ".tmp", path)
 
 
 def load_model(config):
@@ -77,7 +72,7 @@ def _offline_records(config):
   else:
     raise ValueError(f"data.source={d.source!r}: use 'pydoc', 'packages' or 'jsonl'")
   if d.records_cache and jax.process_index() == 0:
-    _atomic_json(d.records_cache, {"key": key, "records": records})
+    write_json(d.records_cache, {"key": key, "records": records})
   return records
 
 
@@ -169,7 +164,7 @@ def _prepare_data(config, workdir, model, params, tokenizer, mesh):
   data = {"queries": queries, "documents": docs, "groups": groups.tolist()}
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    _atomic_json(path, data)
+    write_json(path, data)
   return data
 
 
@@ -333,6 +328,6 @@ def evaluate(config, workdir, step=None):
   results["eval_seconds"] = time.perf_counter() - start
   name = "eval_zero_shot.json" if config.eval.zero_shot else f"eval_{got_step}.json"
   if jax.process_index() == 0:
-    _atomic_json(os.path.join(workdir, name), results)
+    write_json(os.path.join(workdir, name), results)
   print(json.dumps(results))
   return results

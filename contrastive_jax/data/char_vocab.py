@@ -53,35 +53,33 @@ class CharVocab:
     return "".join(out)
 
 
-def left_pad(rows: Sequence[Sequence[int]], *, length: int | None = None, pad_id: int = PAD):
-  """(tokens [N, L] int32, mask [N, L] int32) of left-padded rows; L = longest row by default.
+def pad_rows(rows: Sequence[Sequence[int]], *, side: str, length: int | None = None,
+             pad_id: int = PAD):
+  """(tokens [N, L] int32, mask [N, L] int32) of rows padded on `side` ("left" for prompts,
+  "right" for completions); L = the longest row by default.
 
   Raises ValueError naming the row when a row is longer than `length`.
   """
+  if side not in ("left", "right"):
+    raise ValueError(f"pad_rows: side must be 'left' or 'right', got {side!r}")
   longest = max(len(r) for r in rows)
   length = longest if length is None else length
   if longest > length:
     i = next(i for i, r in enumerate(rows) if len(r) > length)
-    raise ValueError(f"left_pad: row {i} has {len(rows[i])} tokens, more than length={length}")
+    raise ValueError(f"{side}_pad: row {i} has {len(rows[i])} tokens, more than length={length}")
   tokens = np.full((len(rows), length), pad_id, np.int32)
   mask = np.zeros((len(rows), length), np.int32)
   for i, r in enumerate(rows):
+    span = slice(length - len(r), length) if side == "left" else slice(0, len(r))
     if r:
-      tokens[i, length - len(r) :] = r
-      mask[i, length - len(r) :] = 1
+      tokens[i, span] = r
+      mask[i, span] = 1
   return tokens, mask
+
+
+def left_pad(rows: Sequence[Sequence[int]], *, length: int | None = None, pad_id: int = PAD):
+  return pad_rows(rows, side="left", length=length, pad_id=pad_id)
 
 
 def right_pad(rows: Sequence[Sequence[int]], *, length: int | None = None, pad_id: int = PAD):
-  """(tokens [N, L] int32, mask [N, L] int32) of right-padded rows (completions)."""
-  longest = max(len(r) for r in rows)
-  length = longest if length is None else length
-  if longest > length:
-    i = next(i for i, r in enumerate(rows) if len(r) > length)
-    raise ValueError(f"right_pad: row {i} has {len(rows[i])} tokens, more than length={length}")
-  tokens = np.full((len(rows), length), pad_id, np.int32)
-  mask = np.zeros((len(rows), length), np.int32)
-  for i, r in enumerate(rows):
-    tokens[i, : len(r)] = r
-    mask[i, : len(r)] = 1
-  return tokens, mask
+  return pad_rows(rows, side="right", length=length, pad_id=pad_id)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import os
 
 import jax
@@ -32,6 +31,7 @@ import numpy as np
 from contrastive_jax.evaluation import digits_classifier
 from contrastive_jax.evaluation.fid import feature_statistics, frechet_distance
 from contrastive_jax.sampling import ddpm, flow
+from contrastive_jax.train.metrics import write_json
 
 SAMPLERS = {"sit": ("ode_euler", "ode_heun", "sde"), "dit": ("ddpm", "ddim")}
 FEATURE_NETWORKS = ("digits_classifier", "none")
@@ -121,13 +121,6 @@ def save_grid(images, path: str, *, rows: int, min_side: int = 32):
   os.replace(tmp, path)
 
 
-def _atomic_json(path: str, record: dict):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(record, f, indent=2)
-  os.replace(path + ".tmp", path)
-
-
 class SampleEvaluator:
   """`evaluator(params) -> {"fd_digits", "accuracy_samples", ...}` for the loop; `record(params)`
   returns (and writes) the full JSON record. `step_of()` names the step for file names."""
@@ -197,7 +190,7 @@ class SampleEvaluator:
       save_grid(images, rec["grid"], rows=ec.grid_rows)
     if ec.feature_network == "digits_classifier":
       rec.update(self._fd_digits(images, labels, step))
-    _atomic_json(os.path.join(self.workdir, "eval", f"eval_{step}.json"), rec)
+    write_json(os.path.join(self.workdir, "eval", f"eval_{step}.json"), rec)
     return rec
 
   def _fd_digits(self, images, labels, step) -> dict:

@@ -11,6 +11,14 @@ import jax
 import numpy as np
 
 
+def write_json(path: str, obj, *, indent: int | None = 2) -> None:
+  """Writes `obj` as JSON through a temporary file and a rename, so no reader sees half of it."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=indent)
+  os.replace(path + ".tmp", path)
+
+
 def _scalar(v):
   v = np.asarray(v)
   return v.item() if v.size == 1 else None
