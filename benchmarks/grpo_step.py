@@ -110,7 +110,7 @@ def main():
                                minibatches=args.minibatches, clip_high=0.28)
   opt = PolicyOptimizer(apply_fn=lm, init_cache=lm.init_cache, prompt_tokens=tokens,
                         prompt_mask=mask, settings=settings, mesh=mesh,
-                        reward_fn=lambda p, ro: (ro.tokens[:, 0] % 2).astype(np.float32))
+                        reward_fn=lambda p, ro, rng: ((ro.tokens[:, 0] % 2).astype(np.float32), {}))
   state = TrainState.create(params=jax.device_put(params), tx=optax.adam(1e-6),
                             rng=jax.random.PRNGKey(0), extra=init_extra(num))
   # torch first: XLA's CPU thread pool, once busy, slows a torch run that follows it.

@@ -29,7 +29,7 @@ from contrastive_jax.sampling.lm import sequence_logprobs
 from contrastive_jax.train import loop, sharding
 from contrastive_jax.train.metrics import write_json
 from contrastive_jax.train.optim import make_optimizer
-from contrastive_jax.train.policy_opt import place
+from contrastive_jax.train.sharding import place
 from experiments import policy_setup as setup
 
 
@@ -105,7 +105,7 @@ def with_reference(arrays, lm, ref_params, mesh, *, batch_size, length_normalize
     chunk = {k: place(v[rows], mesh) for k, v in arrays.items()}
     keep = min(batch_size, n - start)
     for side in ("chosen", "rejected"):
-      out[f"ref_{side}"].append(np.asarray(fn(ref_params, chunk, side))[:keep])
+      out[f"ref_{side}"].append(sharding.to_host(fn(ref_params, chunk, side))[:keep])
   return {**arrays, **{k: np.concatenate(v).astype(np.float32) for k, v in out.items()}}
 
 
@@ -127,7 +127,7 @@ def _evaluators(config, dcfg, codec, lm, test_task, test_pairs, mesh):
                                       length_normalize=lc.length_normalize))
 
   def pairs(params):
-    _, m = pair_fn(params, {k: place(v, mesh) for k, v in test_pairs.items()})
+    _, m = sharding.to_host(pair_fn(params, {k: place(v, mesh) for k, v in test_pairs.items()}))
     return {"reward_accuracy": float(m["reward_accuracy"]),
             "reward_margin": float(m["reward_margin"])}
 

@@ -119,23 +119,24 @@ def build(config, *, with_weights: bool = True):
   )
 
 
-def make_reward_fn(config, b, ctx):
-  """`reward_fn(params, rollouts) -> [N]` of GRACE; its metrics go to ctx["metrics"].
+def make_reward_fn(config, b):
+  """GRACE's `reward_fn(params, rollouts, rng) -> (rewards [N], metrics)` for `PolicyOptimizer`.
 
-  Randomness: ctx["rng"], set by the step from `state.step_rng()`, folded with a call counter
-  (policy_opt's reward_fn takes no key).
+  The q / d- (or unsupervised anchor) rationales are sampled with keys split from `rng`, which
+  the optimizer derives from the step key. Metrics: `losses.grace`'s `reward/...` and the
+  auxiliary rationales' `aux/rationale_length_mean`, `aux/truncated_fraction`.
   """
   r, rw = config.rollout, config.reward
   lm, hidden, tok, prompts = DecoderLM(b["dcfg"]), DecoderHidden(b["dcfg"]), b["tok"], b["prompts"]
   eos, pad = eos_ids(tok, b["dcfg"]), tok.pad_token_id or 0
   k = r.group_size
 
-  def aux(name, ids, key):
+  def aux(params, name, ids, key, lengths):
     arr = prompts[name]
     emb, done = encode(
       lm,
       hidden,
-      ctx["params"],
+      params,
       arr["tokens"][ids],
       arr["mask"][ids],
       arr["segments"][ids],
@@ -148,16 +149,15 @@ def make_reward_fn(config, b, ctx):
       pad_id=pad,
       method=rw.pooling,
     )
-    ctx["aux_lengths"].append(np.asarray(done.lengths))
-    return np.asarray(emb)
+    emb, done_lengths = sharding.to_host((emb, done.lengths))
+    lengths.append(done_lengths)
+    return emb
 
-  def reward_fn(params, ro):
-    ctx["params"], ctx["aux_lengths"] = params, []
-    key = jax.random.fold_in(ctx["rng"], ctx["calls"])
-    ctx["calls"] += 1
+  def reward_fn(params, ro, rng):
+    lengths = []
     ids = np.asarray(ro.prompt_ids)
     t = ids.shape[0] // k
-    pos = np.asarray(
+    pos = sharding.to_host(
       embed(
         hidden,
         params,
@@ -172,23 +172,24 @@ def make_reward_fn(config, b, ctx):
     # The released `enable_length_penalty`: R = -1 for a rationale cut at the length limit.
     trunc = ~np.asarray(ro.hit_eos, bool).reshape(t, k) & rw.truncation_penalty
     hyper = {"tau": rw.tau, "lambda1": rw.lambda1, "lambda2": rw.lambda2}
-    k_q, k_n = jax.random.split(key)
+    k_q, k_n = jax.random.split(rng)
     if rw.unsupervised:
-      anchor = aux("pos", ids[::k], k_q)
+      anchor = aux(params, "pos", ids[::k], k_q, lengths)
       rewards, metrics = grace_unsupervised_reward(anchor, pos, trunc, **hyper)
     else:
       aux_ids = ids if rw.form == "paper" else ids[::k]
-      q, neg = aux("q", aux_ids, k_q), aux("neg", aux_ids, k_n)
+      q = aux(params, "q", aux_ids, k_q, lengths)
+      neg = aux(params, "neg", aux_ids, k_n, lengths)
       if rw.form == "paper":
         q, neg = q.reshape(t, k, -1), neg.reshape(t, k, -1)
       rewards, metrics = grace_reward(q, pos, neg, trunc, form=rw.form, **hyper)
-    lengths = np.concatenate(ctx["aux_lengths"])
-    ctx["metrics"] = {
-      **{name: float(v) for name, v in metrics.items()},
+    lengths = np.concatenate(lengths)
+    metrics = {
+      **sharding.to_host(metrics),
       "aux/rationale_length_mean": float(lengths.mean()),
       "aux/truncated_fraction": float(np.mean(lengths >= r.max_new_tokens)),
     }
-    return np.asarray(rewards).reshape(-1)
+    return sharding.to_host(rewards).reshape(-1), metrics
 
   return reward_fn
 
@@ -211,14 +212,13 @@ def _train_grace(config, workdir, b):
     advantage_scale="none",
     success_threshold=float("inf"),
   )
-  ctx = {"calls": 0, "metrics": {}}
   pos = b["prompts"]["pos"]
   optimizer = PolicyOptimizer(
     apply_fn=lm,
     init_cache=lm.init_cache,
     prompt_tokens=pos["tokens"],
     prompt_mask=pos["mask"],
-    reward_fn=make_reward_fn(config, b, ctx),
+    reward_fn=make_reward_fn(config, b),
     settings=settings,
     mesh=b["mesh"],
   )
@@ -229,9 +229,7 @@ def _train_grace(config, workdir, b):
   )
 
   def step(state, batch):
-    ctx["rng"], ctx["calls"] = jax.random.fold_in(state.step_rng(), 0x6A1C), 0
     state, metrics = optimizer.step(state, batch)
-    metrics.update(ctx["metrics"])
     metrics["lr"] = float(b["schedule"](int(state.step) * b["per_step"] - 1))
     return state, metrics
 

@@ -113,7 +113,7 @@ def train(config, workdir):
                                        mesh).params
   optimizer = PolicyOptimizer(
     apply_fn=lm, init_cache=lm.init_cache, prompt_tokens=tokens, prompt_mask=mask,
-    reward_fn=lambda params, ro: task.rewards(codec, ro.prompt_ids, ro.tokens, ro.mask),
+    reward_fn=lambda params, ro, rng: (task.rewards(codec, ro.prompt_ids, ro.tokens, ro.mask), {}),
     settings=settings_from_config(config, codec), mesh=mesh, ref_params=ref_params,
   )
   data = array_batches({"prompt_id": np.arange(len(task), dtype=np.int32)},

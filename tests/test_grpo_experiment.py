@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from configs.dpo import get_config as dpo_config
 from configs.grpo import get_config
@@ -17,7 +18,7 @@ from contrastive_jax.losses.policy import dpo_loss
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
 from contrastive_jax.train import loop
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra, place
-from contrastive_jax.train.sharding import make_mesh
+from contrastive_jax.train.sharding import make_mesh, to_host
 from contrastive_jax.train.state import CheckpointManager, TrainState
 from experiments import dpo, grpo
 
@@ -78,7 +79,7 @@ def test_grpo_raises_reward_resumes_bitwise_and_evaluates(tmp_path):
   assert result["eval/heldout/pass@4"] >= result["eval/heldout/mean@4"]
 
 
-def _tiny_policy(mesh, settings, reward_fn, *, prompts=16, lr=1e-2):
+def _tiny_policy(mesh, settings, reward_fn, *, prompts=16, lr=1e-2, jit_reward=False):
   cfg = DecoderConfig(vocab_size=11, hidden_size=16, intermediate_size=32, num_layers=1,
                       num_heads=2, num_kv_heads=1, head_dim=8)
   lm = DecoderLM(cfg)
@@ -86,7 +87,7 @@ def _tiny_policy(mesh, settings, reward_fn, *, prompts=16, lr=1e-2):
   tokens = rng.integers(3, 11, size=(prompts, 3)).astype(np.int32)
   opt = PolicyOptimizer(apply_fn=lm, init_cache=lm.init_cache, prompt_tokens=tokens,
                         prompt_mask=np.ones_like(tokens), reward_fn=reward_fn,
-                        settings=settings, mesh=mesh)
+                        settings=settings, mesh=mesh, jit_reward=jit_reward)
 
   tx = optax.adam(lr)
 
@@ -101,7 +102,7 @@ def _tiny_policy(mesh, settings, reward_fn, *, prompts=16, lr=1e-2):
 def test_sharded_update_equals_single_device(mesh8):
   settings = PolicyOptSettings(group_size=2, max_new_tokens=4, aggregation="dapo",
                                clip_high=0.28)
-  reward = lambda params, ro: (ro.tokens[:, 0] % 2).astype(np.float32)
+  reward = lambda params, ro, rng: ((ro.tokens[:, 0] % 2).astype(np.float32), {})
   one = make_mesh({"data": 1}, jax.devices()[:1])
   results = []
   for mesh in (one, mesh8):
@@ -131,13 +132,15 @@ def test_sharded_update_equals_single_device(mesh8):
 
 def test_dynamic_sampling_keeps_only_groups_with_signal():
   # Even prompt ids always score 1 (a tie, no signal); odd ones score the first token's parity.
-  def reward(params, ro):
-    return np.where(ro.prompt_ids % 2 == 0, 1.0, ro.tokens[:, 0] % 2).astype(np.float32)
+  # Jitted (jit_reward): a jax key in, jax scalars out. probe/u shows which key each attempt got.
+  def reward(params, ro, rng):
+    r = jnp.where(ro.prompt_ids % 2 == 0, 1.0, ro.tokens[:, 0] % 2).astype(jnp.float32)
+    return r, {"probe/u": jax.random.uniform(rng)}
 
   settings = PolicyOptSettings(group_size=4, max_new_tokens=2, dynamic_sampling=True,
                                max_refills=6)
   mesh = make_mesh({"data": 1}, jax.devices()[:1])
-  opt, state = _tiny_policy(mesh, settings, reward)
+  opt, state = _tiny_policy(mesh, settings, reward, jit_reward=True)
   ro, raw, posterior, _, stats = opt._collect(state, np.arange(8, dtype=np.int32),
                                               jax.random.PRNGKey(5))
   grouped = raw.reshape(8, 4)
@@ -145,6 +148,10 @@ def test_dynamic_sampling_keeps_only_groups_with_signal():
   assert np.all(grouped.max(1) > grouped.min(1))  # every kept group has signal
   assert np.all(ro.prompt_ids.reshape(8, 4) % 2 == 1)
   assert stats["rollouts_generated"] == 32 * (stats["refills"] + 1)
+  # The reward's key: fold_in(fold_in(rng, 2), attempt); its metrics averaged over attempts.
+  k = jax.random.fold_in(jax.random.PRNGKey(5), 2)
+  want = [float(jax.random.uniform(jax.random.fold_in(k, a))) for a in range(stats["refills"] + 1)]
+  np.testing.assert_allclose(stats["probe/u"], np.mean(want), rtol=1e-6)
   # The first attempt's 4 even prompts were ties: at least half of what was sampled.
   assert stats["sampled_no_signal_fraction"] >= 0.5 / (stats["refills"] + 1)
   # Posteriors: an even prompt gets 4 successes per rollout (a = 0.5 * 1 + 0.5 + 4 = 5 after
@@ -152,6 +159,25 @@ def test_dynamic_sampling_keeps_only_groups_with_signal():
   a, b = np.asarray(posterior["a"]), np.asarray(posterior["b"])
   assert np.all(a[[0, 2, 4, 6]] >= 5.0)
   np.testing.assert_allclose(b[[0, 2, 4, 6]], 1.0)
+  # The old contract (rewards alone) is refused with the new one named.
+  opt, state = _tiny_policy(mesh, settings, lambda p, ro, rng: reward(p, ro, rng)[0])
+  with pytest.raises(ValueError, match=r"must return \(rewards \[N\], metrics dict\)"):
+    opt._collect(state, np.arange(8, dtype=np.int32), jax.random.PRNGKey(5))
+
+
+def test_to_host_gives_the_unsharded_value(mesh8):
+  x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+  odd = np.arange(5, dtype=np.int32)  # 5 rows do not split over 8 devices: replicated
+  placed = {"x": place(x, mesh8), "odd": place(odd, mesh8)}
+  assert placed["x"].addressable_shards[0].data.shape == (2, 3)
+  assert len(placed["x"].sharding.device_set) == 8 and placed["odd"].sharding.is_fully_replicated
+  doubled = jax.jit(lambda t: jax.tree.map(lambda a: 2 * a, t))(placed)  # sharded jit outputs
+  got = to_host({"placed": placed, "doubled": doubled, "scalar": jnp.float32(1.5)})
+  for name, want in (("x", x), ("odd", odd)):
+    for tree, scale in (("placed", 1), ("doubled", 2)):
+      assert isinstance(got[tree][name], np.ndarray) and got[tree][name].dtype == want.dtype
+      np.testing.assert_array_equal(got[tree][name], scale * want)
+  assert got["scalar"].shape == () and float(got["scalar"]) == 1.5
 
 
 def test_dpo_step_equals_dpo_loss_on_hand_computed_logprobs():

@@ -18,6 +18,7 @@ from contrastive_jax.data.structdoc import tag_stripped_view
 from contrastive_jax.evaluation.embedding_eval import heldout_lm_loss, retrieval_and_sts
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
 from contrastive_jax.sampling.rationale import encode
+from contrastive_jax.train.sharding import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,16 +89,17 @@ class GraceEvaluator:
           pad_id=self.tok.pad_token_id or 0,
           method=c.reward.pooling,
         )
-        out.append(np.asarray(emb)[: len(rows)])
+        emb, done = to_host((emb, done))  # whole on every process (several hosts)
+        out.append(emb[: len(rows)])
         if done is not None:
-          lengths += list(np.asarray(done.lengths)[: len(rows)])
-          hit += list(np.asarray(done.hit_eos)[: len(rows)])
+          lengths += list(done.lengths[: len(rows)])
+          hit += list(done.hit_eos[: len(rows)])
           if start == 0:
             self.examples = [
               {
                 "text": texts[j],
                 "rationale": self.tok.decode(
-                  np.asarray(done.tokens)[j][np.asarray(done.mask)[j] > 0], skip_special_tokens=True
+                  done.tokens[j][done.mask[j] > 0], skip_special_tokens=True
                 ),
               }
               for j in range(min(c.eval.examples, len(rows)))

@@ -14,7 +14,7 @@ import numpy as np
 
 from contrastive_jax.evaluation.pass_at_k import mean_at_k, pass_at_k
 from contrastive_jax.sampling.lm import generate
-from contrastive_jax.train.policy_opt import place
+from contrastive_jax.train.sharding import place, to_host
 
 
 def sample_completions(apply_fn, init_cache, params, prompt_tokens, prompt_mask, rng, *, mesh,
@@ -32,10 +32,10 @@ def sample_completions(apply_fn, init_cache, params, prompt_tokens, prompt_mask,
     out = generate(apply_fn, params, place(prompt_tokens[rows], mesh),
                    place(prompt_mask[rows], mesh), jax.random.fold_in(rng, c),
                    init_cache=init_cache, **sampling)
-    out = jax.device_get(out)
+    out = to_host(out)  # whole on every process: score_fn runs on the host everywhere
     keep = min(batch_size, n - start)
-    tokens.append(np.asarray(out.tokens)[:keep])
-    masks.append(np.asarray(out.mask)[:keep])
+    tokens.append(out.tokens[:keep])
+    masks.append(out.mask[:keep])
   return np.concatenate(tokens), np.concatenate(masks)
 
 

@@ -7,11 +7,14 @@ One call of `PolicyOptimizer.step(state, batch)` is one rollout batch (DeepSeekM
      (MoPPS, arXiv 2507.04632) when `settings.selection`;
   2. rollout: G completions per prompt from the current (= old) policy with
      `sampling.lm.generate` (compiled once per shape);
-  3. rewards: the caller's `reward_fn(params, rollouts) -> [N]`, host python on numpy arrays or a
-     jittable function (`jit_reward=True`); DAPO's overlong penalty is added when switched on;
-     with `dynamic_sampling`, groups whose rewards are all equal are dropped and new prompts
-     rolled out until the batch is full (at most `max_refills` times; a batch still short is
-     topped up with dropped groups, whose advantage is 0);
+  3. rewards: the caller's `reward_fn(params, rollouts, rng) -> (rewards [N], metrics)`, host
+     python on numpy arrays or a jittable function (`jit_reward=True`); `rng` is one key per
+     refill attempt from the step key (a reward that samples, as GRACE's, resumes exactly); its
+     scalar metrics, averaged over the attempts, join the step's metrics under their own names;
+     DAPO's overlong penalty is added when switched on; with `dynamic_sampling`, groups whose
+     rewards are all equal are dropped and new prompts rolled out until the batch is full (at
+     most `max_refills` times; a batch still short is topped up with dropped groups, whose
+     advantage is 0);
   4. log-probs: pi_old recomputed in float32 with `sampling.lm.sequence_logprobs` from the
      rollout parameters, and pi_ref from frozen `ref_params` when given;
   5. updates: `epochs` passes over the N rollouts in `minibatches` shuffled mini-batches, each
@@ -21,7 +24,13 @@ Each phase is timed separately (`block_until_ready`); metrics carry tokens/s, re
 the share of groups without signal, clip fractions, KL, entropy and response lengths. All
 randomness comes from `state.step_rng()`, so a resumed run repeats an uninterrupted one exactly.
 `state.step` counts rollout batches (what `train/loop.py` counts), not optimizer updates; the
-optimizer's schedule counts updates (`updates_per_step` of them per step).
+optimizer's schedule counts updates (`updates_per_step` of them per step). For the same reason
+the EMA (when the state has one) moves once per rollout batch, after its last update, not once
+per optimizer update: `ema_decay` is a horizon in loop steps, as in every other experiment.
+
+Several processes: every array pulled to the host goes through `sharding.to_host` (all-gathered
+when it spans processes), so every process holds all N rollouts, computes the same rewards (all
+randomness comes from the step key) and `place`s identical host arrays back on the mesh.
 
 Use it with `contrastive_jax.train.loop.train(..., jit_step=False)`; the loop's batch is
 `{"prompt_id": [Q]}` and `state.extra` starts as `init_extra(...)`.
@@ -38,12 +47,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from contrastive_jax.losses.policy import group_advantages, overlong_penalty, policy_loss
 from contrastive_jax.sampling.lm import generate, sequence_logprobs
 from contrastive_jax.sampling.prompts import select_prompts, update_prompt_state
+from contrastive_jax.train.sharding import place, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +101,8 @@ class PolicyOptSettings:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Rollouts:
-  """N = Q * G completions, the G of a prompt contiguous; numpy on the host, or jax arrays.
+  """N = Q * G completions, the G of a prompt contiguous; host numpy (the same on every
+  process), or jax arrays.
 
   prompt_ids [N] int32 (index into the prompt set); prompt_tokens, prompt_mask [N, P]
   (left-padded); tokens, mask [N, T] (right-padded, stop token included); logprobs [N, T] of the
@@ -124,16 +133,6 @@ def init_extra(num_prompts: int) -> dict:
     "b": jnp.ones((num_prompts,), jnp.float32),
     "rollouts": jnp.zeros((), jnp.int32),
   }
-
-
-def place(x, mesh):
-  """Puts a host array on `mesh`: rows over (data, fsdp) when they divide, else replicated."""
-  x = np.asarray(x)
-  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-  shards = int(np.prod([mesh.shape[a] for a in axes]))
-  if x.ndim and x.shape[0] % shards == 0:
-    return jax.device_put(x, NamedSharding(mesh, P(axes, *([None] * (x.ndim - 1)))))
-  return jax.device_put(x, NamedSharding(mesh, P()))
 
 
 # Module-level, so every optimizer of the same model and shapes reuses one compilation.
@@ -181,7 +180,8 @@ class PolicyOptimizer:
   Args:
     apply_fn, init_cache: the policy as `sampling.lm` sees it (e.g. `models.decoder.DecoderLM`).
     prompt_tokens, prompt_mask: [P, Lp] int, the whole prompt set, left-padded (host numpy).
-    reward_fn: `reward_fn(params, rollouts: Rollouts) -> [N]` float rewards.
+    reward_fn: `reward_fn(params, rollouts: Rollouts, rng) -> (rewards [N], metrics)`, metrics
+      a dict of scalars (jax scalars under `jit_reward`) logged under their own names.
     settings: `PolicyOptSettings`.
     mesh: where rollouts and mini-batches are placed (rows over data/fsdp when they divide).
     ref_params: frozen reference parameters (pi_ref of the KL); None for no reference.
@@ -216,18 +216,25 @@ class PolicyOptimizer:
       init_cache=self.init_cache, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
       top_k=s.top_k, top_p=s.top_p, eos_ids=tuple(s.eos_ids), pad_id=s.pad_id,
     )
-    out = jax.device_get(out)
-    return Rollouts(ids, tokens, mask, np.asarray(out.tokens), np.asarray(out.mask),
-                    np.asarray(out.logprobs), np.asarray(out.lengths), np.asarray(out.hit_eos))
+    out = to_host(out)
+    return Rollouts(ids, tokens, mask, out.tokens, out.mask, out.logprobs, out.lengths,
+                    out.hit_eos)
 
-  def rewards(self, params, rollouts: Rollouts) -> np.ndarray:
-    """Raw rewards [N] from the caller's reward function."""
+  def rewards(self, params, rollouts: Rollouts, rng) -> tuple[np.ndarray, dict[str, float]]:
+    """Raw rewards [N] and the reward function's metrics (floats), whole on every process."""
     if self.jit_reward:
       rollouts = jax.tree.map(lambda x: place(x, self.mesh), rollouts)
-    r = np.asarray(jax.device_get(self.reward_fn(params, rollouts)), np.float32)
+    out = self.reward_fn(params, rollouts, rng)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
+      raise ValueError(f"reward_fn must return (rewards [N], metrics dict), got {type(out)}")
+    r, metrics = to_host(out)
+    r = np.asarray(r, np.float32)
     if r.shape != rollouts.prompt_ids.shape:
       raise ValueError(f"reward_fn returned shape {r.shape}, expected {rollouts.prompt_ids.shape}")
-    return r
+    bad = {k: np.shape(v) for k, v in metrics.items() if np.ndim(v)}
+    if bad:
+      raise ValueError(f"reward_fn metrics must be scalars, got shapes {bad}")
+    return r, {k: float(v) for k, v in metrics.items()}
 
   def token_logprobs(self, params, rollouts: Rollouts) -> jax.Array:
     """[N, T] float32 log-probs of the rollouts' tokens under `params` (one forward pass)."""
@@ -258,27 +265,33 @@ class PolicyOptimizer:
       ids, _ = _select_prompts(extra, jax.random.fold_in(rng, attempt), batch_size=q,
                                pool_factor=self.s.selection_pool,
                                target=self.s.selection_target)
-      return np.asarray(ids)
+      return to_host(ids)
     if attempt == 0:
       return np.asarray(batch_ids, np.int32)
     draw = jax.random.choice(jax.random.fold_in(rng, attempt), self.num_prompts, (q,),
                              replace=False)
-    return np.asarray(draw, np.int32)
+    return to_host(draw).astype(np.int32)
 
   def _collect(self, state, batch_ids, rng):
-    """Rollouts and raw rewards of exactly Q groups (dynamic sampling refills) and timings."""
+    """Rollouts and raw rewards of exactly Q groups (dynamic sampling refills), timings, stats;
+    stats include the reward metrics averaged over all attempts (kept and dropped groups)."""
     s, g, q = self.s, self.s.group_size, len(batch_ids)
     k_prompt, k_roll = jax.random.split(rng)
+    # A third stream beside split's two (split(rng, 3) would change those and earlier numbers).
+    k_reward = jax.random.fold_in(rng, 2)
     extra = {"a": state.extra["a"], "b": state.extra["b"]}
-    parts, rewards, keep, times = [], [], [], {"rollout": 0.0, "reward": 0.0}
+    parts, rewards, keep, reward_logs = [], [], [], []
+    times = {"rollout": 0.0, "reward": 0.0}
     sampled_ties, attempts = [], 1 + (s.max_refills if s.dynamic_sampling else 0)
     for attempt in range(attempts):
       ids = self._prompt_ids(extra, batch_ids, k_prompt, attempt)
       key = jax.random.fold_in(k_roll, attempt)
       ro, dt = _timed(lambda ids=ids, key=key: self.rollout(state.params, ids, key))
       times["rollout"] += dt
-      r, dt = _timed(lambda ro=ro: self.rewards(state.params, ro))
+      key = jax.random.fold_in(k_reward, attempt)
+      (r, logged), dt = _timed(lambda ro=ro, key=key: self.rewards(state.params, ro, key))
       times["reward"] += dt
+      reward_logs.append(logged)
       correct = (r >= s.success_threshold).astype(np.float32).reshape(q, g)
       extra = update_prompt_state(extra, jnp.asarray(ids), jnp.asarray(correct.sum(1)),
                                   jnp.full((q,), g, jnp.float32), lam=s.selection_lam)
@@ -303,6 +316,8 @@ class PolicyOptimizer:
       "generated_tokens": int(sum(p.mask.sum() for p in parts)),
       "kept_groups_short": short,
     }
+    names = sorted({k for m in reward_logs for k in m})
+    stats.update({k: float(np.mean([m[k] for m in reward_logs if k in m])) for k in names})
     return ro, np.concatenate(rewards)[rows], extra, times, stats
 
   def step(self, state, batch):
@@ -310,7 +325,7 @@ class PolicyOptimizer:
     start = time.perf_counter()
     s = self.s
     k_collect, k_update = jax.random.split(state.step_rng())
-    batch_ids = np.asarray(jax.device_get(batch["prompt_id"])).astype(np.int32)
+    batch_ids = to_host(batch["prompt_id"]).astype(np.int32)
     ro, raw, posterior, times, stats = self._collect(state, batch_ids, k_collect)
     n = raw.shape[0]
     reward = raw
@@ -324,10 +339,10 @@ class PolicyOptimizer:
     if self.ref_params is not None:
       ref_logp, times["ref_logprob"] = _timed(lambda: self.token_logprobs(self.ref_params, ro))
     data = {"prompt_tokens": ro.prompt_tokens, "prompt_mask": ro.prompt_mask,
-            "tokens": ro.tokens, "mask": ro.mask, "old_logp": np.asarray(old_logp),
+            "tokens": ro.tokens, "mask": ro.mask, "old_logp": to_host(old_logp),
             "advantages": np.asarray(adv)}
     if ref_logp is not None:
-      data["ref_logp"] = np.asarray(ref_logp)
+      data["ref_logp"] = to_host(ref_logp)
     if n % s.minibatches:
       raise ValueError(f"{n} rollouts do not split into minibatches={s.minibatches}")
     size = n // s.minibatches
@@ -340,11 +355,11 @@ class PolicyOptimizer:
         mb = {k: place(v[rows], self.mesh) for k, v in data.items()}
         state, metrics = self.update(state, mb)
         logs.append(metrics)
-    logs = jax.device_get(jax.block_until_ready(logs))
+    logs = to_host(jax.block_until_ready(logs))
     times["update"] = time.perf_counter() - update_start
     extra = {**posterior, "rollouts": state.extra["rollouts"] + stats["rollouts_generated"]}
     state = state.replace(step=state.step + 1, extra=extra)
-    if state.ema_decay is not None:
+    if state.ema_decay is not None:  # once per rollout batch (module docstring)
       d = state.ema_decay
       state = state.replace(ema_params=jax.tree.map(lambda e, p: d * e + (1 - d) * p,
                                                     state.ema_params, state.params))
@@ -376,6 +391,8 @@ class PolicyOptimizer:
       "time/elapsed_s": self.elapsed,
       "throughput/rollout_tokens_per_s": stats["generated_tokens"] / max(times["rollout"], 1e-9),
       "throughput/update_tokens_per_s": tokens_processed / max(times["update"], 1e-9),
-      **stats,
     }
-    return out
+    clash = sorted(set(stats) & set(out))
+    if clash:
+      raise ValueError(f"reward_fn metrics {clash} clash with the step's own metric names")
+    return {**out, **stats}

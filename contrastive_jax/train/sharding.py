@@ -27,7 +27,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -151,6 +153,43 @@ def host_to_global(batch: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
   return jax.tree.map(put, batch)
+
+
+def place(x, mesh: Mesh) -> jax.Array:
+  """Puts a host array on `mesh`: rows over (data, fsdp) when they divide, else replicated.
+
+  Unlike `host_to_global` (each process passes its own rows), every process passes the same
+  full array; with several processes each fills only its own devices' shards from its copy, so
+  nothing crosses processes (`jax.device_put` accepts that too, but checks the equality with an
+  all-gather of the whole array on every call). `train.policy_opt` meets the assumption: its
+  host arrays come whole from `to_host` and its randomness from the step key.
+  """
+  x = np.asarray(x)
+  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+  rows = x.ndim and x.shape[0] % _axis_size(mesh, axes) == 0
+  target = batch_sharding(mesh, x.ndim) if rows else NamedSharding(mesh, P())
+  if target.is_fully_addressable:
+    return jax.device_put(x, target)
+  return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+
+def to_host(tree: Any) -> Any:
+  """Numpy copies of a tree's arrays, each whole on every process (device -> host).
+
+  One process: `jax.device_get`, no collective. Several: a leaf that spans processes (e.g. a
+  batch-sharded rollout) is all-gathered with `multihost_utils.process_allgather(tiled=True)`,
+  so every process holds all rows; that is a collective, so every process must call `to_host`
+  on the same tree in the same order (true of code that runs the same steps on every process).
+  """
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+  return jax.tree.map(one, tree)
 
 
 def process_slice(global_batch_size: int) -> slice:
