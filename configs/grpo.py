@@ -63,12 +63,15 @@ def get_config(preset: str = "cpu"):
 
   def smollm2_arith(c):
     c.model.update(source="gguf", path="")
+    # Without the system line SmolLM2-135M almost never writes \\boxed{} (greedy 0/32 held-out
+    # problems, sampled 1/32); with it, greedy 4/32 and sampled 2/32: a sparse but usable signal.
     c.task.update(style="chat", digits=1, num_operands=2, operators="+-", train_size=2048,
-                  test_size=128)
-    c.rollout.update(group_size=8, max_new_tokens=48)
-    c.eval.update(k=4, max_new_tokens=48, batch_size=64)
-    c.train.update(steps=100, batch_size=8, eval_every=25, checkpoint_every=25)
-    c.optim.update(lr=1e-6)
+                  test_size=64, chat_system="You are a calculator. Reply with only the result "
+                  "in \\boxed{}, for example \\boxed{7}.")
+    c.rollout.update(group_size=8, max_new_tokens=32)
+    c.eval.update(k=4, max_new_tokens=32, batch_size=64)
+    c.train.update(steps=20, batch_size=8, eval_every=10, checkpoint_every=10)
+    c.optim.update(lr=1e-5)
 
   def qwen25_math(c, group, prompts, lr):
     c.model.update(source="hf", path="models/Qwen2.5-Math-1.5B", dtype="bfloat16")
