@@ -113,7 +113,7 @@ def encode_texts(embed, params, tokenizer, texts, *, max_length, batch_size, mes
   def fn(batch):
     enc = tokenize(tokenizer, batch, max_length=max_length)
     ids, mask = sharding.host_to_global((enc["ids"], enc["mask"]), mesh)
-    return np.asarray(jax.device_get(embed(params, ids, mask)))
+    return sharding.to_host(embed(params, ids, mask))
 
   return encode_corpus(fn, texts, batch_size=batch_size)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from contrastive_jax.evaluation.retrieval import embedding_retrieval_metrics
 from contrastive_jax.sampling.lm import sequence_logprobs
+from contrastive_jax.train.sharding import to_host
 
 
 def unique_embeddings(encode_fn: Callable[[list[str]], np.ndarray], texts: Sequence[str]):
@@ -77,4 +78,4 @@ def heldout_lm_loss(apply_fn, params, token_rows: Sequence[Sequence[int]], *, le
   logp = jax.jit(sequence_logprobs, static_argnums=0)(
     apply_fn, params, prompt, np.ones_like(prompt), tokens, mask
   )
-  return float(-np.sum(np.asarray(logp)) / max(mask.sum(), 1))
+  return float(-np.sum(to_host(logp)) / max(mask.sum(), 1))
