@@ -70,7 +70,7 @@ def get_config(preset: str = "cpu"):
                   "in \\boxed{}, for example \\boxed{7}.")
     c.rollout.update(group_size=8, max_new_tokens=32)
     c.eval.update(k=4, max_new_tokens=32, batch_size=64)
-    c.train.update(steps=20, batch_size=8, eval_every=10, checkpoint_every=10)
+    c.train.update(steps=12, batch_size=8, eval_every=6, checkpoint_every=6, eval_at_start=True)
     c.optim.update(lr=1e-5)
 
   def qwen25_math(c, group, prompts, lr):

@@ -175,3 +175,36 @@ def test_pretrained_values_initialise_the_state_sharded():
     np.testing.assert_array_equal(got, want)
   kernel = state.params["params"]["dense_0"]["kernel"]
   assert kernel.sharding.spec[0] == "fsdp" and kernel.addressable_shards[0].data.shape == (2, 32)
+
+
+def test_eval_at_start_records_the_initial_parameters_once(tmp_path):
+  """Step 0 holds the evaluator on the initial params; a resume does not write it again."""
+  init, loss_fn = _setup()
+  data = _regression(n=64)
+  mesh = make_mesh({"data": 8})
+  probe = {"x": data["x"][:8]}
+  model = MLPEncoder(hidden=(32,), out_dim=4)
+
+  def norm(params):
+    return {"out_norm": float(jnp.linalg.norm(model.apply(params, probe["x"])))}
+
+  config = _loop_config(4, 2)
+  config.unlock()
+  config.train.update(eval_at_start=True, eval_every=0, eval_with_ema=False)
+
+  def run(steps):
+    config.train.steps = steps
+    return loop.train(config, str(tmp_path), init_state=init,
+                      train_step=loop.make_train_step(loss_fn),
+                      data=array_batches(data, batch_size=16, seed=0), mesh=mesh,
+                      evaluators={"probe": norm})
+
+  run(2)
+  run(4)
+  want = norm(nn.unbox(init(jax.random.PRNGKey(config.seed)).params))["out_norm"]
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  evals = [(r["step"], r["eval/probe/out_norm"]) for r in rows if "eval/probe/out_norm" in r]
+  assert [s for s, _ in evals] == [0, 2, 4]
+  np.testing.assert_allclose(evals[0][1], want, rtol=1e-6)
+  assert evals[1][1] != evals[0][1]

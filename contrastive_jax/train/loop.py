@@ -168,12 +168,13 @@ def train(
 
   Args:
     config: uses `seed`, `sharding_rules` and `train.{steps, log_every, eval_every,
-      checkpoint_every, keep_checkpoints, async_checkpoint, eval_with_ema}`.
+      eval_at_start, checkpoint_every, keep_checkpoints, async_checkpoint, eval_with_ema}`.
     init_state: rng -> TrainState whose params are `nn.LogicallyPartitioned` boxes.
     train_step: jitted here with the state's shardings and the state donated (`jit_step`), or
       called as given when the experiment compiles its own pieces (GRPO's rollout + updates).
     data: iterator of host batches (this process's rows) with grain's `get_state/set_state`.
-    evaluators: name -> fn(params) -> metrics; run every `eval_every` steps and at the end.
+    evaluators: name -> fn(params) -> metrics; run every `eval_every` steps and at the end,
+      and on the initial parameters as step 0 with `eval_at_start` (not again on resume).
     hooks: called as `hook(step, state, metrics)` after every step (profiling, tests).
 
   Returns:
@@ -197,11 +198,14 @@ def train(
     data.set_state(data_state)
     tqdm.write(f"resumed from {manager.directory}/{int(state.step)}")
   start = int(state.step)
+  use_ema = tc.get("eval_with_ema", True)
   writer = MetricsWriter(workdir, resume_step=start)
+  if evaluators and start == 0 and tc.get("eval_at_start", False):
+    # The starting point of a fine-tuning curve (a pretrained policy or embedder) as step 0.
+    writer.write(0, run_evaluators(evaluators, _eval_params(state, use_ema)))
   if jit_step:
     train_step = jax.jit(train_step, in_shardings=(shardings, None),
                          out_shardings=(shardings, None), donate_argnums=0)
-  use_ema = tc.get("eval_with_ema", True)
   manager.install_signal_handlers()
   bar = tqdm(total=tc.steps, initial=start, desc=config.experiment, dynamic_ncols=True,
              disable=jax.process_index() != 0)
