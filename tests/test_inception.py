@@ -8,7 +8,6 @@ folding is exercised), and our pool3 features must equal its output.
 import importlib
 import os
 import pickle
-import sys
 import zipfile
 
 import flax.linen as nn
@@ -57,17 +56,7 @@ def _pytorch_fid():
   for name in ("torchvision", "pytorch_fid"):
     if importlib.util.find_spec(name) is None:
       pytest.skip(f"{name} not installed (pip install torchvision==0.28.0 pytorch-fid==0.3.0)")
-  try:
-    import torchvision  # noqa: F401
-  except RuntimeError:
-    # PyPI's torchvision is a CUDA build: beside torch's CPU wheel its C ops do not load, and
-    # its import then fails registering a fake kernel for the missing torchvision::nms. Inception
-    # uses none of those ops; declaring the two schemas lets the Python models import.
-    for name in [m for m in sys.modules if m.startswith("torchvision")]:
-      del sys.modules[name]
-    schema = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
-    torch.library.define("torchvision::nms", schema)
-    torch.library.define("torchvision::qnms", schema)
+  # conftest makes torchvision importable beside the CPU torch (see there).
   import pytorch_fid.inception
 
   return torch, pytorch_fid.inception
