@@ -122,6 +122,11 @@ def test_arithmetic_prompts_and_rewards():
   gold = str(p.answer)
   assert arithmetic_reward(f"It is \\boxed{{{gold}}}.", gold) == 1.0
   assert arithmetic_reward(f"It is \\boxed{{{p.answer + 1}}}.", gold) == 0.0
+  # The question's own expression evaluates to the answer but is not one (a reward hack seen).
+  assert arithmetic_reward("\\boxed{2 - 8}", "-6") == 0.0
+  assert arithmetic_reward("\\boxed{-6}", "-6") == 1.0
+  assert arithmetic_reward("So 2 - 8 = -6. The answer is $-6$.", "-6") == 1.0
+  assert arithmetic_reward("\\boxed{\\frac{-12}{2}}", "-6") == 0.0
   assert arithmetic_reward(f"{gold}\n12+3=", gold, style="compact") == 1.0
   assert arithmetic_reward(f"{gold[0]} {gold[1:]}", gold, style="compact") == 0.0
   assert arithmetic_reward("-7", "-7", style="compact") == 1.0

@@ -19,7 +19,7 @@ import hashlib
 import random
 import re
 
-from contrastive_jax.data.math_answers import answers_match, math_reward
+from contrastive_jax.data.math_answers import answers_match, extract_answer, normalize_answer
 
 _OPERATORS = ("+", "-", "*")
 _MAX_ATTEMPTS = 10_000
@@ -140,11 +140,17 @@ def arithmetic_examples(start: int, count: int, *, style: str = "chat", **task) 
 def arithmetic_reward(completion: str, gold: str, *, style: str = "chat") -> float:
   """1.0 if the completion answers `gold`, else 0.0.
 
-  "chat": the last \\boxed{} / "####" / "the answer is" answer (`math_answers.math_reward`);
+  "chat": the last \\boxed{} / "####" / "the answer is" answer (`math_answers.extract_answer`),
+  which must be an integer literal equal to `gold`;
   "compact": the integer the completion starts with ("81\\n..." -> 81; "8 1" -> 8).
   """
   if style == "chat":
-    return math_reward(completion, gold)
+    # An integer literal only: the MATH checker evaluates arithmetic ("\\frac{1}{2}" = "0.5"), so
+    # "\\boxed{2 - 8}" would match -6, and SmolLM2-135M learned within 12 GRPO steps to box the
+    # question's own expression (greedy accuracy 0.94, no answer computed).
+    answer = extract_answer(completion)
+    literal = answer is not None and re.fullmatch(r"-?\d+", normalize_answer(answer))
+    return 1.0 if literal and answers_match(answer, gold) else 0.0
   if style == "compact":
     match = re.match(r"\s*(-?\d+)", completion)
     return 1.0 if match and answers_match(match.group(1), gold) else 0.0
