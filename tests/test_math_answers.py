@@ -229,3 +229,19 @@ def test_tfds_prepared_source_is_decoded(monkeypatch):
   fake.info.file_format.value = "tfrecord"
   with pytest.raises(ValueError, match="array_record"):
     reasoning.load_reasoning_tfds("gsm8k")
+
+
+def test_task_rewards_arithmetic_literals_but_math_equivalents(tmp_path):
+  """The arithmetic chat task scores with `arithmetic_reward`, MATH JSONL with `math_reward`."""
+  from contrastive_jax.data import policy_tasks
+
+  arith = policy_tasks.arithmetic_task(split="test", start=0, count=1, style="chat", seed=0,
+                                       digits=1, num_operands=2, operators="+-")
+  q, gold = arith.questions[0], arith.golds[0]
+  expression = q.removeprefix("What is ").split("?")[0]
+  assert arith.reward(f"\\boxed{{{gold}}}", 0) == 1.0
+  assert arith.reward(f"\\boxed{{{expression}}}", 0) == 0.0
+  path = _write(tmp_path, "m.jsonl", [{"problem": "P?", "solution": "$\\boxed{\\frac{1}{2}}$"}])
+  math = policy_tasks.math_jsonl_task(path, dataset="math", limit=None, key="task.train_file")
+  assert math.reward("\\boxed{0.5}", 0) == 1.0
+  assert math.reward("\\boxed{1/2}", 0) == 1.0

@@ -88,7 +88,8 @@ class HFCodec:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """Questions [P] and gold answers [P] with a text reward ("compact" | "chat" | "first_token")."""
+  """Questions [P] and gold answers [P] with a text reward: "math" (`math_reward`, MATH/GSM8K),
+  "chat" / "compact" (`arithmetic_reward`: an integer literal) or "first_token"."""
 
   questions: tuple[str, ...]
   golds: tuple[str, ...]
@@ -106,7 +107,7 @@ class Task:
   def reward(self, completion: str, index: int) -> float:
     if self.reward_style == "first_token":
       return 1.0 if completion.startswith(self.target) else 0.0
-    if self.reward_style == "chat":
+    if self.reward_style == "math":
       return math_reward(completion, self.golds[index])
     return arithmetic_reward(completion, self.golds[index], style=self.reward_style)
 
@@ -134,4 +135,4 @@ def math_jsonl_task(path: str, *, dataset: str, limit: int | None, key: str,
     raise FileNotFoundError(f"{key}={path!r}: no such JSONL file ({dataset} problems)")
   pairs = load_reasoning_jsonl(path, dataset=dataset, limit=limit)
   questions = tuple(f"{q}\n{instruction}" if instruction else q for q, _ in pairs)
-  return Task(questions, tuple(a for _, a in pairs), "chat")
+  return Task(questions, tuple(a for _, a in pairs), "math")
