@@ -6,7 +6,8 @@ DiTBlock with fused-qkv SDPA attention, FinalLayer), trained the way SiT trains 
 velocity MSE on the first C output channels, AdamW). Both sides use the same batch size, shapes,
 optimizer and loss; each side draws its own data. Prints images/s, the JAX/PyTorch ratio, and
 the step time with the InfoNCE-l2 dispersive term on the output of block depth // 4 (1-based,
-index depth // 4 - 1) for both.
+index depth // 4 - 1) for both. On a GPU the peer runs on CUDA (`--torch-device`) with TF32
+matmuls, as XLA's float32 default does.
 
   python benchmarks/dispersive_step.py --size S/2 --batch 32 --steps 5          # paper shape
   python benchmarks/dispersive_step.py --size T/2 --batch 8 --image-size 16     # seconds on CPU
@@ -16,7 +17,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
+
+# JAX and the torch peer share one GPU here; left to grow, XLA's pool takes the memory torch
+# needs (SiT-B/2 at batch 256 ran out on a 141 GB H200). Read when JAX starts its backend.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
 
 import flax.linen
 import jax
@@ -25,6 +31,7 @@ import numpy as np
 import optax
 import torch
 import torch.nn.functional as F
+from _peer import add_torch_device_arg, sync, torch_device
 from torch import nn as tnn
 
 from contrastive_jax.losses.dispersive import dispersive_loss
@@ -76,7 +83,9 @@ class TorchDiT(tnn.Module):
   def forward(self, x, t, y, act_block=None):
     h = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos
     half = 128
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(
+      -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
     args = t[:, None] * freqs[None]
     c = self.t_mlp(torch.cat([torch.cos(args), torch.sin(args)], -1)) + self.y_embed(y)
     act = None
@@ -97,16 +106,16 @@ def torch_disp(z):
   return torch.logsumexp(-dist.flatten() / 0.5, 0) - math.log(dist.numel())
 
 
-def torch_step(args, cfg, act_block):
-  """One PyTorch training step as a closure."""
-  model = TorchDiT(input_size=args.image_size, in_channels=4, **cfg)
+def torch_step(args, cfg, act_block, device):
+  """One PyTorch training step as a closure that waits for it."""
+  model = TorchDiT(input_size=args.image_size, in_channels=4, **cfg).to(device)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
   b, s = args.batch, args.image_size
-  x1 = torch.randn(b, 4, s, s)
-  y = torch.randint(0, NUM_CLASSES, (b,))
+  x1 = torch.randn(b, 4, s, s, device=device)
+  y = torch.randint(0, NUM_CLASSES, (b,), device=device)
 
   def step():
-    t = torch.rand(b)
+    t = torch.rand(b, device=device)
     x0 = torch.randn_like(x1)
     tt = t[:, None, None, None]
     out, act = model(tt * x1 + (1 - tt) * x0, t, y, act_block)
@@ -116,6 +125,7 @@ def torch_step(args, cfg, act_block):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    sync(device)
 
   return step
 
@@ -182,15 +192,17 @@ def main():
   )
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps (JIT compile)")
   parser.add_argument("--torch-threads", type=int, default=0, help="0: PyTorch's default")
+  add_torch_device_arg(parser)
   args = parser.parse_args()
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
+  device = torch_device(args.torch_device)
   cfg = dit_config(args.size)
   disp_block = max(cfg["depth"] // 4 - 1, 0)
   print(
     f"SiT-{args.size} batch {args.batch} latent {args.image_size}x{args.image_size}x4, "
-    f"{args.steps} timed steps, jax {jax.__version__} on {jax.devices()[0].platform}, "
-    f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    f"{args.steps} timed steps, jax {jax.__version__} on {jax.devices()[0].device_kind}, "
+    f"torch {torch.__version__} on {device} ({torch.get_num_threads()} threads)"
   )
   abstract = jax.eval_shape(
     lambda: DiT(input_size=args.image_size, in_channels=4, num_classes=NUM_CLASSES, **cfg).init(
@@ -210,7 +222,7 @@ def main():
   steps = {}
   for label, block in zip(labels, (None, disp_block)):
     steps[("jax", label)] = jax_step(args, cfg, block)
-    steps[("torch", label)] = torch_step(args, cfg, block)
+    steps[("torch", label)] = torch_step(args, cfg, block, device)
   secs = _time(steps, args.steps, args.warmup)
   rows = {label: (secs[("jax", label)], secs[("torch", label)]) for label in labels}
   for label, (tj, tt) in rows.items():

