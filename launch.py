@@ -160,7 +160,10 @@ def main(argv):
   else:
     if not os.path.isdir(workdir):
       raise WorkdirError(f"{workdir}: no such workdir to evaluate")
-    module.evaluate(config, workdir, FLAGS.step)
+    try:
+      module.evaluate(config, workdir, FLAGS.step)
+    except FileNotFoundError as e:  # no checkpoint (at that step), or a missing input file
+      raise WorkdirError(str(e)) from e
 
 
 def _fail(message: str):

@@ -95,6 +95,17 @@ def test_workdir_with_another_model_is_refused_naming_the_key(tmp_path):
   assert _snapshot(str(workdir)) == before
 
 
+def test_evaluating_a_workdir_without_checkpoints_is_one_line_and_touches_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  proc = _launch(f"--config={CONFIG}:test", f"--workdir={workdir}", "--mode=eval")
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last == f"error: {workdir}/checkpoints: no checkpoint to evaluate; train first"
+  assert "Traceback" not in proc.stderr
+  assert _snapshot(str(workdir)) == {}
+
+
 def _config_modules():
   return [m.name for m in pkgutil.iter_modules(configs.__path__) if m.name != "common"]
 

@@ -247,8 +247,11 @@ def train(
 
 def load_params(config, workdir, init_state, mesh, *, ema: bool, step: int | None = None):
   """Parameters (or EMA parameters) of a checkpoint for evaluation: `(step, params)`."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):  # before the manager, which would create it
+    raise FileNotFoundError(f"{directory}: no checkpoint to evaluate; train first")
   abstract, _ = state_shardings(init_state, mesh, config.get("sharding_rules", None))
-  manager = CheckpointManager(os.path.join(workdir, "checkpoints"), async_save=False)
+  manager = CheckpointManager(directory, async_save=False)
   try:
     target = abstract.ema_params if ema and abstract.ema_params is not None else abstract.params
     got_step, params = manager.restore_params(
@@ -257,5 +260,5 @@ def load_params(config, workdir, init_state, mesh, *, ema: bool, step: int | Non
   finally:
     manager.close()
   if params is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to evaluate")
+    raise FileNotFoundError(f"{directory}: no checkpoint to evaluate; train first")
   return got_step, params
