@@ -67,6 +67,12 @@ def cluster_kind(env: Mapping[str, str] | None = None) -> str | None:
   return "tpu_vm" if running_in_cloud_tpu_vm else None
 
 
+def _use_gloo_on_cpu():
+  # Only the CPU backend reads it (GPU and TPU runs keep NCCL / ICI); it must be set before the
+  # first computation creates the CPU client.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
 def start(env: Mapping[str, str] | None = None) -> str | None:
   """Joins the multi-process run the environment describes; returns its kind (see above).
 
@@ -78,9 +84,8 @@ def start(env: Mapping[str, str] | None = None) -> str | None:
   kind = cluster_kind(env)
   if kind is None:
     return None
-  # Only the CPU backend reads this; GPU and TPU runs keep NCCL / ICI.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if kind != "env":
+    _use_gloo_on_cpu()
     jax.distributed.initialize()
     return kind
   missing = [v for v in _EXPLICIT_VARS if not env.get(v)]
@@ -96,6 +101,7 @@ def start(env: Mapping[str, str] | None = None) -> str | None:
     local_ids = [int(i) for i in local.split(",")] if local else None
   except ValueError as e:
     raise ClusterError(f"JAX_LOCAL_DEVICE_IDS={local!r} is not a comma-separated list") from e
+  _use_gloo_on_cpu()
   jax.distributed.initialize(
     coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
     num_processes=num,

@@ -1,0 +1,52 @@
+"""How a process finds its cluster from the environment, and the one-line errors when it can't."""
+
+import os
+
+import pytest
+
+from contrastive_jax.train import hosts
+
+
+@pytest.mark.parametrize(
+  "env, kind",
+  [
+    ({}, None),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "env"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, "slurm"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),  # one task: nothing to join
+    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "2"}, "openmpi"),
+  ],
+)
+def test_cluster_kind_from_the_environment(env, kind):
+  assert hosts.cluster_kind(env) == kind
+
+
+@pytest.mark.parametrize(
+  "env, message",
+  [
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "not set: ['JAX_COORDINATOR_ADDRESS']"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+     "JAX_NUM_PROCESSES='two' is not an integer"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+     "JAX_PROCESS_ID=2 is not in [0, JAX_NUM_PROCESSES=2)"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0",
+      "JAX_LOCAL_DEVICE_IDS": "0;1"}, "JAX_LOCAL_DEVICE_IDS='0;1' is not a comma-separated list"),
+  ],
+)
+def test_a_bad_explicit_start_is_named_before_connecting(env, message):
+  with pytest.raises(hosts.ClusterError) as e:
+    hosts.start(env)
+  assert message in str(e.value)
+
+
+def test_workdir_paths_are_absolute_locally_and_urls_stay_urls(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert str(hosts.workdir_path("runs/a")) == os.path.join(str(tmp_path), "runs/a")
+  assert str(hosts.workdir_path("gs://bucket/run")) == "gs://bucket/run"
+
+
+def test_agreement_with_one_process_is_the_local_result():
+  hosts.agree(None, what="x")
+  hosts.same_everywhere("[1, 2]", what="x")
+  with pytest.raises(KeyError):
+    hosts.agree(KeyError("mine"), what="x")
