@@ -27,11 +27,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# Config keys `mesh.dcn_<axis>`: how many TPU slices (DCN-connected) each mesh axis spans.
+DCN_KEYS = tuple(f"dcn_{a}" for a in MESH_AXES)
 
 # (logical name, mesh axis or axes or None); the first rule naming a logical axis wins.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -48,10 +50,16 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
-  """Resolves a `{data, fsdp, tensor}` request (one entry may be -1) against a device count."""
-  unknown = set(shape) - set(MESH_AXES)
+  """Resolves a `{data, fsdp, tensor}` request (one entry may be -1) against a device count.
+
+  `dcn_*` keys (see `dcn_mesh_shape`) are allowed in `shape` and ignored here: the sizes returned
+  are those of the whole mesh.
+  """
+  unknown = set(shape) - set(MESH_AXES) - set(DCN_KEYS)
   if unknown:
-    raise ValueError(f"mesh: unknown axes {sorted(unknown)}; the axes are {MESH_AXES}")
+    raise ValueError(
+      f"mesh: unknown axes {sorted(unknown)}; the axes are {MESH_AXES} (and {DCN_KEYS})"
+    )
   sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
@@ -69,15 +77,58 @@ def mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
+def dcn_mesh_shape(shape: Mapping[str, int]) -> tuple[int, ...]:
+  """How many slices (granules joined by DCN) each of `(data, fsdp, tensor)` spans.
+
+  `shape["dcn_data"]` etc., default 1. The mesh axis `data` of size D with `dcn_data=k` is k
+  slices of D/k devices each: D/k within a slice (ICI), k across slices (DCN).
+  """
+  dcn = [shape.get(k, 1) for k in DCN_KEYS]
+  for key, size in zip(DCN_KEYS, dcn):
+    if not isinstance(size, int) or size < 1:
+      raise ValueError(f"mesh.{key}={size!r}: must be an integer >= 1")
+  return tuple(dcn)
+
+
+def _granules(devices: Sequence[jax.Device]) -> tuple[list[int], bool]:
+  """Each device's granule (its TPU slice, else its process) and whether granules are processes."""
+  slices = [getattr(d, "slice_index", None) for d in devices]
+  if None not in slices and len(set(slices)) > 1:
+    return slices, False
+  return [d.process_index for d in devices], True
+
+
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A `(data, fsdp, tensor)` mesh; `shape` maps axis names to sizes, -1 takes the rest.
+
+  With `dcn_data`, `dcn_fsdp` or `dcn_tensor` > 1 (multi-slice TPU; or several GPU hosts, each
+  process a granule) the device array comes from `mesh_utils.create_hybrid_device_mesh`: each
+  axis splits into a within-slice part (`size / dcn_size`, laid out on the ICI torus) and an
+  across-slice part (`dcn_size`, outermost), so only the collectives of axes with `dcn_* > 1` cross
+  the data-centre network. The product of the `dcn_*` sizes must equal the number of slices.
 
   Axis types are Auto: the code here relies on the compiler's sharding propagation and uses
   `shard_map` where a collective is written by hand (JAX 0.10 defaults to Explicit).
   """
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(shape, len(devices))
-  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  dcn = dcn_mesh_shape(shape)
+  auto = (AxisType.Auto,) * len(MESH_AXES)
+  if dcn == (1,) * len(MESH_AXES):
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
+  granules, by_process = _granules(devices)
+  kind = "processes" if by_process else "TPU slices"
+  if int(np.prod(dcn)) != len(set(granules)):
+    raise ValueError(
+      f"mesh: {dict(zip(DCN_KEYS, dcn))} multiply to {int(np.prod(dcn))}, but the "
+      f"{len(devices)} devices form {len(set(granules))} {kind}; their product must equal that"
+    )
+  for axis, size, across in zip(MESH_AXES, sizes, dcn):
+    if size % across:
+      raise ValueError(f"mesh: {axis}={size} does not split over dcn_{axis}={across} {kind}")
+  ici = tuple(s // k for s, k in zip(sizes, dcn))
+  array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
+  return Mesh(array, MESH_AXES, axis_types=auto)
 
 
 def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
@@ -143,7 +194,8 @@ def host_to_global(batch: Any, mesh: Mesh) -> Any:
   """Places this process's slice of a batch onto the mesh, batch axis over (data, fsdp).
 
   Each process passes its own rows (`global_batch / process_count` of them); on one host that is
-  the whole batch. Leaves must share the leading dimension.
+  the whole batch. Leaves must share the leading dimension. Local row k lands in global row
+  `process_rows(mesh, global_batch)[k]` (one block per process except on multi-host slices).
   """
 
   def put(x):
@@ -192,8 +244,53 @@ def to_host(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
-def process_slice(global_batch_size: int) -> slice:
-  """The rows of a global batch that this process feeds (multi-host data loading)."""
+def process_rows(mesh: Mesh, global_batch_size: int, process_index: int | None = None):
+  """The global rows of a batch that one process's devices hold under `batch_sharding(mesh)`.
+
+  Ascending, which is the order `host_to_global` (`jax.make_array_from_process_local_data`) maps
+  a process's local rows onto: local row k lands in global row `process_rows(...)[k]`. The rows
+  need not be one block: on a multi-host TPU slice the ICI ring visits hosts in turn (v5e 4x4 with
+  2x2 chips per host: process 0 holds devices 0, 1, 6, 15 of the data axis), so a process that
+  must feed particular rows (evaluation examples whose order matters) indexes with these.
+
+  Args:
+    mesh: the mesh; devices carry `process_index`.
+    global_batch_size: rows of the global batch; must divide over the batch axes.
+    process_index: default this process.
+
+  Returns:
+    int64 array of `global_batch_size / process_count` row indices.
+  """
+  sharding = batch_sharding(mesh)
+  if global_batch_size % _axis_size(mesh, sharding.spec[0]):
+    raise ValueError(
+      f"global batch {global_batch_size} does not divide over the mesh's batch axes "
+      f"{sharding.spec[0]} ({_axis_size(mesh, sharding.spec[0])} devices)"
+    )
+  p = jax.process_index() if process_index is None else process_index
+  rows = set()
+  for device, index in sharding.devices_indices_map((global_batch_size,)).items():
+    if device.process_index == p:
+      rows.update(range(*index[0].indices(global_batch_size)))
+  return np.array(sorted(rows), dtype=np.int64)
+
+
+def process_slice(global_batch_size: int, mesh: Mesh | None = None) -> slice:
+  """The rows of a global batch that this process feeds (multi-host data loading).
+
+  Without `mesh`, block `process_index` of `process_count` equal blocks: the rows that feed
+  `host_to_global` when each process's devices hold one block in process order (CPU and GPU
+  meshes, one host per TPU slice). With `mesh`, the block its devices really hold
+  (`process_rows`); a ValueError if that is not one contiguous block.
+  """
+  if mesh is not None:
+    rows = process_rows(mesh, global_batch_size)
+    if rows.size and rows[-1] - rows[0] + 1 != rows.size:
+      raise ValueError(
+        f"process {jax.process_index()} holds rows {rows.tolist()} of a batch of "
+        f"{global_batch_size} on this mesh, not one block; index with process_rows(mesh, ...)"
+      )
+    return slice(int(rows[0]), int(rows[-1]) + 1) if rows.size else slice(0, 0)
   n, i = jax.process_count(), jax.process_index()
   if global_batch_size % n:
     raise ValueError(f"global batch {global_batch_size} does not divide over {n} processes")

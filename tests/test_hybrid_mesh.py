@@ -1,0 +1,138 @@
+"""The (data, fsdp, tensor) mesh: the default path on CPU unchanged, and the hybrid ICI/DCN mesh
+for multi-slice TPU (`mesh.dcn_*`) on AOT TPU topology devices, with the rows each process feeds."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import contrastive_digits
+from contrastive_jax.train.sharding import (
+  batch_sharding,
+  make_mesh,
+  process_rows,
+  process_slice,
+)
+
+needs_libtpu = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason="libtpu is not installed (pip install 'jax[tpu]==0.10.2'); TPU topology devices need it",
+)
+
+
+def _topology(name, *, num_slices, chips_per_host=(2, 2, 1)):
+  from jax.experimental import topologies
+
+  return topologies.get_topology_desc(
+    platform="tpu",
+    topology_name=name,
+    chip_config_name="default",
+    chips_per_host_bounds=chips_per_host,
+    num_slices=num_slices,
+  ).devices
+
+
+def _attr(mesh, name):
+  return np.vectorize(lambda d: getattr(d, name))(mesh.devices)
+
+
+def test_default_mesh_is_unchanged_on_cpu():
+  config = contrastive_digits.get_config("test")
+  dcn = {"dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1}
+  assert dict(config.mesh) == {"data": -1, "fsdp": 1, "tensor": 1, **dcn}
+  mesh = make_mesh(config.mesh)
+  plain = jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert _attr(mesh, "id").tolist() == _attr(plain, "id").tolist()
+  assert mesh.axis_types == (AxisType.Auto,) * 3
+  # One process owns every row, so both row helpers give the whole batch.
+  assert process_rows(mesh, 16).tolist() == list(range(16))
+  assert process_slice(16, mesh) == process_slice(16) == slice(0, 16)
+
+
+def test_dcn_sizes_that_do_not_fit_the_devices_are_named():
+  # 8 CPU devices of one process are one granule, so nothing can span two.
+  with pytest.raises(ValueError, match=r"multiply to 2, but the 8 devices form 1 processes"):
+    make_mesh({"data": -1, "dcn_data": 2})
+  with pytest.raises(ValueError, match=r"mesh.dcn_fsdp=0: must be an integer >= 1"):
+    make_mesh({"data": -1, "dcn_fsdp": 0})
+  with pytest.raises(ValueError, match=r"unknown axes \['dcn_batch'\]"):
+    make_mesh({"data": -1, "dcn_batch": 2})
+
+
+@needs_libtpu
+def test_hybrid_mesh_puts_slices_on_the_dcn_axis():
+  devices = _topology("v5e:2x2", num_slices=2)  # 2 slices x 4 chips, one host each
+  mesh = make_mesh({"data": -1, "dcn_data": 2}, devices)
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert _attr(mesh, "slice_index").ravel().tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+  assert mesh.axis_types == (AxisType.Auto,) * 3
+  # data across slices, fsdp within one: every fsdp group is one slice.
+  mesh = make_mesh({"data": 2, "fsdp": -1, "dcn_data": 2}, devices)
+  assert _attr(mesh, "slice_index")[:, :, 0].tolist() == [[0] * 4, [1] * 4]
+  # fsdp across slices, data within: each data row holds one chip of every slice.
+  mesh = make_mesh({"data": 4, "fsdp": 2, "dcn_fsdp": 2}, devices)
+  assert _attr(mesh, "slice_index")[:, :, 0].tolist() == [[0, 1]] * 4
+  with pytest.raises(ValueError, match=r"tensor=1 does not split over dcn_tensor=2"):
+    make_mesh({"data": -1, "dcn_tensor": 2}, devices)
+  with pytest.raises(ValueError, match=r"multiply to 4, but the 8 devices form 2 TPU slices"):
+    make_mesh({"data": -1, "dcn_data": 4}, devices)
+
+
+@needs_libtpu
+def test_each_process_feeds_the_rows_its_devices_hold_when_data_spans_slices():
+  devices = _topology("v5e:2x2", num_slices=2)
+  mesh = make_mesh({"data": -1, "dcn_data": 2}, devices)
+  # One host per slice: process p holds block p, which is what process_slice (no mesh) assumes
+  # with 2 processes and what host_to_global's make_array_from_process_local_data fills.
+  assert process_rows(mesh, 16, 0).tolist() == list(range(8))
+  assert process_rows(mesh, 16, 1).tolist() == list(range(8, 16))
+  assert process_slice(16, mesh) == slice(0, 8)
+
+
+@needs_libtpu
+def test_rows_of_a_multi_host_slice_follow_the_ici_ring():
+  devices = _topology("v5e:4x4", num_slices=2)  # 2 slices x 4 hosts x 4 chips
+  mesh = make_mesh({"data": -1, "dcn_data": 2}, devices)
+  procs = _attr(mesh, "process_index").ravel()
+  assert _attr(mesh, "slice_index").ravel().tolist() == [0] * 16 + [1] * 16
+  # Brute force from the device array: data position j holds rows 2j, 2j + 1 of 64.
+  for p in range(8):
+    expected = sorted(r for j in np.flatnonzero(procs == p) for r in (2 * j, 2 * j + 1))
+    assert process_rows(mesh, 64, p).tolist() == expected
+  assert sorted(np.concatenate([process_rows(mesh, 64, p) for p in range(8)])) == list(range(64))
+  # The ring visits hosts in turn (process 0: data positions 0, 1, 6, 15), so process 0's rows
+  # are no single block and process_slice says so rather than feeding the wrong rows.
+  assert np.flatnonzero(procs == 0).tolist() == [0, 1, 6, 15]
+  with pytest.raises(ValueError, match=r"holds rows \[0, 1, 2, 3, 12, 13, 30, 31\]"):
+    process_slice(64, mesh)
+
+
+@needs_libtpu
+def test_batch_sharded_step_compiles_on_the_hybrid_mesh():
+  mesh = make_mesh({"data": -1, "dcn_data": 2}, _topology("v5e:2x2", num_slices=2))
+
+  def loss(w, x):
+    return jnp.mean((x @ w) ** 2)
+
+  replicated = NamedSharding(mesh, P())
+  step = jax.jit(
+    jax.value_and_grad(loss),
+    in_shardings=(replicated, batch_sharding(mesh, 2)),
+    out_shardings=(replicated, replicated),
+  )
+  w = jax.ShapeDtypeStruct((32, 64), jnp.float32)
+  x = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+  compiled = step.lower(w, x).compile()
+  # Each of the 8 chips multiplies its 8 rows forward and backward: 2 * (2 * 8 * 32 * 64) flops,
+  # plus the elementwise square and mean; the whole batch on one chip would be 8x that.
+  flops = compiled.cost_analysis()["flops"]
+  assert 65_536 <= flops < 1.1 * 65_536, flops
+  text = compiled.as_text()
+  # The gradient is summed over the 4 chips of a slice on ICI, then across slices on DCN.
+  assert "replica_groups={{0,1,2,3}}" in text
+  assert "MegascaleRendezvousKeyName" in text
