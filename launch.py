@@ -25,6 +25,8 @@ from importlib import metadata
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from contrastive_jax.train import hosts
+
 # Keys whose change makes a checkpoint in the workdir unusable (besides `experiment`).
 STRUCTURAL_KEYS = ("model", "optim.name")
 
@@ -61,14 +63,13 @@ def _diff(old, new, prefix=""):
   return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
-def check_workdir(config, workdir: str) -> None:
+def check_workdir(config, workdir) -> None:
   """Refuses a workdir whose saved run is of another experiment or an incompatible model."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = hosts.workdir_path(workdir) / "config.json"
+  if not path.exists():
     return
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise WorkdirError(f"{path}: cannot be read ({e}); use a fresh --workdir") from e
   new = json.loads(config.to_json_best_effort())
@@ -87,12 +88,6 @@ def check_workdir(config, workdir: str) -> None:
     )
 
 
-def _atomic_write(path: str, text: str):
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
-
-
 def _git_commit() -> str | None:
   try:
     here = os.path.dirname(os.path.abspath(__file__))
@@ -103,7 +98,7 @@ def _git_commit() -> str | None:
     return None
 
 
-def run_info(config) -> dict:
+def run_info(config, cluster: str | None) -> dict:
   import jax
 
   from contrastive_jax.train.sharding import make_mesh
@@ -120,18 +115,26 @@ def run_info(config) -> dict:
     "git_commit": _git_commit(),
     "python": sys.version.split()[0],
     "packages": versions,
+    "cluster": cluster,
     "process_count": jax.process_count(),
-    "devices": [str(d) for d in jax.devices()],
+    "process_index": jax.process_index(),
+    "local_devices": [str(d) for d in jax.local_devices()],
+    "devices_by_process": hosts.process_devices(),
     "mesh": dict(mesh.shape),
   }
 
 
-def _multi_process_env() -> bool:
-  """Whether the environment describes several processes (then jax.distributed is set up)."""
-  for var in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "WORLD_SIZE"):
-    if int(os.environ.get(var, "1") or 1) > 1:
-      return True
-  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+def _checked_module(config, workdir):
+  """The experiment module, after every check that needs nothing but the host (all processes)."""
+  try:
+    module = importlib.import_module(f"experiments.{config.experiment}")
+  except ModuleNotFoundError as e:
+    raise WorkdirError(f"config.experiment={config.experiment!r}: no module experiments/"
+                       f"{config.experiment}.py") from e
+  check_workdir(config, workdir)
+  if FLAGS.mode == "eval" and not workdir.is_dir():
+    raise WorkdirError(f"{workdir}: no such workdir to evaluate")
+  return module
 
 
 def main(argv):
@@ -139,29 +142,29 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax
 
+  from contrastive_jax.train.metrics import write_json
+
   if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  if _multi_process_env():
-    jax.distributed.initialize()
-  config, workdir = FLAGS.config, FLAGS.workdir
+  cluster = hosts.start()
+  config, workdir = FLAGS.config, hosts.workdir_path(FLAGS.workdir)
+  module, error = None, None
   try:
-    module = importlib.import_module(f"experiments.{config.experiment}")
-  except ModuleNotFoundError as e:
-    raise WorkdirError(f"config.experiment={config.experiment!r}: no module experiments/"
-                       f"{config.experiment}.py") from e
-  check_workdir(config, workdir)
+    module = _checked_module(config, workdir)
+  except WorkdirError as e:
+    error = e
+  # Every process reads the same files, but a host that sees other storage (a local disk) would
+  # decide otherwise: one refusal stops all of them.
+  hosts.agree(error, what=f"workdir {workdir}")
   if FLAGS.mode == "train":
     if jax.process_index() == 0:
-      os.makedirs(workdir, exist_ok=True)
-      _atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-      _atomic_write(os.path.join(workdir, "run_info.json"),
-                    json.dumps(run_info(config), indent=2))
-    module.train(config, workdir)
+      workdir.mkdir(parents=True, exist_ok=True)
+      write_json(str(workdir / "config.json"), json.loads(config.to_json_best_effort()))
+      write_json(str(workdir / "run_info.json"), run_info(config, cluster))
+    module.train(config, str(workdir))
   else:
-    if not os.path.isdir(workdir):
-      raise WorkdirError(f"{workdir}: no such workdir to evaluate")
     try:
-      module.evaluate(config, workdir, FLAGS.step)
+      module.evaluate(config, str(workdir), FLAGS.step)
     except FileNotFoundError as e:  # no checkpoint (at that step), or a missing input file
       raise WorkdirError(str(e)) from e
 
@@ -220,7 +223,7 @@ def parse_flags(argv: list[str]):
 def _main(argv):
   try:
     main(argv)
-  except WorkdirError as e:
+  except (WorkdirError, hosts.ClusterError, hosts.AgreedError) as e:
     logging.error("%s", e)
     _fail(str(e))
 

@@ -36,7 +36,9 @@ def batched(source, *, batch_size: int, seed: int, shuffle: bool = True) -> grai
   """An infinite MapDataset of this process's share of each global batch.
 
   `source` is any grain random-access source (len + getitem), e.g. `tfds.data_source(...)`.
-  Each of the N processes reads every N-th example, so together they read the global batch.
+  Process i of N reads rows [i*B/N, (i+1)*B/N) of each global batch of B, the rows its devices
+  hold (`sharding.host_to_global` places them in process order), so the global batch is the
+  same, row for row, for any number of processes.
   """
   n, i = jax.process_count(), jax.process_index()
   if batch_size % n:
@@ -46,10 +48,9 @@ def batched(source, *, batch_size: int, seed: int, shuffle: bool = True) -> grai
     raise ValueError(f"dataset has {len(ds)} examples, fewer than one batch of {batch_size}")
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat()
-  if n > 1:
-    ds = ds[i::n]
-  return ds.batch(batch_size // n, drop_remainder=True)
+  ds = ds.repeat().batch(batch_size // n, drop_remainder=True)
+  # Global batch k is the N consecutive per-process batches k*N .. k*N + N - 1.
+  return ds[i::n] if n > 1 else ds
 
 
 def array_batches(arrays: Mapping[str, np.ndarray], *, batch_size: int, seed: int,

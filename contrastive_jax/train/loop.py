@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from contrastive_jax.train import hosts
 from contrastive_jax.train import sharding as sharding_lib
 from contrastive_jax.train.metrics import MetricsWriter
 from contrastive_jax.train.state import CheckpointManager, TrainState
@@ -186,17 +186,25 @@ def train(
   rules = config.get("sharding_rules", None)
   abstract, shardings = state_shardings(init_state, mesh, rules)
   manager = CheckpointManager(
-    os.path.join(workdir, "checkpoints"),
+    hosts.workdir_path(workdir) / "checkpoints",
     save_every=tc.checkpoint_every,
     keep=tc.keep_checkpoints,
     async_save=tc.get("async_checkpoint", True),
+  )
+  # A host whose workdir is a local disk would restore another step, or none, and then wait for
+  # the others in the first collective.
+  hosts.same_everywhere(
+    str(manager.all_steps()),
+    what=f"the checkpoint steps in {manager.directory} (the workdir must be storage that every "
+    "host sees: GCS, NFS, Lustre)",
   )
   state, data_state = manager.restore(abstract)
   if state is None:
     state = initialize_state(init_state, jax.random.PRNGKey(config.seed), mesh, rules)
   else:
     data.set_state(data_state)
-    tqdm.write(f"resumed from {manager.directory}/{int(state.step)}")
+    if jax.process_index() == 0:
+      tqdm.write(f"resumed from {manager.directory}/{int(state.step)}")
   start = int(state.step)
   use_ema = tc.get("eval_with_ema", True)
   writer = MetricsWriter(workdir, resume_step=start)
@@ -209,35 +217,53 @@ def train(
   manager.install_signal_handlers()
   bar = tqdm(total=tc.steps, initial=start, desc=config.experiment, dynamic_ncols=True,
              disable=jax.process_index() != 0)
-  last_time, last_step = time.perf_counter(), start
+  clock = {"time": time.perf_counter(), "step": start}
+
+  def finish(step, metrics):
+    """Step `step`'s metrics to the host (its device work is done by now): guard, hooks, log."""
+    metrics = jax.device_get(metrics)
+    loss = float(np.asarray(metrics["loss"]))
+    if not math.isfinite(loss):
+      raise NonFiniteLossError(
+        f"step {step}: loss is {loss}; stopping. The last good checkpoint is "
+        f"{manager.latest_step()} in {manager.directory}"
+      )
+    for hook in hooks:
+      hook(step, state, metrics)
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}")
+    if _due(step, tc.log_every) or step == tc.steps:
+      now = time.perf_counter()
+      rate = (step - clock["step"]) / max(now - clock["time"], 1e-9)
+      clock.update(time=now, step=step)
+      writer.write(step, {**metrics, "steps_per_sec": rate})
+
+  batches = _Prefetch(data, mesh)
+  pending = None  # (step, metrics on device) of the step dispatched before the current one
   try:
     for step in range(start + 1, tc.steps + 1):
-      batch = sharding_lib.host_to_global(next(data), mesh)
+      batch, data_after = batches.take()
       state, metrics = train_step(state, batch)
-      metrics = jax.device_get(metrics)
-      loss = float(np.asarray(metrics["loss"]))
-      if not math.isfinite(loss):
-        raise NonFiniteLossError(
-          f"step {step}: loss is {loss}; stopping. The last good checkpoint is "
-          f"{manager.latest_step()} in {manager.directory}"
-        )
-      for hook in hooks:
-        hook(step, state, metrics)
-      bar.update(1)
-      bar.set_postfix(loss=f"{loss:.4f}")
-      if _due(step, tc.log_every) or step == tc.steps:
-        now = time.perf_counter()
-        metrics = {**metrics, "steps_per_sec": (step - last_step) / max(now - last_time, 1e-9)}
-        last_time, last_step = now, step
-        writer.write(step, metrics)
-      if evaluators and (_due(step, tc.eval_every) or step == tc.steps):
-        writer.write(step, run_evaluators(evaluators, _eval_params(state, use_ema)))
-      stop = manager.stop_requested.is_set()
-      manager.save(state, data_state=data.get_state(), config=config,
-                   force=stop or step == tc.steps)
+      if step < tc.steps:
+        batches.prefetch()
+      # Step t-1's metrics are read only after step t is queued, so the device is never idle
+      # while the host fetches them and prepares the next batch.
+      if pending is not None:
+        finish(*pending)
+      pending = (step, metrics)
+      stop = manager.should_stop(step)
+      evaluate = bool(evaluators) and (_due(step, tc.eval_every) or step == tc.steps)
+      if stop or evaluate or step == tc.steps or manager.is_due(step):
+        finish(*pending)  # a state is evaluated or saved only after its loss is known finite
+        pending = None
+        if evaluate:
+          writer.write(step, run_evaluators(evaluators, _eval_params(state, use_ema)))
+        manager.save(state, data_state=data_after, config=config, force=stop or step == tc.steps)
       if stop:
         log.warning("stopped at step %d on request; checkpoint saved", step)
         break
+    if pending is not None:
+      finish(*pending)
   finally:
     bar.close()
     writer.close()
@@ -245,14 +271,36 @@ def train(
   return state
 
 
+class _Prefetch:
+  """Batch t+1 is built and placed on the mesh while step t runs (async dispatch)."""
+
+  def __init__(self, data, mesh):
+    self._data, self._mesh = data, mesh
+    self._next = None
+
+  def _load(self):
+    batch = sharding_lib.host_to_global(next(self._data), self._mesh)
+    return batch, self._data.get_state()  # the position after this batch, for its checkpoint
+
+  def take(self):
+    current, self._next = self._next if self._next is not None else self._load(), None
+    return current
+
+  def prefetch(self):
+    self._next = self._load()
+
+
 def load_params(config, workdir, init_state, mesh, *, ema: bool, step: int | None = None):
   """Parameters (or EMA parameters) of a checkpoint for evaluation: `(step, params)`."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):  # before the manager, which would create it
-    raise FileNotFoundError(f"{directory}: no checkpoint to evaluate; train first")
+  directory = hosts.workdir_path(workdir) / "checkpoints"
+  missing = None
+  if not directory.is_dir():  # before the manager, which would create it
+    missing = FileNotFoundError(f"{directory}: no checkpoint to evaluate; train first")
+  hosts.agree(missing, what="evaluation")
   abstract, _ = state_shardings(init_state, mesh, config.get("sharding_rules", None))
   manager = CheckpointManager(directory, async_save=False)
   try:
+    hosts.same_everywhere(str(manager.all_steps()), what=f"the checkpoint steps in {directory}")
     target = abstract.ema_params if ema and abstract.ema_params is not None else abstract.params
     got_step, params = manager.restore_params(
       target, ema=ema and abstract.ema_params is not None, step=step

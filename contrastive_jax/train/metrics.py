@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+import uuid
 from collections.abc import Mapping
 
 import jax
@@ -29,26 +31,38 @@ class MetricsWriter:
 
   On resume from step N, lines for steps after N (written before the interruption, then lost
   with the state) are dropped, and TensorBoard is told to purge them, so a resumed run's logs
-  read as one uninterrupted run. Only process 0 writes.
+  read as one uninterrupted run. Only process 0 writes. `workdir` may be any epath (`gs://...`):
+  a local file is appended to; object stores cannot append, so there the whole file is rewritten
+  atomically, at most every `remote_flush_secs` and at `close`.
   """
 
-  def __init__(self, workdir: str, *, resume_step: int = 0):
+  def __init__(self, workdir, *, resume_step: int = 0, remote_flush_secs: float = 30.0):
+    from contrastive_jax.train.hosts import workdir_path
+
     self._active = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    root = workdir_path(workdir)
+    self.path = root / "metrics.jsonl"
     self._tb = None
+    self._local = "://" not in str(root)
+    self._flush_secs, self._last_flush = remote_flush_secs, time.monotonic()
+    self._lines: list[str] = []
     if not self._active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(keep)
-      os.replace(tmp, self.path)
+    root.mkdir(parents=True, exist_ok=True)
+    if self.path.exists():
+      keep = [line + "\n" for line in self.path.read_text().splitlines()
+              if line.strip() and json.loads(line)["step"] <= resume_step]
+      self._lines = keep
+      self._rewrite()
     from tensorboardX import SummaryWriter
 
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+    self._tb = SummaryWriter(str(root / "tensorboard"), purge_step=resume_step + 1)
+
+  def _rewrite(self):
+    tmp = self.path.parent / f"{self.path.name}.tmp-{uuid.uuid4().hex}"
+    tmp.write_text("".join(self._lines))
+    tmp.replace(self.path)
+    self._last_flush = time.monotonic()
 
   def write(self, step: int, metrics: Mapping[str, float]):
     if not self._active:
@@ -61,13 +75,21 @@ class MetricsWriter:
       row[k] = s
       if isinstance(s, (int, float)) and math.isfinite(s):
         self._tb.add_scalar(k, s, step)
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    line = json.dumps(row) + "\n"
+    if self._local:
+      with self.path.open("a") as f:
+        f.write(line)
+      return
+    self._lines.append(line)
+    if time.monotonic() - self._last_flush > self._flush_secs:
+      self._rewrite()
 
   def flush(self):
     if self._tb is not None:
       self._tb.flush()
 
   def close(self):
+    if self._active and not self._local:
+      self._rewrite()
     if self._tb is not None:
       self._tb.close()

@@ -30,6 +30,9 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 from flax import struct
+from jax.experimental import multihost_utils
+
+from contrastive_jax.train import hosts
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +139,7 @@ class CheckpointManager:
   """
 
   def __init__(self, directory, *, save_every: int = 1000, keep: int = 3, async_save=True):
-    self.directory = os.path.abspath(directory)  # Orbax requires absolute paths
+    self.directory = hosts.workdir_path(directory)  # Orbax requires absolute paths
     self.save_every = save_every
     handlers = {k: ocp.StandardCheckpointHandler() for k in _ARRAY_ITEMS}
     handlers.update({k: ocp.JsonCheckpointHandler() for k in _JSON_ITEMS})
@@ -152,13 +155,18 @@ class CheckpointManager:
     )
     self.stop_requested = threading.Event()
     self._previous_handlers: dict[int, Any] = {}
+    self._multi_process = jax.process_count() > 1
 
   # -- saving ---------------------------------------------------------------------------------
+
+  def is_due(self, step: int) -> bool:
+    """Whether the cadence asks for a checkpoint at `step`."""
+    return self.save_every > 0 and step % self.save_every == 0
 
   def save(self, state: TrainState, *, data_state=None, config=None, force=False) -> bool:
     """Saves `state` if its step is due (or `force`); returns whether a save was started."""
     step = int(state.step)
-    if not force and (self.save_every <= 0 or step % self.save_every):
+    if not force and not self.is_due(step):
       return False
     if step in self._mngr.all_steps():
       return False
@@ -289,16 +297,34 @@ class CheckpointManager:
   # -- preemption -----------------------------------------------------------------------------
 
   def install_signal_handlers(self):
-    """SIGTERM/SIGINT set `stop_requested`; the loop then saves and exits at the next step."""
+    """SIGTERM/SIGINT to any process make every process stop at one step (`should_stop`).
+
+    One process: a Python handler sets `stop_requested`. Several: JAX's preemption sync manager
+    (started by `jax.distributed.initialize`) already owns SIGTERM in C++ and tells the
+    coordination service, which agrees on a step that all processes reach; SIGINT is forwarded
+    to it as SIGTERM. That costs no collective per step, so dispatch stays asynchronous, where a
+    per-step all-reduce of a Python flag would block the host on every step. A second signal, or
+    one during a save, only repeats the request.
+    """
     if threading.current_thread() is not threading.main_thread():
       return
 
     def handler(signum, frame):
-      log.warning("received signal %d: saving a checkpoint and stopping", signum)
+      if not self.stop_requested.is_set():
+        log.warning("received signal %d: saving a checkpoint and stopping", signum)
       self.stop_requested.set()
+      if self._multi_process:
+        os.kill(os.getpid(), signal.SIGTERM)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGINT,) if self._multi_process else (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
       self._previous_handlers[sig] = signal.signal(sig, handler)
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to save and stop after `step`; call it once per step, on every process."""
+    if not self._multi_process:
+      return self.stop_requested.is_set()
+    return multihost_utils.reached_preemption_sync_point(step)
 
   def restore_signal_handlers(self):
     for sig, h in self._previous_handlers.items():

@@ -1,0 +1,155 @@
+"""Several processes, one run: joining the cluster, agreeing on decisions, workdir paths.
+
+A multi-host run is one program on every process. Whatever stops it (a refused workdir, a
+missing checkpoint, a preemption notice) must stop every process at the same point, or the
+others wait forever in their next collective. `agree` is that rule for errors found on the host;
+preemption is agreed by JAX's preemption sync manager (`train/state.py`).
+
+Workdirs are `etils.epath` paths (Orbax's path library), so `gs://bucket/run` works wherever its
+filesystem driver is installed; a local path is made absolute, as Orbax requires.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from etils import epath
+
+# JAX's own variables for an explicit start (jax.distributed.initialize reads only the first and
+# the last of them from the environment by itself).
+_EXPLICIT_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+_MESSAGE_BYTES = 2048
+
+
+class ClusterError(RuntimeError):
+  """The environment describes a multi-process run that cannot be started."""
+
+
+class AgreedError(RuntimeError):
+  """Another process stopped the run; the message is that process's error."""
+
+
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+  """The workdir as an epath: URLs (`gs://...`) as given, local paths absolute."""
+  text = os.fspath(workdir)
+  if "://" in text:
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(text))
+
+
+def _int_var(env: Mapping[str, str], name: str) -> int:
+  try:
+    return int(env[name])
+  except ValueError as e:
+    raise ClusterError(f"{name}={env[name]!r} is not an integer") from e
+
+
+def cluster_kind(env: Mapping[str, str] | None = None) -> str | None:
+  """Which multi-process launcher set this process up, or None for a single process.
+
+  "env": JAX's own variables (`JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`, set by our launch scripts
+  or by hand); "slurm" / "openmpi" with more than one task; "tpu_vm" on a Cloud TPU VM or GKE TPU
+  node pool (JAX asks the metadata server; on a single-host slice that is one process, which is
+  harmless).
+  """
+  env = os.environ if env is None else env
+  if any(v in env for v in _EXPLICIT_VARS[1:]):
+    return "env"
+  if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+    return "slurm"
+  if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    return "openmpi"
+  from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm  # JAX's probe; no public name
+
+  return "tpu_vm" if running_in_cloud_tpu_vm else None
+
+
+def start(env: Mapping[str, str] | None = None) -> str | None:
+  """Joins the multi-process run the environment describes; returns its kind (see above).
+
+  The JAX_* variables are passed explicitly (JAX itself reads only the coordinator address and
+  the local device ids), and SLURM, Open MPI and TPU VMs keep JAX's auto-detection. On CPU the
+  collectives go through gloo, so a laptop runs the same path with several processes.
+  """
+  env = os.environ if env is None else env
+  kind = cluster_kind(env)
+  if kind is None:
+    return None
+  # Only the CPU backend reads this; GPU and TPU runs keep NCCL / ICI.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if kind != "env":
+    jax.distributed.initialize()
+    return kind
+  missing = [v for v in _EXPLICIT_VARS if not env.get(v)]
+  if missing:
+    raise ClusterError(
+      f"a multi-process start from JAX's variables needs {list(_EXPLICIT_VARS)}; not set: {missing}"
+    )
+  num, index = _int_var(env, "JAX_NUM_PROCESSES"), _int_var(env, "JAX_PROCESS_ID")
+  if not 0 <= index < num:
+    raise ClusterError(f"JAX_PROCESS_ID={index} is not in [0, JAX_NUM_PROCESSES={num})")
+  local = env.get("JAX_LOCAL_DEVICE_IDS")
+  try:
+    local_ids = [int(i) for i in local.split(",")] if local else None
+  except ValueError as e:
+    raise ClusterError(f"JAX_LOCAL_DEVICE_IDS={local!r} is not a comma-separated list") from e
+  jax.distributed.initialize(
+    coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+    num_processes=num,
+    process_id=index,
+    local_device_ids=local_ids,
+  )
+  return kind
+
+
+def process_devices() -> dict[str, list[str]]:
+  """Every process's devices, by process index (no collective: `jax.devices()` lists them all)."""
+  out: dict[str, list[str]] = {}
+  for d in jax.devices():
+    out.setdefault(str(d.process_index), []).append(str(d))
+  return out
+
+
+def _allgather_bytes(payload: bytes) -> list[bytes]:
+  from jax.experimental import multihost_utils
+
+  buf = np.zeros(_MESSAGE_BYTES, np.uint8)
+  data = payload[:_MESSAGE_BYTES]
+  buf[: len(data)] = np.frombuffer(data, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(buf))
+  return [bytes(r).rstrip(b"\0") for r in rows.reshape(jax.process_count(), _MESSAGE_BYTES)]
+
+
+def agree(error: BaseException | None, *, what: str) -> None:
+  """Raises on every process if any process found an error; a no-op with one process.
+
+  Every process must call it at the same point with its own result (`None` when fine). The
+  process that found the problem re-raises its own error; the others raise `AgreedError` with
+  its message, so the run stops everywhere instead of hanging in the next collective.
+  """
+  if jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return
+  mine = b"" if error is None else f"{type(error).__name__}: {error}".encode()
+  messages = _allgather_bytes(mine)
+  failed = [i for i, m in enumerate(messages) if m]
+  if not failed:
+    return
+  if error is not None:
+    raise error
+  first = failed[0]
+  raise AgreedError(f"{what}: process {first} stopped the run: {messages[first].decode()}")
+
+
+def same_everywhere(value: str, *, what: str) -> None:
+  """Raises on every process when processes hold different `value`s (e.g. checkpoint steps)."""
+  if jax.process_count() == 1:
+    return
+  values = [v.decode() for v in _allgather_bytes(value.encode())]
+  if len(set(values)) > 1:
+    seen = "; ".join(f"process {i}: {v}" for i, v in enumerate(values))
+    raise AgreedError(f"{what} differs between processes ({seen})")
