@@ -2,10 +2,14 @@
 expansion, and the Slurm per-task script driving launch.py into a real 2-process run."""
 
 import importlib.util
+import json
+import math
 import os
 import shlex
 import subprocess
+import sys
 
+import multiprocess as mp
 import pytest
 import yaml
 
@@ -285,3 +289,43 @@ def test_gke_refuses_a_local_workdir():
     ["scripts/gke/submit.sh", "apply"], PRINT_ONLY=1, IMAGE="i", CONFIG="c", WORKDIR="/data/run"
   )
   assert proc.returncode == 2 and "WORKDIR=/data/run: Pods share no disk" in proc.stderr
+
+
+def test_slurm_task_variables_drive_a_two_process_run(tmp_path):
+  """Two real processes x 4 CPU devices, joined through task.sh's JAX_* variables alone.
+
+  SLURM_JOB_ID and SLURM_LOCALID are left out, which turns JAX's own Slurm detection off (it
+  needs both): only what task.sh exported can make the two processes find each other. The mesh
+  is the hybrid one with each process a granule (`mesh.dcn_data=2`, as across GPU nodes), so the
+  run also feeds a data axis that spans processes through `create_hybrid_device_mesh`.
+  """
+  workdir, logdir = tmp_path / "run", tmp_path / "logs"
+  logdir.mkdir()
+  slurm = {"SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "127.0.0.1", "PROCS_PER": "node",
+           "COORDINATOR_PORT": str(mp.free_port())}  # fmt: skip
+  # 4 steps, logged every 2, one checkpoint at the end (the test preset has 20 steps).
+  command = [
+    "scripts/slurm/task.sh", sys.executable, "launch.py",
+    "--config=configs/contrastive_digits.py:test", f"--workdir={workdir}",
+    "--config.train.steps=4", "--config.train.log_every=2",
+    "--config.train.checkpoint_every=1000", "--config.mesh.dcn_data=2",
+  ]  # fmt: skip
+  procs, logs = [], []
+  for i in range(2):
+    logs.append(str(logdir / f"process_{i}.log"))
+    with open(logs[-1], "w") as log:
+      env = mp.process_env(4, {**slurm, "SLURM_PROCID": str(i)})
+      procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT))  # fmt: skip
+  run = mp.Run(procs, logs)
+  assert run.wait(timeout=300) == [0, 0], run.tail()
+  info = json.loads((workdir / "run_info.json").read_text())
+  assert info["cluster"] == "env" and info["process_count"] == 2
+  assert sorted(len(v) for v in info["devices_by_process"].values()) == [4, 4]
+  assert info["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+  rows = mp.metrics(workdir)
+  train = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in train] == [2, 4]
+  assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in train)
+  (evaluation,) = [r for r in rows if "eval/knn/knn_accuracy" in r]
+  assert evaluation["step"] == 4 and 0.0 <= evaluation["eval/knn/knn_accuracy"] <= 1.0
