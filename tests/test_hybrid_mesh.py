@@ -2,6 +2,7 @@
 for multi-slice TPU (`mesh.dcn_*`) on AOT TPU topology devices, with the rows each process feeds."""
 
 import importlib.util
+import os
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,9 @@ needs_libtpu = pytest.mark.skipif(
 
 
 def _topology(name, *, num_slices, chips_per_host=(2, 2, 1)):
+  # Topology devices need no TPU, but libtpu still takes /tmp/libtpu_lockfile unless told that
+  # several processes may load it (another test process, or a second pytest, may hold it).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
 
   return topologies.get_topology_desc(
