@@ -14,6 +14,8 @@
 #                            the node's visible ones; left unset when CUDA_VISIBLE_DEVICES already
 #                            names a single GPU (srun --gpus-per-task=1 / --gpu-bind=single:1 bound
 #                            it, and it is then the process's device 0)
+# (JAX's own Slurm detection cuts the nodelist at '[' and loses text after the bracket:
+# "a100-[001-002]-ib" gives host "a100-001"; scontrol and hostlist.py give "a100-001-ib".)
 # PROCS_PER is gpu (one process per GPU) or node (one process drives all the node's GPUs); by
 # default gpu when Slurm runs more than one task on this node, else node.
 # PRINT_ONLY=1 prints the variables and the command instead of running it.
