@@ -41,7 +41,9 @@ def _topology(name, *, num_slices, chips_per_host=(2, 2, 1)):
 
 
 def _attr(mesh, name):
-  return np.vectorize(lambda d: getattr(d, name))(mesh.devices)
+  # Devices of a single-slice topology have no slice_index: that slice is slice 0.
+  default = {"slice_index": 0}
+  return np.vectorize(lambda d: getattr(d, name, default.get(name)))(mesh.devices)
 
 
 def test_default_mesh_is_unchanged_on_cpu():
@@ -99,26 +101,53 @@ def test_each_process_feeds_the_rows_its_devices_hold_when_data_spans_slices():
 
 
 @needs_libtpu
-def test_rows_of_a_multi_host_slice_follow_the_ici_ring():
+def test_multi_host_slices_put_each_process_rows_in_one_block():
+  # 4 hosts of 2x2 chips a slice: the ICI order of a 16-device axis visits hosts in turn.
+  one_slice = _topology("v5e:4x4", num_slices=1)
+  ici = jax.make_mesh((16, 1, 1), ("data", "fsdp", "tensor"), devices=one_slice,
+                      axis_types=(AxisType.Auto,) * 3)  # fmt: skip
+  assert np.flatnonzero(_attr(ici, "process_index").ravel() == 0).tolist() == [0, 1, 6, 15]
+  # make_mesh sorts the data axis by (slice, process): process p holds block p of the batch,
+  # the rows process_slice (and the data pipeline) give it, on one slice and across two.
+  for devices, shape in ((one_slice, {"data": -1}),
+                         (_topology("v5e:4x4", num_slices=2), {"data": -1, "dcn_data": 2}),
+                         (_topology("v5e:4x4", num_slices=2),
+                          {"data": -1, "fsdp": 2, "dcn_data": 2})):  # fmt: skip
+    mesh = make_mesh(shape, devices)
+    n = len({d.process_index for d in devices})
+    slices = _attr(mesh, "slice_index").ravel()
+    assert (np.diff(slices) >= 0).all()  # slices stay outermost
+    for p in range(n):
+      assert process_rows(mesh, 4 * len(devices), p).tolist() == list(range(16 * p, 16 * p + 16))
+  assert process_slice(128, mesh) == slice(0, 16)
+
+
+@needs_libtpu
+def test_rows_interleave_where_an_fsdp_group_spans_hosts():
   devices = _topology("v5e:4x4", num_slices=2)  # 2 slices x 4 hosts x 4 chips
-  mesh = make_mesh({"data": -1, "dcn_data": 2}, devices)
-  procs = _attr(mesh, "process_index").ravel()
-  assert _attr(mesh, "slice_index").ravel().tolist() == [0] * 16 + [1] * 16
-  # Brute force from the device array: data position j holds rows 2j, 2j + 1 of 64.
+  mesh = make_mesh({"data": -1, "fsdp": 4, "dcn_data": 2}, devices)
+  procs = _attr(mesh, "process_index").reshape(8, 4)
+  # Each fsdp group of 4 takes 2 chips from each of 2 hosts, so no reordering of the data axis
+  # can give a process one block.
+  assert procs.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3],
+                            [4, 4, 5, 5], [4, 4, 5, 5], [6, 6, 7, 7], [6, 6, 7, 7]]  # fmt: skip
+  # Brute force from the device array: flattened (data, fsdp) position j holds rows 2j, 2j + 1.
+  flat = procs.ravel()
   for p in range(8):
-    expected = sorted(r for j in np.flatnonzero(procs == p) for r in (2 * j, 2 * j + 1))
+    expected = sorted(r for j in np.flatnonzero(flat == p) for r in (2 * j, 2 * j + 1))
     assert process_rows(mesh, 64, p).tolist() == expected
-  assert sorted(np.concatenate([process_rows(mesh, 64, p) for p in range(8)])) == list(range(64))
-  # The ring visits hosts in turn (process 0: data positions 0, 1, 6, 15), so process 0's rows
-  # are no single block and process_slice says so rather than feeding the wrong rows.
-  assert np.flatnonzero(procs == 0).tolist() == [0, 1, 6, 15]
-  with pytest.raises(ValueError, match=r"holds rows \[0, 1, 2, 3, 12, 13, 30, 31\]"):
+  with pytest.raises(ValueError, match=r"holds rows \[0, 1, 2, 3, 8, 9, 10, 11\]"):
     process_slice(64, mesh)
 
 
 @needs_libtpu
-def test_batch_sharded_step_compiles_on_the_hybrid_mesh():
-  mesh = make_mesh({"data": -1, "dcn_data": 2}, _topology("v5e:2x2", num_slices=2))
+@pytest.mark.parametrize(
+  "topology,ici_group",
+  [("v5e:2x2", "{0,1,2,3}"), ("v5e:4x4", None)],  # 4x4: the data axis reordered by process
+)
+def test_batch_sharded_step_compiles_on_the_hybrid_mesh(topology, ici_group):
+  mesh = make_mesh({"data": -1, "dcn_data": 2}, _topology(topology, num_slices=2))
+  chips = mesh.size
 
   def loss(w, x):
     return jnp.mean((x @ w) ** 2)
@@ -130,13 +159,14 @@ def test_batch_sharded_step_compiles_on_the_hybrid_mesh():
     out_shardings=(replicated, replicated),
   )
   w = jax.ShapeDtypeStruct((32, 64), jnp.float32)
-  x = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+  x = jax.ShapeDtypeStruct((8 * chips, 32), jnp.float32)
   compiled = step.lower(w, x).compile()
-  # Each of the 8 chips multiplies its 8 rows forward and backward: 2 * (2 * 8 * 32 * 64) flops,
-  # plus the elementwise square and mean; the whole batch on one chip would be 8x that.
+  # Each chip multiplies its 8 rows forward and backward: 2 * (2 * 8 * 32 * 64) flops, plus the
+  # elementwise square and mean; the whole batch on one chip would be `chips` times that.
   flops = compiled.cost_analysis()["flops"]
   assert 65_536 <= flops < 1.1 * 65_536, flops
   text = compiled.as_text()
-  # The gradient is summed over the 4 chips of a slice on ICI, then across slices on DCN.
-  assert "replica_groups={{0,1,2,3}}" in text
+  # The gradient is summed over the chips of a slice on ICI, then across slices on DCN.
+  if ici_group:
+    assert f"replica_groups={{{ici_group}}}" in text
   assert "MegascaleRendezvousKeyName" in text

@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 # Config keys `mesh.dcn_<axis>`: how many TPU slices (DCN-connected) each mesh axis spans.
 DCN_KEYS = tuple(f"dcn_{a}" for a in MESH_AXES)
+_SPLIT_PHYSICAL_AXES = ("TPU v5 lite", "TPU v5e")  # device kinds jax.make_mesh lets split axes
 
 # (logical name, mesh axis or axes or None); the first rule naming a logical axis wins.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -98,6 +99,22 @@ def _granules(devices: Sequence[jax.Device]) -> tuple[list[int], bool]:
   return [d.process_index for d in devices], True
 
 
+def _process_major(array: np.ndarray) -> np.ndarray:
+  """The device array with its data axis (axis 0) sorted into slice, then process order.
+
+  On a multi-host TPU slice the ICI order of the data axis visits hosts in turn (v5e 4x4 with
+  2x2 chips a host: data positions 0, 1, 6, 15 are process 0's), so the rows a process feeds
+  through `host_to_global` would land apart. Permuting whole data slabs leaves every collective's
+  group the same set of devices (a fsdp or tensor group is one slab; a data group takes one
+  device of every slab), so the sums the step computes are the same; and each process's devices
+  come in its block of rows. Within a slab the topology's order is kept.
+  """
+  slabs = array.reshape(array.shape[0], -1)
+  key = [min((getattr(d, "slice_index", 0) or 0, d.process_index) for d in slab) for slab in slabs]
+  order = sorted(range(len(slabs)), key=lambda i: key[i])  # stable: ICI order among equals
+  return array[order]
+
+
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A `(data, fsdp, tensor)` mesh; `shape` maps axis names to sizes, -1 takes the rest.
 
@@ -107,6 +124,11 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   across-slice part (`dcn_size`, outermost), so only the collectives of axes with `dcn_* > 1` cross
   the data-centre network. The product of the `dcn_*` sizes must equal the number of slices.
 
+  The data axis is put in process order (`_process_major`), so on a data-parallel mesh (and
+  wherever each process's devices fill whole data slabs) process i's devices hold rows
+  [i*B/N, (i+1)*B/N) of every batch, the rows it feeds. Where fsdp or tensor groups span hosts
+  the rows may still interleave; `process_rows` gives them.
+
   Axis types are Auto: the code here relies on the compiler's sharding propagation and uses
   `shard_map` where a collective is written by hand (JAX 0.10 defaults to Explicit).
   """
@@ -115,20 +137,25 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   dcn = dcn_mesh_shape(shape)
   auto = (AxisType.Auto,) * len(MESH_AXES)
   if dcn == (1,) * len(MESH_AXES):
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
-  granules, by_process = _granules(devices)
-  kind = "processes" if by_process else "TPU slices"
-  if int(np.prod(dcn)) != len(set(granules)):
-    raise ValueError(
-      f"mesh: {dict(zip(DCN_KEYS, dcn))} multiply to {int(np.prod(dcn))}, but the "
-      f"{len(devices)} devices form {len(set(granules))} {kind}; their product must equal that"
-    )
-  for axis, size, across in zip(MESH_AXES, sizes, dcn):
-    if size % across:
-      raise ValueError(f"mesh: {axis}={size} does not split over dcn_{axis}={across} {kind}")
-  ici = tuple(s // k for s, k in zip(sizes, dcn))
-  array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
-  return Mesh(array, MESH_AXES, axis_types=auto)
+    array = jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices).devices
+  else:
+    granules, by_process = _granules(devices)
+    kind = "processes" if by_process else "TPU slices"
+    if int(np.prod(dcn)) != len(set(granules)):
+      raise ValueError(
+        f"mesh: {dict(zip(DCN_KEYS, dcn))} multiply to {int(np.prod(dcn))}, but the "
+        f"{len(devices)} devices form {len(set(granules))} {kind}; their product must equal that"
+      )
+    for axis, size, across in zip(MESH_AXES, sizes, dcn):
+      if size % across:
+        raise ValueError(f"mesh: {axis}={size} does not split over dcn_{axis}={across} {kind}")
+    ici = tuple(s // k for s, k in zip(sizes, dcn))
+    array = mesh_utils.create_hybrid_device_mesh(
+      ici, dcn, devices, process_is_granule=by_process,
+      # jax.make_mesh's rule: v5e's 2D torus may split a physical axis over two mesh axes.
+      allow_split_physical_axes=devices[0].device_kind in _SPLIT_PHYSICAL_AXES,
+    )  # fmt: skip
+  return Mesh(_process_major(array), MESH_AXES, axis_types=auto)
 
 
 def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
@@ -195,7 +222,8 @@ def host_to_global(batch: Any, mesh: Mesh) -> Any:
 
   Each process passes its own rows (`global_batch / process_count` of them); on one host that is
   the whole batch. Leaves must share the leading dimension. Local row k lands in global row
-  `process_rows(mesh, global_batch)[k]` (one block per process except on multi-host slices).
+  `process_rows(mesh, global_batch)[k]`: block i of process i on a `make_mesh` mesh unless a fsdp
+  group spans hosts of a multi-host TPU slice.
   """
 
   def put(x):
@@ -249,9 +277,10 @@ def process_rows(mesh: Mesh, global_batch_size: int, process_index: int | None =
 
   Ascending, which is the order `host_to_global` (`jax.make_array_from_process_local_data`) maps
   a process's local rows onto: local row k lands in global row `process_rows(...)[k]`. The rows
-  need not be one block: on a multi-host TPU slice the ICI ring visits hosts in turn (v5e 4x4 with
-  2x2 chips per host: process 0 holds devices 0, 1, 6, 15 of the data axis), so a process that
-  must feed particular rows (evaluation examples whose order matters) indexes with these.
+  are process i's block i on a `make_mesh` mesh whose data slabs each belong to one process (data
+  parallel; fsdp/tensor within a host); where a fsdp group spans hosts of a multi-host TPU slice
+  they interleave, and a process that must feed particular rows (evaluation examples whose order
+  matters) indexes with these.
 
   Args:
     mesh: the mesh; devices carry `process_index`.
@@ -280,8 +309,8 @@ def process_slice(global_batch_size: int, mesh: Mesh | None = None) -> slice:
 
   Without `mesh`, block `process_index` of `process_count` equal blocks: the rows that feed
   `host_to_global` when each process's devices hold one block in process order (CPU and GPU
-  meshes, one host per TPU slice). With `mesh`, the block its devices really hold
-  (`process_rows`); a ValueError if that is not one contiguous block.
+  meshes, one host per TPU slice, any data-parallel `make_mesh`). With `mesh`, the block its
+  devices really hold (`process_rows`); a ValueError if that is not one contiguous block.
   """
   if mesh is not None:
     rows = process_rows(mesh, global_batch_size)
