@@ -87,6 +87,9 @@ def test_hybrid_mesh_puts_slices_on_the_dcn_axis():
     make_mesh({"data": -1, "dcn_tensor": 2}, devices)
   with pytest.raises(ValueError, match=r"multiply to 4, but the 8 devices form 2 TPU slices"):
     make_mesh({"data": -1, "dcn_data": 4}, devices)
+  # 4 hosts of one slice share ICI: they are not 4 granules.
+  with pytest.raises(ValueError, match=r"multiply to 4, but the 16 devices form 1 TPU slices"):
+    make_mesh({"data": -1, "dcn_data": 4}, _topology("v5e:4x4", num_slices=1))
 
 
 @needs_libtpu

@@ -92,10 +92,13 @@ def dcn_mesh_shape(shape: Mapping[str, int]) -> tuple[int, ...]:
 
 
 def _granules(devices: Sequence[jax.Device]) -> tuple[list[int], bool]:
-  """Each device's granule (its TPU slice, else its process) and whether granules are processes."""
-  slices = [getattr(d, "slice_index", None) for d in devices]
-  if None not in slices and len(set(slices)) > 1:
-    return slices, False
+  """Each device's granule and whether granules are processes.
+
+  On TPU a granule is a slice (devices of one slice share ICI; a single-slice topology has no
+  `slice_index`, so one slice); elsewhere (GPU hosts joined by a network) a process.
+  """
+  if devices[0].platform == "tpu":
+    return [getattr(d, "slice_index", 0) or 0 for d in devices], False
   return [d.process_index for d in devices], True
 
 
