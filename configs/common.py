@@ -9,8 +9,10 @@ def base_config(experiment: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.experiment = experiment
   c.seed = 0
-  # Sizes of the (data, fsdp, tensor) mesh axes; -1 takes the remaining devices.
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Sizes of the (data, fsdp, tensor) mesh axes; -1 takes the remaining devices. dcn_<axis>:
+  # how many TPU slices (DCN-linked) that axis spans, the rest of it within a slice (ICI); their
+  # product is the slice count, e.g. dcn_data=2 on two v5p-128 slices; all 1 on one slice.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
   # (logical axis, mesh axes) pairs; empty means contrastive_jax.train.sharding.DEFAULT_RULES.
   c.sharding_rules = ()
   c.train = dict(

@@ -27,11 +27,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# Config keys `mesh.dcn_<axis>`: how many TPU slices (DCN-connected) each mesh axis spans.
+DCN_KEYS = tuple(f"dcn_{a}" for a in MESH_AXES)
+_SPLIT_PHYSICAL_AXES = ("TPU v5 lite", "TPU v5e")  # device kinds jax.make_mesh lets split axes
 
 # (logical name, mesh axis or axes or None); the first rule naming a logical axis wins.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -48,10 +51,16 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
-  """Resolves a `{data, fsdp, tensor}` request (one entry may be -1) against a device count."""
-  unknown = set(shape) - set(MESH_AXES)
+  """Resolves a `{data, fsdp, tensor}` request (one entry may be -1) against a device count.
+
+  `dcn_*` keys (see `dcn_mesh_shape`) are allowed in `shape` and ignored here: the sizes returned
+  are those of the whole mesh.
+  """
+  unknown = set(shape) - set(MESH_AXES) - set(DCN_KEYS)
   if unknown:
-    raise ValueError(f"mesh: unknown axes {sorted(unknown)}; the axes are {MESH_AXES}")
+    raise ValueError(
+      f"mesh: unknown axes {sorted(unknown)}; the axes are {MESH_AXES} (and {DCN_KEYS})"
+    )
   sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
@@ -69,15 +78,87 @@ def mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
+def dcn_mesh_shape(shape: Mapping[str, int]) -> tuple[int, ...]:
+  """How many slices (granules joined by DCN) each of `(data, fsdp, tensor)` spans.
+
+  `shape["dcn_data"]` etc., default 1. The mesh axis `data` of size D with `dcn_data=k` is k
+  slices of D/k devices each: D/k within a slice (ICI), k across slices (DCN).
+  """
+  dcn = [shape.get(k, 1) for k in DCN_KEYS]
+  for key, size in zip(DCN_KEYS, dcn):
+    if not isinstance(size, int) or size < 1:
+      raise ValueError(f"mesh.{key}={size!r}: must be an integer >= 1")
+  return tuple(dcn)
+
+
+def _granules(devices: Sequence[jax.Device]) -> tuple[list[int], bool]:
+  """Each device's granule and whether granules are processes.
+
+  On TPU a granule is a slice (devices of one slice share ICI; a single-slice topology has no
+  `slice_index`, so one slice); elsewhere (GPU hosts joined by a network) a process.
+  """
+  if devices[0].platform == "tpu":
+    return [getattr(d, "slice_index", 0) or 0 for d in devices], False
+  return [d.process_index for d in devices], True
+
+
+def _process_major(array: np.ndarray) -> np.ndarray:
+  """The device array with its data axis (axis 0) sorted into slice, then process order.
+
+  On a multi-host TPU slice the ICI order of the data axis visits hosts in turn (v5e 4x4 with
+  2x2 chips a host: data positions 0, 1, 6, 15 are process 0's), so the rows a process feeds
+  through `host_to_global` would land apart. Permuting whole data slabs leaves every collective's
+  group the same set of devices (a fsdp or tensor group is one slab; a data group takes one
+  device of every slab), so the sums the step computes are the same; and each process's devices
+  come in its block of rows. Within a slab the topology's order is kept.
+  """
+  slabs = array.reshape(array.shape[0], -1)
+  key = [min((getattr(d, "slice_index", 0) or 0, d.process_index) for d in slab) for slab in slabs]
+  order = sorted(range(len(slabs)), key=lambda i: key[i])  # stable: ICI order among equals
+  return array[order]
+
+
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A `(data, fsdp, tensor)` mesh; `shape` maps axis names to sizes, -1 takes the rest.
+
+  With `dcn_data`, `dcn_fsdp` or `dcn_tensor` > 1 (multi-slice TPU; or several GPU hosts, each
+  process a granule) the device array comes from `mesh_utils.create_hybrid_device_mesh`: each
+  axis splits into a within-slice part (`size / dcn_size`, laid out on the ICI torus) and an
+  across-slice part (`dcn_size`, outermost), so only the collectives of axes with `dcn_* > 1` cross
+  the data-centre network. The product of the `dcn_*` sizes must equal the number of slices.
+
+  The data axis is put in process order (`_process_major`), so on a data-parallel mesh (and
+  wherever each process's devices fill whole data slabs) process i's devices hold rows
+  [i*B/N, (i+1)*B/N) of every batch, the rows it feeds. Where fsdp or tensor groups span hosts
+  the rows may still interleave; `process_rows` gives them.
 
   Axis types are Auto: the code here relies on the compiler's sharding propagation and uses
   `shard_map` where a collective is written by hand (JAX 0.10 defaults to Explicit).
   """
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(shape, len(devices))
-  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  dcn = dcn_mesh_shape(shape)
+  auto = (AxisType.Auto,) * len(MESH_AXES)
+  if dcn == (1,) * len(MESH_AXES):
+    array = jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices).devices
+  else:
+    granules, by_process = _granules(devices)
+    kind = "processes" if by_process else "TPU slices"
+    if int(np.prod(dcn)) != len(set(granules)):
+      raise ValueError(
+        f"mesh: {dict(zip(DCN_KEYS, dcn))} multiply to {int(np.prod(dcn))}, but the "
+        f"{len(devices)} devices form {len(set(granules))} {kind}; their product must equal that"
+      )
+    for axis, size, across in zip(MESH_AXES, sizes, dcn):
+      if size % across:
+        raise ValueError(f"mesh: {axis}={size} does not split over dcn_{axis}={across} {kind}")
+    ici = tuple(s // k for s, k in zip(sizes, dcn))
+    array = mesh_utils.create_hybrid_device_mesh(
+      ici, dcn, devices, process_is_granule=by_process,
+      # jax.make_mesh's rule: v5e's 2D torus may split a physical axis over two mesh axes.
+      allow_split_physical_axes=devices[0].device_kind in _SPLIT_PHYSICAL_AXES,
+    )  # fmt: skip
+  return Mesh(_process_major(array), MESH_AXES, axis_types=auto)
 
 
 def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
@@ -143,7 +224,9 @@ def host_to_global(batch: Any, mesh: Mesh) -> Any:
   """Places this process's slice of a batch onto the mesh, batch axis over (data, fsdp).
 
   Each process passes its own rows (`global_batch / process_count` of them); on one host that is
-  the whole batch. Leaves must share the leading dimension.
+  the whole batch. Leaves must share the leading dimension. Local row k lands in global row
+  `process_rows(mesh, global_batch)[k]`: block i of process i on a `make_mesh` mesh unless a fsdp
+  group spans hosts of a multi-host TPU slice.
   """
 
   def put(x):
@@ -192,8 +275,54 @@ def to_host(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
-def process_slice(global_batch_size: int) -> slice:
-  """The rows of a global batch that this process feeds (multi-host data loading)."""
+def process_rows(mesh: Mesh, global_batch_size: int, process_index: int | None = None):
+  """The global rows of a batch that one process's devices hold under `batch_sharding(mesh)`.
+
+  Ascending, which is the order `host_to_global` (`jax.make_array_from_process_local_data`) maps
+  a process's local rows onto: local row k lands in global row `process_rows(...)[k]`. The rows
+  are process i's block i on a `make_mesh` mesh whose data slabs each belong to one process (data
+  parallel; fsdp/tensor within a host); where a fsdp group spans hosts of a multi-host TPU slice
+  they interleave, and a process that must feed particular rows (evaluation examples whose order
+  matters) indexes with these.
+
+  Args:
+    mesh: the mesh; devices carry `process_index`.
+    global_batch_size: rows of the global batch; must divide over the batch axes.
+    process_index: default this process.
+
+  Returns:
+    int64 array of `global_batch_size / process_count` row indices.
+  """
+  sharding = batch_sharding(mesh)
+  if global_batch_size % _axis_size(mesh, sharding.spec[0]):
+    raise ValueError(
+      f"global batch {global_batch_size} does not divide over the mesh's batch axes "
+      f"{sharding.spec[0]} ({_axis_size(mesh, sharding.spec[0])} devices)"
+    )
+  p = jax.process_index() if process_index is None else process_index
+  rows = set()
+  for device, index in sharding.devices_indices_map((global_batch_size,)).items():
+    if device.process_index == p:
+      rows.update(range(*index[0].indices(global_batch_size)))
+  return np.array(sorted(rows), dtype=np.int64)
+
+
+def process_slice(global_batch_size: int, mesh: Mesh | None = None) -> slice:
+  """The rows of a global batch that this process feeds (multi-host data loading).
+
+  Without `mesh`, block `process_index` of `process_count` equal blocks: the rows that feed
+  `host_to_global` when each process's devices hold one block in process order (CPU and GPU
+  meshes, one host per TPU slice, any data-parallel `make_mesh`). With `mesh`, the block its
+  devices really hold (`process_rows`); a ValueError if that is not one contiguous block.
+  """
+  if mesh is not None:
+    rows = process_rows(mesh, global_batch_size)
+    if rows.size and rows[-1] - rows[0] + 1 != rows.size:
+      raise ValueError(
+        f"process {jax.process_index()} holds rows {rows.tolist()} of a batch of "
+        f"{global_batch_size} on this mesh, not one block; index with process_rows(mesh, ...)"
+      )
+    return slice(int(rows[0]), int(rows[-1]) + 1) if rows.size else slice(0, 0)
   n, i = jax.process_count(), jax.process_index()
   if global_batch_size % n:
     raise ValueError(f"global batch {global_batch_size} does not divide over {n} processes")
