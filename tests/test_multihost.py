@@ -46,12 +46,10 @@ def test_two_processes_give_the_metrics_of_one(name, tmp_path):
   two, one = tmp_path / "two", tmp_path / "one"
   (tmp_path / "logs2").mkdir()
   (tmp_path / "logs1").mkdir()
-  runs = [
-    mp.start([*args, f"--workdir={two}"], processes=2, devices=4, logdir=tmp_path / "logs2"),
-    mp.start([*args, f"--workdir={one}"], processes=1, devices=8, logdir=tmp_path / "logs1"),
-  ]
-  for r, n in zip(runs, (2, 1)):
-    assert r.wait(600) == [0] * n, runs[0].tail() + runs[1].tail()
+  # One after the other: on CPU, gloo gives the processes of a run 30 s to meet at each new
+  # collective, which a third process competing for two cores can push a run past.
+  mp.run([*args, f"--workdir={two}"], processes=2, devices=4, logdir=tmp_path / "logs2")
+  mp.run([*args, f"--workdir={one}"], processes=1, devices=8, logdir=tmp_path / "logs1")
   rows = mp.metrics(two)
   assert rows and any("loss" in r for r in rows)
   _assert_rows_close(rows, mp.metrics(one))
