@@ -82,6 +82,9 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path):
     raise AssertionError(run.tail())
   t0 = time.monotonic()
   run.procs[1].send_signal(signal.SIGTERM)
+  time.sleep(0.3)  # a second signal to each process, while they agree or save, changes nothing
+  run.procs[1].send_signal(signal.SIGTERM)
+  run.procs[0].send_signal(signal.SIGINT)
   assert run.wait(120) == [0, 0], run.tail()
   stopped_after = time.monotonic() - t0
   steps = _checkpoints(tmp_path / "run")
