@@ -29,7 +29,7 @@ class DecoderHidden:
 
   def __call__(self, params, tokens, *, positions, key_mask):
     out = Decoder(self.config).apply(
-      params, tokens, positions, key_mask, return_hidden=True, last_only=True
+      params, tokens, positions, key_mask, logits=False
     )
     return out["hidden"]
 
