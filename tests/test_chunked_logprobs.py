@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from configs.grpo import get_config
+from contrastive_jax.evaluation.embedding_eval import heldout_lm_loss
 from contrastive_jax.losses.policy import aggregation_weight, policy_loss
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
 from contrastive_jax.sampling.lm import sequence_logprobs
@@ -150,6 +151,17 @@ def test_row_chunked_old_logprobs_equal_one_call(mesh8):
     outs.append(opt.token_logprobs(params, ro))
   assert outs[1].shape == (16, 7)
   np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_heldout_lm_loss_in_row_and_position_chunks_equals_one_pass():
+  # GRACE's general-ability check: 5 texts of 2..9 tokens cut to 8, 2 rows per pass (the third
+  # pass wraps to row 0 and drops it), logits 3 positions at a time.
+  lm, params = _decoder(False)
+  rng = np.random.default_rng(6)
+  texts = [list(rng.integers(1, 37, size=n)) for n in (2, 9, 5, 7, 3)]
+  want = heldout_lm_loss(lm, params, texts, length=8)
+  got = heldout_lm_loss(lm, params, texts, length=8, batch_size=2, chunk=3)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_aggregation_weights_turn_micro_losses_into_the_batch_loss():
