@@ -211,6 +211,9 @@ def _train_grace(config, workdir, b):
     kl_beta=p.kl_beta,
     advantage_scale="none",
     success_threshold=float("inf"),
+    logprob_chunk=p.logprob_chunk,
+    logprob_batch=p.logprob_batch,
+    update_microbatches=p.update_microbatches,
   )
   pos = b["prompts"]["pos"]
   optimizer = PolicyOptimizer(
