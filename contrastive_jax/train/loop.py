@@ -41,6 +41,18 @@ def _cast_floats(tree, dtype):
                       tree)
 
 
+def split_microbatches(tree, m: int, *, what: str = "micro-batches"):
+  """[m, n / m, ...] per leaf: row r goes to micro-batch r mod m, so each device keeps an even
+  share of every micro-batch of a batch-sharded array."""
+
+  def split(x):
+    if x.shape[0] % m:
+      raise ValueError(f"batch leading dim {x.shape[0]} not divisible by {what}={m}")
+    return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
+
+  return jax.tree.map(split, tree)
+
+
 def make_train_step(
   loss_fn: LossFn,
   *,
@@ -73,13 +85,7 @@ def make_train_step(
       grads, metrics = grads_of(state.params, batch, rng)
     else:
       a = grad_accum_steps
-
-      def split(x):
-        if x.shape[0] % a:
-          raise ValueError(f"batch leading dim {x.shape[0]} not divisible by grad_accum_steps={a}")
-        return jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1)
-
-      micro = jax.tree.map(split, batch)
+      micro = split_microbatches(batch, a, what="grad_accum_steps")
 
       def body(carry, xs):
         k, mb = xs

@@ -63,6 +63,7 @@ from contrastive_jax.losses.policy import (
 )
 from contrastive_jax.sampling.lm import generate, sequence_logprobs
 from contrastive_jax.sampling.prompts import select_prompts, update_prompt_state
+from contrastive_jax.train.loop import split_microbatches
 from contrastive_jax.train.sharding import place, to_host
 
 
@@ -166,18 +167,6 @@ def _timed(fn):
   return out, time.perf_counter() - start
 
 
-def _microbatches(tree, m):
-  """[m, n / m, ...] per leaf: row r goes to micro-batch r mod m (as `loop.make_train_step`
-  splits), so each device keeps an even share of every micro-batch."""
-
-  def split(x):
-    if x.shape[0] % m:
-      raise ValueError(f"{x.shape[0]} rows do not split into update_microbatches={m}")
-    return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
-
-  return jax.tree.map(split, tree)
-
-
 def make_update(apply_fn: Callable, settings: PolicyOptSettings):
   """`update(state, minibatch) -> (state, metrics)`: one PPO-clip step (not jitted here).
 
@@ -213,7 +202,7 @@ def make_update(apply_fn: Callable, settings: PolicyOptSettings):
       sums = {k: v if k == "tokens" else v * metrics["tokens"] for k, v in metrics.items()}
       return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
 
-    micro = _microbatches(mb, s.update_microbatches)
+    micro = split_microbatches(mb, s.update_microbatches, what="update_microbatches")
     first = jax.tree.map(lambda x: x[0], micro)
     (loss, metrics), grads = jax.eval_shape(jax.value_and_grad(loss_fn, has_aux=True), params,
                                             first)
