@@ -6,8 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from contrastive_jax.models.attention import attention, splash_unsupported
+from contrastive_jax.train.sharding import make_mesh
 
 
 def _qkv(b, length, s, h=4, kv=2, dh=32, seed=0, dtype=jnp.float32):
@@ -68,9 +71,16 @@ def test_xla_path_equals_einsum_values_and_grads(kind):
 
   def loss(impl, dtype):
     def f(q, k, v):
-      out = attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), key_mask=mask,
-                      causal=causal, implementation=impl)
+      out = attention(
+        q.astype(dtype),
+        k.astype(dtype),
+        v.astype(dtype),
+        key_mask=mask,
+        causal=causal,
+        implementation=impl,
+      )
       return jnp.sum(jnp.where(real[..., None, None], out.astype(jnp.float32) * w, 0.0))
+
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
 
   ref, ref_g = loss("einsum", jnp.float32)
@@ -103,6 +113,7 @@ def test_splash_interpret_gradients_equal_einsum():
     def f(q, k, v):
       out = attention(q, k, v, key_mask=mask, causal=causal, implementation=impl)
       return jnp.sum(jnp.where(real[..., None, None], out * w, 0.0))
+
     return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
 
   for a, b in zip(loss("splash"), loss("einsum")):
@@ -111,7 +122,7 @@ def test_splash_interpret_gradients_equal_einsum():
 
 def test_auto_choices_fallbacks_and_errors():
   q, k, v = _qkv(2, 8, 8)
-  mask, causal, real = _masks("decoder", 2, 8, 8)
+  mask, causal, _ = _masks("decoder", 2, 8, 8)
   ref = attention(q, k, v, key_mask=mask, causal=causal, implementation="einsum")
   np.testing.assert_allclose(attention(q, k, v, key_mask=mask, causal=causal), ref, atol=1e-6)
   # Explicit splash at lengths that are not multiples of 128 falls back to xla (logged).
@@ -131,27 +142,44 @@ def test_auto_choices_fallbacks_and_errors():
     attention(q, k, v, key_mask=mask[:, :5])
 
 
+def test_splash_under_a_context_mesh_runs_per_device():
+  """Rows over (data, fsdp), heads over tensor through shard_map: equal to einsum."""
+  q, k, v = _qkv(4, 128, 128, h=2, kv=2, seed=5)
+  mask, causal, real = _masks("decoder", 4, 128, 128)
+  ref = attention(q, k, v, key_mask=mask, causal=causal, implementation="einsum")
+  with jax.set_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
+    got = jax.jit(
+      lambda q, k, v, m: attention(q, k, v, key_mask=m, causal=causal, implementation="splash")
+    )(q, k, v, mask)
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref)[real], atol=2e-5)
+
+
 def test_auto_lowers_to_the_splash_kernel_for_a_tpu_topology():
-  """AOT compile for a TPU v5e (no TPU present): auto picks the Mosaic splash kernel."""
+  """AOT compile for a 4-chip TPU v5e mesh (no TPU present): auto picks the Mosaic splash kernel,
+  per device under the context mesh, forward and backward."""
   from jax.experimental import topologies
 
   try:
     topo = topologies.get_topology_desc(
-      platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
-      chips_per_host_bounds=(2, 2, 1), num_slices=1,
+      platform="tpu",
+      topology_name="v5e:2x2",
+      chip_config_name="default",
+      chips_per_host_bounds=(2, 2, 1),
+      num_slices=1,
     )
-  except Exception as e:  # no libtpu: `pip install "jax[tpu]"` (the [tpu] extra)
+  except (RuntimeError, ValueError) as e:  # no libtpu: `pip install "jax[tpu]"` (the [tpu] extra)
     pytest.skip(f"no TPU topology available ({type(e).__name__})")
-  sharding = jax.sharding.SingleDeviceSharding(topo.devices[0])
-  q = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16, sharding=sharding)
-  kv = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16, sharding=sharding)
-  mask = jax.ShapeDtypeStruct((2, 256), jnp.int32, sharding=sharding)
+  mesh = make_mesh({"data": 2, "tensor": 2}, topo.devices)
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  q = jax.ShapeDtypeStruct((4, 256, 4, 64), jnp.bfloat16, sharding=rows)
+  kv = jax.ShapeDtypeStruct((4, 256, 2, 64), jnp.bfloat16, sharding=rows)
+  mask = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=rows)
 
   def loss(q, k, v, m):
     return attention(q, k, v, key_mask=m, causal=True).astype(jnp.float32).sum()
 
   # conftest sets "highest" matmul precision, which Mosaic refuses for bf16 operands.
-  with jax.default_matmul_precision("default"):
+  with jax.default_matmul_precision("default"), jax.set_mesh(mesh):
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, mask)
     assert "tpu_custom_call" in lowered.as_text()
     assert lowered.compile().memory_analysis() is not None

@@ -19,12 +19,24 @@ from contrastive_jax.sampling.lm import generate, left_pad_positions
 from contrastive_jax.train.sharding import logical_shardings, make_mesh
 
 DEC = DecoderConfig(
-  vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
-  head_dim=8, qkv_bias=True,
+  vocab_size=61,
+  hidden_size=32,
+  intermediate_size=48,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  qkv_bias=True,
 )
 ENC = EncoderConfig(
-  vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
-  max_position_embeddings=32, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+  vocab_size=50,
+  hidden_size=32,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  intermediate_size=40,
+  max_position_embeddings=32,
+  hidden_dropout_prob=0.1,
+  attention_probs_dropout_prob=0.1,
 )
 
 
@@ -62,6 +74,7 @@ def test_decoder_scan_and_remat_keep_loss_and_gradients():
       logp = jax.nn.log_softmax(logits)
       picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
       return -jnp.sum(picked * mask[:, 1:]) / mask[:, 1:].sum()
+
     return jax.jit(jax.value_and_grad(f))
 
   ref, ref_g = loss(DEC)(params)
@@ -76,9 +89,16 @@ def test_scanned_decoder_generates_the_same_and_shards_layers_replicated():
   positions = np.asarray(left_pad_positions(mask))
   params = nn.unbox(jax.jit(Decoder(DEC).init)(jax.random.key(1), tokens, positions, mask))
   stacked = {"params": stack_layers(params["params"], 2)}
-  kw = dict(max_new_tokens=5, greedy=True, temperature=0.7)
-  ref = generate(DecoderLM(DEC), params, tokens, mask, jax.random.key(2),
-                 init_cache=DecoderLM(DEC).init_cache, **kw)
+  kw = {"max_new_tokens": 5, "greedy": True, "temperature": 0.7}
+  ref = generate(
+    DecoderLM(DEC),
+    params,
+    tokens,
+    mask,
+    jax.random.key(2),
+    init_cache=DecoderLM(DEC).init_cache,
+    **kw,
+  )
   lm = DecoderLM(cfg)
   got = generate(lm, stacked, tokens, mask, jax.random.key(2), init_cache=lm.init_cache, **kw)
   np.testing.assert_array_equal(got.tokens, ref.tokens)
@@ -108,9 +128,11 @@ def test_encoder_remat_and_scan_keep_loss_and_gradients(switches, dropout):
 
   def loss(config):
     def f(p):
-      h = Encoder(config).apply(p, ids, mask, deterministic=not dropout,
-                                rngs={"dropout": jax.random.key(5)})
+      h = Encoder(config).apply(
+        p, ids, mask, deterministic=not dropout, rngs={"dropout": jax.random.key(5)}
+      )
       return jnp.sum(h * w * mask[..., None])
+
     return jax.jit(jax.value_and_grad(f))
 
   ref, ref_g = loss(ENC)(params)
@@ -121,8 +143,16 @@ def test_encoder_remat_and_scan_keep_loss_and_gradients(switches, dropout):
 
 
 def test_dit_remat_keeps_loss_gradients_and_block_activations():
-  kw = dict(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=4,
-            num_classes=5, learn_sigma=False)
+  kw = {
+    "input_size": 8,
+    "patch_size": 2,
+    "in_channels": 2,
+    "hidden_size": 32,
+    "depth": 2,
+    "num_heads": 4,
+    "num_classes": 5,
+    "learn_sigma": False,
+  }
   r = np.random.default_rng(4)
   x = jnp.asarray(r.normal(size=(2, 8, 8, 2)), jnp.float32)
   t, y = jnp.asarray([0.3, 0.8]), jnp.asarray([1, 4])
@@ -134,6 +164,7 @@ def test_dit_remat_keeps_loss_gradients_and_block_activations():
     def f(p):
       out, blocks = DiT(**kw, remat=remat).apply(p, x, t, y, train=False, return_blocks=(0, 1))
       return jnp.mean(out**2) + jnp.mean(blocks[0] ** 2), blocks
+
     return jax.jit(jax.value_and_grad(f, has_aux=True))
 
   (ref, ref_blocks), ref_g = loss("none")(params)

@@ -17,11 +17,15 @@ iff `key_mask[b, j]` and, when `causal`, j <= query_offset + i. Implementations:
   "splash"  Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`): TPU
             flash attention; padding via segment ids, causality via a static `CausalMask`. Needs
             L and S multiples of 128 and a static `query_offset`; otherwise it falls back to "xla"
-            and logs the reason. Off TPU it runs in Pallas interpret mode (slow; for tests).
+            and logs the reason. The compiler cannot partition a Mosaic kernel, so on several
+            devices trace under `jax.set_mesh(mesh)`: the kernel then runs per device through
+            `shard_map` (rows and heads split as the logical rules split them). Off TPU it runs
+            in Pallas interpret mode (slow; for tests).
   "auto"    (default) "einsum" when probability dropout is active (no fused kernel has it); on a
             GPU backend cuDNN unless `cudnn_unsupported` names a reason, then "xla"; elsewhere
             `lax.platform_dependent`: splash when the program is lowered for TPU (also when it
-            is compiled ahead of time for a TPU topology from a CPU host), else "xla".
+            is compiled ahead of time for a TPU topology from a CPU host), else "xla"; but plain
+            "xla" when several devices are visible and no context mesh is set (see "splash").
 
 Values at query rows that are padding differ between implementations (splash lets a padding
 query attend padding keys, the others the allowed real keys or, with none, all keys uniformly);
@@ -45,7 +49,7 @@ _SPLASH_BLOCKS = (512, 256, 128)
 _log = logging.getLogger(__name__)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(message: str) -> None:
   _log.warning(message)
 
@@ -117,19 +121,28 @@ def _splash_kernel(heads, q_len, kv_len, causal, offset, interpret):
   one = sa.CausalMask(shape, offset=offset) if causal else sa.FullMask(shape)
   bq, bkv = _block(q_len), _block(kv_len)
   blocks = sa.BlockSizes(
-    block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
-    block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv,
+    block_q=bq,
+    block_kv=bkv,
+    block_kv_compute=bkv,
+    block_q_dkv=bq,
+    block_kv_dkv=bkv,
+    block_kv_dkv_compute=bkv,
+    block_q_dq=bq,
+    block_kv_dq=bkv,
   )
   return sa.make_splash_mha(
-    sa.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
+    sa.MultiHeadMask([one] * heads),
+    block_sizes=blocks,
+    head_shards=1,
+    q_seq_shards=1,
     interpret=interpret,
   )
 
 
-def _splash(q, k, v, key_mask, *, causal, query_offset, interpret):
+def _splash_local(q, k, v, key_mask, *, causal, query_offset, interpret):
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-  b, length, h, dh = q.shape
+  _, length, h, dh = q.shape
   kernel = _splash_kernel(h, length, k.shape[1], causal, int(query_offset), interpret)
   # Self-attention: each query's segment is its own slot's, so every row has an allowed key
   # (itself); real queries see exactly the real keys, as the mask of the other paths.
@@ -142,6 +155,45 @@ def _splash(q, k, v, key_mask, *, causal, query_offset, interpret):
     qh, kh, vh, q_seg, kv_seg
   )
   return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
+
+def context_mesh():
+  """The mesh set with `jax.set_mesh` around tracing, or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh is None or mesh.empty else mesh
+
+
+def _splash(q, k, v, key_mask, *, causal, query_offset, interpret):
+  """Splash attention; under a context mesh, per device through `shard_map` (Mosaic kernels
+  cannot be partitioned by the compiler): rows over the mesh axes of the logical "batch" axis,
+  heads over those of "heads" where they divide, as `train.sharding.DEFAULT_RULES` map them."""
+  local = functools.partial(
+    _splash_local, causal=causal, query_offset=query_offset, interpret=interpret
+  )
+  mesh = context_mesh()
+  if mesh is None:
+    return local(q, k, v, key_mask)
+  from jax.sharding import PartitionSpec as P
+
+  from contrastive_jax.train.sharding import DEFAULT_RULES
+
+  def axes(logical, size):
+    names = dict(DEFAULT_RULES).get(logical)
+    names = tuple(
+      a for a in ((names,) if isinstance(names, str) else names or ()) if a in mesh.shape
+    )
+    return (
+      names
+      if names and all(n % math.prod(mesh.shape[a] for a in names) == 0 for n in size)
+      else None
+    )
+
+  rows = axes("batch", (q.shape[0],))
+  heads = axes("heads", (q.shape[2], k.shape[2]))
+  qkv = P(rows, None, heads, None)
+  return jax.shard_map(
+    local, mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows, None)), out_specs=qkv, check_vma=False
+  )(q, k, v, key_mask)
 
 
 def cudnn_unsupported(q_len: int, kv_len: int, head_dim: int, dtype) -> str | None:
@@ -188,7 +240,9 @@ def attention(
   check_implementation(implementation)
   b, length, h, dh = q.shape
   if k.shape != v.shape or k.shape[0] != b or k.shape[3] != dh or h % k.shape[2]:
-    raise ValueError(f"attention: q {q.shape} and k/v {k.shape}/{v.shape} do not fit [B, L|S, H|K, Dh]")
+    raise ValueError(
+      f"attention: q {q.shape} and k/v {k.shape}/{v.shape} do not fit [B, L|S, H|K, Dh]"
+    )
   if key_mask.shape != k.shape[:2]:
     raise ValueError(f"attention: key_mask {key_mask.shape} must be [B, S] = {k.shape[:2]}")
   kv_len = k.shape[1]
@@ -217,16 +271,30 @@ def attention(
       q, k, v, allowed, score_dtype=jnp.float32, probs_dropout=probs_dropout
     )
   if impl == "splash":
-    return _splash(q, k, v, key_mask, causal=causal, query_offset=query_offset,
-                   interpret=jax.default_backend() != "tpu")
+    return _splash(
+      q,
+      k,
+      v,
+      key_mask,
+      causal=causal,
+      query_offset=query_offset,
+      interpret=jax.default_backend() != "tpu",
+    )
   allowed = allowed_mask(key_mask, length, causal=causal, query_offset=query_offset)
   if impl == "xla":
     return _xla(q, k, v, allowed)
   if impl == "cudnn":
     return _cudnn(q, k, v, allowed)
   # "auto" off GPU: the lowering platform decides, so an AOT compile for TPU gets splash.
+  if context_mesh() is None and jax.device_count() > 1:
+    # Without a mesh to shard_map over, a Mosaic kernel cannot run on a multi-device program.
+    return _xla(q, k, v, allowed)
   return jax.lax.platform_dependent(
-    q, k, v, allowed, key_mask,
+    q,
+    k,
+    v,
+    allowed,
+    key_mask,
     tpu=lambda q, k, v, allowed, key_mask: _splash(
       q, k, v, key_mask, causal=causal, query_offset=query_offset, interpret=False
     ),

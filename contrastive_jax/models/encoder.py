@@ -163,7 +163,7 @@ class EncoderLayer(nn.Module):
     probs_dropout = None
     if not deterministic and cfg.attention_probs_dropout_prob > 0:
       drop = nn.Dropout(cfg.attention_probs_dropout_prob)
-      probs_dropout = lambda p: drop(p, deterministic=False)  # noqa: E731
+      probs_dropout = lambda p: drop(p, deterministic=False)
     ctx = attention(
       q, k, v, key_mask=mask, implementation=cfg.attention_impl, probs_dropout=probs_dropout
     )
