@@ -94,3 +94,17 @@ def test_refuses_non_gguf_file(tmp_path):
   bad.write_bytes(b"not a gguf file at all")
   with pytest.raises(WeightsError, match="x.gguf"):
     load_gguf(bad)
+
+
+def test_scanned_layers_load_to_the_same_logits(loaded, gguf_dir):
+  """`scan_layers=True` stacks the 30 blocks on load; the logits do not change."""
+  import jax
+
+  config, params = loaded
+  scfg, sparams = load_gguf(gguf_dir / NAME, scan_layers=True)
+  assert sparams["params"]["layers"]["attn"]["k"].shape == (30, 576, 3, 64)
+  ids = np.array([[1, 504, 3458, 282, 4649, 314]])
+  pos, mask = np.arange(6)[None], np.ones_like(ids)
+  ref = jax.jit(Decoder(config).apply)(params, ids, pos, mask)["logits"]
+  got = jax.jit(Decoder(scfg).apply)(sparams, ids, pos, mask)["logits"]
+  np.testing.assert_allclose(got, ref, atol=1e-4)
