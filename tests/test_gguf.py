@@ -96,15 +96,16 @@ def test_refuses_non_gguf_file(tmp_path):
     load_gguf(bad)
 
 
-def test_scanned_layers_load_to_the_same_logits(loaded, gguf_dir):
-  """`scan_layers=True` stacks the 30 blocks on load; the logits do not change."""
+def test_scanned_layers_load_stacks_the_same_tensors(loaded, gguf_dir):
+  """`scan_layers=True` stacks the 30 blocks on load (the scanned forward pass equals the loop:
+  tests/test_decoder_parity.py and tests/test_model_switches.py)."""
   import jax
+
+  from contrastive_jax.models.layers import stack_layers
 
   config, params = loaded
   scfg, sparams = load_gguf(gguf_dir / NAME, scan_layers=True)
-  assert sparams["params"]["layers"]["attn"]["k"].shape == (30, 576, 3, 64)
-  ids = np.array([[1, 504, 3458, 282, 4649, 314]])
-  pos, mask = np.arange(6)[None], np.ones_like(ids)
-  ref = jax.jit(Decoder(config).apply)(params, ids, pos, mask)["logits"]
-  got = jax.jit(Decoder(scfg).apply)(sparams, ids, pos, mask)["logits"]
-  np.testing.assert_allclose(got, ref, atol=1e-4)
+  assert scfg.scan_layers and sparams["params"]["layers"]["attn"]["k"].shape == (30, 576, 3, 64)
+  expected = stack_layers(params["params"], config.num_layers)
+  assert jax.tree.structure(sparams["params"]) == jax.tree.structure(expected)
+  jax.tree.map(np.testing.assert_array_equal, sparams["params"], expected)
