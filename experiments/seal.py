@@ -41,8 +41,9 @@ from contrastive_jax.weights.hf import load_tokenizer
 def load_model(config):
   """(EncoderConfig, pretrained {"params"} numpy tree, tokenizer) from `model.path`."""
   path = config.model.path or W.minilm_model_dir()
+  m = config.model
   enc_cfg, params = W.load_encoder(
-    path, attention_impl=config.model.attention_impl, remat=config.model.remat
+    path, attention_impl=m.attention_impl, remat=m.remat, scan_layers=m.get("scan_layers", False)
   )
   return enc_cfg, params, load_tokenizer(path)
 
