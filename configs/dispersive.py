@@ -48,7 +48,7 @@ from contrastive_jax.models.dit import dit_config
 def get_config(preset: str = "cpu"):
   c = base_config("dispersive")
   c.model = dict(
-    kind="sit",  # "sit" (flow matching, velocity) | "dit" (DDPM, epsilon)
+    kind="sit",  # "sit" (flow matching, velocity) | "dit" (DDPM, epsilon) | "meanflow"
     input_size=8,
     in_channels=1,
     num_classes=10,
@@ -61,6 +61,19 @@ def get_config(preset: str = "cpu"):
     class_dropout_prob=0.1,  # label dropout for classifier-free guidance
   )
   c.diffusion = dict(path="linear")  # SiT path: "linear" | "gvp" (DiT ignores it)
+  # MeanFlow (model.kind="meanflow"; official Gsunshine/meanflow defaults, MF-B/4 guidance).
+  c.meanflow = dict(
+    time_dist="logit_normal",  # (t, r) draws: "logit_normal" | "uniform"
+    p_mean=-0.4,
+    p_std=1.0,
+    data_proportion=0.75,  # fraction of the batch with r = t (plain flow matching)
+    omega=1.0,  # guidance in the target: v_g = omega v + (1 - omega - kappa) v_u + kappa v_c
+    kappa=0.5,
+    t_start=0.0,  # guidance applies for t in [t_start, t_end]
+    t_end=1.0,
+    norm_p=1.0,  # adaptive weight 1 / (||err||^2 + norm_eps)^norm_p
+    norm_eps=0.01,
+  )
   c.loss = dict(
     variant="infonce_l2",  # "infonce_l2" | "infonce_cosine" | "hinge" | "covariance"
     weight=0.5,  # lambda
@@ -94,6 +107,7 @@ def get_config(preset: str = "cpu"):
   c.optim.update(
     name="adamw", lr=1e-3, schedule="cosine", warmup_steps=200, weight_decay=0.0, ema=0.999
   )
+  c.optim.b2 = 0.999  # Adam beta2 (MeanFlow's official runs: 0.95)
 
   def cpu(c):
     pass
@@ -149,6 +163,34 @@ def get_config(preset: str = "cpu"):
     imagenet(c, "B/2")
     c.loss.update(weight=0.25, temperature=1.0, blocks="last")
 
+  def meanflow_digits(c):
+    c.model.kind = "meanflow"
+    c.eval.update(sampler="meanflow", steps=1)  # 1-NFE; --config.eval.steps=2 for 2-NFE
+
+  def cpu_meanflow(c):
+    meanflow_digits(c)
+
+  def test_meanflow(c):
+    test(c)
+    meanflow_digits(c)
+
+  def meanflow_imagenet(c, size):
+    # Official MeanFlow: Adam(W) b2 0.95, lr 1e-4 constant, wd 0, batch 256, EMA 0.9999, 240
+    # epochs of ImageNet's 1,281,167 images (5005 steps each), 1-NFE evaluation.
+    imagenet(c, size)
+    c.model.update(kind="meanflow", learn_sigma=False)
+    c.optim.update(b2=0.95)
+    c.train.update(steps=240 * 5005)
+    c.eval.update(sampler="meanflow", steps=1, cfg_scale=1.0)
+
+  def meanflow_b4_imagenet(c):
+    meanflow_imagenet(c, "B/4")  # official configs/run_b4.yml: omega 1.0, kappa 0.5, [0, 1]
+
+  def meanflow_xl2_imagenet(c):
+    meanflow_imagenet(c, "XL/2")
+    # The released code ships only B/4; these are the paper's MF-XL/2 settings (Table 4).
+    c.meanflow.update(omega=0.2, kappa=0.92, t_start=0.0, t_end=0.75)
+
   presets = {
     "cpu": cpu,
     "test": test,
@@ -156,5 +198,9 @@ def get_config(preset: str = "cpu"):
     "sit_xl2_imagenet": sit_xl2_imagenet,
     "dit_b2_imagenet": dit_b2_imagenet,
     "sit_b2_imagenet_released": sit_b2_imagenet_released,
+    "cpu_meanflow": cpu_meanflow,
+    "test_meanflow": test_meanflow,
+    "meanflow_b4_imagenet": meanflow_b4_imagenet,
+    "meanflow_xl2_imagenet": meanflow_xl2_imagenet,
   }
   return select_preset(preset, presets, c)

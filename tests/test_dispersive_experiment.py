@@ -27,8 +27,8 @@ def classifier_cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("classifier_cache"))
 
 
-def _config(cache, **loss):
-  c = get_config("test")
+def _config(cache, preset="test", **loss):
+  c = get_config(preset)
   c.eval.classifier_cache = cache
   c.loss.update(loss)
   return c
@@ -48,10 +48,14 @@ class _Interrupt(Exception):
   pass
 
 
+@pytest.mark.parametrize(
+  "preset, sampler, steps", [("test", "ode_heun", 4), ("test_meanflow", "meanflow", 1)]
+)
 def test_train_resume_bitwise_then_evaluate_from_checkpoint(
-  tmp_path, classifier_cache, monkeypatch
+  tmp_path, classifier_cache, monkeypatch, preset, sampler, steps
 ):
-  config = _config(classifier_cache)  # 6 steps, checkpoints at 3 and 6, batch 32 on 8 devices
+  # 6 steps, checkpoints at 3 and 6, batch 32 on 8 devices; MeanFlow: 1-NFE evaluation.
+  config = _config(classifier_cache, preset)
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   dispersive.train(config, straight)
 
@@ -101,8 +105,8 @@ def test_train_resume_bitwise_then_evaluate_from_checkpoint(
     "ema": True,
     "feature_network": "digits_classifier",
     "num_samples": 40,
-    "sampler": "ode_heun",
-    "steps": 4,
+    "sampler": sampler,
+    "steps": steps,
     "cfg_scale": 1.0,
     "num_real": 359,
   }
@@ -322,3 +326,36 @@ def test_imagenet_latents_builder_encodes_center_crops_and_reads_back(tmp_path, 
     crop = il.center_crop(row["image"])
     assert crop.shape == (256, 256, 3)
     np.testing.assert_allclose(by_label[row["label"]], fake_encoder(crop[None])[0], rtol=1e-6)
+
+
+def test_meanflow_dispersive_term_reads_the_jvp_forward_blocks_value_and_grad(classifier_cache):
+  config = _config(classifier_cache, "test_meanflow", gather="global", blocks="last", weight=0.5)
+  model = dispersive.make_model(config)
+  x = jnp.zeros((1, 8, 8, 1))
+  init = model.init(
+    jax.random.PRNGKey(3), x, jnp.zeros(1), jnp.zeros(1, jnp.int32), h=jnp.zeros(1), train=False
+  )
+  params = jax.tree.map(
+    lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size).reshape(p.shape)), nn.unbox(init)
+  )
+  batch = jax.tree.map(jnp.asarray, _batch(16))
+  rng = jax.random.PRNGKey(2)
+
+  def disp(p):  # the dispersive term on the last block of a plain forward pass at (z_t, r, t)
+    z_t, r, t, _, drop = dispersive.meanflow_inputs(p, batch, rng, model=model, config=config)
+    _, acts = model.apply(
+      p, z_t, t, batch["label"], h=t - r, train=True, force_drop=drop, return_blocks=(1,)
+    )
+    return dispersive_loss(acts[1], temperature=0.5)[0]
+
+  def total(p, weight):
+    config.loss.weight = weight
+    return dispersive.loss_fn(p, batch, rng, model=model, config=config)
+
+  (got, m), g_half = jax.jit(jax.value_and_grad(lambda p: total(p, 0.5), has_aux=True))(params)
+  (base, _), g_zero = jax.jit(jax.value_and_grad(lambda p: total(p, 0.0), has_aux=True))(params)
+  want, g_disp = jax.jit(jax.value_and_grad(disp))(params)
+  assert float(m["dispersive_loss"]) == pytest.approx(float(want), rel=1e-5)
+  assert float(got - base) == pytest.approx(0.5 * float(want), rel=1e-5)
+  for a, b, c in zip(*(jax.tree.leaves(g) for g in (g_half, g_zero, g_disp))):
+    np.testing.assert_allclose(a - b, 0.5 * c, rtol=1e-3, atol=1e-6)
