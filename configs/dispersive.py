@@ -82,6 +82,17 @@ def get_config(preset: str = "cpu"):
     blocks="quarter",  # 0-based index | "quarter" (depth // 4 - 1) | "last" | "all"
     gather="local",  # "local" (per device, shard_map) | "global" (whole batch)
   )
+  # REPA (Yu et al. arXiv 2410.06940): weight 0 = off (no projector, no encoder).
+  c.repa = dict(
+    weight=0.0,  # lambda of -mean cos(proj(h_block), encoder features); the paper's 0.5
+    block=0,  # 0-based block whose tokens are projected (REPA --encoder-depth=8 is index 7)
+    projector_width=2048,  # 3-layer SiLU MLP
+    encoder="digits_classifier",  # "digits_classifier" (8x8 stand-in) | "dinov2"
+    encoder_dir="",  # dinov2: a local Hugging Face DINOv2 directory (facebook/dinov2-base)
+    encoder_dim=64,  # encoder feature width: digits classifier 64, DINOv2-B 768
+    encoder_seed=1,  # digits_classifier: not the seed-0 network that FD-digits uses
+    image_size=224,  # dinov2 input side (REPA resizes 256-px images to 224)
+  )
   c.data = dict(
     name="digits",  # "digits" | "imagenet_latents"
     tfds_name="imagenet_latents/256",
@@ -163,6 +174,28 @@ def get_config(preset: str = "cpu"):
     imagenet(c, "B/2")
     c.loss.update(weight=0.25, temperature=1.0, blocks="last")
 
+  def cpu_repa(c):
+    # SiT + REPA on digits: the stand-in encoder on block 0 (the dispersive term's "quarter").
+    c.loss.weight = 0.0
+    c.repa.update(weight=0.5, block=0)
+
+  def test_repa(c):
+    test(c)
+    cpu_repa(c)
+    c.repa.projector_width = 64
+
+  def imagenet_repa(c, size, block):
+    imagenet(c, size)
+    c.loss.weight = 0.0
+    c.repa.update(weight=0.5, block=block, encoder="dinov2", encoder_dim=768, image_size=224)
+
+  def sit_b2_imagenet_repa(c):
+    imagenet_repa(c, "B/2", 3)  # REPA code: --encoder-depth=4 for SiT-B
+
+  def sit_xl2_imagenet_repa(c):
+    imagenet_repa(c, "XL/2", 7)  # --encoder-depth=8 for SiT-XL
+    c.eval.update(cfg_scale=1.5)
+
   def meanflow_digits(c):
     c.model.kind = "meanflow"
     c.eval.update(sampler="meanflow", steps=1)  # 1-NFE; --config.eval.steps=2 for 2-NFE
@@ -198,6 +231,10 @@ def get_config(preset: str = "cpu"):
     "sit_xl2_imagenet": sit_xl2_imagenet,
     "dit_b2_imagenet": dit_b2_imagenet,
     "sit_b2_imagenet_released": sit_b2_imagenet_released,
+    "cpu_repa": cpu_repa,
+    "test_repa": test_repa,
+    "sit_b2_imagenet_repa": sit_b2_imagenet_repa,
+    "sit_xl2_imagenet_repa": sit_xl2_imagenet_repa,
     "cpu_meanflow": cpu_meanflow,
     "test_meanflow": test_meanflow,
     "meanflow_b4_imagenet": meanflow_b4_imagenet,

@@ -7,7 +7,13 @@ output channels. DiT (`"dit"`): DDPM epsilon MSE (the simple loss; no L_vlb, so 
 `learn_sigma=False` for DiT). MeanFlow (`"meanflow"`, Geng et al. arXiv 2505.13447): the same
 backbone with a second time embedding of h = t - r (as the official code: the network takes t and
 t - r), the average-velocity loss of `losses/meanflow.py` with guidance trained into the target,
-and the dispersive term on the blocks of the jvp's primal forward pass. The step's randomness (t, noise, the 10% label drop for
+and the dispersive term on the blocks of the jvp's primal forward pass.
+
+REPA (Yu et al. arXiv 2410.06940) is the other regulariser: with `repa.weight` > 0 the model
+carries a projector (`models/projector.py`) from block `repa.block`'s tokens to a frozen
+encoder's features (`experiments/repa_setup.py`) and the loss adds repa.weight * L_REPA
+(`losses/repa.py`). The REPA presets set loss.weight = 0 (the dispersive term is then only
+logged); both terms at once is allowed. The step's randomness (t, noise, the 10% label drop for
 classifier-free guidance) is drawn from the rng the shared loop passes to `loss_fn`. See
 configs/dispersive.py for `loss.blocks` and `loss.gather`.
 """
@@ -24,7 +30,9 @@ from jax.sharding import PartitionSpec as P
 from contrastive_jax.evaluation import generative
 from contrastive_jax.losses.dispersive import dispersive_loss
 from contrastive_jax.losses.meanflow import guided_velocity, meanflow_loss
+from contrastive_jax.losses.repa import repa_loss
 from contrastive_jax.models.dit import DiT
+from contrastive_jax.models.projector import MLPProjector, WithProjector
 from contrastive_jax.sampling.ddpm import ddpm_training_batch
 from contrastive_jax.sampling.flow import flow_matching_batch
 from contrastive_jax.sampling.meanflow import meanflow_batch
@@ -55,13 +63,17 @@ def dispersive_blocks(spec, depth: int) -> tuple[int, ...]:
   raise ValueError(f"loss.blocks={spec!r}: give a block index, 'quarter', 'last' or 'all'")
 
 
-def make_model(config) -> DiT:
+def uses_repa(config) -> bool:
+  return float(config.repa.weight) > 0.0
+
+
+def make_model(config):
   """The DiT/SiT backbone of `config.model` (one module for all kinds; `kind` picks the objective;
-  MeanFlow adds the interval embedding)."""
+  MeanFlow adds the interval embedding), wrapped with REPA's projector when `repa.weight` > 0."""
   m = config.model
   if m.kind not in KINDS:
     raise ValueError(f"model.kind={m.kind!r} is not one of {KINDS}")
-  return DiT(
+  backbone = DiT(
     input_size=m.input_size,
     patch_size=m.patch_size,
     in_channels=m.in_channels,
@@ -74,6 +86,13 @@ def make_model(config) -> DiT:
     learn_sigma=m.learn_sigma,
     interval_embedding=m.kind == "meanflow",
   )
+  if not uses_repa(config):
+    return backbone
+  rc = config.repa
+  if not 0 <= int(rc.block) < m.depth:
+    raise ValueError(f"repa.block={rc.block} is outside the model's {m.depth} blocks")
+  projector = MLPProjector(out_dim=int(rc.encoder_dim), width=int(rc.projector_width))
+  return WithProjector(backbone=backbone, projector=projector)
 
 
 def training_inputs(batch, rng, *, config):
@@ -194,26 +213,38 @@ def _objective(params, batch, rng, *, model, config, blocks):
   return jnp.mean(jnp.square(out[..., :c] - target)), acts, {}
 
 
-def loss_fn(params, batch, rng, *, model, config, mesh=None):
-  """`(L_diff + lambda * L_disp, metrics)` for one batch {"image" [B,H,W,C], "label" [B]}.
+def loss_fn(params, batch, rng, *, model, config, mesh=None, encode=None):
+  """`(L_diff + lambda * L_disp [+ lambda_REPA * L_REPA], metrics)` for one batch
+  {"image" [B,H,W,C], "label" [B]}.
 
   L_diff is the velocity / epsilon MSE (SiT / DiT) or the adaptively weighted MeanFlow loss.
   With `loss.weight == 0` (the baseline) the dispersive term is still measured and logged, but
-  under `stop_gradient`, so the update is plain SiT/DiT/MeanFlow.
+  under `stop_gradient`, so the update is plain SiT/DiT/MeanFlow. With `repa.weight` > 0,
+  `encode(images) -> [B, T, D]` gives the frozen encoder's targets (`repa_setup.repa_encoder`).
   """
-  blocks = dispersive_blocks(config.loss.blocks, config.model.depth)
+  disp_blocks = dispersive_blocks(config.loss.blocks, config.model.depth)
+  repa = uses_repa(config)
+  if repa and encode is None:
+    raise ValueError("repa.weight > 0 needs the frozen encoder: pass encode=repa_encoder(...)[0]")
+  blocks = tuple(sorted(set(disp_blocks) | ({int(config.repa.block)} if repa else set())))
   diffusion, acts, extra = _objective(params, batch, rng, model=model, config=config, blocks=blocks)
+  disp_acts = {k: acts[k] for k in disp_blocks}
   weight = float(config.loss.weight)
   if weight == 0.0:
-    acts = jax.lax.stop_gradient(acts)
-  disp, m = dispersive_term(acts, loss_cfg=config.loss, mesh=mesh)
+    disp_acts = jax.lax.stop_gradient(disp_acts)
+  disp, m = dispersive_term(disp_acts, loss_cfg=config.loss, mesh=mesh)
   loss = diffusion + weight * disp
-  return loss, {
+  metrics = {
     "diffusion_loss": diffusion,
     "dispersive_loss": disp,
     "mean_distance": m["mean_distance"],
-    **extra,
   }
+  if repa:
+    z = model.apply(params, acts[int(config.repa.block)], method=WithProjector.project)
+    align, rm = repa_loss(z, jax.lax.stop_gradient(encode(batch["image"])))
+    loss = loss + float(config.repa.weight) * align
+    metrics.update(repa_loss=align, repa_cosine=rm["cosine"])
+  return loss, {**metrics, **extra}
 
 
 def init_fn(config, tx, model):
@@ -224,9 +255,11 @@ def init_fn(config, tx, model):
   h = jnp.zeros((1,)) if m.kind == "meanflow" else None
 
   def init_state(rng):
-    params = model.init(
-      jax.random.fold_in(rng, 1), x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32), h=h, train=False
-    )
+    t, y = jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
+    if isinstance(model, WithProjector):
+      params = model.init(jax.random.fold_in(rng, 1), x, t, y, h=h, method=WithProjector.init_both)
+    else:
+      params = model.init(jax.random.fold_in(rng, 1), x, t, y, h=h, train=False)
     ema = config.optim.ema if config.optim.ema > 0 else None
     return TrainState.create(params=params, tx=tx, rng=rng, ema_decay=ema)
 
@@ -254,11 +287,18 @@ def _data(config):
   raise ValueError(f"data.name={config.data.name!r} is not 'digits' or 'imagenet_latents'")
 
 
-def make_train_step(config, model, mesh, schedule):
+def make_train_step(config, model, mesh, schedule, *, workdir=None):
   """`train_step(state, batch)` of the shared loop around `loss_fn` (gather="local" needs the
-  mesh; with gradient accumulation each micro-batch is the batch the dispersive term sees)."""
+  mesh; with gradient accumulation each micro-batch is the batch the dispersive term sees).
+  With REPA the frozen encoder is built here (the digits stand-in caches under `workdir`)."""
+  encode = None
+  if uses_repa(config):
+    from experiments.repa_setup import repa_encoder
+
+    encode, name = repa_encoder(config, workdir)
+    print(f"REPA: lambda {config.repa.weight}, block {config.repa.block}, encoder {name}")
   return loop.make_train_step(
-    functools.partial(loss_fn, model=model, config=config, mesh=mesh),
+    functools.partial(loss_fn, model=model, config=config, mesh=mesh, encode=encode),
     lr_schedule=schedule,
     grad_accum_steps=config.train.grad_accum_steps,
     compute_dtype=config.train.compute_dtype,
@@ -276,7 +316,7 @@ def train(config, workdir):
     config,
     workdir,
     init_state=init_fn(config, tx, model),
-    train_step=make_train_step(config, model, mesh, schedule),
+    train_step=make_train_step(config, model, mesh, schedule, workdir=workdir),
     data=_data(config),
     mesh=mesh,
     evaluators={"samples": evaluator},

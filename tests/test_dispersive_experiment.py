@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs.dispersive import get_config
+from contrastive_jax.evaluation import generative
 from contrastive_jax.evaluation.fid import feature_statistics, frechet_distance
 from contrastive_jax.losses.dispersive import dispersive_loss
 from contrastive_jax.models.dit import DiTBlock
@@ -271,6 +272,36 @@ def test_paper_presets_hold_the_paper_settings():
   assert get_config("dit_b2_imagenet").model.kind == "dit"
   r = get_config("sit_b2_imagenet_released")
   assert (r.loss.weight, r.loss.temperature, r.loss.blocks) == (0.25, 1.0, "last")
+
+
+def test_meanflow_presets_hold_the_official_settings():
+  for name, size in (
+    ("meanflow_b4_imagenet", (12, 768, 4)),
+    ("meanflow_xl2_imagenet", (28, 1152, 2)),
+  ):
+    c = get_config(name)
+    assert c.model.kind == "meanflow" and not c.model.learn_sigma
+    assert (c.model.depth, c.model.hidden_size, c.model.patch_size) == size
+    assert (c.optim.lr, c.optim.b2, c.optim.weight_decay, c.optim.ema) == (1e-4, 0.95, 0.0, 0.9999)
+    assert (c.train.batch_size, c.train.steps) == (256, 240 * 5005)  # 240 epochs
+    mf = c.meanflow
+    assert (mf.time_dist, mf.p_mean, mf.p_std, mf.data_proportion) == (
+      "logit_normal",
+      -0.4,
+      1.0,
+      0.75,
+    )
+    assert (mf.norm_p, mf.norm_eps, c.model.class_dropout_prob) == (1.0, 0.01, 0.1)
+    assert (c.eval.sampler, c.eval.steps, c.eval.cfg_scale) == ("meanflow", 1, 1.0)
+  b4 = get_config("meanflow_b4_imagenet").meanflow
+  assert (b4.omega, b4.kappa, b4.t_start, b4.t_end) == (1.0, 0.5, 0.0, 1.0)  # run_b4.yml defaults
+  cpu = get_config("cpu_meanflow")
+  assert (cpu.model.kind, cpu.eval.sampler, cpu.eval.steps) == ("meanflow", "meanflow", 1)
+  with pytest.raises(ValueError, match="trains guidance into its field"):
+    cpu.eval.cfg_scale = 1.5
+    generative.make_sampler(
+      dispersive.make_model(cpu), model_cfg=cpu.model, eval_cfg=cpu.eval, path="linear"
+    )
 
 
 def test_missing_imagenet_latents_error_names_dataset_dir_and_command(tmp_path):

@@ -246,6 +246,9 @@ class SampleEvaluator:
       "decoder": ec.decoder or None,
       "grid": None,
     }
+    if self.config.repa.weight > 0:
+      rc = self.config.repa
+      rec["repa"] = {"weight": float(rc.weight), "block": int(rc.block), "encoder": rc.encoder}
     if m.kind == "meanflow":  # MeanFlow's guidance lives in the trained field, not the sampler
       mf = self.config.meanflow
       rec["trained_guidance"] = {
