@@ -30,6 +30,21 @@ Evaluation writes `samples_<step>.png` (rows of classes 0..9) and `eval/eval_<st
 on the held-out test split, plus the classifier's accuracy on the samples' conditioning labels.
 Results of the three arms: experiments/reports/dispersive.md.
 
+MeanFlow (Geng et al. arXiv 2505.13447; `model.kind="meanflow"`, the `meanflow.*` keys) and
+REPA (Yu et al. arXiv 2410.06940; the `repa.*` keys, off while repa.weight = 0) on the same
+backbone, the paper's two comparisons:
+
+  python launch.py --config configs/dispersive.py:cpu_meanflow --workdir runs/mf        # 1-NFE
+  python launch.py --config configs/dispersive.py:cpu_meanflow --config.loss.weight=0 --workdir runs/mf_base
+  python launch.py --config configs/dispersive.py:cpu_meanflow --workdir runs/mf --mode eval --config.eval.steps=2
+  python launch.py --config configs/dispersive.py:cpu_repa --workdir runs/repa
+
+At CPU scale REPA's encoder is a stand-in, this project's digits classifier trained with seed
+`repa.encoder_seed` (not the seed-0 network FD-digits uses); the ImageNet REPA presets need
+`repa.encoder_dir`, a local DINOv2-B/14 Hugging Face directory, and a JAX-traceable
+`eval.decoder` (the encoder sees decoded images). `meanflow_xl2_imagenet`'s guidance
+(omega 0.2, kappa 0.92, t in [0, 0.75]) is the MeanFlow paper's; the released code has B/4 only.
+
 ImageNet presets hold the paper's settings (SD-VAE latents 32x32x4 read with TFDS, AdamW 1e-4,
 wd 0, batch 256, EMA 0.9999, 400K steps); they need `data.data_dir` with the latents built by
 `python -m contrastive_jax.data.imagenet_latents` (an encoder the user supplies) and, for

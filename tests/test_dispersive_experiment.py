@@ -390,3 +390,38 @@ def test_meanflow_dispersive_term_reads_the_jvp_forward_blocks_value_and_grad(cl
   assert float(got - base) == pytest.approx(0.5 * float(want), rel=1e-5)
   for a, b, c in zip(*(jax.tree.leaves(g) for g in (g_half, g_zero, g_disp))):
     np.testing.assert_allclose(a - b, 0.5 * c, rtol=1e-3, atol=1e-6)
+
+
+def test_repa_loss_is_the_projected_block_against_the_frozen_encoder(classifier_cache):
+  from contrastive_jax.losses.repa import repa_loss
+  from contrastive_jax.models.projector import WithProjector
+  from experiments.repa_setup import repa_encoder
+
+  config = _config(classifier_cache, "test_repa", gather="global")
+  model = dispersive.make_model(config)
+  assert isinstance(model, WithProjector)
+  _, state, _ = _step_setup(config, make_mesh({"data": 1}, jax.devices()[:1]), make_step=False)
+  params = jax.tree.map(
+    lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size).reshape(p.shape)),
+    jax.device_get(state.params),
+  )
+  encode, name = repa_encoder(config, None)
+  assert name.startswith("digits_classifier (seed 1")
+  batch = jax.tree.map(jnp.asarray, _batch(16))
+  rng = jax.random.PRNGKey(4)
+
+  @jax.jit
+  def both(params):
+    loss, m = dispersive.loss_fn(params, batch, rng, model=model, config=config, encode=encode)
+    x_t, t, target, drop = dispersive.training_inputs(batch, rng, config=config)
+    out, acts = model.apply(
+      params, x_t, t, batch["label"], train=True, force_drop=drop, return_blocks=(0,)
+    )
+    z = model.apply(params, acts[0], method=WithProjector.project)
+    align = repa_loss(z, encode(batch["image"]))[0]
+    return loss, m, jnp.mean(jnp.square(out - target)) + 0.5 * align, align
+
+  loss, m, want, align = jax.device_get(both(params))
+  assert float(m["repa_loss"]) == pytest.approx(float(align), rel=1e-5)
+  assert float(loss) == pytest.approx(float(want), rel=1e-5)  # loss.weight = 0: no dispersive
+  assert abs(float(align)) > 1e-3
