@@ -259,6 +259,7 @@ def main():
   parser.add_argument(
     "--meanflow", action="store_true", help="also time MeanFlow steps (JAX) against SiT's"
   )
+  parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
   add_torch_device_arg(parser)
   args = parser.parse_args()
   if args.torch_threads:
@@ -289,13 +290,15 @@ def main():
   steps = {}
   for label, block in zip(labels, (None, disp_block)):
     steps[("jax", label)] = jax_step(args, cfg, block)
-    steps[("torch", label)] = torch_step(args, cfg, block, device)
+    if not args.no_torch:
+      steps[("torch", label)] = torch_step(args, cfg, block, device)
   mf_labels = ("meanflow", f"meanflow+dispersive@block{disp_block}", "meanflow+guidance")
   if args.meanflow:
     for label, block, guided in zip(mf_labels, (None, disp_block, None), (False, False, True)):
       steps[("jax", label)] = jax_meanflow_step(args, cfg, block, guidance=guided)
   secs = _time(steps, args.steps, args.warmup)
-  rows = {label: (secs[("jax", label)], secs[("torch", label)]) for label in labels}
+  nan = float("nan")
+  rows = {label: (secs[("jax", label)], secs.get(("torch", label), nan)) for label in labels}
   for label, (tj, tt) in rows.items():
     print(
       f"{label:>24}: jax {args.batch / tj:8.2f} img/s ({1e3 * tj:8.1f} ms/step)   "
@@ -308,7 +311,7 @@ def main():
     for label in mf_labels:
       tm = secs[("jax", label)]
       print(
-        f"{label:>24}: jax {args.batch / tm:8.2f} img/s ({1e3 * tm:8.1f} ms/step)   "
+        f"{label:>28}: jax {args.batch / tm:8.2f} img/s ({1e3 * tm:8.1f} ms/step)   "
         f"{tm / pj:5.2f}x the SiT step"
       )
 

@@ -5,6 +5,7 @@ from contrastive_jax.losses.dispersive import dispersive_loss
 from contrastive_jax.losses.grace import grace_reward, grace_unsupervised_reward
 from contrastive_jax.losses.meanflow import guided_velocity, meanflow_loss, meanflow_target
 from contrastive_jax.losses.policy import dpo_loss, group_advantages, overlong_penalty, policy_loss
+from contrastive_jax.losses.repa import repa_loss
 from contrastive_jax.losses.seal import seal_loss
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
   "meanflow_target",
   "overlong_penalty",
   "policy_loss",
+  "repa_loss",
   "seal_loss",
 ]
