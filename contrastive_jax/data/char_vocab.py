@@ -53,9 +53,8 @@ class CharVocab:
     return "".join(out)
 
 
-def pad_rows(
-  rows: Sequence[Sequence[int]], *, side: str, length: int | None = None, pad_id: int = PAD
-):
+def pad_rows(rows: Sequence[Sequence[int]], *, side: str, length: int | None = None,
+             pad_id: int = PAD):
   """(tokens [N, L] int32, mask [N, L] int32) of rows padded on `side` ("left" for prompts,
   "right" for completions); L = the longest row by default.
 

@@ -52,12 +52,8 @@ def batched(source, *, batch_size: int, seed: int, shuffle: bool = True) -> grai
   return ds.batch(batch_size // n, drop_remainder=True)
 
 
-def array_batches(
-  arrays: Mapping[str, np.ndarray], *, batch_size: int, seed: int, shuffle: bool = True
-):
+def array_batches(arrays: Mapping[str, np.ndarray], *, batch_size: int, seed: int,
+                  shuffle: bool = True):
   """A resumable iterator of batches (dicts of numpy arrays) from in-memory arrays."""
-  return iter(
-    batched(
-      _ArraySource(arrays), batch_size=batch_size, seed=seed, shuffle=shuffle
-    ).to_iter_dataset()
-  )
+  return iter(batched(_ArraySource(arrays), batch_size=batch_size, seed=seed,
+                      shuffle=shuffle).to_iter_dataset())

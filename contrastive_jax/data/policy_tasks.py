@@ -119,36 +119,17 @@ class Task:
     return out
 
 
-def arithmetic_task(
-  *,
-  split: str,
-  start: int,
-  count: int,
-  style: str,
-  seed: int,
-  digits: int,
-  num_operands: int,
-  operators: str,
-  test_fraction: float = 0.1,
-) -> Task:
+def arithmetic_task(*, split: str, start: int, count: int, style: str, seed: int, digits: int,
+                    num_operands: int, operators: str, test_fraction: float = 0.1) -> Task:
   """`count` generated arithmetic problems of `split` from index `start` (`data.arithmetic`)."""
-  pairs = arithmetic_examples(
-    start,
-    count,
-    style=style,
-    seed=seed,
-    split=split,
-    digits=digits,
-    num_operands=num_operands,
-    operators=tuple(operators),
-    test_fraction=test_fraction,
-  )
+  pairs = arithmetic_examples(start, count, style=style, seed=seed, split=split, digits=digits,
+                              num_operands=num_operands, operators=tuple(operators),
+                              test_fraction=test_fraction)
   return Task(tuple(p for p, _ in pairs), tuple(a for _, a in pairs), style)
 
 
-def math_jsonl_task(
-  path: str, *, dataset: str, limit: int | None, key: str, instruction: str = MATH_INSTRUCTION
-) -> Task:
+def math_jsonl_task(path: str, *, dataset: str, limit: int | None, key: str,
+                    instruction: str = MATH_INSTRUCTION) -> Task:
   """MATH/GSM8K JSON lines as a chat task; a missing file raises naming `key` and the path."""
   if not path or not os.path.isfile(path):
     raise FileNotFoundError(f"{key}={path!r}: no such JSONL file ({dataset} problems)")

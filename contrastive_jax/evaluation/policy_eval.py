@@ -17,18 +17,8 @@ from contrastive_jax.sampling.lm import generate
 from contrastive_jax.train.sharding import place, to_host
 
 
-def sample_completions(
-  apply_fn,
-  init_cache,
-  params,
-  prompt_tokens,
-  prompt_mask,
-  rng,
-  *,
-  mesh,
-  batch_size: int,
-  **sampling,
-):
+def sample_completions(apply_fn, init_cache, params, prompt_tokens, prompt_mask, rng, *, mesh,
+                       batch_size: int, **sampling):
   """Completions (tokens [N, T], mask [N, T]) numpy of every prompt row, in fixed-size chunks.
 
   The last chunk is padded with copies of its first row so every call has one shape (one
@@ -39,15 +29,9 @@ def sample_completions(
   for c, start in enumerate(range(0, n, batch_size)):
     rows = np.arange(start, min(start + batch_size, n))
     rows = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
-    out = generate(
-      apply_fn,
-      params,
-      place(prompt_tokens[rows], mesh),
-      place(prompt_mask[rows], mesh),
-      jax.random.fold_in(rng, c),
-      init_cache=init_cache,
-      **sampling,
-    )
+    out = generate(apply_fn, params, place(prompt_tokens[rows], mesh),
+                   place(prompt_mask[rows], mesh), jax.random.fold_in(rng, c),
+                   init_cache=init_cache, **sampling)
     out = to_host(out)  # whole on every process: score_fn runs on the host everywhere
     keep = min(batch_size, n - start)
     tokens.append(out.tokens[:keep])
@@ -55,25 +39,10 @@ def sample_completions(
   return np.concatenate(tokens), np.concatenate(masks)
 
 
-def policy_evaluator(
-  *,
-  apply_fn,
-  init_cache,
-  prompt_tokens,
-  prompt_mask,
-  score_fn: Callable,
-  mesh,
-  k: int,
-  max_new_tokens: int,
-  temperature: float,
-  top_k: int,
-  top_p: float,
-  eos_ids,
-  pad_id: int,
-  batch_size: int,
-  seed: int,
-  success_threshold: float = 1.0,
-):
+def policy_evaluator(*, apply_fn, init_cache, prompt_tokens, prompt_mask,
+                     score_fn: Callable, mesh, k: int, max_new_tokens: int, temperature: float,
+                     top_k: int, top_p: float, eos_ids, pad_id: int, batch_size: int, seed: int,
+                     success_threshold: float = 1.0):
   """`evaluate(params) -> {"greedy_accuracy", "mean@k", "pass@k", "pass@1"}` on P prompts.
 
   Args:
@@ -85,45 +54,22 @@ def policy_evaluator(
     seed: the fixed sampling key.
     success_threshold: a reward >= it is a correct answer.
   """
-  common = dict(
-    mesh=mesh,
-    batch_size=batch_size,
-    max_new_tokens=max_new_tokens,
-    eos_ids=tuple(eos_ids),
-    pad_id=pad_id,
-  )
+  common = dict(mesh=mesh, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                eos_ids=tuple(eos_ids), pad_id=pad_id)
   p = prompt_tokens.shape[0]
 
   def evaluate(params):
-    tokens, mask = sample_completions(
-      apply_fn,
-      init_cache,
-      params,
-      prompt_tokens,
-      prompt_mask,
-      jax.random.PRNGKey(seed),
-      greedy=True,
-      **common,
-    )
+    tokens, mask = sample_completions(apply_fn, init_cache, params, prompt_tokens, prompt_mask,
+                                      jax.random.PRNGKey(seed), greedy=True, **common)
     ids = np.arange(p)
-    out = {
-      "greedy_accuracy": float(np.mean(score_fn(ids, tokens, mask) >= success_threshold)),
-      "greedy_length": float(mask.sum(1).mean()),
-    }
+    out = {"greedy_accuracy": float(np.mean(score_fn(ids, tokens, mask) >= success_threshold)),
+           "greedy_length": float(mask.sum(1).mean())}
     if k:
       rep = np.repeat(ids, k)
       tokens, mask = sample_completions(
-        apply_fn,
-        init_cache,
-        params,
-        prompt_tokens[rep],
-        prompt_mask[rep],
-        jax.random.PRNGKey(seed + 1),
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        **common,
-      )
+        apply_fn, init_cache, params, prompt_tokens[rep], prompt_mask[rep],
+        jax.random.PRNGKey(seed + 1), temperature=temperature, top_k=top_k, top_p=top_p,
+        **common)
       correct = (score_fn(rep, tokens, mask) >= success_threshold).reshape(p, k)
       out[f"mean@{k}"] = mean_at_k(correct)
       out[f"pass@{k}"] = float(pass_at_k(np.full(p, k), correct.sum(1), k).mean())

@@ -113,9 +113,8 @@ class EncoderConfig:
 
 
 def _dense(features, names, name, axis=-1, dtype=jnp.float32):
-  return logical_dense(
-    features, names, kernel_init=nn.initializers.normal(0.02), dtype=dtype, axis=axis, name=name
-  )
+  return logical_dense(features, names, kernel_init=nn.initializers.normal(0.02), dtype=dtype,
+                       axis=axis, name=name)
 
 
 def _layer_norm(cfg: EncoderConfig, name: str):

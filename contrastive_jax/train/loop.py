@@ -37,9 +37,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _cast_floats(tree, dtype):
-  return jax.tree.map(
-    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-  )
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      tree)
 
 
 def make_train_step(
@@ -205,17 +204,11 @@ def train(
     # The starting point of a fine-tuning curve (a pretrained policy or embedder) as step 0.
     writer.write(0, run_evaluators(evaluators, _eval_params(state, use_ema)))
   if jit_step:
-    train_step = jax.jit(
-      train_step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0
-    )
+    train_step = jax.jit(train_step, in_shardings=(shardings, None),
+                         out_shardings=(shardings, None), donate_argnums=0)
   manager.install_signal_handlers()
-  bar = tqdm(
-    total=tc.steps,
-    initial=start,
-    desc=config.experiment,
-    dynamic_ncols=True,
-    disable=jax.process_index() != 0,
-  )
+  bar = tqdm(total=tc.steps, initial=start, desc=config.experiment, dynamic_ncols=True,
+             disable=jax.process_index() != 0)
   last_time, last_step = time.perf_counter(), start
   try:
     for step in range(start + 1, tc.steps + 1):
@@ -240,9 +233,8 @@ def train(
       if evaluators and (_due(step, tc.eval_every) or step == tc.steps):
         writer.write(step, run_evaluators(evaluators, _eval_params(state, use_ema)))
       stop = manager.stop_requested.is_set()
-      manager.save(
-        state, data_state=data.get_state(), config=config, force=stop or step == tc.steps
-      )
+      manager.save(state, data_state=data.get_state(), config=config,
+                   force=stop or step == tc.steps)
       if stop:
         log.warning("stopped at step %d on request; checkpoint saved", step)
         break

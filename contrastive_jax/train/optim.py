@@ -28,17 +28,11 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
   schedule = learning_rate_schedule(optim, total_steps)
   name = optim.name
   if name == "adamw":
-    tx = optax.adamw(
-      schedule,
-      b1=optim.get("b1", 0.9),
-      b2=optim.get("b2", 0.999),
-      eps=optim.get("eps", 1e-8),
-      weight_decay=float(optim.get("weight_decay", 0)),
-    )
+    tx = optax.adamw(schedule, b1=optim.get("b1", 0.9), b2=optim.get("b2", 0.999),
+                     eps=optim.get("eps", 1e-8), weight_decay=float(optim.get("weight_decay", 0)))
   elif name == "adam":
-    tx = optax.adam(
-      schedule, b1=optim.get("b1", 0.9), b2=optim.get("b2", 0.999), eps=optim.get("eps", 1e-8)
-    )
+    tx = optax.adam(schedule, b1=optim.get("b1", 0.9), b2=optim.get("b2", 0.999),
+                    eps=optim.get("eps", 1e-8))
   elif name == "sgd":
     tx = optax.sgd(schedule, momentum=optim.get("momentum", None))
   else:

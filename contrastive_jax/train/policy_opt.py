@@ -157,26 +157,12 @@ def make_update(apply_fn: Callable, settings: PolicyOptSettings):
 
   def update(state, mb):
     def loss_fn(params):
-      logp = sequence_logprobs(
-        apply_fn,
-        params,
-        mb["prompt_tokens"],
-        mb["prompt_mask"],
-        mb["tokens"],
-        mb["mask"],
-        temperature=s.temperature,
-      )
+      logp = sequence_logprobs(apply_fn, params, mb["prompt_tokens"], mb["prompt_mask"],
+                               mb["tokens"], mb["mask"], temperature=s.temperature)
       return policy_loss(
-        logp,
-        mb["old_logp"],
-        mb["advantages"],
-        mb["mask"],
-        clip_low=s.clip_low,
-        clip_high=s.clip_high,
-        aggregation=s.aggregation,
-        max_len=s.max_new_tokens,
-        ref_logp=mb.get("ref_logp"),
-        kl_beta=s.kl_beta,
+        logp, mb["old_logp"], mb["advantages"], mb["mask"], clip_low=s.clip_low,
+        clip_high=s.clip_high, aggregation=s.aggregation, max_len=s.max_new_tokens,
+        ref_logp=mb.get("ref_logp"), kl_beta=s.kl_beta,
       )
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -202,19 +188,8 @@ class PolicyOptimizer:
     jit_reward: `reward_fn` is jittable and runs on device on jax arrays.
   """
 
-  def __init__(
-    self,
-    *,
-    apply_fn,
-    init_cache,
-    prompt_tokens,
-    prompt_mask,
-    reward_fn,
-    settings: PolicyOptSettings,
-    mesh,
-    ref_params=None,
-    jit_reward: bool = False,
-  ):
+  def __init__(self, *, apply_fn, init_cache, prompt_tokens, prompt_mask, reward_fn,
+               settings: PolicyOptSettings, mesh, ref_params=None, jit_reward: bool = False):
     if settings.group_size < 1 or settings.epochs < 1 or settings.minibatches < 1:
       raise ValueError(f"PolicyOptimizer: bad settings {settings}")
     if settings.kl_beta and ref_params is None:
@@ -237,21 +212,13 @@ class PolicyOptimizer:
     ids = np.repeat(np.asarray(prompt_ids, np.int32), s.group_size)
     tokens, mask = self.prompt_tokens[ids], self.prompt_mask[ids]
     out = generate(
-      self.apply_fn,
-      params,
-      place(tokens, self.mesh),
-      place(mask, self.mesh),
-      rng,
-      init_cache=self.init_cache,
-      max_new_tokens=s.max_new_tokens,
-      temperature=s.temperature,
-      top_k=s.top_k,
-      top_p=s.top_p,
-      eos_ids=tuple(s.eos_ids),
-      pad_id=s.pad_id,
+      self.apply_fn, params, place(tokens, self.mesh), place(mask, self.mesh), rng,
+      init_cache=self.init_cache, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+      top_k=s.top_k, top_p=s.top_p, eos_ids=tuple(s.eos_ids), pad_id=s.pad_id,
     )
     out = to_host(out)
-    return Rollouts(ids, tokens, mask, out.tokens, out.mask, out.logprobs, out.lengths, out.hit_eos)
+    return Rollouts(ids, tokens, mask, out.tokens, out.mask, out.logprobs, out.lengths,
+                    out.hit_eos)
 
   def rewards(self, params, rollouts: Rollouts, rng) -> tuple[np.ndarray, dict[str, float]]:
     """Raw rewards [N] and the reward function's metrics (floats), whole on every process."""
@@ -271,10 +238,8 @@ class PolicyOptimizer:
 
   def token_logprobs(self, params, rollouts: Rollouts) -> jax.Array:
     """[N, T] float32 log-probs of the rollouts' tokens under `params` (one forward pass)."""
-    x = [
-      place(a, self.mesh)
-      for a in (rollouts.prompt_tokens, rollouts.prompt_mask, rollouts.tokens, rollouts.mask)
-    ]
+    x = [place(a, self.mesh) for a in (rollouts.prompt_tokens, rollouts.prompt_mask,
+                                       rollouts.tokens, rollouts.mask)]
     return _sequence_logprobs(self.apply_fn, params, *x, temperature=self.s.temperature)
 
   def update(self, state, minibatch):
@@ -288,9 +253,8 @@ class PolicyOptimizer:
     leaves, treedef = jax.tree.flatten(shardings)
     key = (self.apply_fn, self.s, treedef, tuple(leaves))
     if key not in _UPDATES:
-      _UPDATES[key] = jax.jit(
-        make_update(self.apply_fn, self.s), out_shardings=(shardings, None), donate_argnums=0
-      )
+      _UPDATES[key] = jax.jit(make_update(self.apply_fn, self.s),
+                              out_shardings=(shardings, None), donate_argnums=0)
     return _UPDATES[key](state, minibatch)
 
   # -- the step -------------------------------------------------------------------------------
@@ -298,19 +262,14 @@ class PolicyOptimizer:
   def _prompt_ids(self, extra, batch_ids, rng, attempt):
     q = len(batch_ids)
     if self.s.selection:
-      ids, _ = _select_prompts(
-        extra,
-        jax.random.fold_in(rng, attempt),
-        batch_size=q,
-        pool_factor=self.s.selection_pool,
-        target=self.s.selection_target,
-      )
+      ids, _ = _select_prompts(extra, jax.random.fold_in(rng, attempt), batch_size=q,
+                               pool_factor=self.s.selection_pool,
+                               target=self.s.selection_target)
       return to_host(ids)
     if attempt == 0:
       return np.asarray(batch_ids, np.int32)
-    draw = jax.random.choice(
-      jax.random.fold_in(rng, attempt), self.num_prompts, (q,), replace=False
-    )
+    draw = jax.random.choice(jax.random.fold_in(rng, attempt), self.num_prompts, (q,),
+                             replace=False)
     return to_host(draw).astype(np.int32)
 
   def _collect(self, state, batch_ids, rng):
@@ -334,13 +293,8 @@ class PolicyOptimizer:
       times["reward"] += dt
       reward_logs.append(logged)
       correct = (r >= s.success_threshold).astype(np.float32).reshape(q, g)
-      extra = update_prompt_state(
-        extra,
-        jnp.asarray(ids),
-        jnp.asarray(correct.sum(1)),
-        jnp.full((q,), g, jnp.float32),
-        lam=s.selection_lam,
-      )
+      extra = update_prompt_state(extra, jnp.asarray(ids), jnp.asarray(correct.sum(1)),
+                                  jnp.full((q,), g, jnp.float32), lam=s.selection_lam)
       grouped = r.reshape(q, g)
       tie = grouped.max(1) == grouped.min(1)
       sampled_ties.append(tie)
@@ -376,24 +330,17 @@ class PolicyOptimizer:
     n = raw.shape[0]
     reward = raw
     if s.overlong_penalty:
-      reward = raw + np.asarray(
-        overlong_penalty(ro.lengths, max_len=s.max_new_tokens, cache_len=s.overlong_cache)
-      )
-    adv, adv_metrics = group_advantages(
-      jnp.asarray(reward), group_size=s.group_size, scale=s.advantage_scale, std=s.advantage_std
-    )
+      reward = raw + np.asarray(overlong_penalty(ro.lengths, max_len=s.max_new_tokens,
+                                                 cache_len=s.overlong_cache))
+    adv, adv_metrics = group_advantages(jnp.asarray(reward), group_size=s.group_size,
+                                        scale=s.advantage_scale, std=s.advantage_std)
     old_logp, times["logprob"] = _timed(lambda: self.token_logprobs(state.params, ro))
     ref_logp = None
     if self.ref_params is not None:
       ref_logp, times["ref_logprob"] = _timed(lambda: self.token_logprobs(self.ref_params, ro))
-    data = {
-      "prompt_tokens": ro.prompt_tokens,
-      "prompt_mask": ro.prompt_mask,
-      "tokens": ro.tokens,
-      "mask": ro.mask,
-      "old_logp": to_host(old_logp),
-      "advantages": np.asarray(adv),
-    }
+    data = {"prompt_tokens": ro.prompt_tokens, "prompt_mask": ro.prompt_mask,
+            "tokens": ro.tokens, "mask": ro.mask, "old_logp": to_host(old_logp),
+            "advantages": np.asarray(adv)}
     if ref_logp is not None:
       data["ref_logp"] = to_host(ref_logp)
     if n % s.minibatches:
@@ -414,9 +361,8 @@ class PolicyOptimizer:
     state = state.replace(step=state.step + 1, extra=extra)
     if state.ema_decay is not None:  # once per rollout batch (module docstring)
       d = state.ema_decay
-      state = state.replace(
-        ema_params=jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, state.params)
-      )
+      state = state.replace(ema_params=jax.tree.map(lambda e, p: d * e + (1 - d) * p,
+                                                    state.ema_params, state.params))
     self.elapsed += time.perf_counter() - start
     return state, self._metrics(ro, raw, adv_metrics, logs, times, stats, n, start)
 

@@ -125,11 +125,8 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> An
     if isinstance(leaf, nn.Partitioned):
       names = leaf.names
       value = leaf.value
-      spec = (
-        nn.logical_to_mesh_axes(names, rules)
-        if isinstance(leaf, nn.LogicallyPartitioned)
+      spec = nn.logical_to_mesh_axes(names, rules) if isinstance(leaf, nn.LogicallyPartitioned) \
         else P(*names)
-      )
       return NamedSharding(mesh, _fit_spec(spec, value.shape, mesh))
     return NamedSharding(mesh, P())
 

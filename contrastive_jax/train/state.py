@@ -110,7 +110,9 @@ def _describe_mismatch(item: str, saved: dict, wanted: dict) -> str | None:
   if missing:
     parts.append(f"missing in checkpoint: {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
   if unexpected:
-    parts.append(f"not in the state: {unexpected[:10]}" + (" ..." if len(unexpected) > 10 else ""))
+    parts.append(
+      f"not in the state: {unexpected[:10]}" + (" ..." if len(unexpected) > 10 else "")
+    )
   if shapes:
     parts.append("different shape/dtype: " + "; ".join(shapes[:10]))
   return f"item {item!r}: " + " | ".join(parts)
@@ -244,13 +246,8 @@ class CheckpointManager:
       except Exception as e:  # Orbax/TensorStore raise many types for truncated files.
         if step is not None:
           raise
-        log.warning(
-          "checkpoint %s/%d cannot be read (%s: %s); trying the previous one",
-          self.directory,
-          s,
-          type(e).__name__,
-          str(e).splitlines()[0][:200],
-        )
+        log.warning("checkpoint %s/%d cannot be read (%s: %s); trying the previous one",
+                    self.directory, s, type(e).__name__, str(e).splitlines()[0][:200])
     return None, None
 
   def restore(self, target: TrainState, step: int | None = None):

@@ -74,9 +74,8 @@ def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       with safe_open(str(file), framework="flax") as f:
         for name in f.keys():
           x = np.asarray(f.get_tensor(name))
-          out[name] = (
-            x.astype(np.float32) if x.dtype.kind == "V" or str(x.dtype) == "bfloat16" else x
-          )
+          out[name] = x.astype(np.float32) if x.dtype.kind == "V" or str(x.dtype) == "bfloat16" \
+            else x
     except Exception as e:  # safetensors raises its own error types for truncated headers.
       raise WeightsError(f"{file}: cannot read safetensors ({e})") from e
   return out
