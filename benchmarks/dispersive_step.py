@@ -9,8 +9,16 @@ the step time with the InfoNCE-l2 dispersive term on the output of block depth /
 index depth // 4 - 1) for both. On a GPU the peer runs on CUDA (`--torch-device`) with TF32
 matmuls, as XLA's float32 default does.
 
+With `--meanflow`, also times this code's MeanFlow step (arXiv 2505.13447) on the same backbone
+plus its interval embedding: the jvp of the network along (v, 0, 1) gives the target, so a step
+is one forward-with-tangent and the backward of its primal; "+guidance" adds the two
+no-gradient forward passes of the trained-in guidance (official MF-B/4: omega 1, kappa 0.5).
+It prints each MeanFlow step time as a multiple of the plain SiT step (JAX only: the PyTorch
+peer has no MeanFlow step).
+
   python benchmarks/dispersive_step.py --size S/2 --batch 32 --steps 5          # paper shape
   python benchmarks/dispersive_step.py --size T/2 --batch 8 --image-size 16     # seconds on CPU
+  python benchmarks/dispersive_step.py --size T/2 --batch 8 --image-size 16 --meanflow
 """
 
 from __future__ import annotations
@@ -35,8 +43,10 @@ from _peer import add_torch_device_arg, sync, torch_device
 from torch import nn as tnn
 
 from contrastive_jax.losses.dispersive import dispersive_loss
+from contrastive_jax.losses.meanflow import guided_velocity, meanflow_loss
 from contrastive_jax.models.dit import DiT, dit_config, sincos_pos_embed_2d
 from contrastive_jax.sampling.flow import flow_matching_batch
+from contrastive_jax.sampling.meanflow import meanflow_batch
 
 NUM_CLASSES = 1000
 
@@ -167,6 +177,60 @@ def jax_step(args, cfg, act_block):
   return step
 
 
+def jax_meanflow_step(args, cfg, act_block, *, guidance: bool):
+  """One jitted JAX MeanFlow training step (official defaults; AdamW b2 0.95) as a closure."""
+  model = DiT(
+    input_size=args.image_size,
+    in_channels=4,
+    num_classes=NUM_CLASSES,
+    learn_sigma=False,
+    interval_embedding=True,
+    **cfg,
+  )
+  b, s = args.batch, args.image_size
+  x = jax.random.normal(jax.random.key(0), (b, s, s, 4))
+  y = jax.random.randint(jax.random.key(1), (b,), 0, NUM_CLASSES)
+  zero = jnp.zeros(b)
+  params = jax.jit(lambda k: model.init(k, x, zero, y, h=zero, train=False))(jax.random.key(2))
+  params = flax.linen.unbox(params)
+  tx = optax.adamw(1e-4, b2=0.95, weight_decay=0.0)
+  blocks = () if act_block is None else (act_block,)
+
+  def loss_fn(params, rng):
+    z_t, r, t, v = meanflow_batch(x, rng)
+    if guidance:
+
+      def inst(labels):
+        out = model.apply(params, z_t, t, labels, h=jnp.zeros_like(t), train=False)[0]
+        return jax.lax.stop_gradient(out)
+
+      v = guided_velocity(v, inst(y), inst(jnp.full_like(y, NUM_CLASSES)), t, kappa=0.5)
+
+    def u_fn(z, r, t):
+      return model.apply(params, z, t, y, h=t - r, train=False, return_blocks=blocks)
+
+    loss, _, acts = meanflow_loss(u_fn, z_t, r, t, v, has_aux=True)
+    if blocks:
+      loss = loss + 0.5 * dispersive_loss(acts[act_block], temperature=0.5)[0]
+    return loss
+
+  @jax.jit
+  def train_step(state, rng):
+    params, opt_state = state
+    grads = jax.grad(loss_fn)(params, rng)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  holder = {"state": (params, tx.init(params)), "i": 0}
+
+  def step():
+    holder["i"] += 1
+    holder["state"] = train_step(holder["state"], jax.random.key(holder["i"]))
+    jax.block_until_ready(holder["state"])
+
+  return step
+
+
 def _time(steps, rounds, warmup):
   """Median seconds per step of each closure, timed round-robin (one step of each per round) so
   load from other processes on a shared CPU hits all configurations alike."""
@@ -192,6 +256,10 @@ def main():
   )
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps (JIT compile)")
   parser.add_argument("--torch-threads", type=int, default=0, help="0: PyTorch's default")
+  parser.add_argument(
+    "--meanflow", action="store_true", help="also time MeanFlow steps (JAX) against SiT's"
+  )
+  parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
   add_torch_device_arg(parser)
   args = parser.parse_args()
   if args.torch_threads:
@@ -222,9 +290,15 @@ def main():
   steps = {}
   for label, block in zip(labels, (None, disp_block)):
     steps[("jax", label)] = jax_step(args, cfg, block)
-    steps[("torch", label)] = torch_step(args, cfg, block, device)
+    if not args.no_torch:
+      steps[("torch", label)] = torch_step(args, cfg, block, device)
+  mf_labels = ("meanflow", f"meanflow+dispersive@block{disp_block}", "meanflow+guidance")
+  if args.meanflow:
+    for label, block, guided in zip(mf_labels, (None, disp_block, None), (False, False, True)):
+      steps[("jax", label)] = jax_meanflow_step(args, cfg, block, guidance=guided)
   secs = _time(steps, args.steps, args.warmup)
-  rows = {label: (secs[("jax", label)], secs[("torch", label)]) for label in labels}
+  nan = float("nan")
+  rows = {label: (secs[("jax", label)], secs.get(("torch", label), nan)) for label in labels}
   for label, (tj, tt) in rows.items():
     print(
       f"{label:>24}: jax {args.batch / tj:8.2f} img/s ({1e3 * tj:8.1f} ms/step)   "
@@ -233,6 +307,13 @@ def main():
     )
   (pj, pt), (dj, dt) = rows.values()
   print(f"dispersive overhead: jax {100 * (dj / pj - 1):+.1f}%  torch {100 * (dt / pt - 1):+.1f}%")
+  if args.meanflow:
+    for label in mf_labels:
+      tm = secs[("jax", label)]
+      print(
+        f"{label:>28}: jax {args.batch / tm:8.2f} img/s ({1e3 * tm:8.1f} ms/step)   "
+        f"{tm / pj:5.2f}x the SiT step"
+      )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,21 @@ Evaluation writes `samples_<step>.png` (rows of classes 0..9) and `eval/eval_<st
 on the held-out test split, plus the classifier's accuracy on the samples' conditioning labels.
 Results of the three arms: experiments/reports/dispersive.md.
 
+MeanFlow (Geng et al. arXiv 2505.13447; `model.kind="meanflow"`, the `meanflow.*` keys) and
+REPA (Yu et al. arXiv 2410.06940; the `repa.*` keys, off while repa.weight = 0) on the same
+backbone, the paper's two comparisons:
+
+  python launch.py --config configs/dispersive.py:cpu_meanflow --workdir runs/mf        # 1-NFE
+  python launch.py --config configs/dispersive.py:cpu_meanflow --config.loss.weight=0 --workdir runs/mf_base
+  python launch.py --config configs/dispersive.py:cpu_meanflow --workdir runs/mf --mode eval --config.eval.steps=2
+  python launch.py --config configs/dispersive.py:cpu_repa --workdir runs/repa
+
+At CPU scale REPA's encoder is a stand-in, this project's digits classifier trained with seed
+`repa.encoder_seed` (not the seed-0 network FD-digits uses); the ImageNet REPA presets need
+`repa.encoder_dir`, a local DINOv2-B/14 Hugging Face directory, and a JAX-traceable
+`eval.decoder` (the encoder sees decoded images). `meanflow_xl2_imagenet`'s guidance
+(omega 0.2, kappa 0.92, t in [0, 0.75]) is the MeanFlow paper's; the released code has B/4 only.
+
 ImageNet presets hold the paper's settings (SD-VAE latents 32x32x4 read with TFDS, AdamW 1e-4,
 wd 0, batch 256, EMA 0.9999, 400K steps); they need `data.data_dir` with the latents built by
 `python -m contrastive_jax.data.imagenet_latents` (an encoder the user supplies) and, for
@@ -48,7 +63,7 @@ from contrastive_jax.models.dit import dit_config
 def get_config(preset: str = "cpu"):
   c = base_config("dispersive")
   c.model = dict(
-    kind="sit",  # "sit" (flow matching, velocity) | "dit" (DDPM, epsilon)
+    kind="sit",  # "sit" (flow matching, velocity) | "dit" (DDPM, epsilon) | "meanflow"
     input_size=8,
     in_channels=1,
     num_classes=10,
@@ -62,6 +77,19 @@ def get_config(preset: str = "cpu"):
     remat="none",  # "none" | "full" | a policy of models/layers.py REMAT_POLICIES
   )
   c.diffusion = dict(path="linear")  # SiT path: "linear" | "gvp" (DiT ignores it)
+  # MeanFlow (model.kind="meanflow"; official Gsunshine/meanflow defaults, MF-B/4 guidance).
+  c.meanflow = dict(
+    time_dist="logit_normal",  # (t, r) draws: "logit_normal" | "uniform"
+    p_mean=-0.4,
+    p_std=1.0,
+    data_proportion=0.75,  # fraction of the batch with r = t (plain flow matching)
+    omega=1.0,  # guidance in the target: v_g = omega v + (1 - omega - kappa) v_u + kappa v_c
+    kappa=0.5,
+    t_start=0.0,  # guidance applies for t in [t_start, t_end]
+    t_end=1.0,
+    norm_p=1.0,  # adaptive weight 1 / (||err||^2 + norm_eps)^norm_p
+    norm_eps=0.01,
+  )
   c.loss = dict(
     variant="infonce_l2",  # "infonce_l2" | "infonce_cosine" | "hinge" | "covariance"
     weight=0.5,  # lambda
@@ -69,6 +97,17 @@ def get_config(preset: str = "cpu"):
     margin=1.0,  # epsilon of the hinge variant
     blocks="quarter",  # 0-based index | "quarter" (depth // 4 - 1) | "last" | "all"
     gather="local",  # "local" (per device, shard_map) | "global" (whole batch)
+  )
+  # REPA (Yu et al. arXiv 2410.06940): weight 0 = off (no projector, no encoder).
+  c.repa = dict(
+    weight=0.0,  # lambda of -mean cos(proj(h_block), encoder features); the paper's 0.5
+    block=0,  # 0-based block whose tokens are projected (REPA --encoder-depth=8 is index 7)
+    projector_width=2048,  # 3-layer SiLU MLP
+    encoder="digits_classifier",  # "digits_classifier" (8x8 stand-in) | "dinov2"
+    encoder_dir="",  # dinov2: a local Hugging Face DINOv2 directory (facebook/dinov2-base)
+    encoder_dim=64,  # encoder feature width: digits classifier 64, DINOv2-B 768
+    encoder_seed=1,  # digits_classifier: not the seed-0 network that FD-digits uses
+    image_size=224,  # dinov2 input side (REPA resizes 256-px images to 224)
   )
   c.data = dict(
     name="digits",  # "digits" | "imagenet_latents"
@@ -95,6 +134,7 @@ def get_config(preset: str = "cpu"):
   c.optim.update(
     name="adamw", lr=1e-3, schedule="cosine", warmup_steps=200, weight_decay=0.0, ema=0.999
   )
+  c.optim.b2 = 0.999  # Adam beta2 (MeanFlow's official runs: 0.95)
 
   def cpu(c):
     pass
@@ -150,6 +190,56 @@ def get_config(preset: str = "cpu"):
     imagenet(c, "B/2")
     c.loss.update(weight=0.25, temperature=1.0, blocks="last")
 
+  def cpu_repa(c):
+    # SiT + REPA on digits: the stand-in encoder on block 0 (the dispersive term's "quarter").
+    c.loss.weight = 0.0
+    c.repa.update(weight=0.5, block=0)
+
+  def test_repa(c):
+    test(c)
+    cpu_repa(c)
+    c.repa.projector_width = 64
+
+  def imagenet_repa(c, size, block):
+    imagenet(c, size)
+    c.loss.weight = 0.0
+    c.repa.update(weight=0.5, block=block, encoder="dinov2", encoder_dim=768, image_size=224)
+
+  def sit_b2_imagenet_repa(c):
+    imagenet_repa(c, "B/2", 3)  # REPA code: --encoder-depth=4 for SiT-B
+
+  def sit_xl2_imagenet_repa(c):
+    imagenet_repa(c, "XL/2", 7)  # --encoder-depth=8 for SiT-XL
+    c.eval.update(cfg_scale=1.5)
+
+  def meanflow_digits(c):
+    c.model.kind = "meanflow"
+    c.eval.update(sampler="meanflow", steps=1)  # 1-NFE; --config.eval.steps=2 for 2-NFE
+
+  def cpu_meanflow(c):
+    meanflow_digits(c)
+
+  def test_meanflow(c):
+    test(c)
+    meanflow_digits(c)
+
+  def meanflow_imagenet(c, size):
+    # Official MeanFlow: Adam(W) b2 0.95, lr 1e-4 constant, wd 0, batch 256, EMA 0.9999, 240
+    # epochs of ImageNet's 1,281,167 images (5005 steps each), 1-NFE evaluation.
+    imagenet(c, size)
+    c.model.update(kind="meanflow", learn_sigma=False)
+    c.optim.update(b2=0.95)
+    c.train.update(steps=240 * 5005)
+    c.eval.update(sampler="meanflow", steps=1, cfg_scale=1.0)
+
+  def meanflow_b4_imagenet(c):
+    meanflow_imagenet(c, "B/4")  # official configs/run_b4.yml: omega 1.0, kappa 0.5, [0, 1]
+
+  def meanflow_xl2_imagenet(c):
+    meanflow_imagenet(c, "XL/2")
+    # The released code ships only B/4; these are the paper's MF-XL/2 settings (Table 4).
+    c.meanflow.update(omega=0.2, kappa=0.92, t_start=0.0, t_end=0.75)
+
   presets = {
     "cpu": cpu,
     "test": test,
@@ -157,5 +247,13 @@ def get_config(preset: str = "cpu"):
     "sit_xl2_imagenet": sit_xl2_imagenet,
     "dit_b2_imagenet": dit_b2_imagenet,
     "sit_b2_imagenet_released": sit_b2_imagenet_released,
+    "cpu_repa": cpu_repa,
+    "test_repa": test_repa,
+    "sit_b2_imagenet_repa": sit_b2_imagenet_repa,
+    "sit_xl2_imagenet_repa": sit_xl2_imagenet_repa,
+    "cpu_meanflow": cpu_meanflow,
+    "test_meanflow": test_meanflow,
+    "meanflow_b4_imagenet": meanflow_b4_imagenet,
+    "meanflow_xl2_imagenet": meanflow_xl2_imagenet,
   }
   return select_preset(preset, presets, c)

@@ -4,7 +4,16 @@
 
 SiT (`model.kind="sit"`): flow matching on the linear or GVP path, velocity MSE on the first C
 output channels. DiT (`"dit"`): DDPM epsilon MSE (the simple loss; no L_vlb, so presets keep
-`learn_sigma=False` for DiT). The step's randomness (t, noise, the 10% label drop for
+`learn_sigma=False` for DiT). MeanFlow (`"meanflow"`, Geng et al. arXiv 2505.13447): the same
+backbone with a second time embedding of h = t - r (as the official code: the network takes t and
+t - r), the average-velocity loss of `losses/meanflow.py` with guidance trained into the target,
+and the dispersive term on the blocks of the jvp's primal forward pass.
+
+REPA (Yu et al. arXiv 2410.06940) is the other regulariser: with `repa.weight` > 0 the model
+carries a projector (`models/projector.py`) from block `repa.block`'s tokens to a frozen
+encoder's features (`experiments/repa_setup.py`) and the loss adds repa.weight * L_REPA
+(`losses/repa.py`). The REPA presets set loss.weight = 0 (the dispersive term is then only
+logged); both terms at once is allowed. The step's randomness (t, noise, the 10% label drop for
 classifier-free guidance) is drawn from the rng the shared loop passes to `loss_fn`. See
 configs/dispersive.py for `loss.blocks` and `loss.gather`.
 """
@@ -20,14 +29,18 @@ from jax.sharding import PartitionSpec as P
 
 from contrastive_jax.evaluation import generative
 from contrastive_jax.losses.dispersive import dispersive_loss
+from contrastive_jax.losses.meanflow import guided_velocity, meanflow_loss
+from contrastive_jax.losses.repa import repa_loss
 from contrastive_jax.models.dit import DiT
+from contrastive_jax.models.projector import MLPProjector, WithProjector
 from contrastive_jax.sampling.ddpm import ddpm_training_batch
 from contrastive_jax.sampling.flow import flow_matching_batch
+from contrastive_jax.sampling.meanflow import meanflow_batch
 from contrastive_jax.train import loop, sharding
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.state import TrainState
 
-KINDS = ("sit", "dit")
+KINDS = ("sit", "dit", "meanflow")
 GATHERS = ("local", "global")
 
 
@@ -50,12 +63,17 @@ def dispersive_blocks(spec, depth: int) -> tuple[int, ...]:
   raise ValueError(f"loss.blocks={spec!r}: give a block index, 'quarter', 'last' or 'all'")
 
 
-def make_model(config) -> DiT:
-  """The DiT/SiT backbone of `config.model` (same module for both; `kind` picks the objective)."""
+def uses_repa(config) -> bool:
+  return float(config.repa.weight) > 0.0
+
+
+def make_model(config):
+  """The DiT/SiT backbone of `config.model` (one module for all kinds; `kind` picks the objective;
+  MeanFlow adds the interval embedding), wrapped with REPA's projector when `repa.weight` > 0."""
   m = config.model
   if m.kind not in KINDS:
     raise ValueError(f"model.kind={m.kind!r} is not one of {KINDS}")
-  return DiT(
+  backbone = DiT(
     input_size=m.input_size,
     patch_size=m.patch_size,
     in_channels=m.in_channels,
@@ -67,7 +85,15 @@ def make_model(config) -> DiT:
     num_classes=m.num_classes,
     learn_sigma=m.learn_sigma,
     remat=m.get("remat", "none"),
+    interval_embedding=m.kind == "meanflow",
   )
+  if not uses_repa(config):
+    return backbone
+  rc = config.repa
+  if not 0 <= int(rc.block) < m.depth:
+    raise ValueError(f"repa.block={rc.block} is outside the model's {m.depth} blocks")
+  projector = MLPProjector(out_dim=int(rc.encoder_dim), width=int(rc.projector_width))
+  return WithProjector(backbone=backbone, projector=projector)
 
 
 def training_inputs(batch, rng, *, config):
@@ -115,29 +141,111 @@ def dispersive_term(acts, *, loss_cfg, mesh=None):
   return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * len(zs), out_specs=P())(*zs)
 
 
-def loss_fn(params, batch, rng, *, model, config, mesh=None):
-  """`(L_diff + lambda * L_disp, metrics)` for one batch {"image" [B,H,W,C], "label" [B]}.
+def meanflow_inputs(params, batch, rng, *, model, config):
+  """(z_t, r, t, v_g, label-drop mask) of a MeanFlow batch (official `forward`).
 
-  With `loss.weight == 0` (the baseline) the dispersive term is still measured and logged, but
-  under `stop_gradient`, so the update is plain SiT/DiT.
+  v_g is the guided velocity (`guided_velocity`, from the network's own conditional and
+  unconditional instantaneous velocities u(z_t, t, t) under stop_gradient; skipped when
+  omega = 1 and kappa = 0, where v_g = v); the dropped rows (`model.class_dropout_prob`) see the
+  null label and keep v_g = v, as in the official `cond_drop`.
   """
+  mf = config.meanflow
+  k_batch, k_drop = jax.random.split(rng)
+  x, y = batch["image"], batch["label"]
+  z_t, r, t, v = meanflow_batch(
+    x,
+    k_batch,
+    dist=mf.time_dist,
+    p_mean=mf.p_mean,
+    p_std=mf.p_std,
+    data_proportion=mf.data_proportion,
+  )
+  drop = jax.random.bernoulli(k_drop, config.model.class_dropout_prob, y.shape)
+  v_g = v
+  if float(mf.omega) != 1.0 or float(mf.kappa) != 0.0:
+    zero = jnp.zeros_like(t)
+
+    def inst(labels):
+      out = model.apply(params, z_t, t, labels, h=zero, train=False)[0]
+      return jax.lax.stop_gradient(out[..., : x.shape[-1]])
+
+    v_g = guided_velocity(
+      v,
+      inst(y),
+      inst(jnp.full_like(y, config.model.num_classes)),
+      t,
+      omega=float(mf.omega),
+      kappa=float(mf.kappa),
+      t_start=float(mf.t_start),
+      t_end=float(mf.t_end),
+    )
+    v_g = jnp.where(drop.reshape(drop.shape + (1,) * (v.ndim - 1)), v, v_g)
+  return z_t, r, t, v_g, drop
+
+
+def _objective(params, batch, rng, *, model, config, blocks):
+  """(diffusion loss, {block: activations}, metrics) of the configured model kind."""
+  if config.model.kind == "meanflow":
+    z_t, r, t, v_g, drop = meanflow_inputs(params, batch, rng, model=model, config=config)
+    c = z_t.shape[-1]
+
+    def u_fn(z, r, t):
+      out, acts = model.apply(
+        params, z, t, batch["label"], h=t - r, train=True, force_drop=drop, return_blocks=blocks
+      )
+      return out[..., :c], acts
+
+    loss, m, acts = meanflow_loss(
+      u_fn,
+      z_t,
+      r,
+      t,
+      v_g,
+      norm_p=float(config.meanflow.norm_p),
+      norm_eps=float(config.meanflow.norm_eps),
+      has_aux=True,
+    )
+    return loss, acts, {"meanflow_mse": m["mse"], "meanflow_v_mse": m["v_mse"]}
   x_t, t, target, drop = training_inputs(batch, rng, config=config)
-  blocks = dispersive_blocks(config.loss.blocks, config.model.depth)
   out, acts = model.apply(
     params, x_t, t, batch["label"], train=True, force_drop=drop, return_blocks=blocks
   )
   c = target.shape[-1]
-  diffusion = jnp.mean(jnp.square(out[..., :c] - target))
+  return jnp.mean(jnp.square(out[..., :c] - target)), acts, {}
+
+
+def loss_fn(params, batch, rng, *, model, config, mesh=None, encode=None):
+  """`(L_diff + lambda * L_disp [+ lambda_REPA * L_REPA], metrics)` for one batch
+  {"image" [B,H,W,C], "label" [B]}.
+
+  L_diff is the velocity / epsilon MSE (SiT / DiT) or the adaptively weighted MeanFlow loss.
+  With `loss.weight == 0` (the baseline) the dispersive term is still measured and logged, but
+  under `stop_gradient`, so the update is plain SiT/DiT/MeanFlow. With `repa.weight` > 0,
+  `encode(images) -> [B, T, D]` gives the frozen encoder's targets (`repa_setup.repa_encoder`).
+  """
+  disp_blocks = dispersive_blocks(config.loss.blocks, config.model.depth)
+  repa = uses_repa(config)
+  if repa and encode is None:
+    raise ValueError("repa.weight > 0 needs the frozen encoder: pass encode=repa_encoder(...)[0]")
+  blocks = tuple(sorted(set(disp_blocks) | ({int(config.repa.block)} if repa else set())))
+  diffusion, acts, extra = _objective(params, batch, rng, model=model, config=config, blocks=blocks)
+  disp_acts = {k: acts[k] for k in disp_blocks}
   weight = float(config.loss.weight)
   if weight == 0.0:
-    acts = jax.lax.stop_gradient(acts)
-  disp, m = dispersive_term(acts, loss_cfg=config.loss, mesh=mesh)
+    disp_acts = jax.lax.stop_gradient(disp_acts)
+  disp, m = dispersive_term(disp_acts, loss_cfg=config.loss, mesh=mesh)
   loss = diffusion + weight * disp
-  return loss, {
+  metrics = {
     "diffusion_loss": diffusion,
     "dispersive_loss": disp,
     "mean_distance": m["mean_distance"],
   }
+  if repa:
+    z = model.apply(params, acts[int(config.repa.block)], method=WithProjector.project)
+    align, rm = repa_loss(z, jax.lax.stop_gradient(encode(batch["image"])))
+    loss = loss + float(config.repa.weight) * align
+    metrics.update(repa_loss=align, repa_cosine=rm["cosine"])
+  return loss, {**metrics, **extra}
 
 
 def init_fn(config, tx, model):
@@ -145,10 +253,14 @@ def init_fn(config, tx, model):
   m = config.model
   x = jnp.zeros((1, m.input_size, m.input_size, m.in_channels), jnp.float32)
 
+  h = jnp.zeros((1,)) if m.kind == "meanflow" else None
+
   def init_state(rng):
-    params = model.init(
-      jax.random.fold_in(rng, 1), x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32), train=False
-    )
+    t, y = jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
+    if isinstance(model, WithProjector):
+      params = model.init(jax.random.fold_in(rng, 1), x, t, y, h=h, method=WithProjector.init_both)
+    else:
+      params = model.init(jax.random.fold_in(rng, 1), x, t, y, h=h, train=False)
     ema = config.optim.ema if config.optim.ema > 0 else None
     return TrainState.create(params=params, tx=tx, rng=rng, ema_decay=ema)
 
@@ -176,11 +288,18 @@ def _data(config):
   raise ValueError(f"data.name={config.data.name!r} is not 'digits' or 'imagenet_latents'")
 
 
-def make_train_step(config, model, mesh, schedule):
+def make_train_step(config, model, mesh, schedule, *, workdir=None):
   """`train_step(state, batch)` of the shared loop around `loss_fn` (gather="local" needs the
-  mesh; with gradient accumulation each micro-batch is the batch the dispersive term sees)."""
+  mesh; with gradient accumulation each micro-batch is the batch the dispersive term sees).
+  With REPA the frozen encoder is built here (the digits stand-in caches under `workdir`)."""
+  encode = None
+  if uses_repa(config):
+    from experiments.repa_setup import repa_encoder
+
+    encode, name = repa_encoder(config, workdir)
+    print(f"REPA: lambda {config.repa.weight}, block {config.repa.block}, encoder {name}")
   return loop.make_train_step(
-    functools.partial(loss_fn, model=model, config=config, mesh=mesh),
+    functools.partial(loss_fn, model=model, config=config, mesh=mesh, encode=encode),
     lr_schedule=schedule,
     grad_accum_steps=config.train.grad_accum_steps,
     compute_dtype=config.train.compute_dtype,
@@ -198,7 +317,7 @@ def train(config, workdir):
     config,
     workdir,
     init_state=init_fn(config, tx, model),
-    train_step=make_train_step(config, model, mesh, schedule),
+    train_step=make_train_step(config, model, mesh, schedule, workdir=workdir),
     data=_data(config),
     mesh=mesh,
     evaluators={"samples": evaluator},

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs.dispersive import get_config
+from contrastive_jax.evaluation import generative
 from contrastive_jax.evaluation.fid import feature_statistics, frechet_distance
 from contrastive_jax.losses.dispersive import dispersive_loss
 from contrastive_jax.models.dit import DiTBlock
@@ -27,8 +28,8 @@ def classifier_cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("classifier_cache"))
 
 
-def _config(cache, **loss):
-  c = get_config("test")
+def _config(cache, preset="test", **loss):
+  c = get_config(preset)
   c.eval.classifier_cache = cache
   c.loss.update(loss)
   return c
@@ -48,10 +49,14 @@ class _Interrupt(Exception):
   pass
 
 
+@pytest.mark.parametrize(
+  "preset, sampler, steps", [("test", "ode_heun", 4), ("test_meanflow", "meanflow", 1)]
+)
 def test_train_resume_bitwise_then_evaluate_from_checkpoint(
-  tmp_path, classifier_cache, monkeypatch
+  tmp_path, classifier_cache, monkeypatch, preset, sampler, steps
 ):
-  config = _config(classifier_cache)  # 6 steps, checkpoints at 3 and 6, batch 32 on 8 devices
+  # 6 steps, checkpoints at 3 and 6, batch 32 on 8 devices; MeanFlow: 1-NFE evaluation.
+  config = _config(classifier_cache, preset)
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   dispersive.train(config, straight)
 
@@ -101,8 +106,8 @@ def test_train_resume_bitwise_then_evaluate_from_checkpoint(
     "ema": True,
     "feature_network": "digits_classifier",
     "num_samples": 40,
-    "sampler": "ode_heun",
-    "steps": 4,
+    "sampler": sampler,
+    "steps": steps,
     "cfg_scale": 1.0,
     "num_real": 359,
   }
@@ -269,6 +274,36 @@ def test_paper_presets_hold_the_paper_settings():
   assert (r.loss.weight, r.loss.temperature, r.loss.blocks) == (0.25, 1.0, "last")
 
 
+def test_meanflow_presets_hold_the_official_settings():
+  for name, size in (
+    ("meanflow_b4_imagenet", (12, 768, 4)),
+    ("meanflow_xl2_imagenet", (28, 1152, 2)),
+  ):
+    c = get_config(name)
+    assert c.model.kind == "meanflow" and not c.model.learn_sigma
+    assert (c.model.depth, c.model.hidden_size, c.model.patch_size) == size
+    assert (c.optim.lr, c.optim.b2, c.optim.weight_decay, c.optim.ema) == (1e-4, 0.95, 0.0, 0.9999)
+    assert (c.train.batch_size, c.train.steps) == (256, 240 * 5005)  # 240 epochs
+    mf = c.meanflow
+    assert (mf.time_dist, mf.p_mean, mf.p_std, mf.data_proportion) == (
+      "logit_normal",
+      -0.4,
+      1.0,
+      0.75,
+    )
+    assert (mf.norm_p, mf.norm_eps, c.model.class_dropout_prob) == (1.0, 0.01, 0.1)
+    assert (c.eval.sampler, c.eval.steps, c.eval.cfg_scale) == ("meanflow", 1, 1.0)
+  b4 = get_config("meanflow_b4_imagenet").meanflow
+  assert (b4.omega, b4.kappa, b4.t_start, b4.t_end) == (1.0, 0.5, 0.0, 1.0)  # run_b4.yml defaults
+  cpu = get_config("cpu_meanflow")
+  assert (cpu.model.kind, cpu.eval.sampler, cpu.eval.steps) == ("meanflow", "meanflow", 1)
+  with pytest.raises(ValueError, match="trains guidance into its field"):
+    cpu.eval.cfg_scale = 1.5
+    generative.make_sampler(
+      dispersive.make_model(cpu), model_cfg=cpu.model, eval_cfg=cpu.eval, path="linear"
+    )
+
+
 def test_missing_imagenet_latents_error_names_dataset_dir_and_command(tmp_path):
   config = get_config("sit_b2_imagenet")
   config.data.data_dir = str(tmp_path)
@@ -322,3 +357,71 @@ def test_imagenet_latents_builder_encodes_center_crops_and_reads_back(tmp_path, 
     crop = il.center_crop(row["image"])
     assert crop.shape == (256, 256, 3)
     np.testing.assert_allclose(by_label[row["label"]], fake_encoder(crop[None])[0], rtol=1e-6)
+
+
+def test_meanflow_dispersive_term_reads_the_jvp_forward_blocks_value_and_grad(classifier_cache):
+  config = _config(classifier_cache, "test_meanflow", gather="global", blocks="last", weight=0.5)
+  model = dispersive.make_model(config)
+  x = jnp.zeros((1, 8, 8, 1))
+  init = model.init(
+    jax.random.PRNGKey(3), x, jnp.zeros(1), jnp.zeros(1, jnp.int32), h=jnp.zeros(1), train=False
+  )
+  params = jax.tree.map(
+    lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size).reshape(p.shape)), nn.unbox(init)
+  )
+  batch = jax.tree.map(jnp.asarray, _batch(16))
+  rng = jax.random.PRNGKey(2)
+
+  def disp(p):  # the dispersive term on the last block of a plain forward pass at (z_t, r, t)
+    z_t, r, t, _, drop = dispersive.meanflow_inputs(p, batch, rng, model=model, config=config)
+    _, acts = model.apply(
+      p, z_t, t, batch["label"], h=t - r, train=True, force_drop=drop, return_blocks=(1,)
+    )
+    return dispersive_loss(acts[1], temperature=0.5)[0]
+
+  def total(p, weight):
+    config.loss.weight = weight
+    return dispersive.loss_fn(p, batch, rng, model=model, config=config)
+
+  (got, m), g_half = jax.jit(jax.value_and_grad(lambda p: total(p, 0.5), has_aux=True))(params)
+  (base, _), g_zero = jax.jit(jax.value_and_grad(lambda p: total(p, 0.0), has_aux=True))(params)
+  want, g_disp = jax.jit(jax.value_and_grad(disp))(params)
+  assert float(m["dispersive_loss"]) == pytest.approx(float(want), rel=1e-5)
+  assert float(got - base) == pytest.approx(0.5 * float(want), rel=1e-5)
+  for a, b, c in zip(*(jax.tree.leaves(g) for g in (g_half, g_zero, g_disp))):
+    np.testing.assert_allclose(a - b, 0.5 * c, rtol=1e-3, atol=1e-6)
+
+
+def test_repa_loss_is_the_projected_block_against_the_frozen_encoder(classifier_cache):
+  from contrastive_jax.losses.repa import repa_loss
+  from contrastive_jax.models.projector import WithProjector
+  from experiments.repa_setup import repa_encoder
+
+  config = _config(classifier_cache, "test_repa", gather="global")
+  model = dispersive.make_model(config)
+  assert isinstance(model, WithProjector)
+  _, state, _ = _step_setup(config, make_mesh({"data": 1}, jax.devices()[:1]), make_step=False)
+  params = jax.tree.map(
+    lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size).reshape(p.shape)),
+    jax.device_get(state.params),
+  )
+  encode, name = repa_encoder(config, None)
+  assert name.startswith("digits_classifier (seed 1")
+  batch = jax.tree.map(jnp.asarray, _batch(16))
+  rng = jax.random.PRNGKey(4)
+
+  @jax.jit
+  def both(params):
+    loss, m = dispersive.loss_fn(params, batch, rng, model=model, config=config, encode=encode)
+    x_t, t, target, drop = dispersive.training_inputs(batch, rng, config=config)
+    out, acts = model.apply(
+      params, x_t, t, batch["label"], train=True, force_drop=drop, return_blocks=(0,)
+    )
+    z = model.apply(params, acts[0], method=WithProjector.project)
+    align = repa_loss(z, encode(batch["image"]))[0]
+    return loss, m, jnp.mean(jnp.square(out - target)) + 0.5 * align, align
+
+  loss, m, want, align = jax.device_get(both(params))
+  assert float(m["repa_loss"]) == pytest.approx(float(align), rel=1e-5)
+  assert float(loss) == pytest.approx(float(want), rel=1e-5)  # loss.weight = 0: no dispersive
+  assert abs(float(align)) > 1e-3

@@ -41,10 +41,14 @@ import numpy as np
 from contrastive_jax.evaluation import digits_classifier, inception_fid
 from contrastive_jax.evaluation.fid import feature_statistics, frechet_distance
 from contrastive_jax.models.inception import InceptionV3
-from contrastive_jax.sampling import ddpm, flow
+from contrastive_jax.sampling import ddpm, flow, meanflow
 from contrastive_jax.train.metrics import write_json
 
-SAMPLERS = {"sit": ("ode_euler", "ode_heun", "sde"), "dit": ("ddpm", "ddim")}
+SAMPLERS = {
+  "sit": ("ode_euler", "ode_heun", "sde"),
+  "dit": ("ddpm", "ddim"),
+  "meanflow": ("meanflow",),  # eval.steps = NFE (1 = one step); guidance is trained in
+}
 FEATURE_NETWORKS = ("digits_classifier", "inception_v3", "none")
 GRID_COLUMNS = 10
 
@@ -65,6 +69,14 @@ def _sample(params, noise, rng, labels, *, model, name, path, settings):
   # Module-level and keyed by static (hashable) settings, so evaluators built again for the same
   # model (every in-loop evaluation, --mode eval) reuse one compilation.
   settings = dict(settings)
+  if name == "meanflow":
+
+    def average_velocity(params, z, r, t, y):
+      return model.apply(params, z, t, y, h=t - r, train=False)[0]
+
+    return meanflow.sample_meanflow(
+      average_velocity, params, noise, rng, labels=labels, num_steps=settings["num_steps"]
+    )
 
   def apply_fn(params, x, t, y):
     return model.apply(params, x, t, y, train=False)[0]
@@ -85,6 +97,11 @@ def make_sampler(model, *, model_cfg, eval_cfg, path: str):
   if name not in SAMPLERS.get(kind, ()):
     raise ValueError(
       f"eval.sampler={name!r} does not fit model.kind={kind!r}; choose one of {SAMPLERS.get(kind)}"
+    )
+  if kind == "meanflow" and float(eval_cfg.cfg_scale) != 1.0:
+    raise ValueError(
+      f"eval.cfg_scale={eval_cfg.cfg_scale}: MeanFlow trains guidance into its field "
+      f"(meanflow.omega / kappa); sample with eval.cfg_scale=1.0"
     )
   settings = (
     ("num_steps", int(eval_cfg.steps)),
@@ -229,6 +246,16 @@ class SampleEvaluator:
       "decoder": ec.decoder or None,
       "grid": None,
     }
+    if self.config.repa.weight > 0:
+      rc = self.config.repa
+      rec["repa"] = {"weight": float(rc.weight), "block": int(rc.block), "encoder": rc.encoder}
+    if m.kind == "meanflow":  # MeanFlow's guidance lives in the trained field, not the sampler
+      mf = self.config.meanflow
+      rec["trained_guidance"] = {
+        "omega": float(mf.omega),
+        "kappa": float(mf.kappa),
+        "interval": [float(mf.t_start), float(mf.t_end)],
+      }
     if images.shape[-1] in (1, 3):
       rec["grid"] = os.path.join(self.workdir, f"samples_{step}.png")
       save_grid(images, rec["grid"], rows=ec.grid_rows)

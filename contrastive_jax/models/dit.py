@@ -133,8 +133,12 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-  """DiT/SiT: `__call__(x [B, H, W, C], t [B], y [B] int, *, train, force_drop=None,
+  """DiT/SiT: `__call__(x [B, H, W, C], t [B], y [B] int, *, h=None, train, force_drop=None,
   return_blocks=())` -> (out [B, H, W, C_out], {block index: activations [B, T, D]}).
+
+  With `interval_embedding` (MeanFlow, Geng et al. arXiv 2505.13447, as its official DiT's
+  `h_embedder`), a second sinusoidal-MLP embedding of the interval h = t - r [B] is added to the
+  conditioning vector, c = emb_t(t) + emb_h(h) + emb_y(y); `h` is then required.
 
   C_out = 2C with `learn_sigma` (DiT: epsilon then variance; SiT keeps the first C, the
   velocity). Class labels are dropped to the null class `num_classes` for classifier-free
@@ -155,6 +159,7 @@ class DiT(nn.Module):
   class_dropout_prob: float = 0.1
   num_classes: int = 1000
   learn_sigma: bool = True
+  interval_embedding: bool = False
   dtype: jnp.dtype = jnp.float32
   remat: str = "none"
 
@@ -162,12 +167,19 @@ class DiT(nn.Module):
   def out_channels(self) -> int:
     return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
-  def _check(self, x, t, y):
+  def _check(self, x, t, y, h):
     want = (self.input_size, self.input_size, self.in_channels)
     if x.ndim != 4 or x.shape[1:] != want:
       raise ValueError(f"DiT: x must be [B, {want[0]}, {want[1]}, {want[2]}], got {x.shape}")
     if t.shape != x.shape[:1] or y.shape != x.shape[:1]:
       raise ValueError(f"DiT: t {t.shape} and y {y.shape} must be [B] with B = {x.shape[0]}")
+    if self.interval_embedding and (h is None or h.shape != x.shape[:1]):
+      shape = None if h is None else h.shape
+      raise ValueError(
+        f"DiT: interval_embedding needs h = t - r as [B] = {x.shape[:1]}, got {shape}"
+      )
+    if not self.interval_embedding and h is not None:
+      raise ValueError("DiT: h was given but the model has no interval_embedding")
     if self.input_size % self.patch_size or self.hidden_size % self.num_heads:
       raise ValueError(
         f"DiT: patch {self.patch_size} must divide input {self.input_size} and "
@@ -185,9 +197,18 @@ class DiT(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x, t, y, *, train: bool, force_drop=None, return_blocks: Sequence[int] | str = ()
+    self,
+    x,
+    t,
+    y,
+    *,
+    h=None,
+    train: bool,
+    force_drop=None,
+    return_blocks: Sequence[int] | str = (),
   ):
-    self._check(x, t, y)
+    self._check(x, t, y, h)
+    interval = h  # `h` below is the token sequence
     p, width, grid = self.patch_size, self.hidden_size, self.input_size // self.patch_size
     if return_blocks == "all":
       return_blocks = tuple(range(self.depth))
@@ -209,11 +230,9 @@ class DiT(nn.Module):
     h = h.reshape(h.shape[0], grid * grid, width)
     h = (h + jnp.asarray(sincos_pos_embed_2d(width, grid))).astype(self.dtype)
 
-    temb = timestep_embedding(t, 256).astype(self.dtype)
-    temb = _dense(width, (None, "embed"), dtype=self.dtype, init=_normal, name="t_fc1")(temb)
-    temb = _dense(width, ("mlp", "embed"), dtype=self.dtype, init=_normal, name="t_fc2")(
-      nn.silu(temb)
-    )
+    temb = self._time_mlp(t, "t")
+    if self.interval_embedding:
+      temb = temb + self._time_mlp(interval, "h")
     table = nn.Embed(
       self.num_classes + 1,
       width,
@@ -243,6 +262,15 @@ class DiT(nn.Module):
       p * p * self.out_channels, ("embed", None), dtype=self.dtype, init=_zeros, name="final_linear"
     )(h)
     return self.unpatchify(h).astype(jnp.float32), blocks
+
+  def _time_mlp(self, t, prefix: str):
+    """DiT's TimestepEmbedder: 256 sinusoidal features -> Linear -> SiLU -> Linear, [B, D]."""
+    width = self.hidden_size
+    emb = timestep_embedding(t, 256).astype(self.dtype)
+    emb = _dense(width, (None, "embed"), dtype=self.dtype, init=_normal, name=f"{prefix}_fc1")(emb)
+    return _dense(width, ("mlp", "embed"), dtype=self.dtype, init=_normal, name=f"{prefix}_fc2")(
+      nn.silu(emb)
+    )
 
   def unpatchify(self, h):
     """[B, T, p*p*C_out] tokens -> [B, H, W, C_out] (inverse of the patch embedding's layout)."""
