@@ -106,10 +106,10 @@ def with_reference(arrays, lm, ref_params, mesh, *, batch_size, length_normalize
   out = {"ref_chosen": [], "ref_rejected": []}
   for start in range(0, n, batch_size):
     rows = np.arange(start, start + batch_size) % n
-    chunk = {k: place(v[rows], mesh) for k, v in arrays.items()}
+    part = {k: place(v[rows], mesh) for k, v in arrays.items()}
     keep = min(batch_size, n - start)
     for side in ("chosen", "rejected"):
-      out[f"ref_{side}"].append(sharding.to_host(fn(ref_params, chunk, side))[:keep])
+      out[f"ref_{side}"].append(sharding.to_host(fn(ref_params, part, side))[:keep])
   return {**arrays, **{k: np.concatenate(v).astype(np.float32) for k, v in out.items()}}
 
 
