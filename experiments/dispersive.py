@@ -24,6 +24,7 @@ from contrastive_jax.models.dit import DiT
 from contrastive_jax.sampling.ddpm import ddpm_training_batch
 from contrastive_jax.sampling.flow import flow_matching_batch
 from contrastive_jax.train import loop, sharding
+from contrastive_jax.train.metrics import is_writer
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.state import TrainState
 
@@ -222,5 +223,6 @@ def evaluate(config, workdir, step=None):
     config, workdir, init_fn(config, tx, model), mesh, ema=use_ema, step=step
   )
   results = evaluator.record(params)
-  print(json.dumps(results))
+  if is_writer():
+    print(json.dumps(results))
   return results

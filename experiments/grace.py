@@ -35,7 +35,7 @@ from contrastive_jax.losses.grace import grace_reward, grace_unsupervised_reward
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.rationale import SEGMENT_TEXT, embed, encode
 from contrastive_jax.train import loop, sharding
-from contrastive_jax.train.metrics import write_json
+from contrastive_jax.train.metrics import is_writer, write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
 from contrastive_jax.weights import gguf as gguf_lib
@@ -323,5 +323,6 @@ def evaluate(config, workdir, step=None):
   }
   path = os.path.join(workdir, f"eval_{got_step}.json")
   write_json(path, results)
-  print(json.dumps({k: v for k, v in results.items() if k != "examples"}))
+  if is_writer():
+    print(json.dumps({k: v for k, v in results.items() if k != "examples"}))
   return results

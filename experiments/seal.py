@@ -31,7 +31,7 @@ from contrastive_jax.evaluation.retrieval import embedding_retrieval_metrics, en
 from contrastive_jax.losses.seal import seal_loss
 from contrastive_jax.models.encoder import Encoder, pool
 from contrastive_jax.train import loop, sharding
-from contrastive_jax.train.metrics import write_json
+from contrastive_jax.train.metrics import is_writer, write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.state import TrainState
 from contrastive_jax.weights import encoder as W
@@ -329,5 +329,6 @@ def evaluate(config, workdir, step=None):
   name = "eval_zero_shot.json" if config.eval.zero_shot else f"eval_{got_step}.json"
   if jax.process_index() == 0:
     write_json(os.path.join(workdir, name), results)
-  print(json.dumps(results))
+  if is_writer():
+    print(json.dumps(results))
   return results

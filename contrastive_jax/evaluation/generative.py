@@ -42,7 +42,7 @@ from contrastive_jax.evaluation import digits_classifier, inception_fid
 from contrastive_jax.evaluation.fid import feature_statistics, frechet_distance
 from contrastive_jax.models.inception import InceptionV3
 from contrastive_jax.sampling import ddpm, flow
-from contrastive_jax.train.metrics import write_json
+from contrastive_jax.train.metrics import write_json, write_npz, write_png
 
 SAMPLERS = {"sit": ("ode_euler", "ode_heun", "sde"), "dit": ("ddpm", "ddim")}
 FEATURE_NETWORKS = ("digits_classifier", "inception_v3", "none")
@@ -113,9 +113,8 @@ def generate(
 
 
 def save_grid(images, path: str, *, rows: int, min_side: int = 32):
-  """PNG of the first rows*10 images in [-1, 1] ([N, H, W, 1 or 3]), nearest-upscaled."""
-  from PIL import Image
-
+  """PNG of the first rows*10 images in [-1, 1] ([N, H, W, 1 or 3]), nearest-upscaled (written
+  atomically by process 0)."""
   n = min(rows * GRID_COLUMNS, len(images))
   rows = -(-n // GRID_COLUMNS)
   imgs = np.clip((np.asarray(images[:n], np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
@@ -126,10 +125,7 @@ def save_grid(images, path: str, *, rows: int, min_side: int = 32):
   for i, img in enumerate(imgs):
     r, col = divmod(i, GRID_COLUMNS)
     grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, col * (w + 2) + 1 : col * (w + 2) + 1 + w] = img
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp.png"
-  Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp)
-  os.replace(tmp, path)
+  write_png(path, grid[..., 0] if c == 1 else grid)
 
 
 class SampleEvaluator:
@@ -250,9 +246,7 @@ class SampleEvaluator:
     fd = frechet_distance(*feature_statistics(feats), *feature_statistics(test_feats))
     floor = frechet_distance(*feature_statistics(train_feats), *feature_statistics(test_feats))
     path = os.path.join(self.workdir, "eval", f"features_{step}.npz")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path + ".tmp.npz", samples=feats, real=test_feats, labels=labels)
-    os.replace(path + ".tmp.npz", path)
+    write_npz(path, samples=feats, real=test_feats, labels=labels)
     return {
       "fd_digits": fd,
       "accuracy_samples": float(np.mean(np.argmax(logits, -1) == labels)),
