@@ -192,7 +192,7 @@ def train(config, workdir):
   mesh, tx, schedule, model = _setup(config)
   current = {"step": 0}
   evaluator = generative.SampleEvaluator(
-    config, workdir, model, step_of=lambda: current["step"], ema=_uses_ema(config)
+    config, workdir, model, step_of=lambda: current["step"], ema=_uses_ema(config), mesh=mesh
   )
   return loop.train(
     config,
@@ -217,7 +217,7 @@ def evaluate(config, workdir, step=None):
   got = {}
   # Built first, so a bad eval setting is reported before a checkpoint is read.
   evaluator = generative.SampleEvaluator(
-    config, workdir, model, step_of=lambda: got["step"], ema=use_ema
+    config, workdir, model, step_of=lambda: got["step"], ema=use_ema, mesh=mesh
   )
   got["step"], params = loop.load_params(
     config, workdir, init_fn(config, tx, model), mesh, ema=use_ema, step=step

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from contrastive_jax.models.inception import FEATURES, InceptionV3
 from contrastive_jax.train.metrics import write_npz
-from contrastive_jax.train.sharding import batch_sharding, logical_shardings
+from contrastive_jax.train.sharding import batch_sharding, logical_shardings, place
 
 
 def quantize_images(images) -> np.ndarray:
@@ -72,7 +72,7 @@ def pool3_features(params, images, *, mesh, batch_size: int, model=None) -> np.n
     n = len(x)
     if n < chunk:
       x = np.concatenate([x, np.zeros((chunk - n, *x.shape[1:]), x.dtype)])
-    f = _pool3(params, jax.device_put(x, sharding), model=model)
+    f = _pool3(params, place(x, mesh), model=model)
     if not f.is_fully_addressable:
       f = multihost_utils.process_allgather(f, tiled=True)
     out.append(np.asarray(f)[:n])
