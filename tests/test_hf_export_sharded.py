@@ -20,7 +20,7 @@ def test_fsdp_sharded_encoder_exports_the_same_tensors(tmp_path, monkeypatch):
     vocab_size=64,
   )
   ids = jnp.zeros((1, 4), jnp.int32)
-  init = lambda: Encoder(cfg).init(jax.random.key(0), ids, jnp.ones_like(ids))  # noqa: E731
+  init = lambda: Encoder(cfg).init(jax.random.key(0), ids, jnp.ones_like(ids))
   mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
   host = jax.device_get(init())
   boxed = jax.device_put(host, logical_shardings(jax.eval_shape(init), mesh))
