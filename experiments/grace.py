@@ -115,7 +115,7 @@ def build(config, *, with_weights: bool = True):
     prompts=prompts,
     init_state=init_state,
     per_step=per_step,
-    evaluators={"retrieval": GraceEvaluator(config, tok, dcfg, records)},
+    evaluators={"retrieval": GraceEvaluator(config, tok, dcfg, records, mesh=mesh)},
   )
 
 
@@ -131,15 +131,18 @@ def make_reward_fn(config, b):
   eos, pad = eos_ids(tok, b["dcfg"]), tok.pad_token_id or 0
   k = r.group_size
 
+  def placed(*xs):
+    # Host arrays, the same on every process, batch-sharded onto the mesh (`place`), so the
+    # rationale decoding and the embedding forward run on each device's own rows.
+    return [x if isinstance(x, jax.Array) else sharding.place(x, b["mesh"]) for x in xs]
+
   def aux(params, name, ids, key, lengths):
     arr = prompts[name]
     emb, done = encode(
       lm,
       hidden,
       params,
-      arr["tokens"][ids],
-      arr["mask"][ids],
-      arr["segments"][ids],
+      *placed(arr["tokens"][ids], arr["mask"][ids], arr["segments"][ids]),
       key,
       init_cache=lm.init_cache,
       max_new_tokens=r.max_new_tokens,
@@ -161,11 +164,9 @@ def make_reward_fn(config, b):
       embed(
         hidden,
         params,
-        ro.prompt_tokens,
-        ro.prompt_mask,
-        prompts["pos"]["segments"][ids],
-        ro.tokens,
-        ro.mask,
+        *placed(
+          ro.prompt_tokens, ro.prompt_mask, prompts["pos"]["segments"][ids], ro.tokens, ro.mask
+        ),
         method=rw.pooling,
       )
     ).reshape(t, k, -1)

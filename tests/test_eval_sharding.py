@@ -71,3 +71,80 @@ def test_sampler_inputs_and_outputs_are_batch_sharded(mesh8):
   np.testing.assert_array_equal(
     np.asarray(noise), np.asarray(jax.random.normal(jax.random.PRNGKey(0), (16, 8, 8, 1)))
   )
+
+
+def test_grace_encode_on_mesh_placed_prompts_equals_one_device(mesh8):
+  from contrastive_jax.evaluation.grace_eval import DecoderHidden
+  from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
+  from contrastive_jax.sampling.rationale import encode
+  from contrastive_jax.train.sharding import place
+
+  cfg = DecoderConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+    num_kv_heads=2, head_dim=8,
+  )  # fmt: skip
+  b, p = 16, 6
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 64, (b, p)).astype(np.int32)
+  mask = np.ones((b, p), np.int32)
+  mask[::3, :2] = 0  # some rows left-padded
+  segments = np.where(mask > 0, np.where(np.arange(p) < 3, 1, 2), 0).astype(np.int32)
+  params = nn.meta.unbox(
+    Decoder(cfg).init(jax.random.PRNGKey(0), tokens[:1], np.arange(p)[None], mask[:1])
+  )
+  lm, hidden = DecoderLM(cfg), DecoderHidden(cfg)
+  kw = {"init_cache": lm.init_cache, "max_new_tokens": 4, "greedy": True, "eos_ids": (3,)}
+  dev0 = jax.devices()[0]
+  want, want_done = encode(
+    lm, hidden, jax.device_put(params, dev0), *jax.device_put((tokens, mask, segments), dev0),
+    jax.random.PRNGKey(1), **kw,
+  )  # fmt: skip
+  got, done = encode(
+    lm, hidden, params, *(place(x, mesh8) for x in (tokens, mask, segments)),
+    jax.random.PRNGKey(1), **kw,
+  )  # fmt: skip
+  np.testing.assert_array_equal(np.asarray(done.tokens), np.asarray(want_done.tokens))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  for x in (got, done.tokens):
+    assert x.sharding.is_equivalent_to(generative.batch_sharding(mesh8, x.ndim), x.ndim)
+    assert {s.data.shape[0] for s in x.addressable_shards} == {2}
+
+
+def test_seal_encoding_feeds_sharded_batches_equal_to_one_device(mesh8):
+  from configs.seal import get_config as seal_config
+  from contrastive_jax.models.encoder import Encoder, EncoderConfig
+  from contrastive_jax.train.sharding import make_mesh
+  from contrastive_jax.weights import encoder as W
+  from contrastive_jax.weights.hf import load_tokenizer
+  from experiments import seal
+
+  cfg = EncoderConfig(
+    hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+    max_position_embeddings=64,
+  )  # fmt: skip
+  ids = np.zeros((1, 4), np.int32)
+  model = Encoder(cfg)
+  params = model.init(jax.random.PRNGKey(0), ids, np.ones_like(ids))
+  tok = load_tokenizer(W.minilm_model_dir())
+  config = seal_config("test")  # only model.pooling is read
+  texts = [f"document {i} " + "word " * (i % 5) for i in range(13)]
+  one = make_mesh({"data": 1}, jax.devices()[:1])
+  want = seal.encode_texts(
+    seal.make_embed(model, config, one), jax.device_put(params, jax.devices()[0]), tok, texts,
+    max_length=16, batch_size=5, mesh=one,
+  )  # fmt: skip
+  seen = []
+  embed8 = seal.make_embed(model, config, mesh8)
+
+  def recording(params, ids, mask):
+    out = embed8(params, ids, mask)
+    seen.append((ids.shape, ids.sharding, out))
+    return out
+
+  got = seal.encode_texts(recording, params, tok, texts, max_length=16, batch_size=5, mesh=mesh8)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # batch 5 rounds up to 8 rows (one per device): 13 texts -> 2 calls, the last padded.
+  assert [s[0] for s in seen] == [(8, 16), (8, 16)]
+  for _, sh, out in seen:
+    assert sh.is_equivalent_to(generative.batch_sharding(mesh8, 2), 2)
+    assert {s.data.shape[0] for s in out.addressable_shards} == {1}

@@ -43,7 +43,13 @@ from contrastive_jax.evaluation.fid import feature_statistics, frechet_distance
 from contrastive_jax.models.inception import InceptionV3
 from contrastive_jax.sampling import ddpm, flow
 from contrastive_jax.train.metrics import write_json, write_npz, write_png
-from contrastive_jax.train.sharding import batch_sharding, make_mesh, place, to_host
+from contrastive_jax.train.sharding import (
+  batch_sharding,
+  make_mesh,
+  place,
+  round_to_batch_devices,
+  to_host,
+)
 
 SAMPLERS = {"sit": ("ode_euler", "ode_heun", "sde"), "dit": ("ddpm", "ddim")}
 FEATURE_NETWORKS = ("digits_classifier", "inception_v3", "none")
@@ -152,8 +158,7 @@ def generate(
   noise_sharding, rows = None, batch_size
   if mesh is not None:
     noise_sharding = batch_sharding(mesh, 1 + len(shape))
-    devices = int(np.prod([mesh.shape[a] for a in noise_sharding.spec[0]]))
-    rows = -(-batch_size // devices) * devices
+    rows = round_to_batch_devices(batch_size, mesh)
   key = jax.random.PRNGKey(seed)
   labels = np.arange(num_samples, dtype=np.int32) % num_classes
   out = []
