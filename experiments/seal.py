@@ -118,7 +118,8 @@ def encode_texts(embed, params, tokenizer, texts, *, max_length, batch_size, mes
   batch_size = sharding.round_to_batch_devices(batch_size, mesh)
 
   def fn(batch):
-    enc = tokenize(tokenizer, batch[sharding.process_slice(len(batch))], max_length=max_length)
+    rows = batch[sharding.process_slice(len(batch), mesh)]
+    enc = tokenize(tokenizer, rows, max_length=max_length)
     ids, mask = sharding.host_to_global((enc["ids"], enc["mask"]), mesh)
     return sharding.to_host(embed(params, ids, mask))
 

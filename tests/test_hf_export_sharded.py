@@ -1,4 +1,4 @@
-"""HF safetensors export of parameters sharded over the mesh: gathered first, written by process 0."""
+"""HF safetensors export of mesh-sharded parameters: gathered first, written by process 0."""
 
 import jax
 import jax.numpy as jnp
