@@ -51,7 +51,7 @@ def test_sharded_sampling_equals_one_device(mesh8, kind, sampler, batch):
 
 def test_sampler_inputs_and_outputs_are_batch_sharded(mesh8):
   c, model, params = _model_and_params("sit")
-  c.eval.update(sampler="ode_euler", steps=2)
+  c.eval.update(sampler="ode_euler", steps=2, cfg_scale=1.5)  # guidance doubles each row
   sample = generative.make_sampler(
     model, model_cfg=c.model, eval_cfg=c.eval, path="linear", mesh=mesh8
   )
@@ -63,7 +63,8 @@ def test_sampler_inputs_and_outputs_are_batch_sharded(mesh8):
     assert x.sharding.is_equivalent_to(generative.batch_sharding(mesh8, x.ndim), x.ndim)
     assert {s.data.shape[0] for s in x.addressable_shards} == {2}
     assert len({s.device for s in x.addressable_shards}) == 8
-  # No collective in the compiled sampler: each device integrates its own 2 rows alone.
+  # No collective in the compiled sampler: each device integrates its own 2 rows (and their
+  # null-label copies for guidance) alone.
   hlo = sample.func.lower(params, noise, jax.random.PRNGKey(1), labels, **sample.keywords)
   text = hlo.compile().as_text()
   for op in ("all-gather", "all-to-all", "all-reduce", "collective-permute"):
