@@ -109,6 +109,14 @@ def test_grace_encode_on_mesh_placed_prompts_equals_one_device(mesh8):
   for x in (got, done.tokens):
     assert x.sharding.is_equivalent_to(generative.batch_sharding(mesh8, x.ndim), x.ndim)
     assert {s.data.shape[0] for s in x.addressable_shards} == {2}
+  # The held-out LM loss: 5 rows in passes of 3 -> 8 rows on the mesh (wrapped rows dropped).
+  from contrastive_jax.evaluation.embedding_eval import heldout_lm_loss
+
+  rows = [list(r[: 3 + i]) for i, r in enumerate(tokens[:5])]
+  want = heldout_lm_loss(lm, jax.device_put(params, dev0), rows, length=6, batch_size=3)
+  got = heldout_lm_loss(lm, params, rows, length=6, batch_size=3, mesh=mesh8)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert 1.0 < want < 2 * np.log(64)  # near log(vocab) for a random model; padding would lower it
 
 
 def test_seal_encoding_feeds_sharded_batches_equal_to_one_device(mesh8):
