@@ -14,7 +14,7 @@ from contrastive_jax.data.pipeline import array_batches
 from contrastive_jax.losses.contrastive import info_nce
 from contrastive_jax.models.mlp import MLPEncoder
 from contrastive_jax.train import loop, sharding
-from contrastive_jax.train.metrics import write_json
+from contrastive_jax.train.metrics import is_writer, write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.state import TrainState
 
@@ -98,5 +98,6 @@ def evaluate(config, workdir, step=None):
              **loop.run_evaluators({"knn": knn_evaluator(model)}, params)}
   path = os.path.join(workdir, f"eval_{got_step}.json")
   write_json(path, results)
-  print(json.dumps(results))
+  if is_writer():
+    print(json.dumps(results))
   return results

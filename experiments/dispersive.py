@@ -37,6 +37,7 @@ from contrastive_jax.sampling.ddpm import ddpm_training_batch
 from contrastive_jax.sampling.flow import flow_matching_batch
 from contrastive_jax.sampling.meanflow import meanflow_batch
 from contrastive_jax.train import loop, sharding
+from contrastive_jax.train.metrics import is_writer
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.state import TrainState
 
@@ -311,7 +312,7 @@ def train(config, workdir):
   mesh, tx, schedule, model = _setup(config)
   current = {"step": 0}
   evaluator = generative.SampleEvaluator(
-    config, workdir, model, step_of=lambda: current["step"], ema=_uses_ema(config)
+    config, workdir, model, step_of=lambda: current["step"], ema=_uses_ema(config), mesh=mesh
   )
   return loop.train(
     config,
@@ -336,11 +337,12 @@ def evaluate(config, workdir, step=None):
   got = {}
   # Built first, so a bad eval setting is reported before a checkpoint is read.
   evaluator = generative.SampleEvaluator(
-    config, workdir, model, step_of=lambda: got["step"], ema=use_ema
+    config, workdir, model, step_of=lambda: got["step"], ema=use_ema, mesh=mesh
   )
   got["step"], params = loop.load_params(
     config, workdir, init_fn(config, tx, model), mesh, ema=use_ema, step=step
   )
   results = evaluator.record(params)
-  print(json.dumps(results))
+  if is_writer():
+    print(json.dumps(results))
   return results

@@ -35,7 +35,7 @@ from contrastive_jax.losses.grace import grace_reward, grace_unsupervised_reward
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.rationale import SEGMENT_TEXT, embed, encode
 from contrastive_jax.train import loop, sharding
-from contrastive_jax.train.metrics import write_json
+from contrastive_jax.train.metrics import is_writer, write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
 from contrastive_jax.weights import gguf as gguf_lib
@@ -115,7 +115,7 @@ def build(config, *, with_weights: bool = True):
     prompts=prompts,
     init_state=init_state,
     per_step=per_step,
-    evaluators={"retrieval": GraceEvaluator(config, tok, dcfg, records)},
+    evaluators={"retrieval": GraceEvaluator(config, tok, dcfg, records, mesh=mesh)},
   )
 
 
@@ -131,15 +131,18 @@ def make_reward_fn(config, b):
   eos, pad = eos_ids(tok, b["dcfg"]), tok.pad_token_id or 0
   k = r.group_size
 
+  def placed(*xs):
+    # Host arrays, the same on every process, batch-sharded onto the mesh (`place`), so the
+    # rationale decoding and the embedding forward run on each device's own rows.
+    return [x if isinstance(x, jax.Array) else sharding.place(x, b["mesh"]) for x in xs]
+
   def aux(params, name, ids, key, lengths):
     arr = prompts[name]
     emb, done = encode(
       lm,
       hidden,
       params,
-      arr["tokens"][ids],
-      arr["mask"][ids],
-      arr["segments"][ids],
+      *placed(arr["tokens"][ids], arr["mask"][ids], arr["segments"][ids]),
       key,
       init_cache=lm.init_cache,
       max_new_tokens=r.max_new_tokens,
@@ -161,11 +164,9 @@ def make_reward_fn(config, b):
       embed(
         hidden,
         params,
-        ro.prompt_tokens,
-        ro.prompt_mask,
-        prompts["pos"]["segments"][ids],
-        ro.tokens,
-        ro.mask,
+        *placed(
+          ro.prompt_tokens, ro.prompt_mask, prompts["pos"]["segments"][ids], ro.tokens, ro.mask
+        ),
         method=rw.pooling,
       )
     ).reshape(t, k, -1)
@@ -323,5 +324,6 @@ def evaluate(config, workdir, step=None):
   }
   path = os.path.join(workdir, f"eval_{got_step}.json")
   write_json(path, results)
-  print(json.dumps({k: v for k, v in results.items() if k != "examples"}))
+  if is_writer():
+    print(json.dumps({k: v for k, v in results.items() if k != "examples"}))
   return results

@@ -26,7 +26,7 @@ from contrastive_jax.data.pipeline import array_batches
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.lm import sequence_logprobs
 from contrastive_jax.train import loop, sharding
-from contrastive_jax.train.metrics import write_json
+from contrastive_jax.train.metrics import is_writer, write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
 from experiments import policy_setup as setup
@@ -142,5 +142,6 @@ def evaluate(config, workdir, step=None):
   results = {"step": got_step, **loop.run_evaluators(b["evaluators"], params)}
   path = os.path.join(workdir, f"eval_{got_step}.json")
   write_json(path, results)
-  print(json.dumps(results))
+  if is_writer():
+    print(json.dumps(results))
   return results

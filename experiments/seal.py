@@ -31,7 +31,7 @@ from contrastive_jax.evaluation.retrieval import embedding_retrieval_metrics, en
 from contrastive_jax.losses.seal import seal_loss
 from contrastive_jax.models.encoder import Encoder, pool
 from contrastive_jax.train import loop, sharding
-from contrastive_jax.train.metrics import write_json
+from contrastive_jax.train.metrics import is_writer, write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.state import TrainState
 from contrastive_jax.weights import encoder as W
@@ -109,10 +109,18 @@ def make_embed(model, config, mesh):
 
 
 def encode_texts(embed, params, tokenizer, texts, *, max_length, batch_size, mesh):
-  """[len(texts), D] embeddings, `batch_size` texts per sharded call (last batch padded)."""
+  """[len(texts), D] embeddings (whole on every process), sharded calls of `batch_size` texts.
+
+  `batch_size` is rounded up to a multiple of the mesh's batch devices (data x fsdp) and the
+  last batch padded with copies whose rows are dropped (`encode_corpus`). Each process tokenises
+  and feeds only its own rows of each batch (`host_to_global`); every process passes the same
+  `texts`. The length is fixed (`max_length`), so every process builds the same shape.
+  """
+  batch_size = sharding.round_to_batch_devices(batch_size, mesh)
 
   def fn(batch):
-    enc = tokenize(tokenizer, batch, max_length=max_length)
+    rows = batch[sharding.process_slice(len(batch), mesh)]
+    enc = tokenize(tokenizer, rows, max_length=max_length)
     ids, mask = sharding.host_to_global((enc["ids"], enc["mask"]), mesh)
     return sharding.to_host(embed(params, ids, mask))
 
@@ -163,9 +171,7 @@ def _prepare_data(config, workdir, model, params, tokenizer, mesh):
     )
   groups = np.concatenate([positives[:, None], negs], axis=1)
   data = {"queries": queries, "documents": docs, "groups": groups.tolist()}
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    write_json(path, data)
+  write_json(path, data)  # process 0
   return data
 
 
@@ -330,5 +336,6 @@ def evaluate(config, workdir, step=None):
   name = "eval_zero_shot.json" if config.eval.zero_shot else f"eval_{got_step}.json"
   if jax.process_index() == 0:
     write_json(os.path.join(workdir, name), results)
-  print(json.dumps(results))
+  if is_writer():
+    print(json.dumps(results))
   return results

@@ -9,8 +9,8 @@ every epoch, identical on a resumed run. The iterator's state is the batch index
 
 Tokenisation is host-side with a `transformers` fast tokenizer, truncating queries and passages
 to their maximum lengths. Padding is to the maximum length (one compiled shape), or, with
-`length_buckets`, to the smallest bucket holding the batch's longest row (few shapes, less
-padding on short documents).
+`length_buckets`, to the smallest bucket holding the longest row of the GLOBAL batch (few shapes,
+less padding on short documents; the same shape on every process).
 """
 
 from __future__ import annotations
@@ -122,9 +122,15 @@ class SealBatches:
     return self._untagged[doc]
 
   def __next__(self):
-    rows = self.examples(self.position)[self.row_slice]
+    global_rows = self.examples(self.position)
     self.position += 1
     qmax, pmax, buckets = self.lengths
+    # A bucket is a compiled shape, so every process must pick the same one: from the longest
+    # row of the whole global batch, not of its own rows (which gave one host p_ids [16, 512]
+    # and the other [16, 64]). With buckets on, each process therefore builds and tokenises the
+    # global batch's texts (host work, no collective: the iterator may run ahead of the step)
+    # and keeps its rows; without buckets the length is fixed and only its own rows are built.
+    rows = global_rows if buckets else global_rows[self.row_slice]
     docs = [(int(d), ex, ep, s) for ex, ep in rows for s, d in enumerate(self.groups[ex])]
     texts = {"q": [self.queries[ex] for ex, _ in rows], "p": [self.documents[d[0]] for d in docs]}
     if "untagged" in self.views:
@@ -136,5 +142,9 @@ class SealBatches:
       enc = tokenize(
         self.tokenizer, values, max_length=qmax if key == "q" else pmax, length_buckets=buckets
       )
-      batch[f"{key}_ids"], batch[f"{key}_mask"] = enc["ids"], enc["mask"]
+      for name, x in (("ids", enc["ids"]), ("mask", enc["mask"])):
+        if buckets:
+          # Rows are query-major (query i's G passages at i*G .. i*G+G-1): slice whole queries.
+          x = x.reshape(len(rows), -1, x.shape[-1])[self.row_slice].reshape(-1, x.shape[-1])
+        batch[f"{key}_{name}"] = x
     return batch

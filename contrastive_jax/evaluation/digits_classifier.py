@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -24,9 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import traverse_util
 
 from contrastive_jax.data.digits import IMAGE_SHAPE, NUM_CLASSES, load_digits
+from contrastive_jax.train.metrics import write_npz
 
 
 class DigitsClassifier(nn.Module):
@@ -82,20 +83,18 @@ def train_digits_classifier(
 
 def load_or_train(cache_dir: str, *, steps: int = 400, seed: int = 0, hidden=(256, 64)):
   """The classifier's parameters from `cache_dir/digits_classifier_<hash>.npz`, trained and
-  written (atomically) on first use. The hash covers every hyper-parameter."""
+  written on first use (atomically, by process 0; a process that finds no file trains the same
+  deterministic classifier itself). The hash covers every hyper-parameter."""
   spec = {"steps": int(steps), "seed": int(seed), "hidden": [int(h) for h in hidden], "version": 1}
   digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-  path = os.path.join(cache_dir, f"digits_classifier_{digest}.npz")
-  if os.path.exists(path):
-    with np.load(path) as f:
+  path = epath.Path(cache_dir) / f"digits_classifier_{digest}.npz"
+  if path.exists():
+    with path.open("rb") as fh, np.load(fh) as f:
       flat = {tuple(k.split("/")): jnp.asarray(f[k]) for k in f.files}
     return traverse_util.unflatten_dict(flat)
   params = train_digits_classifier(steps=steps, seed=seed, hidden=tuple(hidden))
   flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
-  os.makedirs(cache_dir, exist_ok=True)
-  tmp = path + f".{os.getpid()}.tmp.npz"
-  np.savez(tmp, **flat)
-  os.replace(tmp, path)
+  write_npz(path, **flat)
   return params
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from contrastive_jax.evaluation.retrieval import embedding_retrieval_metrics
 from contrastive_jax.sampling.lm import sequence_logprobs
-from contrastive_jax.train.sharding import to_host
+from contrastive_jax.train.sharding import place, round_to_batch_devices, to_host
 
 
 def unique_embeddings(encode_fn: Callable[[list[str]], np.ndarray], texts: Sequence[str]):
@@ -59,13 +59,23 @@ def retrieval_and_sts(encode_fn, queries, corpus, relevant, pair_left, pair_righ
   }
 
 
-def heldout_lm_loss(apply_fn, params, token_rows: Sequence[Sequence[int]], *, length: int,
-                    batch_size: int = 0, chunk: int = 0):
+def heldout_lm_loss(
+  apply_fn,
+  params,
+  token_rows: Sequence[Sequence[int]],
+  *,
+  length: int,
+  batch_size: int = 0,
+  chunk: int = 0,
+  mesh=None,
+):
   """Mean next-token negative log-likelihood (nats/token) of held-out texts.
 
   Each row is cut to `length` tokens; its first token is the prompt, the rest is scored with
   `sequence_logprobs`, `batch_size` rows per forward pass (0: all rows in one; the last pass
   wraps around to the first rows and drops them) and `chunk` positions of logits at a time.
+  With a `mesh`, each pass is batch-sharded on it, its rows rounded up to a multiple of
+  data x fsdp (the extra rows wrap around and are dropped the same way).
   """
   rows = [list(r)[:length] for r in token_rows if len(r) >= 2]
   if not rows:
@@ -80,10 +90,14 @@ def heldout_lm_loss(apply_fn, params, token_rows: Sequence[Sequence[int]], *, le
   fn = jax.jit(sequence_logprobs, static_argnums=0, static_argnames=("chunk",))
   count = len(rows)
   size = min(batch_size or count, count)
+  if mesh is not None:
+    size = round_to_batch_devices(size, mesh)
   total = 0.0
   for start in range(0, count, size):
     idx = np.arange(start, start + size) % count
-    logp = fn(apply_fn, params, prompt[idx], np.ones_like(prompt[idx]), tokens[idx], mask[idx],
-              chunk=chunk)
+    arrays = (prompt[idx], np.ones_like(prompt[idx]), tokens[idx], mask[idx])
+    if mesh is not None:
+      arrays = tuple(place(x, mesh) for x in arrays)
+    logp = fn(apply_fn, params, *arrays, chunk=chunk)
     total += float(np.sum(to_host(logp)[: count - start]))
   return -total / max(mask.sum(), 1)

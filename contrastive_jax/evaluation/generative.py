@@ -42,7 +42,14 @@ from contrastive_jax.evaluation import digits_classifier, inception_fid
 from contrastive_jax.evaluation.fid import feature_statistics, frechet_distance
 from contrastive_jax.models.inception import InceptionV3
 from contrastive_jax.sampling import ddpm, flow, meanflow
-from contrastive_jax.train.metrics import write_json
+from contrastive_jax.train.metrics import write_json, write_npz, write_png
+from contrastive_jax.train.sharding import (
+  batch_sharding,
+  make_mesh,
+  place,
+  round_to_batch_devices,
+  to_host,
+)
 
 SAMPLERS = {
   "sit": ("ode_euler", "ode_heun", "sde"),
@@ -64,10 +71,26 @@ def load_callable(spec: str, *, key: str):
     raise ValueError(f"{key}={spec!r}: cannot import it ({e})") from e
 
 
-@functools.partial(jax.jit, static_argnames=("model", "name", "path", "settings"))
-def _sample(params, noise, rng, labels, *, model, name, path, settings):
+@functools.partial(jax.jit, static_argnames=("model", "name", "path", "settings", "mesh"))
+def _sample(params, noise, rng, labels, *, model, name, path, settings, mesh):
   # Module-level and keyed by static (hashable) settings, so evaluators built again for the same
   # model (every in-loop evaluation, --mode eval) reuse one compilation.
+  if mesh is not None:
+    noise, labels = _on_batch_axes((noise, labels), mesh)
+  return _on_batch_axes(_run_sampler(params, noise, rng, labels, model, name, path, settings), mesh)
+
+
+def _on_batch_axes(tree, mesh):
+  """Constrains each leaf's leading axis to the mesh's batch axes: the sampler's in and out
+  shardings, so every device integrates only its own rows (identity without a mesh)."""
+  if mesh is None:
+    return tree
+  return jax.tree.map(
+    lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim)), tree
+  )
+
+
+def _run_sampler(params, noise, rng, labels, model, name, path, settings):
   settings = dict(settings)
   if name == "meanflow":
 
@@ -91,8 +114,12 @@ def _sample(params, noise, rng, labels, *, model, name, path, settings):
   return fn(apply_fn, params, noise, rng, labels=labels, **settings)
 
 
-def make_sampler(model, *, model_cfg, eval_cfg, path: str):
-  """`sample(params, noise [B,H,W,C], rng, labels [B]) -> [B,H,W,C]` (jitted) from the config."""
+def make_sampler(model, *, model_cfg, eval_cfg, path: str, mesh=None):
+  """`sample(params, noise [B,H,W,C], rng, labels [B]) -> [B,H,W,C]` (jitted) from the config.
+
+  With a `mesh`, noise, labels and samples are sharded over its batch axes (data, fsdp): each
+  device samples B / (data * fsdp) rows, so sampling throughput scales with the device count.
+  """
   kind, name = model_cfg.kind, eval_cfg.sampler
   if name not in SAMPLERS.get(kind, ()):
     raise ValueError(
@@ -108,31 +135,68 @@ def make_sampler(model, *, model_cfg, eval_cfg, path: str):
     ("cfg_scale", float(eval_cfg.cfg_scale)),
     ("null_label", int(model_cfg.num_classes)),
   )
-  return functools.partial(_sample, model=model, name=name, path=path, settings=settings)
+  return functools.partial(_sample, model=model, name=name, path=path, settings=settings, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "rows", "sharding"))
+def _noise(key, *, shape, rows, sharding):
+  # Drawn as one global array straight into its shards (threefry is partitionable in JAX 0.10),
+  # so the values equal an unsharded draw; zero rows pad it to `rows`, a multiple of the batch
+  # devices, and are dropped after sampling.
+  out = jax.random.normal(key, shape)
+  out = jnp.pad(out, [(0, rows - shape[0])] + [(0, 0)] * (len(shape) - 1))
+  return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
 
 
 def generate(
-  sample, params, *, num_samples: int, batch_size: int, shape, num_classes: int, seed: int
+  sample,
+  params,
+  *,
+  num_samples: int,
+  batch_size: int,
+  shape,
+  num_classes: int,
+  seed: int,
+  mesh=None,
 ):
-  """(samples [N, *shape] numpy, labels [N]); batch b uses noise fold_in(key(seed), b)."""
+  """(samples [N, *shape] numpy, labels [N]); batch b uses noise fold_in(key(seed), 2b).
+
+  With a `mesh` (the one `sample` was made with), each batch's noise and labels are placed
+  batch-sharded on it (padded to a multiple of data x fsdp with rows that are then dropped) and
+  the samples come back from every device's shards (`to_host`, which all-gathers across
+  processes, so every process holds all N). The values do not depend on the mesh, except that
+  the stochastic samplers (sde, ddpm) draw their per-step noise at the padded shape, so theirs
+  match the unsharded run only when `batch_size` is a multiple of data x fsdp.
+  """
   if num_samples % batch_size:
     raise ValueError(
       f"eval.num_samples={num_samples} is not a multiple of eval.batch_size={batch_size}"
     )
+  noise_sharding, rows = None, batch_size
+  if mesh is not None:
+    noise_sharding = batch_sharding(mesh, 1 + len(shape))
+    rows = round_to_batch_devices(batch_size, mesh)
   key = jax.random.PRNGKey(seed)
   labels = np.arange(num_samples, dtype=np.int32) % num_classes
   out = []
   for b in range(num_samples // batch_size):
-    noise = jax.random.normal(jax.random.fold_in(key, 2 * b), (batch_size, *shape))
-    y = jnp.asarray(labels[b * batch_size : (b + 1) * batch_size])
-    out.append(np.asarray(sample(params, noise, jax.random.fold_in(key, 2 * b + 1), y)))
+    noise = _noise(
+      jax.random.fold_in(key, 2 * b),
+      shape=(batch_size, *shape),
+      rows=rows,
+      sharding=noise_sharding,
+    )
+    y = np.zeros(rows, np.int32)
+    y[:batch_size] = labels[b * batch_size : (b + 1) * batch_size]
+    y = jnp.asarray(y) if mesh is None else place(y, mesh)
+    x = sample(params, noise, jax.random.fold_in(key, 2 * b + 1), y)
+    out.append(to_host(x)[:batch_size])
   return np.concatenate(out), labels
 
 
 def save_grid(images, path: str, *, rows: int, min_side: int = 32):
-  """PNG of the first rows*10 images in [-1, 1] ([N, H, W, 1 or 3]), nearest-upscaled."""
-  from PIL import Image
-
+  """PNG of the first rows*10 images in [-1, 1] ([N, H, W, 1 or 3]), nearest-upscaled (written
+  atomically by process 0)."""
   n = min(rows * GRID_COLUMNS, len(images))
   rows = -(-n // GRID_COLUMNS)
   imgs = np.clip((np.asarray(images[:n], np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
@@ -143,19 +207,17 @@ def save_grid(images, path: str, *, rows: int, min_side: int = 32):
   for i, img in enumerate(imgs):
     r, col = divmod(i, GRID_COLUMNS)
     grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, col * (w + 2) + 1 : col * (w + 2) + 1 + w] = img
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp.png"
-  Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp)
-  os.replace(tmp, path)
+  write_png(path, grid[..., 0] if c == 1 else grid)
 
 
 class SampleEvaluator:
   """`evaluator(params) -> {"fid" or "fd_digits", ...}` for the loop; `record(params)` returns
   (and writes) the full JSON record. `step_of()` names the step for file names. `inception` is
   the Inception-v3 module for "inception_v3" (default `InceptionV3()`, the FID network at 299;
-  tests pass a smaller `image_size` to run in seconds)."""
+  tests pass a smaller `image_size` to run in seconds). `mesh` (default: one built from
+  `config.mesh`) is where sampling and feature extraction are sharded over the batch axes."""
 
-  def __init__(self, config, workdir: str, model, *, step_of, ema: bool, inception=None):
+  def __init__(self, config, workdir: str, model, *, step_of, ema: bool, inception=None, mesh=None):
     ec = config.eval
     if ec.feature_network not in FEATURE_NETWORKS:
       raise ValueError(
@@ -169,16 +231,18 @@ class SampleEvaluator:
       )
     self.config, self.workdir, self.step_of, self.ema = config, workdir, step_of, ema
     self.decoder = load_callable(ec.decoder, key="eval.decoder") if ec.decoder else None
-    self.sample = make_sampler(model, model_cfg=m, eval_cfg=ec, path=config.diffusion.path)
+    self.mesh = make_mesh(config.mesh) if mesh is None else mesh
+    self.sample = make_sampler(
+      model, model_cfg=m, eval_cfg=ec, path=config.diffusion.path, mesh=self.mesh
+    )
     self._classifier = None
     if ec.feature_network == "inception_v3":
       self.inception = inception or InceptionV3()
-      self._inception = self._load_inception(config, self.inception)
+      self._inception = self._load_inception(config, self.inception, self.mesh)
 
   @staticmethod
-  def _load_inception(config, inception):
+  def _load_inception(config, inception, mesh):
     """(params on the mesh, mesh, reference mu, sigma), checked before any sampling."""
-    from contrastive_jax.train.sharding import make_mesh
     from contrastive_jax.weights.inception import WEIGHTS_FILE, load_inception_params
 
     ec, m = config.eval, config.model
@@ -202,7 +266,6 @@ class SampleEvaluator:
         "format; ADM's VIRTUAL_imagenet256_labeled.npz for ImageNet 256)"
       )
     mu, sigma = inception_fid.load_reference_stats(ec.reference_stats)
-    mesh = make_mesh(config.mesh)
     weights = load_inception_params(ec.inception_weights)
     params = inception_fid.shard_params(weights, mesh, model=inception)
     return params, mesh, mu, sigma
@@ -229,6 +292,7 @@ class SampleEvaluator:
       shape=(m.input_size, m.input_size, m.in_channels),
       num_classes=m.num_classes,
       seed=ec.seed,
+      mesh=self.mesh,
     )
     if self.decoder is not None:
       images = np.asarray(self.decoder(images))
@@ -277,9 +341,7 @@ class SampleEvaluator:
     fd = frechet_distance(*feature_statistics(feats), *feature_statistics(test_feats))
     floor = frechet_distance(*feature_statistics(train_feats), *feature_statistics(test_feats))
     path = os.path.join(self.workdir, "eval", f"features_{step}.npz")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path + ".tmp.npz", samples=feats, real=test_feats, labels=labels)
-    os.replace(path + ".tmp.npz", path)
+    write_npz(path, samples=feats, real=test_feats, labels=labels)
     return {
       "fd_digits": fd,
       "accuracy_samples": float(np.mean(np.argmax(logits, -1) == labels)),

@@ -18,7 +18,7 @@ from contrastive_jax.data.structdoc import tag_stripped_view
 from contrastive_jax.evaluation.embedding_eval import heldout_lm_loss, retrieval_and_sts
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
 from contrastive_jax.sampling.rationale import encode
-from contrastive_jax.train.sharding import to_host
+from contrastive_jax.train.sharding import place, round_to_batch_devices, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +28,7 @@ class DecoderHidden:
   config: DecoderConfig
 
   def __call__(self, params, tokens, *, positions, key_mask):
-    out = Decoder(self.config).apply(
-      params, tokens, positions, key_mask, logits=False
-    )
+    out = Decoder(self.config).apply(params, tokens, positions, key_mask, logits=False)
     return out["hidden"]
 
 
@@ -47,10 +45,12 @@ class GraceEvaluator:
 
   Queries: the test split's module sentences (at most eval.max_docs, 0 = all); corpus: their
   pages (tag-stripped, data.max_chars); pairs: `data.grace.scored_pairs`. Rationales are greedy,
-  eval.max_new_tokens long; `examples` keeps the last call's first rationales.
+  eval.max_new_tokens long; `examples` keeps the last call's first rationales. With a `mesh`,
+  each encoding batch (eval.batch_size rounded up to a multiple of data x fsdp) is placed
+  batch-sharded on it, so every device decodes and embeds only its own rows.
   """
 
-  def __init__(self, config, tok, dcfg, records):
+  def __init__(self, config, tok, dcfg, records, *, mesh=None):
     e, d = config.eval, config.data
     test = [r for r in records if r["split"] == "test"]
     test = test[: e.max_docs] if e.max_docs else test
@@ -65,13 +65,16 @@ class GraceEvaluator:
       tok(tag_stripped_view(r["content"]), add_special_tokens=False)["input_ids"] for r in test
     ]
     self.examples, self._stats = [], {}
+    self.mesh = mesh
 
   def encode_fn(self, params, max_new_tokens):
     c = self.cfg
 
     def fn(texts):
       arr = grace_data.chat_prompts(self.tok, texts, max_text_tokens=c.data.max_text_tokens)
-      out, bs = [], c.eval.batch_size
+      bs = c.eval.batch_size
+      bs = bs if self.mesh is None else round_to_batch_devices(bs, self.mesh)
+      out = []
       lengths, hit = [], []
       for i, start in enumerate(range(0, len(texts), bs)):
         rows = np.arange(start, min(start + bs, len(texts)))
@@ -80,7 +83,7 @@ class GraceEvaluator:
           self.lm,
           self.hidden,
           params,
-          *(arr[k][pad] for k in ("tokens", "mask", "segments")),
+          *(self._placed(arr[k][pad]) for k in ("tokens", "mask", "segments")),
           jax.random.fold_in(jax.random.PRNGKey(c.eval.seed), i),
           init_cache=self.lm.init_cache,
           max_new_tokens=max_new_tokens,
@@ -113,6 +116,10 @@ class GraceEvaluator:
 
     return fn
 
+  def _placed(self, x):
+    # Every process holds the same prompts; `place` fills only its own devices' rows.
+    return x if self.mesh is None else place(x, self.mesh)
+
   def __call__(self, params):
     relevant = np.arange(len(self.queries))  # query i's page is corpus row i
     results = {}
@@ -129,5 +136,6 @@ class GraceEvaluator:
       length=self.cfg.eval.lm_tokens,
       batch_size=self.cfg.eval.batch_size,
       chunk=self.cfg.policy.logprob_chunk,
+      mesh=self.mesh,
     )
     return results

@@ -21,7 +21,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from contrastive_jax.models.inception import FEATURES, InceptionV3
-from contrastive_jax.train.sharding import batch_sharding, logical_shardings
+from contrastive_jax.train.metrics import write_npz
+from contrastive_jax.train.sharding import batch_sharding, logical_shardings, place
 
 
 def quantize_images(images) -> np.ndarray:
@@ -71,7 +72,7 @@ def pool3_features(params, images, *, mesh, batch_size: int, model=None) -> np.n
     n = len(x)
     if n < chunk:
       x = np.concatenate([x, np.zeros((chunk - n, *x.shape[1:]), x.dtype)])
-    f = _pool3(params, jax.device_put(x, sharding), model=model)
+    f = _pool3(params, place(x, mesh), model=model)
     if not f.is_fully_addressable:
       f = multihost_utils.process_allgather(f, tiled=True)
     out.append(np.asarray(f)[:n])
@@ -100,7 +101,6 @@ def load_reference_stats(path: str, *, key: str = "eval.reference_stats"):
 
 
 def save_stats(path: str, mu, sigma) -> None:
-  """Writes `mu`, `sigma` in pytorch-fid's npz format (usable as `eval.reference_stats`)."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  np.savez(path + ".tmp.npz", mu=np.asarray(mu), sigma=np.asarray(sigma))
-  os.replace(path + ".tmp.npz", path)
+  """Writes `mu`, `sigma` in pytorch-fid's npz format (usable as `eval.reference_stats`);
+  atomic, process 0 only (`train.metrics.write_npz`)."""
+  write_npz(path, mu=mu, sigma=sigma)

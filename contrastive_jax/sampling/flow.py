@@ -99,15 +99,17 @@ def classifier_free_guidance(apply_fn: ApplyFn, *, cfg_scale: float, null_label:
   if cfg_scale == 1.0:
     return apply_fn
 
+  def pair(a, b):
+    # Row i's conditional and null copies side by side ([2B] = [B, 2] flattened), not the two
+    # halves concatenated: on a batch-sharded x every device's doubled rows are then its own
+    # rows, so guidance adds no cross-device traffic to a sharded sampler.
+    return jnp.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
+
   def guided(params, x, t, y):
     b, c = x.shape[0], x.shape[-1]
-    out = apply_fn(
-      params,
-      jnp.concatenate([x, x]),
-      jnp.concatenate([t, t]),
-      jnp.concatenate([y, jnp.full_like(y, null_label)]),
-    )
-    cond, uncond = out[:b], out[b:]
+    out = apply_fn(params, pair(x, x), pair(t, t), pair(y, jnp.full_like(y, null_label)))
+    out = out.reshape(b, 2, *out.shape[1:])
+    cond, uncond = out[:, 0], out[:, 1]
     mix = uncond[..., :c] + cfg_scale * (cond[..., :c] - uncond[..., :c])
     return jnp.concatenate([mix, cond[..., c:]], axis=-1)
 

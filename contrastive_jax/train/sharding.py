@@ -208,8 +208,11 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> An
     if isinstance(leaf, nn.Partitioned):
       names = leaf.names
       value = leaf.value
-      spec = nn.logical_to_mesh_axes(names, rules) if isinstance(leaf, nn.LogicallyPartitioned) \
+      spec = (
+        nn.logical_to_mesh_axes(names, rules)
+        if isinstance(leaf, nn.LogicallyPartitioned)
         else P(*names)
+      )
       return NamedSharding(mesh, _fit_spec(spec, value.shape, mesh))
     return NamedSharding(mesh, P())
 
@@ -330,3 +333,14 @@ def process_slice(global_batch_size: int, mesh: Mesh | None = None) -> slice:
     raise ValueError(f"global batch {global_batch_size} does not divide over {n} processes")
   per = global_batch_size // n
   return slice(i * per, (i + 1) * per)
+
+
+def batch_devices(mesh: Mesh) -> int:
+  """How many ways the batch axis is split (data x fsdp): a sharded batch's row multiple."""
+  return _axis_size(mesh, tuple(a for a in ("data", "fsdp") if a in mesh.axis_names))
+
+
+def round_to_batch_devices(n: int, mesh: Mesh) -> int:
+  """`n` rounded up to a multiple of `batch_devices(mesh)` (pad a batch to this, then drop)."""
+  m = batch_devices(mesh)
+  return -(-int(n) // m) * m

@@ -17,6 +17,7 @@ import numpy as np
 
 from contrastive_jax.models.decoder import DecoderConfig
 from contrastive_jax.models.layers import stack_layers, unstack_layers
+from contrastive_jax.train.sharding import to_host
 from contrastive_jax.weights import hf
 from contrastive_jax.weights.hf import WeightsError
 
@@ -168,5 +169,8 @@ def save_decoder(
   """Writes params as an HF directory that `transformers.AutoModelForCausalLM` loads.
 
   Tokenizer files are copied from `copy_from` (e.g. the directory the model came from).
+  Parameters may be sharded over several processes: every process must call this (the gather
+  is a collective); process 0 writes.
   """
+  params = to_host(params)
   hf.save_model_dir(path, tensors_from_params(params, config), config.to_hf(), copy_from=copy_from)

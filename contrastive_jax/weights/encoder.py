@@ -25,6 +25,7 @@ from flax import traverse_util
 
 from contrastive_jax.models.encoder import Encoder, EncoderConfig
 from contrastive_jax.models.layers import stack_layers, unstack_layers
+from contrastive_jax.train.sharding import to_host
 from contrastive_jax.weights.hf import WeightsError, load_config, load_tensors, save_model_dir
 
 # Tensors that belong to heads beside the encoder, or to buffers; skipped when loading.
@@ -157,7 +158,10 @@ def tensors_from_params(params, config: EncoderConfig) -> dict[str, np.ndarray]:
 
 def save_encoder(path: str | os.PathLike, params, config: EncoderConfig, *, copy_from=None) -> None:
   """Writes params as an HF directory (config.json + safetensors; tokenizer copied from
-  `copy_from`) that `transformers.AutoModel.from_pretrained` loads."""
+  `copy_from`) that `transformers.AutoModel.from_pretrained` loads. Parameters may be sharded
+  over several processes: every process must call this (the gather is a collective); process 0
+  writes."""
+  params = to_host(params)
   save_model_dir(path, tensors_from_params(params, config), config.to_hf(), copy_from=copy_from)
 
 

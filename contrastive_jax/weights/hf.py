@@ -74,8 +74,9 @@ def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       with safe_open(str(file), framework="flax") as f:
         for name in f.keys():
           x = np.asarray(f.get_tensor(name))
-          out[name] = x.astype(np.float32) if x.dtype.kind == "V" or str(x.dtype) == "bfloat16" \
-            else x
+          out[name] = (
+            x.astype(np.float32) if x.dtype.kind == "V" or str(x.dtype) == "bfloat16" else x
+          )
     except Exception as e:  # safetensors raises its own error types for truncated headers.
       raise WeightsError(f"{file}: cannot read safetensors ({e})") from e
   return out
@@ -93,8 +94,15 @@ def save_model_dir(
 
   Tokenizer and generation files are copied from `copy_from` when given. The directory is
   assembled in a temporary sibling and renamed into place, so a crash never leaves half a model.
+  Only process 0 writes (`train.metrics.is_writer`); `tensors` must already be whole on it
+  (callers gather with `train.sharding.to_host`, as `save_decoder` / `save_encoder` do).
   """
   from safetensors.numpy import save_file
+
+  from contrastive_jax.train.metrics import is_writer
+
+  if not is_writer():
+    return
 
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
