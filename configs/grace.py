@@ -40,6 +40,7 @@ def get_config(preset: str = "cpu"):
     modules=(),
     max_chars=400,
     max_text_tokens=64,
+    prompt_len=0,  # chat prompts padded to this many tokens; 0 = the longest prompt
     train_size=64,
     cache_dir="runs/cache",
     seed=0,
@@ -114,7 +115,8 @@ def get_config(preset: str = "cpu"):
     c.algorithm = algorithm
     c.model.update(source="hf", path="models/Qwen2.5-1.5B-Instruct", dtype="bfloat16")
     c.data.update(
-      source="jsonl", train_file="data/e5/triplets.jsonl", max_text_tokens=512, train_size=0
+      source="jsonl", train_file="data/e5/triplets.jsonl", max_text_tokens=512, train_size=0,
+      prompt_len=576,  # 512 text tokens + the chat template and system prompt (~46 tokens)
     )
     c.rollout.update(group_size=8, max_new_tokens=2048)
     c.policy.update(minibatches=4)  # 64 triplets per rollout batch, 16 per update

@@ -36,6 +36,7 @@ import importlib
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -417,7 +418,8 @@ def run(config, workdir: str, topology: str, *, log=print) -> dict:
 def main(config, workdir: str, topology: str | None) -> int:
   """`launch.py --mode preflight`: sets up JAX for compiling only, runs, prints; exit status."""
   if not topology:
-    print("error: --mode preflight needs --topology (e.g. v5p-8, v5litepod-16, cpu:8, h200:8)")
+    print("error: --mode preflight needs --topology (e.g. v5p-8, v5litepod-16, cpu:8, h200:8)",
+          file=sys.stderr)
     return 2
   kind, _, count = topology.lower().partition(":")
   import jax
@@ -432,7 +434,7 @@ def main(config, workdir: str, topology: str | None) -> int:
   try:
     result = run(config, workdir, topology)
   except PreflightError as e:
-    print(f"error: {e}")
+    print(f"error: {e}", file=sys.stderr)
     return 2
   print(format_table(result))
   print(f"wrote {os.path.join(workdir, 'preflight.json')}")
@@ -440,5 +442,5 @@ def main(config, workdir: str, topology: str | None) -> int:
   for name, r in bad:
     used = "more than fits" if r.get("total_bytes") is None else f"{r['total_bytes'] / 1e9:.2f} GB"
     print(f"error: piece {name!r} needs {used} per device; {result['device_kind']} has "
-          f"{result['memory_bytes'] / 1e9:.2f} GB ({result['memory_source']})")
+          f"{result['memory_bytes'] / 1e9:.2f} GB ({result['memory_source']})", file=sys.stderr)
   return 1 if bad else 0
