@@ -77,7 +77,8 @@ def get_config(preset: str = "cpu"):
     c.model.update(source="hf", path="models/Qwen2.5-Math-1.5B", dtype="bfloat16")
     c.task.update(name="math_jsonl", style="chat", dataset="math",
                   train_file="data/math/train.jsonl", test_file="data/math/test500.jsonl",
-                  train_size=0, test_size=0)
+                  train_size=0, test_size=0,
+                  max_prompt_len=1024)  # prompts padded to 1024 tokens (fixed shapes; preflight)
     c.rollout.update(group_size=group, max_new_tokens=3000)
     c.policy.update(epochs=1, minibatches=1, clip_low=0.2, clip_high=0.28, kl_beta=0.0)
     c.eval.update(k=32, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=3000, batch_size=256)

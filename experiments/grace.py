@@ -350,8 +350,7 @@ def preflight_pieces(config, mesh):
   train step."""
   import dataclasses
 
-  from contrastive_jax.train import preflight
-  from contrastive_jax.train import policy_opt
+  from contrastive_jax.train import policy_opt, preflight
 
   m, r, rw = config.model, config.rollout, config.reward
   try:

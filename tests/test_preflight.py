@@ -38,33 +38,47 @@ def cpu8_result(tmp_path_factory):
 
 
 def test_cpu8_preflight_bytes_equal_the_compiled_executable(cpu8_result):
-  workdir, result = cpu8_result
+  workdir, _ = cpu8_result
   saved = json.loads((workdir / "preflight.json").read_text())
   assert saved["device_count"] == 8 and saved["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
   assert set(saved["pieces"]) == {"train_step", "sampler"} and saved["fits"]
   assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
   # The same piece compiled here, outside preflight: the JSON holds the executable's numbers.
-  mesh = jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:8])
+  mesh = jax.make_mesh(
+    (8, 1, 1),
+    ("data", "fsdp", "tensor"),
+    axis_types=(jax.sharding.AxisType.Auto,) * 3,
+    devices=jax.devices()[:8],
+  )
   piece = dispersive.preflight_pieces(_config(), mesh)["train_step"]
-  compiled = jax.jit(piece.fn, in_shardings=piece.in_shardings,
-                     out_shardings=piece.out_shardings,
-                     donate_argnums=piece.donate_argnums).lower(*piece.args).compile()
+  compiled = (
+    jax.jit(
+      piece.fn,
+      in_shardings=piece.in_shardings,
+      out_shardings=piece.out_shardings,
+      donate_argnums=piece.donate_argnums,
+    )
+    .lower(*piece.args)
+    .compile()
+  )
   m, rec = compiled.memory_analysis(), saved["pieces"]["train_step"]
   assert rec["argument_bytes"] == m.argument_size_in_bytes > 0
   assert rec["output_bytes"] == m.output_size_in_bytes
   assert rec["alias_bytes"] == m.alias_size_in_bytes > 0  # the donated state
   assert rec["temp_bytes"] == m.temp_size_in_bytes
-  assert rec["total_bytes"] == (m.argument_size_in_bytes + m.output_size_in_bytes
-                                - m.alias_size_in_bytes + m.temp_size_in_bytes)
+  assert rec["total_bytes"] == (
+    m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+  )
   assert rec["flops"] == compiled.cost_analysis()["flops"] > 0
   # The parameters are sharded as the loop shards them: arguments hold the replicated state
   # (the test mesh is data-parallel), the batch's 32 rows split over 8 devices.
   assert rec["per_step"] == 1.0 and saved["pieces"]["sampler"]["per_step"] == 0.0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
+@pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler",
+)
 def test_tpu_topology_preflight_projects_the_roofline(tmp_path):
   result = preflight.run(_config(), str(tmp_path), "v5litepod-8", log=lambda *_: None)
   assert result["device_kind"] == "TPU v5 lite" and result["device_count"] == 8
@@ -80,7 +94,8 @@ def test_tpu_topology_preflight_projects_the_roofline(tmp_path):
   assert step["pieces"] == ["train_step"]  # the sampler is evaluation: not in the step
   assert step["roofline_seconds"] == pytest.approx(expected, rel=1e-12)
   assert json.loads((tmp_path / "preflight.json").read_text())["chip"]["source"].startswith(
-    "cloud.google.com/tpu/docs/v5e")
+    "cloud.google.com/tpu/docs/v5e"
+  )
 
 
 def test_unknown_topology_names_the_choices():
@@ -91,11 +106,28 @@ def test_unknown_topology_names_the_choices():
 def test_absurd_batch_exits_nonzero_naming_the_piece(tmp_path):
   # 2^24 rows of 8x8 digits: the batch alone is 4 GiB, 0.5 GiB per device, and the activations
   # of 16 tokens x 32 channels per row many times that: more than host memory / 8.
-  cmd = [sys.executable, "launch.py", "--config", "configs/dispersive.py:test",
-         "--config.train.batch_size=16777216", *(f"--config.{k}={v}" for k, v in SMALL.items()),
-         f"--workdir={tmp_path}", "--mode", "preflight", "--topology", "cpu:8"]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  cmd = [
+    sys.executable,
+    "launch.py",
+    "--config",
+    "configs/dispersive.py:test",
+    "--config.train.batch_size=16777216",
+    *(f"--config.{k}={v}" for k, v in SMALL.items()),
+    f"--workdir={tmp_path}",
+    "--mode",
+    "preflight",
+    "--topology",
+    "cpu:8",
+  ]
+  out = subprocess.run(
+    cmd,
+    check=False,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert out.returncode == 1, out.stdout + out.stderr
   assert "piece 'train_step' needs" in out.stderr
   saved = json.loads((tmp_path / "preflight.json").read_text())

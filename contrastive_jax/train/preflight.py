@@ -57,29 +57,75 @@ class Chip:
 
 # Per chip (a v4 / v5p chip is one JAX device with two TensorCores). Dense bf16, no sparsity.
 CHIPS = {
-  "v4": Chip("TPU v4", 32 * GiB, 275e12, 1200e9,
-             "cloud.google.com/tpu/docs/v4: 275 TFLOPs bf16, 32 GiB HBM2, 1200 GBps"),
-  "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 819e9,
-              "cloud.google.com/tpu/docs/v5e: 197 TFLOPs bf16, 16 GiB HBM2, 819 GBps"),
-  "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2765e9,
-              "cloud.google.com/tpu/docs/v5p: 459 TFLOPs bf16, 95 GiB HBM2e, 2765 GBps"),
-  "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1640e9,
-              "cloud.google.com/tpu/docs/v6e: 918 TFLOPs bf16, 32 GiB HBM, 1640 GBps"),
-  "h100": Chip("NVIDIA H100 SXM", 80e9, 989e12, 3.35e12,
-               "NVIDIA H100 datasheet: 1979 TFLOPS bf16 with sparsity (989 dense), 80 GB HBM3, "
-               "3.35 TB/s"),
-  "h200": Chip("NVIDIA H200 SXM", 141e9, 989e12, 4.8e12,
-               "NVIDIA H200 datasheet: 1979 TFLOPS bf16 with sparsity (989 dense), 141 GB HBM3e, "
-               "4.8 TB/s"),
+  "v4": Chip(
+    "TPU v4",
+    32 * GiB,
+    275e12,
+    1200e9,
+    "cloud.google.com/tpu/docs/v4: 275 TFLOPs bf16, 32 GiB HBM2, 1200 GBps",
+  ),
+  "v5e": Chip(
+    "TPU v5e",
+    16 * GiB,
+    197e12,
+    819e9,
+    "cloud.google.com/tpu/docs/v5e: 197 TFLOPs bf16, 16 GiB HBM2, 819 GBps",
+  ),
+  "v5p": Chip(
+    "TPU v5p",
+    95 * GiB,
+    459e12,
+    2765e9,
+    "cloud.google.com/tpu/docs/v5p: 459 TFLOPs bf16, 95 GiB HBM2e, 2765 GBps",
+  ),
+  "v6e": Chip(
+    "TPU v6e",
+    32 * GiB,
+    918e12,
+    1640e9,
+    "cloud.google.com/tpu/docs/v6e: 918 TFLOPs bf16, 32 GiB HBM, 1640 GBps",
+  ),
+  "h100": Chip(
+    "NVIDIA H100 SXM",
+    80e9,
+    989e12,
+    3.35e12,
+    "NVIDIA H100 datasheet: 1979 TFLOPS bf16 with sparsity (989 dense), 80 GB HBM3, 3.35 TB/s",
+  ),
+  "h200": Chip(
+    "NVIDIA H200 SXM",
+    141e9,
+    989e12,
+    4.8e12,
+    "NVIDIA H200 datasheet: 1979 TFLOPS bf16 with sparsity (989 dense), 141 GB HBM3e, 4.8 TB/s",
+  ),
 }
 
 # Cloud TPU accelerator types -> topology. v4-N / v5p-N count TensorCores (N / 2 chips,
 # 3-D torus); v5litepod-N / v6e-N count chips (2-D). Source: the "TPU versions" topology tables
 # of cloud.google.com/tpu/docs/v4, /v5p, /v5e, /v6e.
-_TORUS_3D = {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8",
-             512: "4x8x8", 1024: "8x8x8", 2048: "8x8x16", 4096: "8x16x16"}
-_TORUS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
-             256: "16x16"}
+_TORUS_3D = {
+  8: "2x2x1",
+  16: "2x2x2",
+  32: "2x2x4",
+  64: "2x4x4",
+  128: "4x4x4",
+  256: "4x4x8",
+  512: "4x8x8",
+  1024: "8x8x8",
+  2048: "8x8x16",
+  4096: "8x16x16",
+}
+_TORUS_2D = {
+  1: "1x1",
+  4: "2x2",
+  8: "2x4",
+  16: "4x4",
+  32: "4x8",
+  64: "8x8",
+  128: "8x16",
+  256: "16x16",
+}
 TOPOLOGIES = {
   **{f"v4-{n}": ("v4", f"v4:{t}") for n, t in _TORUS_3D.items()},
   **{f"v5p-{n}": ("v5p", f"v5p:{t}") for n, t in _TORUS_3D.items()},
@@ -147,8 +193,14 @@ def train_step_piece(train_step, init_state, mesh, config, batch: dict, **kw) ->
 
   state, shardings = loop.state_shardings(init_state, mesh, config.get("sharding_rules", None))
   jit = loop.step_jit_kwargs(shardings)
-  return Piece(train_step, (state, batch_struct(batch, mesh)), jit["in_shardings"],
-               jit["out_shardings"], jit["donate_argnums"], **kw)
+  return Piece(
+    train_step,
+    (state, batch_struct(batch, mesh)),
+    jit["in_shardings"],
+    jit["out_shardings"],
+    jit["donate_argnums"],
+    **kw,
+  )
 
 
 def abstract_state(init_state, mesh, config):
@@ -172,8 +224,11 @@ def _tpu_devices(topology_name: str) -> list:
   dims = [int(d) for d in topology_name.split(":")[1].split("x")]
   try:
     desc = topologies.get_topology_desc(
-      platform="tpu", topology_name=topology_name, chip_config_name="default",
-      chips_per_host_bounds=_host_bounds(dims), num_slices=1,
+      platform="tpu",
+      topology_name=topology_name,
+      chip_config_name="default",
+      chips_per_host_bounds=_host_bounds(dims),
+      num_slices=1,
     )
   except Exception as e:  # no libtpu: name the install step
     raise PreflightError(
@@ -213,11 +268,13 @@ def resolve_target(topology: str) -> Target:
     devices = _cpu_devices(n)
     if kind == "cpu":
       mem = _host_memory() / n
-      return Target(topo, f"cpu:{n}", devices, None, False, mem,
-                    f"host memory / {n} devices (os.sysconf)")
+      return Target(
+        topo, f"cpu:{n}", devices, None, False, mem, f"host memory / {n} devices (os.sysconf)"
+      )
     chip = CHIPS[kind]
-    return Target(topo, f"cpu:{n} (for {chip.name})", devices, chip, True, chip.hbm_bytes,
-                  chip.source)
+    return Target(
+      topo, f"cpu:{n} (for {chip.name})", devices, chip, True, chip.hbm_bytes, chip.source
+    )
   raise PreflightError(
     f"--topology={topology!r}: unknown; give a Cloud TPU accelerator type (e.g. v5p-8, v5p-64, "
     f"v5litepod-16, v6e-8, v4-32; known: {sorted(TOPOLOGIES)}), cpu:N, or h100:N / h200:N"
@@ -258,8 +315,9 @@ def memory_bytes(compiled) -> dict[str, int]:
     "temp_bytes": int(m.temp_size_in_bytes),
     "code_bytes": int(m.generated_code_size_in_bytes),
   }
-  out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
-                        + out["temp_bytes"])
+  out["total_bytes"] = (
+    out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+  )
   return out
 
 
@@ -268,8 +326,10 @@ def _cost(compiled) -> dict[str, float]:
   if isinstance(cost, (list, tuple)):  # older jax: one dict per program
     cost = cost[0] if cost else {}
   cost = cost or {}
-  return {"flops": float(cost.get("flops", 0.0)),
-          "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
+  return {
+    "flops": float(cost.get("flops", 0.0)),
+    "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+  }
 
 
 def roofline(flops: float, bytes_accessed: float, chip: Chip | None) -> dict:
@@ -278,8 +338,37 @@ def roofline(flops: float, bytes_accessed: float, chip: Chip | None) -> dict:
     return {"roofline_seconds": None, "bound": None, "mfu": None}
   t_compute, t_memory = flops / chip.peak_bf16_flops, bytes_accessed / chip.hbm_bytes_per_s
   t = max(t_compute, t_memory)
-  return {"roofline_seconds": t, "bound": "compute" if t_compute >= t_memory else "memory",
-          "mfu": t_compute / t if t > 0 else None}
+  return {
+    "roofline_seconds": t,
+    "bound": "compute" if t_compute >= t_memory else "memory",
+    "mfu": t_compute / t if t > 0 else None,
+  }
+
+
+# jax `device_kind` strings -> CHIPS keys (TPU v5p reports "TPU v5", v5e "TPU v5 lite").
+_KINDS = (("tpu v5 lite", "v5e"), ("tpu v5e", "v5e"), ("tpu v6 lite", "v6e"), ("tpu v6e", "v6e"),
+          ("tpu v5", "v5p"), ("tpu v4", "v4"), ("h100", "h100"), ("h200", "h200"))
+
+
+def chip_of(device) -> Chip | None:
+  """The `CHIPS` entry of a jax device (None for CPUs and chips not in the table)."""
+  kind = device.device_kind.lower()
+  return next((CHIPS[key] for text, key in _KINDS if text in kind), None)
+
+
+def compiled_flops(jitted, *args, **kwargs) -> float:
+  """Per-device flops of one call of a `jax.jit` function at these arguments (`cost_analysis`;
+  while-loop bodies counted once)."""
+  return _cost(jitted.lower(*args, **kwargs).compile())["flops"]
+
+
+def mfu_text(flops: float, seconds: float, device) -> str:
+  """'MFU x% of P TFLOP/s (source)' of `flops` per device done in `seconds` on `device`."""
+  chip = chip_of(device)
+  if chip is None:
+    return f"MFU n/a ({device.device_kind}: no peak in the table)"
+  return (f"MFU {flops / seconds / chip.peak_bf16_flops:.1%} of "
+          f"{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 ({chip.source})")
 
 
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|out of memory|Ran out of memory", re.IGNORECASE)
@@ -306,8 +395,13 @@ def analyse(pieces: dict[str, Piece], target: Target, *, log=print) -> dict:
       if not _OOM.search(message):
         raise
       used = _oom_bytes(message)
-      records[name] = {"fits": False, "total_bytes": used, "compile_error": message[:2000],
-                       "per_step": piece.per_step, "note": piece.note}
+      records[name] = {
+        "fits": False,
+        "total_bytes": used,
+        "compile_error": message[:2000],
+        "per_step": piece.per_step,
+        "note": piece.note,
+      }
       continue
     rec = {**memory_bytes(compiled), **_cost(compiled), "compile_seconds": seconds}
     rec["loops_counted_once"] = _loops(compiled)
@@ -325,8 +419,12 @@ def step_projection(records: dict, chip: Chip | None) -> dict:
   used = {k: r for k, r in records.items() if r.get("per_step") and "flops" in r}
   flops = sum(r["per_step"] * r["flops"] for r in used.values())
   if chip is None or not used:
-    return {"flops_per_device": flops, "roofline_seconds": None, "mfu": None,
-            "pieces": sorted(used)}
+    return {
+      "flops_per_device": flops,
+      "roofline_seconds": None,
+      "mfu": None,
+      "pieces": sorted(used),
+    }
   seconds = sum(r["per_step"] * r["roofline_seconds"] for r in used.values())
   return {
     "flops_per_device": flops,
@@ -344,33 +442,57 @@ def _gb(x):
 
 
 def format_table(result: dict) -> str:
-  rows = [("piece", "args GB", "out GB", "temp GB", "total GB", "TFLOP", "GB accessed",
-           "compile s", "roofline ms", "fits")]
+  rows = [
+    (
+      "piece",
+      "args GB",
+      "out GB",
+      "temp GB",
+      "total GB",
+      "TFLOP",
+      "GB accessed",
+      "compile s",
+      "roofline ms",
+      "fits",
+    )
+  ]
   for name, r in result["pieces"].items():
     t = r.get("roofline_seconds")
-    rows.append((
-      name, _gb(r.get("argument_bytes")), _gb(r.get("output_bytes")), _gb(r.get("temp_bytes")),
-      _gb(r.get("total_bytes")),
-      "-" if "flops" not in r else f"{r['flops'] / 1e12:.4g}" + ("*" if r["loops_counted_once"]
-                                                                  else ""),
-      _gb(r.get("bytes_accessed")), "-" if "compile_seconds" not in r
-      else f"{r['compile_seconds']:.1f}", "-" if t is None else f"{t * 1e3:.2f}",
-      "yes" if r["fits"] else "NO",
-    ))
+    rows.append(
+      (
+        name,
+        _gb(r.get("argument_bytes")),
+        _gb(r.get("output_bytes")),
+        _gb(r.get("temp_bytes")),
+        _gb(r.get("total_bytes")),
+        "-"
+        if "flops" not in r
+        else f"{r['flops'] / 1e12:.4g}" + ("*" if r["loops_counted_once"] else ""),
+        _gb(r.get("bytes_accessed")),
+        "-" if "compile_seconds" not in r else f"{r['compile_seconds']:.1f}",
+        "-" if t is None else f"{t * 1e3:.2f}",
+        "yes" if r["fits"] else "NO",
+      )
+    )
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-  head = (f"{result['topology']} ({result['topology_name']}): {result['device_count']} x "
-          f"{result['device_kind']}, mesh {result['mesh']}, memory "
-          f"{result['memory_bytes'] / GiB:.1f} GiB per device ({result['memory_source']})")
+  head = (
+    f"{result['topology']} ({result['topology_name']}): {result['device_count']} x "
+    f"{result['device_kind']}, mesh {result['mesh']}, memory "
+    f"{result['memory_bytes'] / GiB:.1f} GiB per device ({result['memory_source']})"
+  )
   if result["estimate"]:
     head += "\nESTIMATE: compiled for CPU devices, held against the GPU's memory and peak"
   step = result["step"]
-  tail = [f"* XLA counts a while-loop body once: a lower bound"]
+  tail = ["* XLA counts a while-loop body once: a lower bound"]
   if step["roofline_seconds"]:
-    tail.insert(0, f"step: {step['flops_per_device'] / 1e12:.3f} TFLOP per device, roofline "
-                f"{step['roofline_seconds'] * 1e3:.1f} ms, MFU <= {step['mfu']:.1%} "
-                f"(peak {result['chip']['peak_bf16_flops'] / 1e12:.0f} TFLOP/s, "
-                f"{result['chip']['hbm_bytes_per_s'] / 1e9:.0f} GB/s: {result['chip']['source']})")
+    tail.insert(
+      0,
+      f"step: {step['flops_per_device'] / 1e12:.3f} TFLOP per device, roofline "
+      f"{step['roofline_seconds'] * 1e3:.1f} ms, MFU <= {step['mfu']:.1%} "
+      f"(peak {result['chip']['peak_bf16_flops'] / 1e12:.0f} TFLOP/s, "
+      f"{result['chip']['hbm_bytes_per_s'] / 1e9:.0f} GB/s: {result['chip']['source']})",
+    )
   return "\n".join([head, *lines, *tail])
 
 
@@ -383,11 +505,13 @@ def run(config, workdir: str, topology: str, *, log=print) -> dict:
   try:
     module = importlib.import_module(f"experiments.{config.experiment}")
   except ModuleNotFoundError as e:
-    raise PreflightError(f"config.experiment={config.experiment!r}: no module experiments/"
-                         f"{config.experiment}.py") from e
+    raise PreflightError(
+      f"config.experiment={config.experiment!r}: no module experiments/{config.experiment}.py"
+    ) from e
   if not hasattr(module, "preflight_pieces"):
-    raise PreflightError(f"experiments/{config.experiment}.py has no preflight_pieces(config, "
-                         f"mesh)")
+    raise PreflightError(
+      f"experiments/{config.experiment}.py has no preflight_pieces(config, mesh)"
+    )
   mesh = sharding.make_mesh(config.mesh, target.devices)
   pieces = module.preflight_pieces(config, mesh)
   records = analyse(pieces, target, log=log)
@@ -418,10 +542,12 @@ def run(config, workdir: str, topology: str, *, log=print) -> dict:
 def main(config, workdir: str, topology: str | None) -> int:
   """`launch.py --mode preflight`: sets up JAX for compiling only, runs, prints; exit status."""
   if not topology:
-    print("error: --mode preflight needs --topology (e.g. v5p-8, v5litepod-16, cpu:8, h200:8)",
-          file=sys.stderr)
+    print(
+      "error: --mode preflight needs --topology (e.g. v5p-8, v5litepod-16, cpu:8, h200:8)",
+      file=sys.stderr,
+    )
     return 2
-  kind, _, count = topology.lower().partition(":")
+  count = topology.lower().partition(":")[2]
   import jax
 
   # Compiling needs no accelerator: JAX's own backend is the CPU, with N devices for cpu:N.
@@ -441,6 +567,9 @@ def main(config, workdir: str, topology: str | None) -> int:
   bad = [(k, r) for k, r in result["pieces"].items() if not r["fits"]]
   for name, r in bad:
     used = "more than fits" if r.get("total_bytes") is None else f"{r['total_bytes'] / 1e9:.2f} GB"
-    print(f"error: piece {name!r} needs {used} per device; {result['device_kind']} has "
-          f"{result['memory_bytes'] / 1e9:.2f} GB ({result['memory_source']})", file=sys.stderr)
+    print(
+      f"error: piece {name!r} needs {used} per device; {result['device_kind']} has "
+      f"{result['memory_bytes'] / 1e9:.2f} GB ({result['memory_source']})",
+      file=sys.stderr,
+    )
   return 1 if bad else 0

@@ -32,25 +32,47 @@ _QWEN2 = {
 PUBLISHED = {
   # huggingface.co/Qwen/Qwen2.5-Math-1.5B/blob/main/config.json (4K context, theta 1e4)
   "Qwen2.5-Math-1.5B": {
-    **_QWEN2, "max_position_embeddings": 4096, "rope_theta": 10000.0, "eos_token_id": 151643,
+    **_QWEN2,
+    "max_position_embeddings": 4096,
+    "rope_theta": 10000.0,
+    "eos_token_id": 151643,
   },
   # huggingface.co/Qwen/Qwen2.5-1.5B-Instruct/blob/main/config.json
   "Qwen2.5-1.5B-Instruct": {
-    **_QWEN2, "max_position_embeddings": 32768, "rope_theta": 1000000.0, "eos_token_id": 151645,
+    **_QWEN2,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "eos_token_id": 151645,
   },
   # huggingface.co/BAAI/bge-m3/blob/main/config.json (XLM-RoBERTa large, 8192-token inputs)
   "bge-m3": {
-    "architectures": ["XLMRobertaModel"], "model_type": "xlm-roberta", "hidden_size": 1024,
-    "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
-    "max_position_embeddings": 8194, "vocab_size": 250002, "type_vocab_size": 1,
-    "layer_norm_eps": 1e-5, "pad_token_id": 1, "hidden_act": "gelu",
+    "architectures": ["XLMRobertaModel"],
+    "model_type": "xlm-roberta",
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+    "max_position_embeddings": 8194,
+    "vocab_size": 250002,
+    "type_vocab_size": 1,
+    "layer_norm_eps": 1e-5,
+    "pad_token_id": 1,
+    "hidden_act": "gelu",
   },
   # huggingface.co/BAAI/bge-large-zh-v1.5/blob/main/config.json (BERT large, Chinese vocab)
   "bge-large-zh-v1.5": {
-    "architectures": ["BertModel"], "model_type": "bert", "hidden_size": 1024,
-    "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
-    "max_position_embeddings": 512, "vocab_size": 21128, "type_vocab_size": 2,
-    "layer_norm_eps": 1e-12, "pad_token_id": 0, "hidden_act": "gelu",
+    "architectures": ["BertModel"],
+    "model_type": "bert",
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+    "max_position_embeddings": 512,
+    "vocab_size": 21128,
+    "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12,
+    "pad_token_id": 0,
+    "hidden_act": "gelu",
   },
 }
 
