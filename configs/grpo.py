@@ -86,7 +86,13 @@ def get_config(preset: str = "cpu"):
     c.train.update(steps=10 * 7500 // prompts, batch_size=prompts, eval_every=50,
                    checkpoint_every=50)
     c.optim.update(name="adamw", lr=lr, grad_clip=1.0, weight_decay=0.01)
+    # bf16 compute over float32 master weights: the paper trains with verl, whose FSDP workers
+    # run the policy in bf16 (mixed_precision param_dtype bf16, float32 reduction and optimizer).
     c.train.compute_dtype = "bfloat16"
+    # Parameters, gradients and Adam moments sharded over every device (fsdp), as verl's FSDP;
+    # rows still split over all devices (batch -> (data, fsdp)). Preflight: replicated (data=-1)
+    # they are 24.7 GB per device with gradients.
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)
 
   def test(c):
     c.model.update(source="scratch", path="", hidden=32, layers=1, heads=2, kv_heads=1, mlp=64)

@@ -372,15 +372,21 @@ def mfu_text(flops: float, seconds: float, device) -> str:
 
 
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|out of memory|Ran out of memory", re.IGNORECASE)
-_USED = re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", re.IGNORECASE)
+# The TPU compiler's two ways of saying how much a program needs ("Used 120G of 95.74G hbm";
+# "the total memory required for HLO temporaries (332.31G) exceeds available HBM (95.74G)").
+_NEEDED = (
+  re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+[\d.]+[KMGT]?\s+hbm", re.IGNORECASE),
+  re.compile(r"\(([\d.]+)([KMGT]?)\)\s+exceeds available HBM", re.IGNORECASE),
+)
 
 
 def _oom_bytes(message: str) -> int | None:
-  m = _USED.search(message)
-  if not m:
-    return None
   scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-  return int(float(m.group(1)) * scale[m.group(2).upper()])
+  for pattern in _NEEDED:
+    m = pattern.search(message)
+    if m:
+      return int(float(m.group(1)) * scale[m.group(2).upper()])
+  return None
 
 
 def analyse(pieces: dict[str, Piece], target: Target, *, log=print) -> dict:
@@ -388,17 +394,18 @@ def analyse(pieces: dict[str, Piece], target: Target, *, log=print) -> dict:
   records = {}
   for name, piece in pieces.items():
     log(f"preflight: compiling {name} ...")
+    start = time.perf_counter()
     try:
       compiled, seconds = compile_piece(piece)
     except Exception as e:  # the TPU compiler refuses a program larger than HBM
       message = str(e)
       if not _OOM.search(message):
         raise
-      used = _oom_bytes(message)
       records[name] = {
         "fits": False,
-        "total_bytes": used,
+        "total_bytes": _oom_bytes(message),  # what the compiler says it needs, at least
         "compile_error": message[:2000],
+        "compile_seconds": time.perf_counter() - start,
         "per_step": piece.per_step,
         "note": piece.note,
       }
