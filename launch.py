@@ -35,7 +35,8 @@ config_flags.DEFINE_config_file("config", None, "FILE:PRESET of an ml_collection
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and run info.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "preflight"],
                   "Train (or resume), evaluate, or preflight (AOT fit check for --topology).")
-flags.DEFINE_string("topology", None, "With --mode preflight: v5p-8, v5litepod-16, cpu:8, h200:8 ...")
+flags.DEFINE_string("topology", None, "With --mode preflight: v5p-8, v5litepod-16, cpu:8, h200:8.")
+flags.DEFINE_list("pieces", None, "With --mode preflight: compile only these pieces.")
 flags.DEFINE_integer("step", None, "With --mode eval: the checkpoint step (default: latest).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -143,7 +144,7 @@ def main(argv):
   if FLAGS.mode == "preflight":  # compiles only: no distributed start-up; writes preflight.json
     from contrastive_jax.train import preflight
 
-    sys.exit(preflight.main(FLAGS.config, FLAGS.workdir, FLAGS.topology))
+    sys.exit(preflight.main(FLAGS.config, FLAGS.workdir, FLAGS.topology, FLAGS.pieces))
   import jax
 
   if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv):

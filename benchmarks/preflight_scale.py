@@ -134,12 +134,13 @@ def main():
   p_run.add_argument("--out", required=True)
   p_run.add_argument("--rows", nargs="+", required=True, help="PRESET@TOPOLOGY ...")
   p_run.add_argument("--override", nargs="*", default=[], help="--config.x=y flags for all rows")
+  p_run.add_argument("--pieces", default="", help="comma list: compile only these pieces")
   p_table = sub.add_parser("table")
   p_table.add_argument("--out", required=True)
   p_table.add_argument("--before", default=None)
   args = parser.parse_args()
   if args.cmd == "run":
-    run(args.out, args.rows, args.override)
+    run(args.out, args.rows, args.override + ([f"--pieces={args.pieces}"] if args.pieces else []))
   else:
     print(table(args.out, args.before))
 

@@ -346,8 +346,16 @@ def roofline(flops: float, bytes_accessed: float, chip: Chip | None) -> dict:
 
 
 # jax `device_kind` strings -> CHIPS keys (TPU v5p reports "TPU v5", v5e "TPU v5 lite").
-_KINDS = (("tpu v5 lite", "v5e"), ("tpu v5e", "v5e"), ("tpu v6 lite", "v6e"), ("tpu v6e", "v6e"),
-          ("tpu v5", "v5p"), ("tpu v4", "v4"), ("h100", "h100"), ("h200", "h200"))
+_KINDS = (
+  ("tpu v5 lite", "v5e"),
+  ("tpu v5e", "v5e"),
+  ("tpu v6 lite", "v6e"),
+  ("tpu v6e", "v6e"),
+  ("tpu v5", "v5p"),
+  ("tpu v4", "v4"),
+  ("h100", "h100"),
+  ("h200", "h200"),
+)
 
 
 def chip_of(device) -> Chip | None:
@@ -367,8 +375,10 @@ def mfu_text(flops: float, seconds: float, device) -> str:
   chip = chip_of(device)
   if chip is None:
     return f"MFU n/a ({device.device_kind}: no peak in the table)"
-  return (f"MFU {flops / seconds / chip.peak_bf16_flops:.1%} of "
-          f"{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 ({chip.source})")
+  return (
+    f"MFU {flops / seconds / chip.peak_bf16_flops:.1%} of "
+    f"{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 ({chip.source})"
+  )
 
 
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|out of memory|Ran out of memory", re.IGNORECASE)
@@ -503,8 +513,9 @@ def format_table(result: dict) -> str:
   return "\n".join([head, *lines, *tail])
 
 
-def run(config, workdir: str, topology: str, *, log=print) -> dict:
-  """Compiles `config`'s pieces for `topology`, writes `<workdir>/preflight.json`, returns it."""
+def run(config, workdir: str, topology: str, *, only=None, log=print) -> dict:
+  """Compiles `config`'s pieces (or those named in `only`) for `topology`, writes
+  `<workdir>/preflight.json`, returns it."""
   from contrastive_jax.train import sharding
   from contrastive_jax.train.metrics import write_json
 
@@ -521,6 +532,13 @@ def run(config, workdir: str, topology: str, *, log=print) -> dict:
     )
   mesh = sharding.make_mesh(config.mesh, target.devices)
   pieces = module.preflight_pieces(config, mesh)
+  if only:
+    unknown = sorted(set(only) - set(pieces))
+    if unknown:
+      raise PreflightError(
+        f"--pieces: {unknown} are not pieces of this experiment; it has {sorted(pieces)}"
+      )
+    pieces = {k: v for k, v in pieces.items() if k in only}
   records = analyse(pieces, target, log=log)
   result = {
     "experiment": config.experiment,
@@ -546,7 +564,7 @@ def run(config, workdir: str, topology: str, *, log=print) -> dict:
   return result
 
 
-def main(config, workdir: str, topology: str | None) -> int:
+def main(config, workdir: str, topology: str | None, only=None) -> int:
   """`launch.py --mode preflight`: sets up JAX for compiling only, runs, prints; exit status."""
   if not topology:
     print(
@@ -565,7 +583,7 @@ def main(config, workdir: str, topology: str | None) -> int:
   except RuntimeError:  # backends already up (e.g. inside the tests): use what is there
     pass
   try:
-    result = run(config, workdir, topology)
+    result = run(config, workdir, topology, only=only)
   except PreflightError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
