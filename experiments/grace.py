@@ -39,7 +39,7 @@ from contrastive_jax.train.metrics import write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
 from contrastive_jax.weights import gguf as gguf_lib
-from contrastive_jax.weights.hf import load_tokenizer
+from contrastive_jax.weights.hf import WeightsError, load_tokenizer
 from experiments import policy_setup as setup
 
 
@@ -355,7 +355,7 @@ def preflight_pieces(config, mesh):
   m, r, rw = config.model, config.rollout, config.reward
   try:
     tok = make_tokenizer(config)
-  except OSError:
+  except (OSError, WeightsError):  # the model directory is not here: shapes from the config
     tok = None
   if m.source == "scratch":
     dcfg = setup.decoder_config(config, types.SimpleNamespace(vocab_size=len(tok)))
