@@ -409,12 +409,14 @@ def analyse(pieces: dict[str, Piece], target: Target, *, log=print) -> dict:
       compiled, seconds = compile_piece(piece)
     except Exception as e:  # the TPU compiler refuses a program larger than HBM
       message = str(e)
-      if not _OOM.search(message):
+      if not _OOM.search(message) and not isinstance(e, ValueError):
         raise
+      # A ValueError is a shape that cannot be laid out on this mesh (e.g. a batch that does
+      # not divide over the devices): the piece cannot run here either.
       records[name] = {
         "fits": False,
         "total_bytes": _oom_bytes(message),  # what the compiler says it needs, at least
-        "compile_error": message[:2000],
+        "compile_error": f"{type(e).__name__}: {message}"[:2000],
         "compile_seconds": time.perf_counter() - start,
         "per_step": piece.per_step,
         "note": piece.note,
@@ -591,6 +593,10 @@ def main(config, workdir: str, topology: str | None, only=None) -> int:
   print(f"wrote {os.path.join(workdir, 'preflight.json')}")
   bad = [(k, r) for k, r in result["pieces"].items() if not r["fits"]]
   for name, r in bad:
+    if r.get("compile_error") and not _OOM.search(r["compile_error"]):
+      print(f"error: piece {name!r} cannot be laid out on this mesh: "
+            f"{r['compile_error'].splitlines()[0]}", file=sys.stderr)
+      continue
     used = "more than fits" if r.get("total_bytes") is None else f"{r['total_bytes'] / 1e9:.2f} GB"
     print(
       f"error: piece {name!r} needs {used} per device; {result['device_kind']} has "
