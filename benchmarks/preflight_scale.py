@@ -19,6 +19,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from contrastive_jax.train.preflight import _oom_bytes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # preset -> (config file, paper result the projection is for, steps to it)
@@ -79,6 +82,14 @@ def _gb(x):
   return "-" if x is None else f"{x / 1e9:.1f}"
 
 
+def _piece_gb(r):
+  """A piece's total GB; for a program the TPU compiler refused, '>N' with what it said."""
+  if r.get("total_bytes") is not None:
+    return _gb(r["total_bytes"]) + ("" if r["fits"] or "compile_error" not in r else "+ (OOM)")
+  needed = _oom_bytes(r.get("compile_error", ""))
+  return f"{_gb(needed)}+ (OOM)" if needed else "error"
+
+
 def _load(out, row):
   path = os.path.join(out, row, "preflight.json")
   if not os.path.isfile(path):
@@ -90,7 +101,7 @@ def _load(out, row):
 def _largest(result):
   pieces = result["pieces"]
   name = max(pieces, key=lambda k: pieces[k].get("total_bytes") or float("inf"))
-  return name, pieces[name].get("total_bytes")
+  return name, _piece_gb(pieces[name])
 
 
 def table(out: str, before: str | None) -> str:
@@ -106,15 +117,15 @@ def table(out: str, before: str | None) -> str:
     if r is None:
       lines.append(f"| {preset} | {topology} | | not produced (see {row}/log.txt) | | | | | | | |")
       continue
-    by_piece = ", ".join(f"{k} {_gb(v.get('total_bytes'))}" for k, v in r["pieces"].items())
+    by_piece = ", ".join(f"{k} {_piece_gb(v)}" for k, v in r["pieces"].items())
     name, after = _largest(r)
     b = _load(before, row) if before else None
-    largest = f"{name}: " + (f"{_gb(_largest(b)[1])} -> " if b else "") + _gb(after)
+    largest = f"{name}: " + (f"{_largest(b)[1]} -> " if b else "") + after
     step = r["step"]
-    secs = step.get("roofline_seconds")
+    secs = step.get("roofline_seconds") if r["fits"] else None  # not for a step that fails
     total = PRESETS[preset][2] * secs if secs else None
     compile_s = sum(v.get("compile_seconds", 0.0) for v in r["pieces"].values())
-    mfu = "-" if not step.get("mfu") else f"{step['mfu']:.0%}"
+    mfu = "-" if not (secs and step.get("mfu")) else f"{step['mfu']:.0%}"
     lines.append(
       f"| {preset} | {topology} | {r['mesh']} | {by_piece} | {largest} | "
       f"{'yes' if r['fits'] else 'NO'} | {step['flops_per_device'] / 1e12:.2f}"
