@@ -23,7 +23,11 @@ def get_config(preset: str = "cpu"):
                 seed=0, train_size=4096, test_size=256, train_file="", test_file="",
                 dataset="math", target="", max_prompt_len=0, chat_system="")
   c.pairs = dict(source="arithmetic", file="", size=4096, heldout_fraction=0.1)
-  c.loss = dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, length_normalize=False)
+  # logprob_chunk: positions of logits at a time (0: whole sequences); logprob_batch: rows per
+  # reference log-prob call (0: train.batch_size). The update's micro-batches are
+  # train.grad_accum_steps (exact for DPO: a mean over equal-size micro-batches of pairs).
+  c.loss = dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, length_normalize=False,
+                logprob_chunk=0, logprob_batch=0)
   c.eval = dict(k=0, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=5, batch_size=512,
                 seed=1234)
   c.train.update(steps=300, batch_size=64, log_every=25, eval_every=100, checkpoint_every=100,

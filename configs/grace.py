@@ -47,7 +47,17 @@ def get_config(preset: str = "cpu"):
   )
   c.rollout = dict(group_size=4, max_new_tokens=32, temperature=1.0, aux_temperature=0.5)
   c.policy = dict(
-    epochs=1, minibatches=2, clip_low=0.2, clip_high=0.2, aggregation="dapo", kl_beta=0.0
+    epochs=1,
+    minibatches=2,
+    clip_low=0.2,
+    clip_high=0.2,
+    aggregation="dapo",
+    kl_beta=0.0,
+    # Memory bounds (train.policy_opt): positions of logits at a time (0: whole sequences),
+    # rows per old-log-prob call (0: all), micro-batches per update.
+    logprob_chunk=0,
+    logprob_batch=0,
+    update_microbatches=1,
   )
   c.reward = dict(
     form="released",
@@ -120,6 +130,12 @@ def get_config(preset: str = "cpu"):
     )
     c.rollout.update(group_size=8, max_new_tokens=2048)
     c.policy.update(minibatches=4)  # 64 triplets per rollout batch, 16 per update
+    # 64 x 8 = 512 rollouts of S ~ 0.6K prompt + 2048 tokens, V = 151936, rows over 8 devices.
+    # Whole logits: 64 rows/device x 2.7K x V x 4 B = 100 GB per device (old log-probs), 25 GB
+    # (128-row update). Old log-probs 64 rows per call and the update in 2 micro-batches of 64
+    # (8 rows per device each), logits 256 positions at a time: 8 x 256 x V x (2 B bf16 + 4 B
+    # float32) = 1.9 GB per device.
+    c.policy.update(logprob_chunk=256, logprob_batch=64, update_microbatches=2)
     c.eval.update(max_docs=0, max_new_tokens=2048, batch_size=64, lm_tokens=512)
     # bf16 compute (model.dtype and train.compute_dtype), float32 master weights: the released
     # code is a verl fork, whose FSDP workers run the policy in bf16.

@@ -36,7 +36,10 @@ def get_config(preset: str = "cpu"):
   c.policy = dict(epochs=1, minibatches=2, clip_low=0.2, clip_high=0.28, aggregation="grpo",
                   kl_beta=0.0, reference=False, advantage_scale="group",
                   advantage_std="population", dynamic_sampling=False, max_refills=4,
-                  overlong_penalty=False, overlong_cache=2)
+                  overlong_penalty=False, overlong_cache=2,
+                  # Memory bounds (train.policy_opt): positions of logits at a time (0: whole
+                  # sequences), rows per old/ref log-prob call (0: all), micro-batches per update.
+                  logprob_chunk=0, logprob_batch=0, update_microbatches=1)
   c.prompts = dict(selection=False, pool_factor=8, lam=0.5, target=0.5)
   c.eval = dict(k=4, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=5, batch_size=512,
                 seed=1234)
@@ -81,6 +84,11 @@ def get_config(preset: str = "cpu"):
                   max_prompt_len=1024)  # prompts padded to 1024 tokens (fixed shapes; preflight)
     c.rollout.update(group_size=group, max_new_tokens=3000)
     c.policy.update(epochs=1, minibatches=1, clip_low=0.2, clip_high=0.28, kl_beta=0.0)
+    # 512 rollouts of S ~ 0.5K prompt + 3000 tokens, V = 151936, rows over 8 devices. Whole
+    # logits: 64 rows/device x 3.5K x V x 4 B = 137 GB per device. Old log-probs 64 rows per call
+    # (8 per device) and the 512-row update in 8 micro-batches (8 rows per device), logits 256
+    # positions at a time: 8 x 256 x V x (2 B bf16 + 4 B float32) = 1.9 GB per device.
+    c.policy.update(logprob_chunk=256, logprob_batch=64, update_microbatches=8)
     c.eval.update(k=32, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=3000, batch_size=256)
     # 10 epochs of the 7.5K MATH training problems at `prompts` problems per step.
     c.train.update(steps=10 * 7500 // prompts, batch_size=prompts, eval_every=50,

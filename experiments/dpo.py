@@ -33,10 +33,12 @@ from contrastive_jax.train.sharding import place
 from experiments import policy_setup as setup
 
 
-def response_logprobs(apply_fn, params, batch, side: str, *, length_normalize: bool = False):
-  """[B] log pi(response | prompt) summed (or averaged) over the `side` response's tokens."""
+def response_logprobs(apply_fn, params, batch, side: str, *, length_normalize: bool = False,
+                      chunk: int = 0):
+  """[B] log pi(response | prompt) summed (or averaged) over the `side` response's tokens;
+  `chunk`: positions of logits at a time (`sequence_logprobs`)."""
   logp = sequence_logprobs(apply_fn, params, batch["prompt_tokens"], batch["prompt_mask"],
-                           batch[f"{side}_tokens"], batch[f"{side}_mask"])
+                           batch[f"{side}_tokens"], batch[f"{side}_mask"], chunk=chunk)
   total = jnp.sum(logp, axis=1)
   if length_normalize:
     total = total / jnp.maximum(jnp.sum(batch[f"{side}_mask"], axis=1), 1)
@@ -44,10 +46,10 @@ def response_logprobs(apply_fn, params, batch, side: str, *, length_normalize: b
 
 
 def dpo_pair_loss(apply_fn, params, batch, *, beta, loss_type, label_smoothing=0.0,
-                  length_normalize=False):
+                  length_normalize=False, chunk=0):
   """`losses.policy.dpo_loss` of a batch of pairs whose reference log-probs are in the batch."""
   lp = functools.partial(response_logprobs, apply_fn, params, batch,
-                         length_normalize=length_normalize)
+                         length_normalize=length_normalize, chunk=chunk)
   return dpo_loss(lp("chosen"), lp("rejected"), batch["ref_chosen"], batch["ref_rejected"],
                   beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
 
@@ -93,10 +95,12 @@ def _pairs(config, codec):
   return pair_arrays(train, codec), pair_arrays(test, codec)
 
 
-def with_reference(arrays, lm, ref_params, mesh, *, batch_size, length_normalize):
-  """Adds "ref_chosen"/"ref_rejected" [B]: the frozen reference's log-probs, in fixed chunks."""
+def with_reference(arrays, lm, ref_params, mesh, *, batch_size, length_normalize, chunk=0):
+  """Adds "ref_chosen"/"ref_rejected" [B]: the frozen reference's log-probs, `batch_size` rows
+  per call (`chunk` positions of logits at a time)."""
   fn = jax.jit(lambda params, b, side: response_logprobs(lm, params, b, side,
-                                                         length_normalize=length_normalize),
+                                                         length_normalize=length_normalize,
+                                                         chunk=chunk),
                static_argnums=2)
   n = len(arrays["prompt_tokens"])
   out = {"ref_chosen": [], "ref_rejected": []}
@@ -124,7 +128,8 @@ def _build(config, *, with_weights=True):
 def _evaluators(config, dcfg, codec, lm, test_task, test_pairs, mesh):
   lc = config.loss
   pair_fn = jax.jit(functools.partial(dpo_pair_loss, lm, beta=lc.beta, loss_type=lc.loss_type,
-                                      length_normalize=lc.length_normalize))
+                                      length_normalize=lc.length_normalize,
+                                      chunk=lc.logprob_chunk))
 
   def pairs(params):
     _, m = sharding.to_host(pair_fn(params, {k: place(v, mesh) for k, v in test_pairs.items()}))
@@ -135,13 +140,18 @@ def _evaluators(config, dcfg, codec, lm, test_task, test_pairs, mesh):
   return {"heldout": task, "pairs": pairs}
 
 
+def _reference_kwargs(config):
+  lc = config.loss
+  return dict(batch_size=lc.logprob_batch or config.train.batch_size,
+              length_normalize=lc.length_normalize, chunk=lc.logprob_chunk)
+
+
 def _prepare(config, with_weights=True):
   mesh, codec, dcfg, lm, schedule, init_state, test_task = _build(config,
                                                                  with_weights=with_weights)
   ref = loop.initialize_state(init_state, jax.random.PRNGKey(config.seed), mesh).params
   train_pairs, test_pairs = _pairs(config, codec)
-  kw = dict(batch_size=config.train.batch_size, length_normalize=config.loss.length_normalize)
-  test_pairs = with_reference(test_pairs, lm, ref, mesh, **kw)
+  test_pairs = with_reference(test_pairs, lm, ref, mesh, **_reference_kwargs(config))
   evaluators = _evaluators(config, dcfg, codec, lm, test_task, test_pairs, mesh)
   return mesh, lm, schedule, init_state, ref, train_pairs, evaluators
 
@@ -149,12 +159,11 @@ def _prepare(config, with_weights=True):
 def train(config, workdir):
   mesh, lm, schedule, init_state, ref, train_pairs, evaluators = _prepare(config)
   lc = config.loss
-  train_pairs = with_reference(train_pairs, lm, ref, mesh, batch_size=config.train.batch_size,
-                               length_normalize=lc.length_normalize)
+  train_pairs = with_reference(train_pairs, lm, ref, mesh, **_reference_kwargs(config))
   del ref
   loss_fn = lambda params, batch, rng: dpo_pair_loss(
     lm, params, batch, beta=lc.beta, loss_type=lc.loss_type, label_smoothing=lc.label_smoothing,
-    length_normalize=lc.length_normalize)
+    length_normalize=lc.length_normalize, chunk=lc.logprob_chunk)
   step = loop.make_train_step(loss_fn, lr_schedule=schedule,
                               grad_accum_steps=config.train.grad_accum_steps,
                               compute_dtype=config.train.compute_dtype)

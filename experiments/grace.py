@@ -213,6 +213,9 @@ def policy_settings(config, tok, dcfg) -> PolicyOptSettings:
     kl_beta=p.kl_beta,
     advantage_scale="none",
     success_threshold=float("inf"),
+    logprob_chunk=p.logprob_chunk,
+    logprob_batch=p.logprob_batch,
+    update_microbatches=p.update_microbatches,
   )
 
 

@@ -42,7 +42,8 @@ def settings_from_config(config, codec) -> PolicyOptSettings:
     advantage_std=p.advantage_std, dynamic_sampling=p.dynamic_sampling,
     max_refills=p.max_refills, overlong_penalty=p.overlong_penalty,
     overlong_cache=p.overlong_cache, selection=s.selection, selection_pool=s.pool_factor,
-    selection_lam=s.lam, selection_target=s.target,
+    selection_lam=s.lam, selection_target=s.target, logprob_chunk=p.logprob_chunk,
+    logprob_batch=p.logprob_batch, update_microbatches=p.update_microbatches,
   )
 
 
@@ -73,11 +74,12 @@ def build(config, *, with_weights: bool = True):
               init_state=init_state, evaluators={"heldout": evaluator})
 
 
-def sft_loss(params, batch, rng, *, lm):
-  """Mean token cross-entropy of the gold completions given the prompts."""
+def sft_loss(params, batch, rng, *, lm, chunk=0):
+  """Mean token cross-entropy of the gold completions given the prompts (`chunk`: positions of
+  logits at a time, `sequence_logprobs`)."""
   del rng
   logp = sequence_logprobs(lm, params, batch["prompt_tokens"], batch["prompt_mask"],
-                           batch["tokens"], batch["mask"])
+                           batch["tokens"], batch["mask"], chunk=chunk)
   mask = batch["mask"].astype(jnp.float32)
   loss = -jnp.sum(logp) / jnp.maximum(jnp.sum(mask), 1.0)
   exact = jnp.all((jnp.exp(logp) > 0.5) | (mask == 0), axis=1)  # greedy would copy the answer
@@ -96,7 +98,8 @@ def train(config, workdir):
   b = build(config)
   lm = DecoderLM(b["dcfg"])
   if config.algorithm == "sft":
-    step = loop.make_train_step(functools.partial(sft_loss, lm=lm), lr_schedule=b["schedule"],
+    loss = functools.partial(sft_loss, lm=lm, chunk=config.policy.logprob_chunk)
+    step = loop.make_train_step(loss, lr_schedule=b["schedule"],
                                 grad_accum_steps=config.train.grad_accum_steps,
                                 compute_dtype=config.train.compute_dtype)
     return loop.train(config, workdir, init_state=b["init_state"], train_step=step,

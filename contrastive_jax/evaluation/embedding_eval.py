@@ -59,11 +59,13 @@ def retrieval_and_sts(encode_fn, queries, corpus, relevant, pair_left, pair_righ
   }
 
 
-def heldout_lm_loss(apply_fn, params, token_rows: Sequence[Sequence[int]], *, length: int):
+def heldout_lm_loss(apply_fn, params, token_rows: Sequence[Sequence[int]], *, length: int,
+                    batch_size: int = 0, chunk: int = 0):
   """Mean next-token negative log-likelihood (nats/token) of held-out texts.
 
   Each row is cut to `length` tokens; its first token is the prompt, the rest is scored with
-  `sequence_logprobs` (one forward pass for all rows).
+  `sequence_logprobs`, `batch_size` rows per forward pass (0: all rows in one; the last pass
+  wraps around to the first rows and drops them) and `chunk` positions of logits at a time.
   """
   rows = [list(r)[:length] for r in token_rows if len(r) >= 2]
   if not rows:
@@ -75,7 +77,13 @@ def heldout_lm_loss(apply_fn, params, token_rows: Sequence[Sequence[int]], *, le
   for i, r in enumerate(rows):
     tokens[i, : len(r) - 1] = r[1:]
     mask[i, : len(r) - 1] = 1
-  logp = jax.jit(sequence_logprobs, static_argnums=0)(
-    apply_fn, params, prompt, np.ones_like(prompt), tokens, mask
-  )
-  return float(-np.sum(to_host(logp)) / max(mask.sum(), 1))
+  fn = jax.jit(sequence_logprobs, static_argnums=0, static_argnames=("chunk",))
+  count = len(rows)
+  size = min(batch_size or count, count)
+  total = 0.0
+  for start in range(0, count, size):
+    idx = np.arange(start, start + size) % count
+    logp = fn(apply_fn, params, prompt[idx], np.ones_like(prompt[idx]), tokens[idx], mask[idx],
+              chunk=chunk)
+    total += float(np.sum(to_host(logp)[: count - start]))
+  return -total / max(mask.sum(), 1)

@@ -29,7 +29,7 @@ class DecoderHidden:
 
   def __call__(self, params, tokens, *, positions, key_mask):
     out = Decoder(self.config).apply(
-      params, tokens, positions, key_mask, return_hidden=True, last_only=True
+      params, tokens, positions, key_mask, logits=False
     )
     return out["hidden"]
 
@@ -123,6 +123,11 @@ class GraceEvaluator:
       results.update({f"{name}/{k}": v for k, v in m.items()})
     results.update(self._stats)
     results["lm_nll"] = heldout_lm_loss(
-      self.lm, params, self.lm_rows, length=self.cfg.eval.lm_tokens
+      self.lm,
+      params,
+      self.lm_rows,
+      length=self.cfg.eval.lm_tokens,
+      batch_size=self.cfg.eval.batch_size,
+      chunk=self.cfg.policy.logprob_chunk,
     )
     return results

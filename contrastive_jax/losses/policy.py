@@ -240,6 +240,33 @@ def policy_loss(
   return loss, metrics
 
 
+def aggregation_weight(mask: jax.Array, *, aggregation: str = "grpo") -> jax.Array:
+  """The count `policy_loss` divides the batch's summed token losses by, less constants.
+
+  "dapo": completion tokens, max(sum(mask), 1); "grpo" and "dr_grpo": completions N (the
+  L_max of Dr. GRPO is a constant). For a partition of a batch into micro-batches k with
+  weights w_k and the batch's weight w,
+
+      sum_k policy_loss(micro-batch k) * w_k / w = policy_loss(batch),
+
+  so gradient accumulation with these shares gives the one-shot gradient (not a mean of means,
+  which is wrong for "dapo" whenever the micro-batches hold different numbers of tokens).
+
+  Args:
+    mask: [N, L] completion mask.
+    aggregation: "grpo" | "dapo" | "dr_grpo".
+
+  Returns:
+    scalar float32 weight.
+  """
+  _check_choice("aggregation_weight: aggregation", aggregation, _AGGREGATIONS)
+  if mask.ndim != 2:
+    raise ValueError(f"aggregation_weight: mask {mask.shape} must be [N, L]")
+  if aggregation == "dapo":
+    return jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+  return jnp.float32(mask.shape[0])
+
+
 def dpo_loss(
   policy_chosen_logp: jax.Array,
   policy_rejected_logp: jax.Array,

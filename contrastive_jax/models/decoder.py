@@ -325,9 +325,11 @@ class Decoder(nn.Module):
 
   __call__(tokens [B, L] int, positions [B, L] int, key_mask [B, S] (S = L without a cache,
   max_len with one; 1 = real token), cache=None | init_cache(...), cache_index=0 (slot of
-  tokens[:, 0] in the cache), return_hidden=False, last_only=False) -> dict with "logits"
-  [B, L, V] float32 ([B, 1, V] if last_only), "cache" (the updated cache, or None) and, if
-  return_hidden, "hidden" [B, L, D]: the final-norm hidden states (what GRACE mean-pools).
+  tokens[:, 0] in the cache), return_hidden=False, last_only=False, logits=True) -> dict with
+  "logits" [B, L, V] float32 ([B, 1, V] if last_only), "cache" (the updated cache, or None) and,
+  if return_hidden, "hidden" [B, L, D]: the final-norm hidden states (what GRACE mean-pools).
+  logits=False computes no logits and returns "hidden" and "head" [D, V] (float32; the embedding
+  transposed when tied), for log-probs that never hold [B, L, V] (`sampling.logprobs`).
   """
 
   config: DecoderConfig
@@ -342,6 +344,7 @@ class Decoder(nn.Module):
     cache_index=0,
     return_hidden=False,
     last_only=False,
+    logits=True,
   ):
     c = self.config
     dt = jnp.dtype(c.dtype)
@@ -354,15 +357,18 @@ class Decoder(nn.Module):
       )
       new_cache.append(layer_cache)
     hidden = RMSNorm(c.rms_norm_eps, dt, name="final_norm")(x)
-    # Prefill needs only the last position's logits; [B, L, V] would dominate memory.
-    h = hidden[:, -1:] if last_only else hidden
     if c.tie_embeddings:
       head = embedding.T
     else:
       head = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
-    logits = (h @ head.astype(dt)).astype(jnp.float32)
-    out = {"logits": logits, "cache": None if cache is None else tuple(new_cache)}
-    if return_hidden:
+    out = {"cache": None if cache is None else tuple(new_cache)}
+    if logits:
+      # Prefill needs only the last position's logits; [B, L, V] would dominate memory.
+      h = hidden[:, -1:] if last_only else hidden
+      out["logits"] = (h @ head.astype(dt)).astype(jnp.float32)
+    else:
+      out["head"] = head
+    if return_hidden or not logits:
       out["hidden"] = hidden
     return out
 
@@ -381,8 +387,9 @@ class DecoderLM:
   """The model as the sampler sees it: hashable (by config), so it can be a static jit argument.
 
   `DecoderLM(config)(params, tokens, positions=, key_mask=, cache=, cache_index=, last_only=)`
-  returns (logits [B, L, V] float32, cache); `.init_cache(batch, max_len)` preallocates the
-  cache. `params` are plain (unboxed) parameters.
+  returns (logits [B, L, V] float32, cache); `.hidden_and_head(...)` the hidden states and head
+  without logits; `.init_cache(batch, max_len)` preallocates the cache. `params` are plain
+  (unboxed) parameters.
   """
 
   config: DecoderConfig
@@ -394,6 +401,11 @@ class DecoderLM:
       params, tokens, positions, key_mask, cache, cache_index, last_only=last_only
     )
     return out["logits"], out["cache"]
+
+  def hidden_and_head(self, params, tokens, *, positions, key_mask):
+    """(final-norm hidden states [B, L, D], LM head [D, V]) of a plain forward, no logits."""
+    out = Decoder(self.config).apply(params, tokens, positions, key_mask, logits=False)
+    return out["hidden"], out["head"]
 
   def init_cache(self, batch: int, max_len: int):
     return init_cache(self.config, batch, max_len)

@@ -7,8 +7,15 @@ nothing of any architecture:
            last_only) -> (logits [B, L, V] float32 ([B, 1, V] if last_only), new cache)
   init_cache(batch, max_len) -> cache pytree (zeros), max_len = S
 
-`cache=None` means a plain forward (S = L). `contrastive_jax.models.decoder.DecoderLM` is one such
-object (it is hashable, so `apply_fn` and `init_cache` can be static jit arguments).
+`cache=None` means a plain forward (S = L). For `sequence_logprobs(..., chunk > 0)` the model also
+offers
+
+  apply_fn.hidden_and_head(params, tokens [B, L], *, positions [B, L], key_mask [B, L])
+    -> (final-norm hidden states [B, L, D], LM head [D, V])
+
+so the log-probs never hold [B, L, V] logits (`sampling.logprobs.hidden_logprobs`).
+`contrastive_jax.models.decoder.DecoderLM` is one such object (it is hashable, so `apply_fn` and
+`init_cache` can be static jit arguments).
 Prompts are left-padded: `prompt_mask` is 0 on padding, and each row's positions start at 0 on
 its first real token.
 """
@@ -22,6 +29,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from contrastive_jax.sampling.logprobs import hidden_logprobs
 
 
 @jax.tree_util.register_dataclass
@@ -210,6 +219,7 @@ def sequence_logprobs(
   completion_mask,
   *,
   temperature: float = 1.0,
+  chunk: int = 0,
 ):
   """Per-token log pi(o_t | q, o_<t) of given completions, with one full forward pass.
 
@@ -218,9 +228,14 @@ def sequence_logprobs(
   `temperature` (use the rollout temperature for the sampling policy's log-probs).
 
   Args:
-    apply_fn: the model (module docstring); called with cache=None.
+    apply_fn: the model (module docstring); called with cache=None, or its `hidden_and_head`
+      when `chunk > 0`.
     prompt_tokens, prompt_mask: [B, P], left-padded.
     completion_tokens, completion_mask: [B, N], right-padded (as `generate` returns them).
+    temperature: T of the distribution.
+    chunk: 0 takes the model's [B, P + N, V] float32 logits; > 0 projects the N completion
+      positions' hidden states `chunk` at a time (`hidden_logprobs`): the same values and
+      gradients with logits memory B x chunk x V.
 
   Returns:
     [B, N] float32 log-probs, 0 where completion_mask is 0.
@@ -228,17 +243,29 @@ def sequence_logprobs(
   p = prompt_tokens.shape[1]
   tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1).astype(jnp.int32)
   mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(jnp.int32)
-  logits, _ = apply_fn(
-    params,
-    tokens,
-    positions=left_pad_positions(mask),
-    key_mask=mask,
-    cache=None,
-    cache_index=0,
-    last_only=False,
-  )
-  # The logit at slot t predicts the token at slot t + 1.
-  logits = logits[:, p - 1 : -1].astype(jnp.float32) / temperature
-  picked = jnp.take_along_axis(logits, completion_tokens[..., None].astype(jnp.int32), axis=-1)
-  logp = picked[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+  positions = left_pad_positions(mask)
+  # The output at slot t predicts the token at slot t + 1.
+  if chunk:
+    hidden_fn = getattr(apply_fn, "hidden_and_head", None)
+    if hidden_fn is None:
+      raise ValueError(
+        f"sequence_logprobs: chunk={chunk} needs apply_fn.hidden_and_head (module docstring); "
+        f"{type(apply_fn).__name__} has none (use chunk=0)"
+      )
+    hidden, head = hidden_fn(params, tokens, positions=positions, key_mask=mask)
+    logp = hidden_logprobs(hidden[:, p - 1 : -1], head, completion_tokens,
+                           temperature=temperature, chunk=chunk)
+  else:
+    logits, _ = apply_fn(
+      params,
+      tokens,
+      positions=positions,
+      key_mask=mask,
+      cache=None,
+      cache_index=0,
+      last_only=False,
+    )
+    logits = logits[:, p - 1 : -1].astype(jnp.float32) / temperature
+    picked = jnp.take_along_axis(logits, completion_tokens[..., None].astype(jnp.int32), axis=-1)
+    logp = picked[..., 0] - jax.nn.logsumexp(logits, axis=-1)
   return jnp.where(completion_mask.astype(bool), logp, 0.0)

@@ -16,9 +16,16 @@ One call of `PolicyOptimizer.step(state, batch)` is one rollout batch (DeepSeekM
      most `max_refills` times; a batch still short is topped up with dropped groups, whose
      advantage is 0);
   4. log-probs: pi_old recomputed in float32 with `sampling.lm.sequence_logprobs` from the
-     rollout parameters, and pi_ref from frozen `ref_params` when given;
+     rollout parameters, and pi_ref from frozen `ref_params` when given, `logprob_batch` rows
+     per call, `logprob_chunk` positions of logits at a time;
   5. updates: `epochs` passes over the N rollouts in `minibatches` shuffled mini-batches, each
-     one compiled PPO-clip step with `losses.policy.policy_loss`.
+     one compiled PPO-clip step with `losses.policy.policy_loss`, its gradient accumulated over
+     `update_microbatches` micro-batches (equal to the one-shot gradient for every aggregation:
+     `losses.policy.aggregation_weight`).
+
+Memory: `logprob_chunk`, `logprob_batch` and `update_microbatches` bound what a pass holds
+(logits B x chunk x V instead of B x S x V, B rows per pass); 0 / 0 / 1 is one pass over all
+rows with whole-sequence logits.
 
 Each phase is timed separately (`block_until_ready`); metrics carry tokens/s, reward, accuracy,
 the share of groups without signal, clip fractions, KL, entropy and response lengths. All
@@ -48,7 +55,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from contrastive_jax.losses.policy import group_advantages, overlong_penalty, policy_loss
+from contrastive_jax.losses.policy import (
+  aggregation_weight,
+  group_advantages,
+  overlong_penalty,
+  policy_loss,
+)
 from contrastive_jax.sampling.lm import generate, sequence_logprobs
 from contrastive_jax.sampling.prompts import select_prompts, update_prompt_state
 from contrastive_jax.train.sharding import place, to_host
@@ -66,6 +78,9 @@ class PolicyOptSettings:
   overlong_cache: DAPO's soft length penalty (L_cache tokens of ramp before max_new_tokens).
   success_threshold: a rollout with reward >= it counts as correct (accuracy, posteriors).
   selection, selection_pool, selection_lam, selection_target: MoPPS prompt selection.
+  logprob_chunk: positions per logits chunk in every log-prob pass (0: whole sequences).
+  logprob_batch: rows per old / ref log-prob call (0: all N rollouts at once).
+  update_microbatches: micro-batches per PPO update, gradients accumulated (1: one pass).
   """
 
   group_size: int = 2
@@ -92,6 +107,9 @@ class PolicyOptSettings:
   selection_pool: int = 8
   selection_lam: float = 0.5
   selection_target: float = 0.5
+  logprob_chunk: int = 0
+  logprob_batch: int = 0
+  update_microbatches: int = 1
 
   @property
   def updates_per_step(self) -> int:
@@ -136,7 +154,8 @@ def init_extra(num_prompts: int) -> dict:
 
 
 # Module-level, so every optimizer of the same model and shapes reuses one compilation.
-_sequence_logprobs = jax.jit(sequence_logprobs, static_argnums=0, static_argnames=("temperature",))
+_sequence_logprobs = jax.jit(sequence_logprobs, static_argnums=0,
+                             static_argnames=("temperature", "chunk"))
 _select_prompts = jax.jit(select_prompts, static_argnames=("batch_size", "pool_factor", "target"))
 _UPDATES: dict = {}  # compiled updates by (model, settings, state structure, shardings)
 
@@ -153,25 +172,68 @@ def _timed(fn):
   return out, time.perf_counter() - start
 
 
+def _microbatches(tree, m):
+  """[m, n / m, ...] per leaf: row r goes to micro-batch r mod m (as `loop.make_train_step`
+  splits), so each device keeps an even share of every micro-batch."""
+
+  def split(x):
+    if x.shape[0] % m:
+      raise ValueError(f"{x.shape[0]} rows do not split into update_microbatches={m}")
+    return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
+
+  return jax.tree.map(split, tree)
+
+
 def make_update(apply_fn: Callable, settings: PolicyOptSettings):
   """`update(state, minibatch) -> (state, metrics)`: one PPO-clip step (not jitted here).
 
   The minibatch holds prompt_tokens, prompt_mask, tokens, mask, old_logp, advantages and
-  optionally ref_logp. `state.step` is left alone (it counts rollout batches).
+  optionally ref_logp. `state.step` is left alone (it counts rollout batches). With
+  `update_microbatches = M > 1` the gradient is a `lax.scan` over M micro-batches of
+  policy_loss(micro) * w_micro / w (`aggregation_weight`), which sums to the one-shot loss; the
+  token-mean metrics are weighted by each micro-batch's tokens, so they too equal the one-shot
+  values.
   """
   s = settings
 
-  def update(state, mb):
-    def loss_fn(params):
-      logp = sequence_logprobs(apply_fn, params, mb["prompt_tokens"], mb["prompt_mask"],
-                               mb["tokens"], mb["mask"], temperature=s.temperature)
-      return policy_loss(
-        logp, mb["old_logp"], mb["advantages"], mb["mask"], clip_low=s.clip_low,
-        clip_high=s.clip_high, aggregation=s.aggregation, max_len=s.max_new_tokens,
-        ref_logp=mb.get("ref_logp"), kl_beta=s.kl_beta,
-      )
+  def loss_fn(params, mb):
+    logp = sequence_logprobs(apply_fn, params, mb["prompt_tokens"], mb["prompt_mask"],
+                             mb["tokens"], mb["mask"], temperature=s.temperature,
+                             chunk=s.logprob_chunk)
+    return policy_loss(
+      logp, mb["old_logp"], mb["advantages"], mb["mask"], clip_low=s.clip_low,
+      clip_high=s.clip_high, aggregation=s.aggregation, max_len=s.max_new_tokens,
+      ref_logp=mb.get("ref_logp"), kl_beta=s.kl_beta,
+    )
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  def accumulated(params, mb):
+    total = aggregation_weight(mb["mask"], aggregation=s.aggregation)
+
+    def body(carry, micro):
+      def share(p):
+        loss, metrics = loss_fn(p, micro)
+        return loss * aggregation_weight(micro["mask"], aggregation=s.aggregation) / total, metrics
+
+      (loss, metrics), grads = jax.value_and_grad(share, has_aux=True)(params)
+      # Every metric of policy_loss but "tokens" is a masked token mean: carry (sum, count).
+      sums = {k: v if k == "tokens" else v * metrics["tokens"] for k, v in metrics.items()}
+      return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
+
+    micro = _microbatches(mb, s.update_microbatches)
+    first = jax.tree.map(lambda x: x[0], micro)
+    (loss, metrics), grads = jax.eval_shape(jax.value_and_grad(loss_fn, has_aux=True), params,
+                                            first)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (loss, metrics, grads))
+    (loss, sums, grads), _ = jax.lax.scan(body, zeros, micro)
+    count = jnp.maximum(sums["tokens"], 1.0)
+    metrics = {k: v if k == "tokens" else v / count for k, v in sums.items()}
+    return (loss, metrics), grads
+
+  def update(state, mb):
+    if s.update_microbatches == 1:
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb)
+    else:
+      (loss, metrics), grads = accumulated(state.params, mb)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -198,6 +260,13 @@ class PolicyOptimizer:
                settings: PolicyOptSettings, mesh, ref_params=None, jit_reward: bool = False):
     if settings.group_size < 1 or settings.epochs < 1 or settings.minibatches < 1:
       raise ValueError(f"PolicyOptimizer: bad settings {settings}")
+    for name in ("logprob_chunk", "logprob_batch"):
+      if getattr(settings, name) < 0:
+        raise ValueError(f"PolicyOptimizer: {name}={getattr(settings, name)} must be >= 0")
+    if settings.update_microbatches < 1:
+      raise ValueError(
+        f"PolicyOptimizer: update_microbatches={settings.update_microbatches} must be >= 1"
+      )
     if settings.kl_beta and ref_params is None:
       raise ValueError(f"PolicyOptimizer: kl_beta={settings.kl_beta} needs ref_params")
     self.s = settings
@@ -239,11 +308,23 @@ class PolicyOptimizer:
       raise ValueError(f"reward_fn metrics must be scalars, got shapes {bad}")
     return r, {k: float(v) for k, v in metrics.items()}
 
-  def token_logprobs(self, params, rollouts: Rollouts) -> jax.Array:
-    """[N, T] float32 log-probs of the rollouts' tokens under `params` (one forward pass)."""
-    x = [place(a, self.mesh) for a in (rollouts.prompt_tokens, rollouts.prompt_mask,
-                                       rollouts.tokens, rollouts.mask)]
-    return _sequence_logprobs(self.apply_fn, params, *x, temperature=self.s.temperature)
+  def token_logprobs(self, params, rollouts: Rollouts) -> np.ndarray:
+    """[N, T] float32 host log-probs of the rollouts' tokens under `params`.
+
+    `logprob_batch` rows per compiled call (0: all N); the last call wraps around to the first
+    rows so every call has one shape, and the extra rows are dropped.
+    """
+    arrays = (rollouts.prompt_tokens, rollouts.prompt_mask, rollouts.tokens, rollouts.mask)
+    n = arrays[0].shape[0]
+    size = min(self.s.logprob_batch or n, n)
+    out = []
+    for start in range(0, n, size):
+      rows = np.arange(start, start + size) % n
+      x = [place(a[rows], self.mesh) for a in arrays]
+      logp = _sequence_logprobs(self.apply_fn, params, *x, temperature=self.s.temperature,
+                                chunk=self.s.logprob_chunk)
+      out.append(to_host(logp)[: n - start])
+    return np.concatenate(out)
 
   def update(self, state, minibatch):
     """One compiled PPO-clip update (`make_update`), the state donated.
