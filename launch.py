@@ -28,6 +28,8 @@ from ml_collections import config_flags
 
 # Keys whose change makes a checkpoint in the workdir unusable (besides `experiment`).
 STRUCTURAL_KEYS = ("model", "optim.name")
+# Model keys that change memory and speed but not the parameters: free to change on resume.
+RUNTIME_MODEL_KEYS = ("model.remat", "model.attention_impl")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "FILE:PRESET of an ml_collections config.",
@@ -84,6 +86,7 @@ def check_workdir(config, workdir: str) -> None:
   changed = []
   for key in STRUCTURAL_KEYS:
     changed += _diff(_lookup(saved, key), _lookup(new, key), key)
+  changed = [c for c in changed if c.split(":")[0] not in RUNTIME_MODEL_KEYS]
   if changed:
     raise WorkdirError(
       f"{workdir} holds a run whose checkpoints do not fit this config; changed: "

@@ -59,6 +59,7 @@ def get_config(preset: str = "cpu"):
     mlp_ratio=4.0,
     learn_sigma=False,
     class_dropout_prob=0.1,  # label dropout for classifier-free guidance
+    remat="none",  # "none" | "full" | a policy of models/layers.py REMAT_POLICIES
   )
   c.diffusion = dict(path="linear")  # SiT path: "linear" | "gvp" (DiT ignores it)
   c.loss = dict(

@@ -18,6 +18,7 @@ from configs.common import base_config, select_preset
 def get_config(preset: str = "cpu"):
   c = base_config("dpo")
   c.model = dict(source="checkpoint", path="runs/grpo_cpu_sft", hidden=64, layers=2, heads=4,
+                 remat="none", scan_layers=False, attention_impl="auto",  # as configs/grpo.py
                  kv_heads=2, mlp=192, dtype="float32")
   c.task = dict(name="arithmetic", style="compact", digits=1, num_operands=3, operators="+-",
                 seed=0, train_size=4096, test_size=256, train_file="", test_file="",

@@ -32,7 +32,8 @@ def get_config(preset: str = "cpu"):
   c = base_config("grace")
   c.algorithm = "grace"  # "grace" | "infonce"
   c.model = dict(
-    source="gguf", path="", dtype="float32", hidden=64, layers=2, heads=4, kv_heads=2, mlp=128
+    source="gguf", path="", dtype="float32", hidden=64, layers=2, heads=4, kv_heads=2, mlp=128,
+    remat="none", scan_layers=False, attention_impl="auto",  # memory switches, as configs/grpo.py
   )
   c.data = dict(
     source="offline",

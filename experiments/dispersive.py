@@ -66,6 +66,7 @@ def make_model(config) -> DiT:
     class_dropout_prob=m.class_dropout_prob,
     num_classes=m.num_classes,
     learn_sigma=m.learn_sigma,
+    remat=m.get("remat", "none"),
   )
 
 

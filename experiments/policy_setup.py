@@ -79,20 +79,26 @@ def make_tasks(config, *, train_size=None):
   raise ValueError(f"task.name={t.name!r}; expected arithmetic, first_token or math_jsonl")
 
 
+def _model_overrides(m) -> dict:
+  """DecoderConfig fields `model.*` sets whatever the source: compute dtype, memory switches."""
+  return dict(dtype=m.dtype, remat=m.get("remat", "none"), scan_layers=m.get("scan_layers", False),
+              attention_impl=m.get("attention_impl", "auto"))
+
+
 def decoder_config(config, codec, *, shapes_only: bool = False) -> DecoderConfig:
   """The policy's architecture: from the model file, or `model.*` for scratch/checkpoint.
   `shapes_only` (preflight): an HF model's published config.json when its directory is absent."""
   m = config.model
   if m.source == "gguf":
     return gguf_lib.gguf_config(gguf_lib._reader(_gguf_path(config)), path=_gguf_path(config),
-                                dtype=m.dtype)
+                                **_model_overrides(m))
   if m.source == "hf":
     hf = published_configs.hf_config(m.path) if shapes_only else load_config(m.path)
-    return DecoderConfig.from_hf(hf, dtype=m.dtype)
+    return DecoderConfig.from_hf(hf, **_model_overrides(m))
   return DecoderConfig(
     vocab_size=codec.vocab_size, hidden_size=m.hidden, intermediate_size=m.mlp,
     num_layers=m.layers, num_heads=m.heads, num_kv_heads=m.kv_heads,
-    head_dim=m.hidden // m.heads, max_position_embeddings=512, dtype=m.dtype,
+    head_dim=m.hidden // m.heads, max_position_embeddings=512, **_model_overrides(m),
   )
 
 
@@ -107,9 +113,9 @@ def pretrained_params(config, dcfg: DecoderConfig, mesh):
   if m.source == "scratch":
     return None
   if m.source == "gguf":
-    return gguf_lib.load_gguf(_gguf_path(config), dtype=m.dtype)[1]
+    return gguf_lib.load_gguf(_gguf_path(config), **_model_overrides(m))[1]
   if m.source == "hf":
-    return load_decoder(m.path, dtype=m.dtype)[1]
+    return load_decoder(m.path, **_model_overrides(m))[1]
   directory = os.path.join(m.path, "checkpoints")
   if not m.path or not os.path.isdir(directory):
     raise FileNotFoundError(f"model.path={m.path!r}: no checkpoints/ directory of an earlier run "

@@ -40,7 +40,9 @@ from contrastive_jax.weights.hf import load_tokenizer
 
 def _encoder_overrides(config) -> dict:
   """EncoderConfig fields the config sets over the model's config.json."""
-  return {"attention_impl": config.model.attention_impl, "remat": config.model.remat}
+  m = config.model
+  return {"attention_impl": m.attention_impl, "remat": m.remat,
+          "scan_layers": m.get("scan_layers", False)}
 
 
 def load_model(config):

@@ -93,9 +93,28 @@ def torch_logits(model, tokens, mask):
   ids=["llama", "qwen2", "qwen3", "llama_tied_llama3", "qwen2_yarn", "qwen3_linear"],
 )
 def test_logits_cache_and_roundtrip_match_transformers(kind, extra, tmp_path):
+  _check_against_transformers(kind, extra, tmp_path)
+
+
+@pytest.mark.parametrize(
+  "kind,extra,switches",
+  [
+    ("qwen2", {"tie_word_embeddings": True}, {"scan_layers": True, "attention_impl": "einsum"}),
+    ("qwen3", {}, {"scan_layers": True, "remat": "full", "attention_impl": "xla"}),
+  ],
+  ids=["qwen2_tied_scan_einsum", "qwen3_scan_remat_xla"],
+)
+def test_scanned_layers_match_transformers(kind, extra, switches, tmp_path):
+  """nn.scan layers (stacked parameters, stacked KV cache) load, decode and export the same."""
+  params = _check_against_transformers(kind, extra, tmp_path, **switches)
+  q = params["params"]["layers"]["attn"]["q"]
+  assert q.shape == (TINY["num_hidden_layers"], 64, 4, 16)
+
+
+def _check_against_transformers(kind, extra, tmp_path, **switches):
   model = tiny_torch_model(kind, **extra)
   model.save_pretrained(tmp_path / "hf")
-  config, params = load_decoder(tmp_path / "hf")
+  config, params = load_decoder(tmp_path / "hf", **switches)
   tokens, mask = left_padded_batch()
   expected = torch_logits(model, tokens, mask)
   positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
@@ -118,6 +137,7 @@ def test_logits_cache_and_roundtrip_match_transformers(kind, extra, tmp_path):
   save_decoder(tmp_path / "ours", params, config)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
   np.testing.assert_allclose(torch_logits(reloaded, tokens, mask)[real], expected[real], atol=1e-5)
+  return params
 
 
 def test_hidden_states_are_final_norm_outputs(tmp_path):

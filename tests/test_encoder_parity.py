@@ -60,24 +60,27 @@ def _torch_hidden(model, ids, mask, types):
 
 
 @pytest.mark.parametrize("kind", ["bert", "xlm-roberta"])
-def test_tiny_random_model_matches_transformers(kind, tiny, tmp_path):
+@pytest.mark.parametrize(
+  "switches", [{}, {"scan_layers": True, "remat": "dots_saveable"}], ids=["loop", "scan"]
+)
+def test_tiny_random_model_matches_transformers(kind, switches, tiny, tmp_path):
   model, path = tiny[kind]
-  config, params = W.load_encoder(path)
+  config, params = W.load_encoder(path, **switches)
   ids, mask, types = _batch(config.pad_token_id)
   ref = _torch_hidden(model, ids, mask, types)
   ours = np.asarray(Encoder(config).apply(params, ids, mask, types))
   assert np.abs(ours - ref).max() < 1e-4  # padded rows included: both attend to real keys only.
-  fast = EncoderConfig(
-    **{**config.__dict__, "attention_impl": "dot_product_attention", "remat": True}
-  )
-  np.testing.assert_allclose(
-    np.asarray(Encoder(fast).apply(params, ids, mask, types)), ours, atol=1e-5
-  )
+  for impl in ("einsum", "xla", "dot_product_attention"):  # the last: older configs' name
+    other = EncoderConfig(**{**config.__dict__, "attention_impl": impl, "remat": True})
+    got = np.asarray(Encoder(other).apply(params, ids, mask, types))
+    np.testing.assert_allclose(got[mask == 1], ours[mask == 1], atol=1e-5)
   # Save back: transformers loads our directory and gives the same hidden states.
   W.save_encoder(tmp_path / "back", params, config)
   back = transformers.AutoModel.from_pretrained(tmp_path / "back").eval()
   assert type(back) is type(model)
   assert np.abs(_torch_hidden(back, ids, mask, types) - ref).max() < 1e-5
+  if switches:
+    assert params["params"]["layers"]["query"]["kernel"].shape == (2, 32, 4, 8)
 
 
 def test_position_table_bounds_the_length(tiny):

@@ -94,3 +94,18 @@ def test_refuses_non_gguf_file(tmp_path):
   bad.write_bytes(b"not a gguf file at all")
   with pytest.raises(WeightsError, match="x.gguf"):
     load_gguf(bad)
+
+
+def test_scanned_layers_load_stacks_the_same_tensors(loaded, gguf_dir):
+  """`scan_layers=True` stacks the 30 blocks on load (the scanned forward pass equals the loop:
+  tests/test_decoder_parity.py and tests/test_model_switches.py)."""
+  import jax
+
+  from contrastive_jax.models.layers import stack_layers
+
+  config, params = loaded
+  scfg, sparams = load_gguf(gguf_dir / NAME, scan_layers=True)
+  assert scfg.scan_layers and sparams["params"]["layers"]["attn"]["k"].shape == (30, 576, 3, 64)
+  expected = stack_layers(params["params"], config.num_layers)
+  assert jax.tree.structure(sparams["params"]) == jax.tree.structure(expected)
+  jax.tree.map(np.testing.assert_array_equal, sparams["params"], expected)

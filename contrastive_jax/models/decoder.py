@@ -6,11 +6,18 @@ q/k RMSNorm (Qwen3), tied embeddings, head_dim. Numerics follow `transformers`' 
 
 KV cache: an explicit pytree passed in and returned, not a flax mutable collection, so the
 sampler can carry it through `lax.while_loop` and shard it like any other array. It is a tuple
-with one `{"k", "v"}` dict per layer, each `[B, max_len, kv_heads, head_dim]`, preallocated by
+with one `{"k", "v"}` dict per layer, each `[B, max_len, kv_heads, head_dim]` (with
+`scan_layers`, one dict of `[num_layers, B, max_len, kv_heads, head_dim]`), preallocated by
 `init_cache`; a call writes its L new keys/values at slots `[cache_index, cache_index + L)`.
 Attention is masked by `key_mask` (which cache slots / tokens hold real tokens, so left padding
 is excluded) and causally by slot index; positions (for RoPE) are passed explicitly, so a
 left-padded row starts at position 0 on its first real token.
+
+Memory switches (not part of the checkpoint format): `remat` rematerialises each block in the
+backward pass with a named `jax.checkpoint` policy (`models.layers.REMAT_POLICIES`);
+`scan_layers` runs the blocks under `nn.scan` (parameters stacked on a leading "layers" axis,
+one compiled block whatever the depth, as MaxText's `scan_layers`); `attention_impl` picks the
+attention kernel (`models.attention`: cuDNN on GPU, splash on TPU, XLA on CPU under "auto").
 
 RoPE scaling types: "default" (none), "linear", "llama3", "yarn" (as in transformers'
 `modeling_rope_utils`). "dynamic" and "longrope" depend on the sequence length and are refused.
@@ -27,6 +34,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from contrastive_jax.models.attention import attention, check_implementation
+from contrastive_jax.models.layers import remat_block, remat_name
 
 ARCHITECTURES = {
   "llama": "LlamaForCausalLM",
@@ -47,7 +57,9 @@ class DecoderConfig:
   """Hyper-parameters of a Llama/Qwen2/Qwen3 decoder; frozen so it can be a static jit argument.
 
   `rope_scaling`: the HF `rope_parameters` other than type and theta, as sorted (key, value)
-  pairs. `dtype`: the compute dtype; parameters are always float32.
+  pairs. `dtype`: the compute dtype; parameters are always float32. `remat` ("none" | "full" |
+  a policy of `models.layers.REMAT_POLICIES`; a bool means "none"/"full"), `scan_layers` and
+  `attention_impl` (`models.attention.IMPLEMENTATIONS`) change memory and speed, not the maths.
   """
 
   vocab_size: int
@@ -70,8 +82,13 @@ class DecoderConfig:
   dtype: str = "float32"
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
+  remat: str = "none"
+  scan_layers: bool = False
+  attention_impl: str = "auto"
 
   def __post_init__(self):
+    object.__setattr__(self, "remat", remat_name(self.remat, "DecoderConfig"))
+    check_implementation(self.attention_impl, "DecoderConfig")
     if self.model_type not in ARCHITECTURES:
       raise ValueError(f"DecoderConfig: model_type {self.model_type!r} not in {ARCHITECTURES}")
     if self.rope_type not in ROPE_TYPES:
@@ -265,7 +282,6 @@ class Attention(nn.Module):
       q = RMSNorm(c.rms_norm_eps, dt, name="q_norm")(q)
       k = RMSNorm(c.rms_norm_eps, dt, name="k_norm")(k)
     q, k = (apply_rope(t, positions, *rope_frequencies(c)) for t in (q, k))
-    length = x.shape[1]
     if cache is not None:
       cache = jax.tree.map(
         lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
@@ -275,15 +291,16 @@ class Attention(nn.Module):
         {"k": k, "v": v},
       )
       k, v = cache["k"].astype(dt), cache["v"].astype(dt)
-    query_slots = cache_index + jnp.arange(length)  # cache_index is 0 without a cache
-    causal = jnp.arange(k.shape[1])[None, :] <= query_slots[:, None]  # [L, S]
-    allowed = causal[None] & key_mask[:, None, :].astype(bool)  # [B, L, S]
-    q = q.reshape(q.shape[0], length, kv, h // kv, dh)
-    scores = jnp.einsum("blkgd,bskd->bkgls", q, k).astype(jnp.float32) / math.sqrt(dh)
-    # A finite minimum, not -inf: query rows that see no key (left-padding slots) stay NaN-free.
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(x.shape[0], length, h, dh)
+    out = attention(
+      q,
+      k,
+      v,
+      key_mask=key_mask,
+      causal=True,
+      # Without a cache the queries are slots 0..L-1; a static 0 lets splash keep its mask static.
+      query_offset=0 if cache is None else cache_index,
+      implementation=c.attention_impl,
+    )
     out = jnp.einsum("blhk,hkd->bld", out, wo.astype(dt))
     if c.o_bias:
       out = out + _param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros).astype(dt)
@@ -350,18 +367,30 @@ class Decoder(nn.Module):
     dt = jnp.dtype(c.dtype)
     embedding = _param(self, "embedding", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
     x = jnp.take(embedding, tokens, axis=0).astype(dt)
-    new_cache = []
-    for i in range(c.num_layers):
-      x, layer_cache = Block(c, name=f"layer_{i}")(
-        x, positions, key_mask, None if cache is None else cache[i], cache_index
-      )
-      new_cache.append(layer_cache)
+    block = remat_block(Block, c.remat, scanned=c.scan_layers)
+    if c.scan_layers:
+      x, new_cache = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        length=c.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )(c, name="layers")(x, positions, key_mask, cache, cache_index)
+    else:
+      new_cache = []
+      for i in range(c.num_layers):
+        x, layer_cache = block(c, name=f"layer_{i}")(
+          x, positions, key_mask, None if cache is None else cache[i], cache_index
+        )
+        new_cache.append(layer_cache)
+      new_cache = tuple(new_cache)
     hidden = RMSNorm(c.rms_norm_eps, dt, name="final_norm")(x)
     if c.tie_embeddings:
       head = embedding.T
     else:
       head = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
-    out = {"cache": None if cache is None else tuple(new_cache)}
+    out = {"cache": None if cache is None else new_cache}
     if logits:
       # Prefill needs only the last position's logits; [B, L, V] would dominate memory.
       h = hidden[:, -1:] if last_only else hidden
@@ -374,9 +403,13 @@ class Decoder(nn.Module):
 
 
 def init_cache(config: DecoderConfig, batch: int, max_len: int, dtype=None):
-  """Zero KV cache: a tuple of num_layers {"k", "v"} arrays [batch, max_len, kv_heads, head_dim]."""
+  """Zero KV cache: a tuple of num_layers {"k", "v"} arrays [batch, max_len, kv_heads, head_dim],
+  or with `scan_layers` one {"k", "v"} of [num_layers, batch, max_len, kv_heads, head_dim]."""
   dtype = jnp.dtype(dtype or config.dtype)
   shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  if config.scan_layers:
+    stacked = (config.num_layers, *shape)
+    return {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
   return tuple(
     {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers)
   )

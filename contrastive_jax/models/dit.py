@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastive_jax.models.layers import logical_dense
+from contrastive_jax.models.layers import logical_dense, remat_block, remat_name
 
 # name: (depth, hidden width, heads) of DiT Table 1, plus a tiny size for CPU tests and demos.
 SIZES = {
@@ -141,6 +141,8 @@ class DiT(nn.Module):
   guidance: where `force_drop` [B] bool is True, else (when `train` and `class_dropout_prob` > 0)
   with that probability using the "dropout" rng. `return_blocks` lists block indices (0-based,
   activation = that block's output) or is "all"; they come from the same forward pass.
+  `remat` ("none" | "full" | a `models.layers.REMAT_POLICIES` name) rematerialises each block
+  in the backward pass; the returned block activations are unaffected.
   """
 
   input_size: int = 32
@@ -154,6 +156,7 @@ class DiT(nn.Module):
   num_classes: int = 1000
   learn_sigma: bool = True
   dtype: jnp.dtype = jnp.float32
+  remat: str = "none"
 
   @property
   def out_channels(self) -> int:
@@ -222,8 +225,9 @@ class DiT(nn.Module):
     c = temb + table(self._labels(y, train, force_drop))
 
     blocks = {}
+    block_cls = remat_block(DiTBlock, remat_name(self.remat, "DiT"))
     for i in range(self.depth):
-      h = DiTBlock(self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(h, c)
+      h = block_cls(self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(h, c)
       if i in return_blocks:
         blocks[i] = h
 

@@ -10,6 +10,12 @@ sentence-transformers (mean) pool the last hidden state.
 
 Parameters are float32 and carry logical axis names (train/sharding.py); `dtype` is the compute
 dtype. Sequence length is bounded only by the position table: a longer input raises ValueError.
+
+Memory switches (not part of the HF format): `attention_impl` (`models.attention`: "auto" runs
+cuDNN flash attention on GPU, Pallas splash on TPU, XLA's O(L^2) path on CPU, and the einsum path
+whenever attention-probability dropout is active, since no fused kernel applies it); `remat`
+("none" | "full" | a `models.layers.REMAT_POLICIES` name; a bool means "none"/"full");
+`scan_layers` (layers under `nn.scan`, parameters stacked on a leading "layers" axis).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from contrastive_jax.models.layers import logical_dense
+from contrastive_jax.models.attention import attention, check_implementation
+from contrastive_jax.models.layers import logical_dense, remat_block, remat_name
 
 _ACTIVATIONS = {
   "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form.
@@ -50,12 +57,18 @@ class EncoderConfig:
   pad_token_id: int = 0
   hidden_dropout_prob: float = 0.1
   attention_probs_dropout_prob: float = 0.1
-  # "einsum": explicit softmax with attention-probability dropout. "dot_product_attention":
-  # jax.nn.dot_product_attention (cuDNN flash attention on GPU in bf16/fp16), no probs dropout.
-  attention_impl: str = "einsum"
-  remat: bool = False  # rematerialise each layer in the backward pass (long documents).
+  # models.attention.IMPLEMENTATIONS; "dot_product_attention" (older configs) means "xla", which
+  # is what jax.nn.dot_product_attention's default implementation runs. Only "einsum" (and
+  # "auto", by choosing it) applies attention-probability dropout in training.
+  attention_impl: str = "auto"
+  remat: str = "none"  # rematerialise each layer in the backward pass (long documents).
+  scan_layers: bool = False
 
   def __post_init__(self):
+    if self.attention_impl == "dot_product_attention":
+      object.__setattr__(self, "attention_impl", "xla")
+    check_implementation(self.attention_impl, "encoder")
+    object.__setattr__(self, "remat", remat_name(self.remat, "encoder"))
     if self.model_type not in _MODEL_TYPES:
       raise ValueError(f"encoder: model_type {self.model_type!r} unsupported; use {_MODEL_TYPES}")
     if self.hidden_act not in _ACTIVATIONS:
@@ -66,8 +79,6 @@ class EncoderConfig:
       raise ValueError(
         f"encoder: hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads"
       )
-    if self.attention_impl not in ("einsum", "dot_product_attention"):
-      raise ValueError(f"encoder: attention_impl {self.attention_impl!r} unknown")
 
   @property
   def head_dim(self) -> int:
@@ -107,7 +118,9 @@ class EncoderConfig:
     """config.json contents that `transformers` loads into BertModel / XLMRobertaModel."""
     arch = {"bert": "BertModel", "xlm-roberta": "XLMRobertaModel", "roberta": "RobertaModel"}
     out = {
-      k: v for k, v in dataclasses.asdict(self).items() if k not in ("attention_impl", "remat")
+      k: v
+      for k, v in dataclasses.asdict(self).items()
+      if k not in ("attention_impl", "remat", "scan_layers")
     }
     return {**out, "architectures": [arch[self.model_type]], "position_embedding_type": "absolute"}
 
@@ -130,27 +143,30 @@ def _layer_norm(cfg: EncoderConfig, name: str):
 
 
 class EncoderLayer(nn.Module):
-  """Post-LN block: x = LN(x + Attn(x)); x = LN(x + W2 act(W1 x))."""
+  """Post-LN block: x = LN(x + Attn(x)); x = LN(x + W2 act(W1 x)).
+
+  Returns x, or (x, None) when `scanned` (the carry / output pair `nn.scan` expects).
+  """
 
   config: EncoderConfig
   dtype: Any = jnp.float32
+  deterministic: bool = True
+  scanned: bool = False
 
   @nn.compact
-  def __call__(self, x, mask, deterministic: bool = True):
-    cfg, dt = self.config, self.dtype
+  def __call__(self, x, mask):
+    cfg, dt, deterministic = self.config, self.dtype, self.deterministic
     heads = (cfg.num_attention_heads, cfg.head_dim)
     q = _dense(heads, ("embed", "heads", "kv"), "query", dtype=dt)(x)
     k = _dense(heads, ("embed", "heads", "kv"), "key", dtype=dt)(x)
     v = _dense(heads, ("embed", "heads", "kv"), "value", dtype=dt)(x)
-    keep = mask[:, None, None, :].astype(bool)  # [B, 1, 1, S]: keys a query may attend to.
-    if cfg.attention_impl == "dot_product_attention":
-      ctx = jax.nn.dot_product_attention(q, k, v, mask=keep)
-    else:
-      logits = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
-      logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(logits, axis=-1)
-      probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-      ctx = jnp.einsum("bnts,bsnh->btnh", probs.astype(dt), v)
+    probs_dropout = None
+    if not deterministic and cfg.attention_probs_dropout_prob > 0:
+      drop = nn.Dropout(cfg.attention_probs_dropout_prob)
+      probs_dropout = lambda p: drop(p, deterministic=False)
+    ctx = attention(
+      q, k, v, key_mask=mask, implementation=cfg.attention_impl, probs_dropout=probs_dropout
+    )
     attn = _dense(
       cfg.hidden_size, ("heads", "kv", "embed"), "attention_output", axis=(-2, -1), dtype=dt
     )(ctx)
@@ -161,7 +177,8 @@ class EncoderLayer(nn.Module):
       _ACTIVATIONS[cfg.hidden_act](h)
     )
     h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
-    return _layer_norm(cfg, "output_norm")(x + h).astype(dt)
+    x = _layer_norm(cfg, "output_norm")(x + h).astype(dt)
+    return (x, None) if self.scanned else x
 
 
 class Encoder(nn.Module):
@@ -225,9 +242,19 @@ class Encoder(nn.Module):
     x = word(input_ids) + pos(position_ids) + typ(token_type_ids)
     x = _layer_norm(cfg, "embeddings_norm")(x).astype(self.dtype)
     x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
-    layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if cfg.remat else EncoderLayer
+    layer_cls = remat_block(EncoderLayer, cfg.remat, scanned=cfg.scan_layers)
+    if cfg.scan_layers:
+      x, _ = nn.scan(
+        layer_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,),
+        length=cfg.num_hidden_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, self.dtype, deterministic, True, name="layers")(x, attention_mask)
+      return x
     for i in range(cfg.num_hidden_layers):
-      x = layer_cls(cfg, self.dtype, name=f"layer_{i}")(x, attention_mask, deterministic)
+      x = layer_cls(cfg, self.dtype, deterministic, name=f"layer_{i}")(x, attention_mask)
     return x
 
   def position_ids(self, input_ids):

@@ -534,7 +534,12 @@ def policy_pieces(*, apply_fn, init_cache, settings: PolicyOptSettings, mesh, st
   scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
 
   def logprobs(params, pt, pm, tokens, mask):
-    return _sequence_logprobs(apply_fn, params, pt, pm, tokens, mask, temperature=s.temperature)
+    return _sequence_logprobs(apply_fn, params, pt, pm, tokens, mask, temperature=s.temperature,
+                              chunk=s.logprob_chunk)
+
+  # `token_logprobs`: calls of `logprob_batch` rows (0: all), the last one wrapped to that shape.
+  lp_rows = min(s.logprob_batch or n, n)
+  lp_calls = -(-n // lp_rows) * (2 if reference else 1)
 
   size = n // s.minibatches
   mb = {"prompt_tokens": placed((size, p)), "prompt_mask": placed((size, p)),
@@ -551,11 +556,15 @@ def policy_pieces(*, apply_fn, init_cache, settings: PolicyOptSettings, mesh, st
                                                 placed((n, p + t)), cache, scalar),
                                   donate_argnums=(4,), per_step=max(t - 1, 0),
                                   note="one token, full cache (updated in place, as in the loop)"),
-    f"{prefix}old_logprobs": Piece(logprobs, (params, placed((n, p)), placed((n, p)),
-                                              placed((n, t)), placed((n, t))),
-                                   per_step=2.0 if reference else 1.0,
-                                   note="old (and reference) log-prob pass, all rows"),
+    f"{prefix}old_logprobs": Piece(logprobs, (params, placed((lp_rows, p)),
+                                              placed((lp_rows, p)), placed((lp_rows, t)),
+                                              placed((lp_rows, t))),
+                                   per_step=float(lp_calls),
+                                   note=f"old (and reference) log-probs, {lp_rows} rows per call, "
+                                   f"logits {s.logprob_chunk or p + t} positions at a time"),
     f"{prefix}ppo_update": Piece(make_update(apply_fn, s), (state, mb),
                                  out_shardings=(shardings, None), donate_argnums=(0,),
-                                 per_step=s.updates_per_step, note=f"{size} rows per update"),
+                                 per_step=s.updates_per_step,
+                                 note=f"{size} rows per update in {s.update_microbatches} "
+                                 f"micro-batch(es)"),
   }

@@ -16,6 +16,7 @@ Logical axis names used across the models:
   kv       per-head width                          -> replicated
   vocab    vocabulary                              -> tensor
   norm     scales and biases of norms              -> replicated
+  layers   stacked blocks of an nn.scan model      -> replicated (each device holds every layer)
   (None)   anything else                           -> replicated
 """
 
@@ -44,6 +45,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ("kv", None),
   ("vocab", "tensor"),
   ("norm", None),
+  ("layers", None),
 )
 
 

@@ -3,6 +3,8 @@
 One table (`_tensor_table`) lists every HF tensor with its place in our parameter tree and the
 reshape between the two layouts; loading and saving both read it, so they cannot diverge. HF
 linear weights are [out, in]; ours are [in, ...] with heads split out ([D, H, Dh] for q).
+With `config.scan_layers` the per-layer trees are stacked under "layers" (`models.layers`) after
+loading and unstacked before saving, so files and their names do not depend on the switch.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from contrastive_jax.models.decoder import DecoderConfig
+from contrastive_jax.models.layers import stack_layers, unstack_layers
 from contrastive_jax.weights import hf
 from contrastive_jax.weights.hf import WeightsError
 
@@ -116,12 +119,18 @@ def params_from_tensors(
       f"{source}: tensors not used by a {config.model_type} decoder with this "
       f"config: {sorted(extra)[:8]}"
     )
+  if config.scan_layers:
+    params = stack_layers(params, config.num_layers)
   return {"params": params}
 
 
 def tensors_from_params(params: Mapping[str, Any], config: DecoderConfig) -> dict[str, np.ndarray]:
   """Inverse of `params_from_tensors`: our (unboxed) params -> HF-named float32 numpy tensors."""
   tree = params.get("params", params)
+  if config.scan_layers:
+    if "layers" not in tree:
+      raise WeightsError("params: scan_layers is set but there is no stacked 'layers' entry")
+    tree = unstack_layers(tree, config.num_layers)
   out = {}
   for name, path, shape, _, to_hf in _tensor_table(config):
     node = tree

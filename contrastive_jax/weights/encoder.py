@@ -5,11 +5,14 @@ mapping. Loading refuses a missing tensor, a shape mismatch or an unknown tensor
 `WeightsError` naming it; heads other code puts beside the encoder (BERT pooler, MLM heads) and the
 `position_ids` buffer are skipped. Saving writes a directory `transformers` loads as BertModel /
 XLMRobertaModel (without pooler, which `transformers` then initialises randomly; the last hidden
-state, what the encoder returns, is unaffected).
+state, what the encoder returns, is unaffected). With `config.scan_layers` the per-layer trees
+are stacked under "layers" after loading and unstacked before saving (`models.layers`), so the
+files do not depend on the switch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -21,6 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from contrastive_jax.models.encoder import Encoder, EncoderConfig
+from contrastive_jax.models.layers import stack_layers, unstack_layers
 from contrastive_jax.weights.hf import WeightsError, load_config, load_tensors, save_model_dir
 
 # Tensors that belong to heads beside the encoder, or to buffers; skipped when loading.
@@ -87,7 +91,8 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: EncoderConfig, *
   `jax.device_put(params, logical_shardings(abstract_params(config), mesh))`.
   """
   tensors = _strip_prefix(dict(tensors), source)
-  shapes = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(config))["params"])
+  per_layer = dataclasses.replace(config, scan_layers=False)
+  shapes = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(per_layer))["params"])
   params: dict = {}
   used = set()
   for path, name, n_in in weight_table(config):
@@ -113,6 +118,8 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: EncoderConfig, *
     raise WeightsError(
       f"{source}: tensors the {config.model_type} encoder does not use: {unknown[:8]}"
     )
+  if config.scan_layers:
+    params = stack_layers(params, config.num_hidden_layers)
   return {"params": params}
 
 
@@ -130,6 +137,10 @@ def tensors_from_params(params, config: EncoderConfig) -> dict[str, np.ndarray]:
   """{"params": ...} (boxed or plain) -> HF-named float32 numpy tensors (inverse of loading)."""
   tree = nn.meta.unbox(params)
   tree = tree.get("params", tree)
+  if config.scan_layers:
+    if "layers" not in tree:
+      raise WeightsError("params: scan_layers is set but there is no stacked 'layers' entry")
+    tree = unstack_layers(tree, config.num_hidden_layers)
   out = {}
   for path, name, n_in in weight_table(config):
     node = tree

@@ -1,0 +1,302 @@
+"""Scaled dot-product attention with padding / causal / KV-cache masks, one function for all models.
+
+`attention(q, k, v, key_mask=, causal=, query_offset=, implementation=)` computes
+softmax(q k^T / sqrt(Dh) + mask) v (Vaswani et al. 2017, Eq. 1) with grouped-query heads
+(Ainslie et al. 2023). Query i sits at cache slot `query_offset + i`; it may attend key slot j
+iff `key_mask[b, j]` and, when `causal`, j <= query_offset + i. Implementations:
+
+  "einsum"  reference: float32 scores [B, H, L, S], float32 softmax; the only path that applies
+            attention-probability dropout (`probs_dropout`).
+  "xla"     the same math with the scores kept in the compute dtype when it is bfloat16 (same
+            exponent range as float32; the softmax itself is float32), which halves the
+            [B, H, L, S] buffers XLA materialises. Still O(L S) memory: not flash attention.
+  "cudnn"   `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN flash attention, GPU only,
+            bfloat16/float16, head_dim <= 128 (256 on Hopper) and a multiple of 8. The mask goes in
+            as a [B, 1, L, S] bias in the compute dtype (one per row, not per head). It cannot run or
+            even trace without cuDNN, so it is selected only when JAX's backend is a GPU.
+  "splash"  Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`): TPU
+            flash attention; padding via segment ids, causality via a static `CausalMask`. Needs
+            L and S multiples of 128 and a static `query_offset`; otherwise it falls back to "xla"
+            and logs the reason. The compiler cannot partition a Mosaic kernel, so on several
+            devices trace under `jax.set_mesh(mesh)`: the kernel then runs per device through
+            `shard_map` (rows and heads split as the logical rules split them). Off TPU it runs
+            in Pallas interpret mode (slow; for tests).
+  "auto"    (default) "einsum" when probability dropout is active (no fused kernel has it); on a
+            GPU backend cuDNN unless `cudnn_unsupported` names a reason, then "xla"; elsewhere
+            `lax.platform_dependent`: splash when the program is lowered for TPU (also when it
+            is compiled ahead of time for a TPU topology from a CPU host), else "xla"; but plain
+            "xla" when several devices are visible and no context mesh is set (see "splash").
+
+Values at query rows that are padding differ between implementations (splash lets a padding
+query attend padding keys, the others the allowed real keys or, with none, all keys uniformly);
+they are never read, because padding keys are masked for every real query. Explicitly chosen
+fused paths ("xla", "cudnn", "splash") skip attention-probability dropout.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "splash")
+_SPLASH_BLOCKS = (512, 256, 128)
+_log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+  _log.warning(message)
+
+
+def check_implementation(name: str, where: str = "attention") -> str:
+  """Returns `name` if it is one of IMPLEMENTATIONS, else raises ValueError naming the key."""
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"{where}: attention_impl {name!r} is not one of {IMPLEMENTATIONS}")
+  return name
+
+
+def allowed_mask(key_mask, length: int, *, causal: bool, query_offset=0):
+  """[B, L, S] bool: query i (slot query_offset + i) may attend key slot j."""
+  allowed = key_mask[:, None, :].astype(bool)
+  if causal:
+    query_slots = query_offset + jnp.arange(length)
+    allowed = allowed & (jnp.arange(key_mask.shape[1])[None, :] <= query_slots[:, None])[None]
+  return allowed
+
+
+def _grouped_softmax_attention(q, k, v, allowed, *, score_dtype, probs_dropout=None):
+  """Explicit softmax attention; scores [B, K, G, L, S] in `score_dtype`, softmax in float32."""
+  b, length, h, dh = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, length, kv, h // kv, dh)
+  if score_dtype == jnp.float32:
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k).astype(jnp.float32) / math.sqrt(dh)
+  else:  # fold the scale into q (one rounding) so the scores are written once, in score_dtype
+    q = (q.astype(jnp.float32) / math.sqrt(dh)).astype(q.dtype)
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=score_dtype)
+  # A finite minimum, not -inf: query rows that see no key (left-padding slots) stay NaN-free.
+  scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(score_dtype).min)
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+  if probs_dropout is not None:
+    probs = probs_dropout(probs)
+  out = jnp.einsum("bkgls,bskd->blkgd", probs.astype(v.dtype), v)
+  return out.reshape(b, length, h, dh)
+
+
+def _xla(q, k, v, allowed):
+  lean = jnp.dtype(q.dtype) == jnp.bfloat16
+  return _grouped_softmax_attention(q, k, v, allowed, score_dtype=q.dtype if lean else jnp.float32)
+
+
+def _cudnn(q, k, v, allowed):
+  return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation="cudnn")
+
+
+def _block(n: int) -> int | None:
+  return next((b for b in _SPLASH_BLOCKS if n % b == 0), None)
+
+
+def splash_unsupported(q_len: int, kv_len: int, query_offset) -> str | None:
+  """Why splash attention cannot take these shapes (None if it can)."""
+  if not isinstance(query_offset, (int, np.integer)):
+    return "splash: the query offset (KV-cache index) is traced; its causal mask must be static"
+  if _block(q_len) is None or _block(kv_len) is None:
+    return f"splash: query length {q_len} and key length {kv_len} must be multiples of 128"
+  if query_offset + q_len > kv_len:
+    return f"splash: queries at slots [{query_offset}, {query_offset + q_len}) exceed {kv_len} keys"
+  return None
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads, q_len, kv_len, causal, offset, interpret):
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+  shape = (q_len, kv_len)
+  one = sa.CausalMask(shape, offset=offset) if causal else sa.FullMask(shape)
+  bq, bkv = _block(q_len), _block(kv_len)
+  blocks = sa.BlockSizes(
+    block_q=bq,
+    block_kv=bkv,
+    block_kv_compute=bkv,
+    block_q_dkv=bq,
+    block_kv_dkv=bkv,
+    block_kv_dkv_compute=bkv,
+    block_q_dq=bq,
+    block_kv_dq=bkv,
+  )
+  return sa.make_splash_mha(
+    sa.MultiHeadMask([one] * heads),
+    block_sizes=blocks,
+    head_shards=1,
+    q_seq_shards=1,
+    interpret=interpret,
+  )
+
+
+def _splash_local(q, k, v, key_mask, *, causal, query_offset, interpret):
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+  _, length, h, dh = q.shape
+  kernel = _splash_kernel(h, length, k.shape[1], causal, int(query_offset), interpret)
+  # Self-attention: each query's segment is its own slot's, so every row has an allowed key
+  # (itself); real queries see exactly the real keys, as the mask of the other paths.
+  kv_seg = key_mask.astype(jnp.int32)
+  q_seg = jax.lax.dynamic_slice_in_dim(kv_seg, int(query_offset), length, axis=1)
+  scale = 1.0 / math.sqrt(dh)  # the kernel does not scale
+  qh = (jnp.swapaxes(q, 1, 2).astype(jnp.float32) * scale).astype(q.dtype)  # [B, H, L, Dh]
+  kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, Dh]
+  out = jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=sa.SegmentIds(qs, ks)))(
+    qh, kh, vh, q_seg, kv_seg
+  )
+  return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
+
+def context_mesh():
+  """The mesh set with `jax.set_mesh` around tracing, or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh is None or mesh.empty else mesh
+
+
+def _splash(q, k, v, key_mask, *, causal, query_offset, interpret):
+  """Splash attention; under a context mesh, per device through `shard_map` (Mosaic kernels
+  cannot be partitioned by the compiler): rows over the mesh axes of the logical "batch" axis,
+  heads over those of "heads" where they divide, as `train.sharding.DEFAULT_RULES` map them."""
+  local = functools.partial(
+    _splash_local, causal=causal, query_offset=query_offset, interpret=interpret
+  )
+  mesh = context_mesh()
+  if mesh is None:
+    return local(q, k, v, key_mask)
+  from jax.sharding import PartitionSpec as P
+
+  from contrastive_jax.train.sharding import DEFAULT_RULES
+
+  def axes(logical, size):
+    names = dict(DEFAULT_RULES).get(logical)
+    names = tuple(
+      a for a in ((names,) if isinstance(names, str) else names or ()) if a in mesh.shape
+    )
+    return (
+      names
+      if names and all(n % math.prod(mesh.shape[a] for a in names) == 0 for n in size)
+      else None
+    )
+
+  rows = axes("batch", (q.shape[0],))
+  heads = axes("heads", (q.shape[2], k.shape[2]))
+  qkv = P(rows, None, heads, None)
+  return jax.shard_map(
+    local, mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows, None)), out_specs=qkv, check_vma=False
+  )(q, k, v, key_mask)
+
+
+def cudnn_unsupported(q_len: int, kv_len: int, head_dim: int, dtype) -> str | None:
+  """Why `auto` would not pick cuDNN here (None if it would); cuDNN's own checks, conservatively."""
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return f"cudnn: compute dtype {jnp.dtype(dtype).name} (flash attention is bfloat16/float16)"
+  if head_dim > 128 or head_dim % 8:
+    return f"cudnn: head_dim {head_dim} must be <= 128 and a multiple of 8"
+  if q_len % 2 or kv_len % 2:
+    return f"cudnn: with a mask bias, lengths {q_len}, {kv_len} must be even to train"
+  return None
+
+
+def _on_gpu() -> bool:
+  return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+
+def attention(
+  q,
+  k,
+  v,
+  *,
+  key_mask,
+  causal: bool = False,
+  query_offset=0,
+  implementation: str = "auto",
+  probs_dropout: Callable | None = None,
+):
+  """Masked multi-head (grouped-query) attention; see the module docstring for the paths.
+
+  Args:
+    q: [B, L, H, Dh] queries (compute dtype).
+    k, v: [B, S, K, Dh] keys and values, H % K == 0.
+    key_mask: [B, S] int/bool, 1 where a key slot holds a real token.
+    causal: also mask key slots after each query's own slot.
+    query_offset: slot of query 0 (the KV-cache index; int or traced scalar).
+    implementation: one of IMPLEMENTATIONS.
+    probs_dropout: optional function applied to the float32 probabilities [B, K, G, L, S]
+      (attention dropout); honoured by "einsum" and by "auto" (which then uses "einsum").
+
+  Returns:
+    [B, L, H, Dh] in q's dtype.
+  """
+  check_implementation(implementation)
+  b, length, h, dh = q.shape
+  if k.shape != v.shape or k.shape[0] != b or k.shape[3] != dh or h % k.shape[2]:
+    raise ValueError(
+      f"attention: q {q.shape} and k/v {k.shape}/{v.shape} do not fit [B, L|S, H|K, Dh]"
+    )
+  if key_mask.shape != k.shape[:2]:
+    raise ValueError(f"attention: key_mask {key_mask.shape} must be [B, S] = {k.shape[:2]}")
+  kv_len = k.shape[1]
+  impl = implementation
+  if impl == "auto":
+    if probs_dropout is not None:
+      impl = "einsum"
+    elif _on_gpu():
+      impl = "xla" if cudnn_unsupported(length, kv_len, dh, q.dtype) else "cudnn"
+    else:
+      impl = "tpu_or_xla"
+  if impl in ("splash", "tpu_or_xla"):
+    reason = splash_unsupported(length, kv_len, query_offset)
+    if reason is not None:
+      if impl == "splash":
+        _warn_once(f"attention: falling back to 'xla': {reason}")
+      impl = "xla"
+  if impl == "cudnn" and not _on_gpu():
+    raise ValueError(
+      f"attention: implementation 'cudnn' needs a GPU backend with cuDNN; the backend is "
+      f"{jax.default_backend()!r} (use 'auto')"
+    )
+  if impl == "einsum":
+    allowed = allowed_mask(key_mask, length, causal=causal, query_offset=query_offset)
+    return _grouped_softmax_attention(
+      q, k, v, allowed, score_dtype=jnp.float32, probs_dropout=probs_dropout
+    )
+  if impl == "splash":
+    return _splash(
+      q,
+      k,
+      v,
+      key_mask,
+      causal=causal,
+      query_offset=query_offset,
+      interpret=jax.default_backend() != "tpu",
+    )
+  allowed = allowed_mask(key_mask, length, causal=causal, query_offset=query_offset)
+  if impl == "xla":
+    return _xla(q, k, v, allowed)
+  if impl == "cudnn":
+    return _cudnn(q, k, v, allowed)
+  # "auto" off GPU: the lowering platform decides, so an AOT compile for TPU gets splash.
+  if context_mesh() is None and jax.device_count() > 1:
+    # Without a mesh to shard_map over, a Mosaic kernel cannot run on a multi-device program.
+    return _xla(q, k, v, allowed)
+  return jax.lax.platform_dependent(
+    q,
+    k,
+    v,
+    allowed,
+    key_mask,
+    tpu=lambda q, k, v, allowed, key_mask: _splash(
+      q, k, v, key_mask, causal=causal, query_offset=query_offset, interpret=False
+    ),
+    default=lambda q, k, v, allowed, key_mask: _xla(q, k, v, allowed),
+  )
