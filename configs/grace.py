@@ -124,7 +124,8 @@ def get_config(preset: str = "cpu"):
 
   def qwen25_15b_e5(c, algorithm="grace"):
     c.algorithm = algorithm
-    c.model.update(source="hf", path="models/Qwen2.5-1.5B-Instruct", dtype="bfloat16")
+    c.model.update(source="hf", path="models/Qwen2.5-1.5B-Instruct", dtype="bfloat16",
+                   remat="full", scan_layers=True, attention_impl="auto")  # as configs/grpo.py
     c.data.update(
       source="jsonl", train_file="data/e5/triplets.jsonl", max_text_tokens=512, train_size=0,
       prompt_len=576,  # 512 text tokens + the chat template and system prompt (~46 tokens)

@@ -81,7 +81,10 @@ def get_config(preset: str = "cpu"):
     c.optim.update(lr=1e-5)
 
   def qwen25_math(c, group, prompts, lr):
-    c.model.update(source="hf", path="models/Qwen2.5-Math-1.5B", dtype="bfloat16")
+    c.model.update(source="hf", path="models/Qwen2.5-Math-1.5B", dtype="bfloat16",
+                   # Preflight (experiments/reports/scale.md): layers under nn.scan (one
+                   # compiled layer), each recomputed in the backward, fused attention.
+                   remat="full", scan_layers=True, attention_impl="auto")
     c.task.update(name="math_jsonl", style="chat", dataset="math",
                   train_file="data/math/train.jsonl", test_file="data/math/test500.jsonl",
                   train_size=0, test_size=0,

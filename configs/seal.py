@@ -125,7 +125,8 @@ def get_config(preset: str = "cpu"):
 
   def structdoc(c):
     c.model.update(
-      pooling="cls", dropout=True, attention_impl="dot_product_attention", remat="full"
+      pooling="cls", dropout=True, attention_impl="dot_product_attention", remat="full",
+      scan_layers=True,  # one compiled layer (compile time and program size)
     )
     c.loss.update(group_size=8, temperature=0.02)
     c.data.update(
