@@ -120,19 +120,20 @@ def table(out: str, before: str | None) -> str:
     by_piece = ", ".join(f"{k} {_piece_gb(v)}" for k, v in r["pieces"].items())
     name, after = _largest(r)
     b = _load(before, row) if before else None
-    largest = f"{name}: " + (f"{_largest(b)[1]} -> " if b else "") + after
+    largest = (f"{_largest(b)[0]} {_largest(b)[1]} -> " if b else "") + f"{name} {after}"
     step = r["step"]
     secs = step.get("roofline_seconds") if r["fits"] else None  # not for a step that fails
     total = PRESETS[preset][2] * secs if secs else None
     compile_s = sum(v.get("compile_seconds", 0.0) for v in r["pieces"].values())
-    mfu = "-" if not (secs and step.get("mfu")) else f"{step['mfu']:.0%}"
+    bound = ">= " if step.get("lower_bound") else ""  # a loop counted once: more than this
+    mfu = "-" if not (secs and step.get("mfu")) or bound else f"{step['mfu']:.0%}"
     lines.append(
       f"| {preset} | {topology} | {r['mesh']} | {by_piece} | {largest} | "
       f"{'yes' if r['fits'] else 'NO'} | {step['flops_per_device'] / 1e12:.2f}"
       f"{'+' if step.get('lower_bound') else ''} | "
-      f"{'-' if not secs else f'{secs:.3g} s'} | "
+      f"{'-' if not secs else f'{bound}{secs:.3g} s'} | "
       f"{mfu} | "
-      f"{'-' if total is None else f'{total / 3600:.1f} h'} ({PRESETS[preset][1]}) | "
+      f"{'-' if total is None else f'{bound}{total / 3600:.2f} h'} ({PRESETS[preset][1]}) | "
       f"{compile_s:.0f} |"
     )
   return "\n".join(lines)
