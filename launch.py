@@ -3,6 +3,7 @@
   python launch.py --config configs/contrastive_digits.py:cpu --workdir /tmp/run
   python launch.py --config configs/contrastive_digits.py:cpu --workdir /tmp/run --mode eval
   python launch.py --config configs/X.py:PRESET --config.optim.lr=3e-4 --workdir DIR
+  python launch.py --config configs/X.py:PRESET --workdir DIR --mode preflight --topology v5p-8
 
 The experiment is looked up from `config.experiment` (module `experiments.<name>`, which exposes
 `train(config, workdir)` and `evaluate(config, workdir, step=None)`). Before anything is written,
@@ -36,7 +37,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "FILE:PRESET of an ml_collections config.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and run info.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (or resume), or evaluate.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "preflight"],
+                  "Train (or resume), evaluate, or preflight (AOT fit check for --topology).")
+flags.DEFINE_string("topology", None, "With --mode preflight: v5p-8, v5litepod-16, cpu:8, h200:8.")
+flags.DEFINE_list("pieces", None, "With --mode preflight: compile only these pieces.")
 flags.DEFINE_integer("step", None, "With --mode eval: the checkpoint step (default: latest).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -143,6 +147,10 @@ def _checked_module(config, workdir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.mode == "preflight":  # compiles only: no distributed start-up; writes preflight.json
+    from contrastive_jax.train import preflight
+
+    sys.exit(preflight.main(FLAGS.config, FLAGS.workdir, FLAGS.topology, FLAGS.pieces))
   import jax
 
   from contrastive_jax.train.metrics import write_json

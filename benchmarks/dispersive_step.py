@@ -47,6 +47,7 @@ from contrastive_jax.losses.meanflow import guided_velocity, meanflow_loss
 from contrastive_jax.models.dit import DiT, dit_config, sincos_pos_embed_2d
 from contrastive_jax.sampling.flow import flow_matching_batch
 from contrastive_jax.sampling.meanflow import meanflow_batch
+from contrastive_jax.train.preflight import compiled_flops, mfu_text
 
 NUM_CLASSES = 1000
 
@@ -174,6 +175,7 @@ def jax_step(args, cfg, act_block):
     holder["state"] = train_step(holder["state"], jax.random.key(holder["i"]))
     jax.block_until_ready(holder["state"])
 
+  step.flops = compiled_flops(train_step, holder["state"], jax.random.key(0))
   return step
 
 
@@ -300,10 +302,12 @@ def main():
   nan = float("nan")
   rows = {label: (secs[("jax", label)], secs.get(("torch", label), nan)) for label in labels}
   for label, (tj, tt) in rows.items():
+    flops = steps[("jax", label)].flops
     print(
       f"{label:>24}: jax {args.batch / tj:8.2f} img/s ({1e3 * tj:8.1f} ms/step)   "
       f"torch {args.batch / tt:8.2f} img/s ({1e3 * tt:8.1f} ms/step)   "
-      f"jax/torch throughput {tt / tj:5.2f}x"
+      f"jax/torch throughput {tt / tj:5.2f}x   jax {flops / 1e9:.1f} GFLOP/step (XLA), "
+      f"{mfu_text(flops, tj, jax.devices()[0])}"
     )
   (pj, pt), (dj, dt) = rows.values()
   print(f"dispersive overhead: jax {100 * (dj / pj - 1):+.1f}%  torch {100 * (dt / pt - 1):+.1f}%")

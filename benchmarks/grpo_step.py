@@ -26,7 +26,9 @@ import optax
 from _peer import add_torch_device_arg, smollm2_shaped_hf_dir, sync, torch_device
 
 from contrastive_jax.models.decoder import DecoderLM
-from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
+from contrastive_jax.train.policy_opt import (PolicyOptimizer, PolicyOptSettings, init_extra,
+                                              policy_pieces)
+from contrastive_jax.train.preflight import _cost, compile_piece, mfu_text
 from contrastive_jax.train.sharding import make_mesh
 from contrastive_jax.train.state import TrainState
 from contrastive_jax.weights.decoder import load_decoder
@@ -72,6 +74,19 @@ def torch_peer(model, tokens, mask, args, lr, device):
   sync(device)
   update = time.perf_counter() - start
   return rollout, logprob, update
+
+
+def phase_flops(opt, state, args):
+  """Per-device flops of (rollout, log-prob, update) from the compiled pieces the optimizer
+  runs (`policy_opt.policy_pieces`): generate's decode loop is counted once by XLA, so the
+  rollout adds new_tokens - 1 decode steps; the update runs `minibatches` times."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  pieces = policy_pieces(apply_fn=opt.apply_fn, init_cache=opt.init_cache, settings=opt.s,
+                         mesh=opt.mesh, state=abstract, rows=args.prompts * args.group,
+                         prompt_len=args.prompt_len)
+  f = {k: _cost(compile_piece(p)[0])["flops"] * p.per_step for k, p in pieces.items()}
+  return f["rollout_generate"] + f["decode_step"], f["old_logprobs"], f["ppo_update"]
 
 
 def main():
@@ -139,14 +154,16 @@ def main():
     state, m = opt.step(state, batch)
     ours.append([m["time/rollout_s"], m["time/logprob_s"], m["time/update_s"]])
   ours = np.mean(ours, axis=0)
+  flops = phase_flops(opt, state, args)
   n_tok = num * args.group * args.new_tokens
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
         f"on {device} ({torch.get_num_threads()} threads); {num} prompts x {args.group}, prompt "
         f"{args.prompt_len}, new {args.new_tokens}, {args.minibatches} updates; "
         f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M params")
-  print(f"{'phase':>8} {'ours s':>8} {'torch s':>8} {'ratio':>6}")
-  for name, a, b in zip(("rollout", "logprob", "update"), ours, theirs):
-    print(f"{name:>8} {a:>8.4f} {b:>8.4f} {b / a:>6.2f}")
+  print(f"{'phase':>8} {'ours s':>8} {'torch s':>8} {'ratio':>6}  ours GFLOP (XLA), MFU")
+  for name, a, b, f in zip(("rollout", "logprob", "update"), ours, theirs, flops):
+    print(f"{name:>8} {a:>8.4f} {b:>8.4f} {b / a:>6.2f}  {f / 1e9:.2f}, "
+          f"{mfu_text(f, a, jax.devices()[0])}")
   print(f"rollout tokens/s: ours {n_tok / ours[0]:.0f}, torch {n_tok / theirs[0]:.0f}")
 
 

@@ -20,11 +20,13 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from _peer import add_torch_device_arg, smollm2_shaped_hf_dir, sync, torch_device
 
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.lm import generate
+from contrastive_jax.train.preflight import compiled_flops, mfu_text
 from contrastive_jax.weights.decoder import load_decoder
 from contrastive_jax.weights.gguf import gguf_to_hf_dir
 
@@ -38,6 +40,31 @@ def best_time(fn, repeats):
     fn()
     times.append(time.perf_counter() - start)
   return min(times)
+
+
+def generate_flops(lm, params, tokens, mask, new_tokens):
+  """Per-device flops of one `generate` call: XLA's count of the compiled call (prefill and
+  one decode step: a while-loop body is counted once) plus new_tokens - 1 compiled decode
+  steps (one token against the full cache)."""
+  b, p = tokens.shape
+  kw = {"init_cache": lm.init_cache, "max_new_tokens": new_tokens, "greedy": True, "pad_id": 0}
+  total = compiled_flops(generate, lm, params, tokens, mask, jax.random.key(0), **kw)
+  cache = jax.eval_shape(lambda: lm.init_cache(b, p + new_tokens))
+  step = jax.jit(
+    lambda params, token, key_mask, cache: lm(
+      params,
+      token,
+      positions=jnp.full((b, 1), p),
+      key_mask=key_mask,
+      cache=cache,
+      cache_index=p,
+      last_only=True,
+    )
+  )
+  one = np.zeros((b, 1), np.int32)
+  return total + (new_tokens - 1) * compiled_flops(
+    step, params, one, np.ones((b, p + new_tokens), np.int32), cache
+  )
 
 
 def main():
@@ -124,9 +151,11 @@ def main():
     t_ours = best_time(ours, args.repeats)
     agree = float(np.mean(np.asarray(ours_out.tokens) == theirs_out))
     n = b * args.new_tokens
+    flops = generate_flops(lm, params, tokens, mask, args.new_tokens)
     print(
       f"{b:>5} {n / t_ours:>11.1f} {n / t_theirs:>12.1f} {t_theirs / t_ours:>6.2f} "
-      f"{compile_s:>9.1f} {agree:>12.3f}"
+      f"{compile_s:>9.1f} {agree:>12.3f}   {flops / 1e9:.2f} GFLOP (XLA), "
+      f"{mfu_text(flops, t_ours, jax.devices()[0])}"
     )
 
 

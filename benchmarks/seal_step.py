@@ -86,6 +86,7 @@ def main():
   from configs.seal import get_config
   from contrastive_jax.data.seal_batches import tokenize
   from contrastive_jax.train import loop, sharding
+  from contrastive_jax.train.preflight import compiled_flops, mfu_text
   from experiments import seal
 
   if args.single_thread:
@@ -138,6 +139,10 @@ def main():
     value.backward()
     optimizer.step()
 
+  q = tokenize(tokenizer, queries, max_length=args.query_len)
+  p = tokenize(tokenizer, passages, max_length=args.passage_len)
+  example = {"q_ids": q["ids"], "q_mask": q["mask"], "p_ids": p["ids"], "p_mask": p["mask"]}
+  flops = compiled_flops(step, holder["state"], sharding.host_to_global(example, mesh))
   t_ours, t_st = _timed(ours_step, args.steps), _timed(st_step, args.steps)
   print(
     f"train step: B={b} queries x 2 passages, query {args.query_len} / passage "
@@ -147,6 +152,7 @@ def main():
     f"  ours {b / t_ours:8.2f} examples/s   sentence-transformers MNRL {b / t_st:8.2f} "
     f"examples/s   ratio ours/theirs {t_st / t_ours:.2f}x"
   )
+  print(f"  ours {flops / 1e9:.1f} GFLOP/step (XLA), {mfu_text(flops, t_ours, jax.devices()[0])}")
 
   embed = seal.make_embed(model, config, mesh)
   params = {"params": jax.device_get(holder["state"].params["params"])}

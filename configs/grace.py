@@ -41,6 +41,7 @@ def get_config(preset: str = "cpu"):
     modules=(),
     max_chars=400,
     max_text_tokens=64,
+    prompt_len=0,  # chat prompts padded to this many tokens; 0 = the longest prompt
     train_size=64,
     cache_dir="runs/cache",
     seed=0,
@@ -123,9 +124,11 @@ def get_config(preset: str = "cpu"):
 
   def qwen25_15b_e5(c, algorithm="grace"):
     c.algorithm = algorithm
-    c.model.update(source="hf", path="models/Qwen2.5-1.5B-Instruct", dtype="bfloat16")
+    c.model.update(source="hf", path="models/Qwen2.5-1.5B-Instruct", dtype="bfloat16",
+                   remat="full", scan_layers=True, attention_impl="auto")  # as configs/grpo.py
     c.data.update(
-      source="jsonl", train_file="data/e5/triplets.jsonl", max_text_tokens=512, train_size=0
+      source="jsonl", train_file="data/e5/triplets.jsonl", max_text_tokens=512, train_size=0,
+      prompt_len=576,  # 512 text tokens + the chat template and system prompt (~46 tokens)
     )
     c.rollout.update(group_size=8, max_new_tokens=2048)
     c.policy.update(minibatches=4)  # 64 triplets per rollout batch, 16 per update
@@ -136,7 +139,10 @@ def get_config(preset: str = "cpu"):
     # float32) = 1.9 GB per device.
     c.policy.update(logprob_chunk=256, logprob_batch=64, update_microbatches=2)
     c.eval.update(max_docs=0, max_new_tokens=2048, batch_size=64, lm_tokens=512)
+    # bf16 compute (model.dtype and train.compute_dtype), float32 master weights: the released
+    # code is a verl fork, whose FSDP workers run the policy in bf16.
     c.train.update(steps=1000, batch_size=64, checkpoint_every=50, compute_dtype="bfloat16")
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)  # verl's FSDP: parameters and Adam state sharded
     c.optim.update(name="adamw", lr=1e-6, weight_decay=0.01)
     if algorithm == "infonce":
       c.infonce.temperature = 0.02

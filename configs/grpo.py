@@ -81,10 +81,14 @@ def get_config(preset: str = "cpu"):
     c.optim.update(lr=1e-5)
 
   def qwen25_math(c, group, prompts, lr):
-    c.model.update(source="hf", path="models/Qwen2.5-Math-1.5B", dtype="bfloat16")
+    c.model.update(source="hf", path="models/Qwen2.5-Math-1.5B", dtype="bfloat16",
+                   # Preflight (experiments/reports/scale.md): layers under nn.scan (one
+                   # compiled layer), each recomputed in the backward, fused attention.
+                   remat="full", scan_layers=True, attention_impl="auto")
     c.task.update(name="math_jsonl", style="chat", dataset="math",
                   train_file="data/math/train.jsonl", test_file="data/math/test500.jsonl",
-                  train_size=0, test_size=0)
+                  train_size=0, test_size=0,
+                  max_prompt_len=1024)  # prompts padded to 1024 tokens (fixed shapes; preflight)
     c.rollout.update(group_size=group, max_new_tokens=3000)
     c.policy.update(epochs=1, minibatches=1, clip_low=0.2, clip_high=0.28, kl_beta=0.0)
     # 512 rollouts of S ~ 0.5K prompt + 3000 tokens, V = 151936, rows over 8 devices. Whole
@@ -97,7 +101,13 @@ def get_config(preset: str = "cpu"):
     c.train.update(steps=10 * 7500 // prompts, batch_size=prompts, eval_every=50,
                    checkpoint_every=50)
     c.optim.update(name="adamw", lr=lr, grad_clip=1.0, weight_decay=0.01)
+    # bf16 compute over float32 master weights: the paper trains with verl, whose FSDP workers
+    # run the policy in bf16 (mixed_precision param_dtype bf16, float32 reduction and optimizer).
     c.train.compute_dtype = "bfloat16"
+    # Parameters, gradients and Adam moments sharded over every device (fsdp), as verl's FSDP;
+    # rows still split over all devices (batch -> (data, fsdp)). Preflight: replicated (data=-1)
+    # they are 24.7 GB per device with gradients.
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)
 
   def test(c):
     c.model.update(source="scratch", path="", hidden=32, layers=1, heads=2, kv_heads=1, mlp=64)

@@ -125,7 +125,8 @@ def get_config(preset: str = "cpu"):
 
   def structdoc(c):
     c.model.update(
-      pooling="cls", dropout=True, attention_impl="dot_product_attention", remat="full"
+      pooling="cls", dropout=True, attention_impl="dot_product_attention", remat="full",
+      scan_layers=True,  # one compiled layer (compile time and program size)
     )
     c.loss.update(group_size=8, temperature=0.02)
     c.data.update(
@@ -142,9 +143,12 @@ def get_config(preset: str = "cpu"):
       log_every=20,
       eval_every=1_000,
       checkpoint_every=500,
+      # FlagEmbedding's fine-tuning scripts train in half precision (--fp16 with DeepSpeed);
+      # bf16 here, which needs no loss scaling (and is what TPUs compute in).
       compute_dtype="bfloat16",
     )
     c.optim.update(lr=1e-5, schedule="linear", warmup_steps=298)
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)  # parameters and AdamW state sharded (ZeRO-like)
 
   def bge_m3(c):
     structdoc(c)

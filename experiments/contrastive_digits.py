@@ -79,14 +79,29 @@ def train(config, workdir):
   mesh, tx, schedule, model = _setup(config)
   data = array_batches({"image": load_digits("train")["image"]},
                        batch_size=config.train.batch_size, seed=config.seed)
-  step = loop.make_train_step(
+  return loop.train(config, workdir, init_state=_init_fn(config, tx),
+                    train_step=_train_step(config, model, schedule), data=data, mesh=mesh,
+                    evaluators={"knn": knn_evaluator(model)})
+
+
+def _train_step(config, model, schedule):
+  return loop.make_train_step(
     functools.partial(loss_fn, model=model, config=config),
     lr_schedule=schedule,
     grad_accum_steps=config.train.grad_accum_steps,
     compute_dtype=config.train.compute_dtype,
   )
-  return loop.train(config, workdir, init_state=_init_fn(config, tx), train_step=step,
-                    data=data, mesh=mesh, evaluators={"knn": knn_evaluator(model)})
+
+
+def preflight_pieces(config, mesh):
+  """`train/preflight.py` pieces: the train step at `train.batch_size` 8x8 digits."""
+  from contrastive_jax.train import preflight
+
+  tx, schedule = make_optimizer(config.optim, config.train.steps)
+  b = config.train.batch_size
+  return {"train_step": preflight.train_step_piece(
+    _train_step(config, _model(config), schedule), _init_fn(config, tx), mesh, config,
+    {"image": ((b, 8, 8, 1), jnp.float32)})}
 
 
 def evaluate(config, workdir, step=None):

@@ -268,8 +268,8 @@ def init_fn(config, tx, model):
   return init_state
 
 
-def _setup(config):
-  mesh = sharding.make_mesh(config.mesh)
+def _setup(config, mesh=None):
+  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   tx, schedule = make_optimizer(config.optim, config.train.steps)
   return mesh, tx, schedule, make_model(config)
 
@@ -346,3 +346,37 @@ def evaluate(config, workdir, step=None):
   if is_writer():
     print(json.dumps(results))
   return results
+
+
+def preflight_pieces(config, mesh):
+  """`train/preflight.py`'s pieces: the train step at `train.batch_size` and the evaluation
+  sampler at `eval.batch_size` (its fori_loop over `eval.steps` is counted once by XLA: the
+  piece's flops are one sampler step's)."""
+  from contrastive_jax.train import preflight
+
+  mesh, tx, schedule, model = _setup(config, mesh)
+  m, b = config.model, config.train.batch_size
+  image = (m.input_size, m.input_size, m.in_channels)
+  init_state = init_fn(config, tx, model)
+  step = preflight.train_step_piece(
+    make_train_step(config, model, mesh, schedule), init_state, mesh, config,
+    {"image": ((b, *image), jnp.float32), "label": ((b,), jnp.int32)},
+  )
+  state = preflight.abstract_state(init_state, mesh, config)
+  params = state.ema_params if _uses_ema(config) else state.params
+  sample = generative.make_sampler(
+    model, model_cfg=config.model, eval_cfg=config.eval, path=config.diffusion.path
+  )
+  # The evaluator passes unplaced noise and labels: replicated beside the sharded parameters.
+  rep = jax.sharding.NamedSharding(mesh, P())
+  e = config.eval.batch_size
+  args = (
+    params,
+    preflight.abstract((e, *image), jnp.float32, rep),
+    preflight.abstract((2,), jnp.uint32, rep),
+    preflight.abstract((e,), jnp.int32, rep),
+  )
+  sampler = preflight.Piece(
+    sample, args, per_step=0.0, note=f"{config.eval.sampler}, {config.eval.steps} steps"
+  )
+  return {"train_step": step, "sampler": sampler}

@@ -39,7 +39,7 @@ from contrastive_jax.train.metrics import is_writer, write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
 from contrastive_jax.weights import gguf as gguf_lib
-from contrastive_jax.weights.hf import load_tokenizer
+from contrastive_jax.weights.hf import WeightsError, load_tokenizer
 from experiments import policy_setup as setup
 
 
@@ -98,7 +98,8 @@ def build(config, *, with_weights: bool = True):
     # q, d+ and d- in one call: one padded length, so one compiled shape per batch size.
     fields = {"q": "query", "pos": "positive", "neg": "negative"}
     texts = [t[f] for f in fields.values() for t in triplets]
-    arrays = grace_data.chat_prompts(tok, texts, max_text_tokens=config.data.max_text_tokens)
+    arrays = grace_data.chat_prompts(tok, texts, max_text_tokens=config.data.max_text_tokens,
+                                     length=config.data.prompt_len or None)
     n = len(triplets)
     prompts = {
       k: {name: a[i * n : (i + 1) * n] for name, a in arrays.items()} for i, k in enumerate(fields)
@@ -138,6 +139,7 @@ def make_reward_fn(config, b):
 
   def aux(params, name, ids, key, lengths):
     arr = prompts[name]
+    # Placed on the mesh (rows over data/fsdp): host arrays would run replicated on every device.
     emb, done = encode(
       lm,
       hidden,
@@ -195,14 +197,14 @@ def make_reward_fn(config, b):
   return reward_fn
 
 
-def _train_grace(config, workdir, b):
+def policy_settings(config, tok, dcfg) -> PolicyOptSettings:
+  """The rollout-and-update settings of GRACE's policy step (module docstring)."""
   r, p = config.rollout, config.policy
-  lm, tok = DecoderLM(b["dcfg"]), b["tok"]
-  settings = PolicyOptSettings(
+  return PolicyOptSettings(
     group_size=r.group_size,
     max_new_tokens=r.max_new_tokens,
     temperature=r.temperature,
-    eos_ids=eos_ids(tok, b["dcfg"]),
+    eos_ids=eos_ids(tok, dcfg),
     pad_id=tok.pad_token_id or 0,
     epochs=p.epochs,
     minibatches=p.minibatches,
@@ -216,6 +218,11 @@ def _train_grace(config, workdir, b):
     logprob_batch=p.logprob_batch,
     update_microbatches=p.update_microbatches,
   )
+
+
+def _train_grace(config, workdir, b):
+  lm, tok = DecoderLM(b["dcfg"]), b["tok"]
+  settings = policy_settings(config, tok, b["dcfg"])
   pos = b["prompts"]["pos"]
   optimizer = PolicyOptimizer(
     apply_fn=lm,
@@ -327,3 +334,83 @@ def evaluate(config, workdir, step=None):
   if is_writer():
     print(json.dumps({k: v for k, v in results.items() if k != "examples"}))
   return results
+
+
+def _prompt_len(config, tok) -> int:
+  """P of the chat prompts: `data.prompt_len`, else (tokenizer here) the template around a
+  one-token text, less that token, plus `data.max_text_tokens` (about the longest prompt)."""
+  if config.data.prompt_len:
+    return int(config.data.prompt_len)
+  if tok is None:
+    raise ValueError("preflight: the tokenizer is not here to measure the chat template; set "
+                     "--config.data.prompt_len")
+  one = grace_data.chat_prompts(tok, ["x"], max_text_tokens=config.data.max_text_tokens)
+  return int(one["tokens"].shape[1]) - 1 + int(config.data.max_text_tokens)
+
+
+def preflight_pieces(config, mesh):
+  """`train/preflight.py` pieces at the preset's shapes (architecture from the model's config,
+  no weights read). "grace": `policy_opt.policy_pieces` at B x K rollouts, the auxiliary q / d-
+  rationales (`aux_generate`, `aux_decode_step`) and the reward embeddings; "infonce": the
+  train step."""
+  import dataclasses
+
+  from contrastive_jax.train import policy_opt, preflight
+
+  m, r, rw = config.model, config.rollout, config.reward
+  try:
+    tok = make_tokenizer(config)
+  except (OSError, WeightsError):  # the model directory is not here: shapes from the config
+    tok = None
+  if m.source == "scratch":
+    dcfg = setup.decoder_config(config, types.SimpleNamespace(vocab_size=len(tok)))
+  else:
+    dcfg = setup.decoder_config(config, None, shapes_only=True)
+  tok = tok or types.SimpleNamespace(eos_token_id=None, pad_token_id=0)
+  try:
+    p = _prompt_len(config, None if isinstance(tok, types.SimpleNamespace) else tok)
+  except ValueError as e:
+    raise preflight.PreflightError(str(e)) from e
+  per_step = config.policy.epochs * config.policy.minibatches
+  total = config.train.steps * (per_step if config.algorithm == "grace" else 1)
+  tx, _ = make_optimizer(config.optim, total)
+  bsz, k = config.train.batch_size, r.group_size
+  if config.algorithm == "infonce":
+    batch = {f"{name}_{f}": ((bsz, p), jnp.int32) for name in ("q", "pos", "neg")
+             for f in ("tokens", "mask", "segments")}
+    step = loop.make_train_step(
+      functools.partial(infonce_loss, hidden=DecoderHidden(dcfg),
+                        temperature=config.infonce.temperature),
+      grad_accum_steps=config.train.grad_accum_steps, compute_dtype=config.train.compute_dtype,
+    )
+    return {"train_step": preflight.train_step_piece(step, setup.init_fn(dcfg, tx, None), mesh,
+                                                     config, batch)}
+  lm, hidden = DecoderLM(dcfg), DecoderHidden(dcfg)
+  settings = policy_settings(config, tok, dcfg)
+  init_state = setup.init_fn(dcfg, tx, None, extra=init_extra(config.data.train_size or 1))
+  state = preflight.abstract_state(init_state, mesh, config)
+  pieces = policy_opt.policy_pieces(apply_fn=lm, init_cache=lm.init_cache, settings=settings,
+                                    mesh=mesh, state=state, rows=bsz * k, prompt_len=p)
+  aux_rows = bsz * k if rw.form == "paper" and not rw.unsupervised else bsz
+  aux_calls = 1 if rw.unsupervised else 2
+  aux = policy_opt.policy_pieces(
+    apply_fn=lm, init_cache=lm.init_cache, mesh=mesh, state=state, rows=aux_rows, prompt_len=p,
+    settings=dataclasses.replace(settings, temperature=r.aux_temperature), prefix="aux_",
+  )
+  for name in ("aux_rollout_generate", "aux_decode_step"):
+    piece = aux[name]
+    pieces[name] = dataclasses.replace(piece, per_step=piece.per_step * aux_calls,
+                                       note=f"{aux_calls} call(s) per step; " + piece.note)
+
+  def reward_embed(params, pt, pm, seg, tokens, mask):
+    return embed(hidden, params, pt, pm, seg, tokens, mask, method=rw.pooling)
+
+  t = r.max_new_tokens
+  for name, rows, calls in (("reward_embed", bsz * k, 1), ("aux_embed", aux_rows, aux_calls)):
+    args = [state.params] + [
+      preflight.abstract(shape, jnp.int32, sharding.place_sharding(shape, mesh))
+      for shape in ((rows, p), (rows, p), (rows, p), (rows, t), (rows, t))
+    ]
+    pieces[name] = preflight.Piece(reward_embed, tuple(args), per_step=float(calls),
+                                   note=f"{rows} rows x {p + t} tokens")
+  return pieces

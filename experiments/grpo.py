@@ -25,7 +25,7 @@ from contrastive_jax.data.char_vocab import right_pad
 from contrastive_jax.data.pipeline import array_batches
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.lm import sequence_logprobs
-from contrastive_jax.train import loop, sharding
+from contrastive_jax.train import loop, policy_opt, sharding
 from contrastive_jax.train.metrics import is_writer, write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
@@ -145,3 +145,48 @@ def evaluate(config, workdir, step=None):
   if is_writer():
     print(json.dumps(results))
   return results
+
+
+def preflight_pieces(config, mesh):
+  """`train/preflight.py` pieces at the preset's shapes: for "grpo" the rollout, decode step,
+  old (and reference) log-prob pass and PPO update of `policy_opt.policy_pieces`; for "sft" the
+  train step. Prompts are `task.max_prompt_len` tokens (or the task's longest, when the task is
+  here); the architecture comes from the model's config (no weights are read)."""
+  from contrastive_jax.train import preflight
+
+  if config.model.source == "scratch":
+    codec = setup.make_codec(config)
+    dcfg = setup.decoder_config(config, codec)
+  else:
+    dcfg = setup.decoder_config(config, None, shapes_only=True)
+    codec = setup.shape_codec(config, dcfg)
+  tx, _ = _optimizer(config.optim.to_json(), _total_updates(config))
+  p = config.task.max_prompt_len
+  num_prompts = config.task.train_size or 1
+  if not p or config.algorithm == "sft":
+    try:
+      task, _ = setup.make_tasks(config)
+    except (OSError, ValueError) as e:
+      raise preflight.PreflightError(
+        f"task.max_prompt_len=0 and the task cannot be read for its prompt lengths ({e}); set "
+        f"--config.task.max_prompt_len"
+      ) from e
+    num_prompts = len(task)
+    p = p or task.prompt_arrays(codec)[0].shape[1]
+  lm = DecoderLM(dcfg)
+  if config.algorithm == "sft":
+    sft = _sft_data(config, codec)
+    b, first = config.train.batch_size, next(iter(sft))
+    batch = {k: ((b, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in first.items()}
+    step = loop.make_train_step(functools.partial(sft_loss, lm=lm),
+                                grad_accum_steps=config.train.grad_accum_steps,
+                                compute_dtype=config.train.compute_dtype)
+    return {"train_step": preflight.train_step_piece(
+      step, setup.init_fn(dcfg, tx, None), mesh, config, batch)}
+  init_state = setup.init_fn(dcfg, tx, None, extra=init_extra(num_prompts))
+  state = preflight.abstract_state(init_state, mesh, config)
+  return policy_opt.policy_pieces(
+    apply_fn=lm, init_cache=lm.init_cache, settings=settings_from_config(config, codec),
+    mesh=mesh, state=state, rows=config.train.batch_size * config.rollout.group_size,
+    prompt_len=p, reference=bool(config.policy.reference or config.policy.kl_beta),
+  )

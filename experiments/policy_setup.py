@@ -25,6 +25,7 @@ from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
 from contrastive_jax.train import loop, sharding
 from contrastive_jax.train.state import CheckpointManager, TrainState
 from contrastive_jax.weights import gguf as gguf_lib
+from contrastive_jax.weights import published_configs
 from contrastive_jax.weights.decoder import load_decoder
 from contrastive_jax.weights.hf import WeightsError, load_config, load_tokenizer
 
@@ -84,14 +85,16 @@ def _model_overrides(m) -> dict:
               attention_impl=m.get("attention_impl", "auto"))
 
 
-def decoder_config(config, codec) -> DecoderConfig:
-  """The policy's architecture: from the model file, or `model.*` for scratch/checkpoint."""
+def decoder_config(config, codec, *, shapes_only: bool = False) -> DecoderConfig:
+  """The policy's architecture: from the model file, or `model.*` for scratch/checkpoint.
+  `shapes_only` (preflight): an HF model's published config.json when its directory is absent."""
   m = config.model
   if m.source == "gguf":
     return gguf_lib.gguf_config(gguf_lib._reader(_gguf_path(config)), path=_gguf_path(config),
                                 **_model_overrides(m))
   if m.source == "hf":
-    return DecoderConfig.from_hf(load_config(m.path), **_model_overrides(m))
+    hf = published_configs.hf_config(m.path) if shapes_only else load_config(m.path)
+    return DecoderConfig.from_hf(hf, **_model_overrides(m))
   return DecoderConfig(
     vocab_size=codec.vocab_size, hidden_size=m.hidden, intermediate_size=m.mlp,
     num_layers=m.layers, num_heads=m.heads, num_kv_heads=m.kv_heads,
@@ -156,3 +159,16 @@ def heldout_evaluator(config, dcfg, codec, test_task, mesh):
     max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
     eos_ids=codec.eos_ids, pad_id=codec.pad_id, batch_size=e.batch_size, seed=e.seed,
   )
+
+
+def shape_codec(config, dcfg: DecoderConfig):
+  """The codec when its tokenizer is here; else what shapes need of it (preflight): the model's
+  vocabulary and eos ids from its config, pad 0."""
+  import types
+
+  try:
+    return make_codec(config)
+  except (OSError, WeightsError):
+    eos = dcfg.eos_token_id
+    eos = () if eos is None else tuple(eos) if isinstance(eos, (tuple, list)) else (eos,)
+    return types.SimpleNamespace(vocab_size=dcfg.vocab_size, eos_ids=eos, pad_id=0)

@@ -38,13 +38,17 @@ from contrastive_jax.weights import encoder as W
 from contrastive_jax.weights.hf import load_tokenizer
 
 
+def _encoder_overrides(config) -> dict:
+  """EncoderConfig fields the config sets over the model's config.json."""
+  m = config.model
+  return {"attention_impl": m.attention_impl, "remat": m.remat,
+          "scan_layers": m.get("scan_layers", False)}
+
+
 def load_model(config):
   """(EncoderConfig, pretrained {"params"} numpy tree, tokenizer) from `model.path`."""
   path = config.model.path or W.minilm_model_dir()
-  m = config.model
-  enc_cfg, params = W.load_encoder(
-    path, attention_impl=m.attention_impl, remat=m.remat, scan_layers=m.get("scan_layers", False)
-  )
+  enc_cfg, params = W.load_encoder(path, **_encoder_overrides(config))
   return enc_cfg, params, load_tokenizer(path)
 
 
@@ -339,3 +343,48 @@ def evaluate(config, workdir, step=None):
   if is_writer():
     print(json.dumps(results))
   return results
+
+
+def preflight_pieces(config, mesh):
+  """`train/preflight.py` pieces at the preset's shapes: the train step (queries, B x G
+  passages in each view the loss weights need, at the longest bucket) and corpus encoding at
+  `eval.batch_size` and `data.mine_batch_size` passages. The architecture comes from the model's
+  config.json (or the published one); no weight file or tokenizer is read."""
+  from contrastive_jax.models.encoder import EncoderConfig
+  from contrastive_jax.train import preflight
+  from contrastive_jax.weights.published_configs import hf_config
+
+  path = config.model.path or W.minilm_model_dir()
+  enc_cfg = EncoderConfig.from_hf(hf_config(path), **_encoder_overrides(config))
+  model = Encoder(enc_cfg)
+  tx, schedule = make_optimizer(config.optim, config.train.steps)
+  # The pretrained weights as zeros of their shapes, inside eval_shape: nothing is allocated.
+  pretrained = _init_fn(enc_cfg, nn.unbox(W.abstract_params(enc_cfg)), tx)
+
+  def init_state(rng):
+    return pretrained.fn(rng, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                           pretrained.values))
+
+  d, b, g = config.data, config.train.batch_size, config.loss.group_size
+  q_len = max([d.query_max_length, *[x for x in d.length_buckets if x <= d.query_max_length]])
+  batch = {"q_ids": ((b, q_len), jnp.int32), "q_mask": ((b, q_len), jnp.int32)}
+  for key in ("p", *(v[0] for v in _views(config))):
+    batch |= {f"{key}_ids": ((b * g, d.passage_max_length), jnp.int32),
+              f"{key}_mask": ((b * g, d.passage_max_length), jnp.int32)}
+  step = loop.make_train_step(
+    functools.partial(loss_fn, model=model, config=config, mesh=mesh),
+    lr_schedule=schedule,
+    grad_accum_steps=config.train.grad_accum_steps,
+    compute_dtype=config.train.compute_dtype,
+  )
+  pieces = {"train_step": preflight.train_step_piece(
+    step, init_state, mesh, config, batch,
+    note=f"{b} queries x {q_len}, {b * g} passages x {d.passage_max_length} per view")}
+  params = preflight.abstract_state(init_state, mesh, config).params
+  sh = sharding.batch_sharding(mesh, 2)
+  for name, rows in (("encode_corpus", config.eval.batch_size), ("mine_encode",
+                                                                 d.mine_batch_size)):
+    ids = preflight.abstract((rows, d.passage_max_length), jnp.int32, sh)
+    pieces[name] = preflight.Piece(make_embed(model, config, mesh), (params, ids, ids),
+                                   per_step=0.0, note=f"{rows} passages x {d.passage_max_length}")
+  return pieces

@@ -131,6 +131,13 @@ def state_shardings(init_state: Callable[[jax.Array], TrainState], mesh, rules=N
   return abstract, shardings
 
 
+def step_jit_kwargs(shardings) -> dict:
+  """How the loop jits a train step (preflight compiles it the same way): the state in its
+  shardings and donated, the batch as `host_to_global` placed it."""
+  return {"in_shardings": (shardings, None), "out_shardings": (shardings, None),
+          "donate_argnums": (0,)}
+
+
 def initialize_state(init_state, rng, mesh, rules=None) -> TrainState:
   """Initialises directly into its shardings, so nothing full-size lands on one device."""
   _, shardings = state_shardings(init_state, mesh, rules)
@@ -218,8 +225,7 @@ def train(
     # The starting point of a fine-tuning curve (a pretrained policy or embedder) as step 0.
     writer.write(0, run_evaluators(evaluators, _eval_params(state, use_ema)))
   if jit_step:
-    train_step = jax.jit(train_step, in_shardings=(shardings, None),
-                         out_shardings=(shardings, None), donate_argnums=0)
+    train_step = jax.jit(train_step, **step_jit_kwargs(shardings))
   manager.install_signal_handlers()
   bar = tqdm(total=tc.steps, initial=start, desc=config.experiment, dynamic_ncols=True,
              disable=jax.process_index() != 0)

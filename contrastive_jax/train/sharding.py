@@ -243,6 +243,14 @@ def host_to_global(batch: Any, mesh: Mesh) -> Any:
   return jax.tree.map(put, batch)
 
 
+def place_sharding(shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+  """Where `place` puts an array of `shape`: rows over (data, fsdp) when they divide, else
+  replicated (also what preflight gives the abstract arrays of the policy passes)."""
+  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+  rows = len(shape) and shape[0] % _axis_size(mesh, axes) == 0
+  return batch_sharding(mesh, len(shape)) if rows else NamedSharding(mesh, P())
+
+
 def place(x, mesh: Mesh) -> jax.Array:
   """Puts a host array on `mesh`: rows over (data, fsdp) when they divide, else replicated.
 
@@ -253,9 +261,7 @@ def place(x, mesh: Mesh) -> jax.Array:
   host arrays come whole from `to_host` and its randomness from the step key.
   """
   x = np.asarray(x)
-  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-  rows = x.ndim and x.shape[0] % _axis_size(mesh, axes) == 0
-  target = batch_sharding(mesh, x.ndim) if rows else NamedSharding(mesh, P())
+  target = place_sharding(x.shape, mesh)
   if target.is_fully_addressable:
     return jax.device_put(x, target)
   return jax.make_array_from_callback(x.shape, target, lambda index: x[index])

@@ -1,0 +1,606 @@
+"""Preflight: AOT-compile an experiment's jitted pieces for a target pod, before renting it.
+
+  python launch.py --config configs/grpo.py:qwen25_math_g2 --workdir DIR --mode preflight \\
+      --topology v5p-64
+
+Each experiment module exposes `preflight_pieces(config, mesh) -> {name: Piece}`: the functions
+its loop jits (train step; rollout, log-prob passes, PPO update, reward embedding; sampler;
+corpus encoding), built by the same code the loop uses, with abstract arguments
+(`jax.ShapeDtypeStruct`s carrying the shardings the loop gives them; nothing is allocated and
+no weight file is read). Here each piece is `jax.jit(fn, in_shardings, out_shardings,
+donate_argnums).lower(*args).compile()`d for the target's devices: a Cloud TPU topology from
+`jax.experimental.topologies` (libtpu compiles for TPU without a TPU, as MaxText's
+`train_compile.py` does), or `cpu:N` CPU devices. The compiler's `memory_analysis()` gives the
+per-device bytes and `cost_analysis()` the per-device flops and bytes accessed of one call; a
+roofline max(flops / peak, bytes / bandwidth) with the chip's peak numbers (`CHIPS`, sources
+named) projects the step time and the MFU it implies.
+
+What the compiler cannot say:
+  - XLA's cost analysis counts the body of a while loop once (a `fori_loop`, `lax.scan`,
+    scanned layers, the decode loop of `generate`); pieces that contain one are marked
+    `loops_counted_once` and their flops are a lower bound. `generate`'s decode loop is
+    projected from a separate `decode_step` piece (one token with the full cache) run
+    `max_new_tokens - 1` times.
+  - GPU targets (`h100:N`, `h200:N`): there is no CUDA compiler without the card, so the pieces
+    are compiled for N CPU devices and held against the GPU's HBM and peak: an estimate,
+    labelled as one (CPU and GPU programs differ in fusion, layouts and temporaries).
+
+Writes `<workdir>/preflight.json` (never checkpoints/ or config.json) and prints a table.
+`main` returns 1 when a piece does not fit, naming it, its bytes and the device's memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+GiB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Per-chip numbers of an accelerator: memory, peak dense bf16 FLOP/s, memory bandwidth."""
+
+  name: str
+  hbm_bytes: float
+  peak_bf16_flops: float
+  hbm_bytes_per_s: float
+  source: str
+
+
+# Per chip (a v4 / v5p chip is one JAX device with two TensorCores). Dense bf16, no sparsity.
+CHIPS = {
+  "v4": Chip(
+    "TPU v4",
+    32 * GiB,
+    275e12,
+    1200e9,
+    "cloud.google.com/tpu/docs/v4: 275 TFLOPs bf16, 32 GiB HBM2, 1200 GBps",
+  ),
+  "v5e": Chip(
+    "TPU v5e",
+    16 * GiB,
+    197e12,
+    819e9,
+    "cloud.google.com/tpu/docs/v5e: 197 TFLOPs bf16, 16 GiB HBM2, 819 GBps",
+  ),
+  "v5p": Chip(
+    "TPU v5p",
+    95 * GiB,
+    459e12,
+    2765e9,
+    "cloud.google.com/tpu/docs/v5p: 459 TFLOPs bf16, 95 GiB HBM2e, 2765 GBps",
+  ),
+  "v6e": Chip(
+    "TPU v6e",
+    32 * GiB,
+    918e12,
+    1640e9,
+    "cloud.google.com/tpu/docs/v6e: 918 TFLOPs bf16, 32 GiB HBM, 1640 GBps",
+  ),
+  "h100": Chip(
+    "NVIDIA H100 SXM",
+    80e9,
+    989e12,
+    3.35e12,
+    "NVIDIA H100 datasheet: 1979 TFLOPS bf16 with sparsity (989 dense), 80 GB HBM3, 3.35 TB/s",
+  ),
+  "h200": Chip(
+    "NVIDIA H200 SXM",
+    141e9,
+    989e12,
+    4.8e12,
+    "NVIDIA H200 datasheet: 1979 TFLOPS bf16 with sparsity (989 dense), 141 GB HBM3e, 4.8 TB/s",
+  ),
+}
+
+# Cloud TPU accelerator types -> topology. v4-N / v5p-N count TensorCores (N / 2 chips,
+# 3-D torus); v5litepod-N / v6e-N count chips (2-D). Source: the "TPU versions" topology tables
+# of cloud.google.com/tpu/docs/v4, /v5p, /v5e, /v6e.
+_TORUS_3D = {
+  8: "2x2x1",
+  16: "2x2x2",
+  32: "2x2x4",
+  64: "2x4x4",
+  128: "4x4x4",
+  256: "4x4x8",
+  512: "4x8x8",
+  1024: "8x8x8",
+  2048: "8x8x16",
+  4096: "8x16x16",
+}
+_TORUS_2D = {
+  1: "1x1",
+  4: "2x2",
+  8: "2x4",
+  16: "4x4",
+  32: "4x8",
+  64: "8x8",
+  128: "8x16",
+  256: "16x16",
+}
+TOPOLOGIES = {
+  **{f"v4-{n}": ("v4", f"v4:{t}") for n, t in _TORUS_3D.items()},
+  **{f"v5p-{n}": ("v5p", f"v5p:{t}") for n, t in _TORUS_3D.items()},
+  **{f"v5litepod-{n}": ("v5e", f"v5e:{t}") for n, t in _TORUS_2D.items()},
+  **{f"v6e-{n}": ("v6e", f"v6e:{t}") for n, t in _TORUS_2D.items()},
+}
+GPU_TARGETS = ("h100", "h200")
+
+
+class PreflightError(ValueError):
+  """Bad topology, or an experiment without preflight pieces."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  """One jitted function of an experiment, as the loop compiles it.
+
+  fn: the python function the loop passes to `jax.jit`. args: abstract arguments
+  (`jax.ShapeDtypeStruct`s with shardings; static values bound into `fn`). in_shardings,
+  out_shardings, donate_argnums: what the loop passes to `jax.jit` (None = not given).
+  per_step: calls per training step (0 for evaluation pieces), for the step projection.
+  note: how the piece's shapes were chosen, when that is not obvious.
+  """
+
+  fn: Callable
+  args: tuple
+  in_shardings: Any = None
+  out_shardings: Any = None
+  donate_argnums: tuple[int, ...] = ()
+  per_step: float = 1.0
+  note: str = ""
+
+
+@dataclasses.dataclass
+class Target:
+  """The devices to compile for, and the chip numbers to hold the results against."""
+
+  topology: str
+  topology_name: str
+  devices: list
+  chip: Chip | None
+  estimate: bool
+  memory_bytes: float
+  memory_source: str
+
+
+def abstract(shape: Sequence[int], dtype, sharding) -> Any:
+  import jax
+
+  return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def batch_struct(shapes: dict, mesh) -> dict:
+  """{name: (shape, dtype)} -> ShapeDtypeStructs placed as `sharding.host_to_global` places a
+  host batch (leading axis over data and fsdp)."""
+  from contrastive_jax.train.sharding import batch_sharding
+
+  return {k: abstract(s, d, batch_sharding(mesh, len(s))) for k, (s, d) in shapes.items()}
+
+
+def train_step_piece(train_step, init_state, mesh, config, batch: dict, **kw) -> Piece:
+  """The loop's train step (`loop.train` jits it with `loop.step_jit_kwargs`) at the abstract
+  state of `init_state` and an abstract `batch` ({name: (shape, dtype)})."""
+  from contrastive_jax.train import loop
+
+  state, shardings = loop.state_shardings(init_state, mesh, config.get("sharding_rules", None))
+  jit = loop.step_jit_kwargs(shardings)
+  return Piece(
+    train_step,
+    (state, batch_struct(batch, mesh)),
+    jit["in_shardings"],
+    jit["out_shardings"],
+    jit["donate_argnums"],
+    **kw,
+  )
+
+
+def abstract_state(init_state, mesh, config):
+  """The abstract TrainState (ShapeDtypeStructs with shardings) the loop would initialise."""
+  from contrastive_jax.train import loop
+
+  return loop.state_shardings(init_state, mesh, config.get("sharding_rules", None))[0]
+
+
+def _host_bounds(dims: Sequence[int]) -> tuple[int, int, int]:
+  dims = tuple(dims) + (1,) * (3 - len(dims))
+  return tuple(min(b, d) for b, d in zip((2, 2, 1), dims))
+
+
+def _tpu_devices(topology_name: str) -> list:
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # tests compile in parallel
+  try:
+    from jax.experimental import topologies
+  except ImportError as e:  # pragma: no cover - part of jax
+    raise PreflightError(f"jax.experimental.topologies is unavailable: {e}") from e
+  dims = [int(d) for d in topology_name.split(":")[1].split("x")]
+  try:
+    desc = topologies.get_topology_desc(
+      platform="tpu",
+      topology_name=topology_name,
+      chip_config_name="default",
+      chips_per_host_bounds=_host_bounds(dims),
+      num_slices=1,
+    )
+  except Exception as e:  # no libtpu: name the install step
+    raise PreflightError(
+      f"--topology: cannot describe TPU topology {topology_name!r} ({e}); TPU targets need "
+      f"libtpu: pip install -e '.[tpu]'"
+    ) from e
+  return list(desc.devices)
+
+
+def _cpu_devices(n: int) -> list:
+  import jax
+
+  devices = jax.devices("cpu")
+  if len(devices) < n:
+    raise PreflightError(
+      f"--topology needs {n} CPU devices, but this process has {len(devices)}; JAX started "
+      f"before preflight could ask for them (set XLA_FLAGS=--xla_force_host_platform_device_count"
+      f"={n})"
+    )
+  return list(devices[:n])
+
+
+def _host_memory() -> float:
+  return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def resolve_target(topology: str) -> Target:
+  """A `Target` for "v5p-8", "v5litepod-16", "v6e-8", "v4-32", ..., "cpu:N", "h100:N", "h200:N"."""
+  topo = topology.strip().lower()
+  if topo in TOPOLOGIES:
+    gen, name = TOPOLOGIES[topo]
+    chip = CHIPS[gen]
+    return Target(topo, name, _tpu_devices(name), chip, False, chip.hbm_bytes, chip.source)
+  kind, _, count = topo.partition(":")
+  if kind in ("cpu", *GPU_TARGETS) and count.isdigit() and int(count) > 0:
+    n = int(count)
+    devices = _cpu_devices(n)
+    if kind == "cpu":
+      mem = _host_memory() / n
+      return Target(
+        topo, f"cpu:{n}", devices, None, False, mem, f"host memory / {n} devices (os.sysconf)"
+      )
+    chip = CHIPS[kind]
+    return Target(
+      topo, f"cpu:{n} (for {chip.name})", devices, chip, True, chip.hbm_bytes, chip.source
+    )
+  raise PreflightError(
+    f"--topology={topology!r}: unknown; give a Cloud TPU accelerator type (e.g. v5p-8, v5p-64, "
+    f"v5litepod-16, v6e-8, v4-32; known: {sorted(TOPOLOGIES)}), cpu:N, or h100:N / h200:N"
+  )
+
+
+def _loops(compiled) -> int:
+  try:
+    return len(re.findall(r"\bwhile\(", compiled.as_text()))
+  except Exception:  # some backends cannot print the optimised module
+    return 0
+
+
+def compile_piece(piece: Piece):
+  """(compiled executable, compile seconds) of one piece, as the loop would jit it."""
+  import jax
+
+  kwargs = {}
+  if piece.in_shardings is not None:
+    kwargs["in_shardings"] = piece.in_shardings
+  if piece.out_shardings is not None:
+    kwargs["out_shardings"] = piece.out_shardings
+  if piece.donate_argnums:
+    kwargs["donate_argnums"] = piece.donate_argnums
+  start = time.perf_counter()
+  compiled = jax.jit(piece.fn, **kwargs).lower(*piece.args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def memory_bytes(compiled) -> dict[str, int]:
+  """Per-device bytes from `memory_analysis()`; total = arguments + outputs - aliased + temps
+  (what must be resident at once; MaxText's accounting)."""
+  m = compiled.memory_analysis()
+  out = {
+    "argument_bytes": int(m.argument_size_in_bytes),
+    "output_bytes": int(m.output_size_in_bytes),
+    "alias_bytes": int(m.alias_size_in_bytes),
+    "temp_bytes": int(m.temp_size_in_bytes),
+    "code_bytes": int(m.generated_code_size_in_bytes),
+  }
+  out["total_bytes"] = (
+    out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+  )
+  return out
+
+
+def _cost(compiled) -> dict[str, float]:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  cost = cost or {}
+  return {
+    "flops": float(cost.get("flops", 0.0)),
+    "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+  }
+
+
+def roofline(flops: float, bytes_accessed: float, chip: Chip | None) -> dict:
+  """max(flops / peak, bytes / bandwidth) seconds of one call and the MFU it implies."""
+  if chip is None:
+    return {"roofline_seconds": None, "bound": None, "mfu": None}
+  t_compute, t_memory = flops / chip.peak_bf16_flops, bytes_accessed / chip.hbm_bytes_per_s
+  t = max(t_compute, t_memory)
+  return {
+    "roofline_seconds": t,
+    "bound": "compute" if t_compute >= t_memory else "memory",
+    "mfu": t_compute / t if t > 0 else None,
+  }
+
+
+# jax `device_kind` strings -> CHIPS keys (TPU v5p reports "TPU v5", v5e "TPU v5 lite").
+_KINDS = (
+  ("tpu v5 lite", "v5e"),
+  ("tpu v5e", "v5e"),
+  ("tpu v6 lite", "v6e"),
+  ("tpu v6e", "v6e"),
+  ("tpu v5", "v5p"),
+  ("tpu v4", "v4"),
+  ("h100", "h100"),
+  ("h200", "h200"),
+)
+
+
+def chip_of(device) -> Chip | None:
+  """The `CHIPS` entry of a jax device (None for CPUs and chips not in the table)."""
+  kind = device.device_kind.lower()
+  return next((CHIPS[key] for text, key in _KINDS if text in kind), None)
+
+
+def compiled_flops(jitted, *args, **kwargs) -> float:
+  """Per-device flops of one call of a `jax.jit` function at these arguments (`cost_analysis`;
+  while-loop bodies counted once)."""
+  return _cost(jitted.lower(*args, **kwargs).compile())["flops"]
+
+
+def mfu_text(flops: float, seconds: float, device) -> str:
+  """'MFU x% of P TFLOP/s (source)' of `flops` per device done in `seconds` on `device`."""
+  chip = chip_of(device)
+  if chip is None:
+    return f"MFU n/a ({device.device_kind}: no peak in the table)"
+  return (
+    f"MFU {flops / seconds / chip.peak_bf16_flops:.1%} of "
+    f"{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 ({chip.source})"
+  )
+
+
+_OOM = re.compile(r"RESOURCE_EXHAUSTED|out of memory|Ran out of memory", re.IGNORECASE)
+# The TPU compiler's two ways of saying how much a program needs ("Used 120G of 95.74G hbm";
+# "the total memory required for HLO temporaries (332.31G) exceeds available HBM (95.74G)").
+_NEEDED = (
+  re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+[\d.]+[KMGT]?\s+hbm", re.IGNORECASE),
+  re.compile(r"\(([\d.]+)([KMGT]?)\)\s+exceeds available HBM", re.IGNORECASE),
+)
+
+
+def _oom_bytes(message: str) -> int | None:
+  scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+  for pattern in _NEEDED:
+    m = pattern.search(message)
+    if m:
+      return int(float(m.group(1)) * scale[m.group(2).upper()])
+  return None
+
+
+def analyse(pieces: dict[str, Piece], target: Target, *, log=print) -> dict:
+  """Compiles every piece; returns the per-piece record and the step projection."""
+  records = {}
+  for name, piece in pieces.items():
+    log(f"preflight: compiling {name} ...")
+    start = time.perf_counter()
+    try:
+      compiled, seconds = compile_piece(piece)
+    except Exception as e:  # the TPU compiler refuses a program larger than HBM
+      message = str(e)
+      if not _OOM.search(message) and not isinstance(e, ValueError):
+        raise
+      # A ValueError is a shape that cannot be laid out on this mesh (e.g. a batch that does
+      # not divide over the devices): the piece cannot run here either.
+      records[name] = {
+        "fits": False,
+        "total_bytes": _oom_bytes(message),  # what the compiler says it needs, at least
+        "compile_error": f"{type(e).__name__}: {message}"[:2000],
+        "compile_seconds": time.perf_counter() - start,
+        "per_step": piece.per_step,
+        "note": piece.note,
+      }
+      continue
+    rec = {**memory_bytes(compiled), **_cost(compiled), "compile_seconds": seconds}
+    rec["loops_counted_once"] = _loops(compiled)
+    rec["fits"] = rec["total_bytes"] <= target.memory_bytes
+    rec.update(roofline(rec["flops"], rec["bytes_accessed"], target.chip))
+    rec["per_step"] = piece.per_step
+    rec["note"] = piece.note
+    records[name] = rec
+    del compiled
+  return records
+
+
+def step_projection(records: dict, chip: Chip | None) -> dict:
+  """Sum over pieces of per_step x (flops, roofline seconds): one training step's projection."""
+  used = {k: r for k, r in records.items() if r.get("per_step") and "flops" in r}
+  flops = sum(r["per_step"] * r["flops"] for r in used.values())
+  if chip is None or not used:
+    return {
+      "flops_per_device": flops,
+      "roofline_seconds": None,
+      "mfu": None,
+      "pieces": sorted(used),
+    }
+  seconds = sum(r["per_step"] * r["roofline_seconds"] for r in used.values())
+  return {
+    "flops_per_device": flops,
+    "roofline_seconds": seconds,
+    "mfu": flops / chip.peak_bf16_flops / seconds if seconds else None,
+    "pieces": sorted(used),
+    "lower_bound": any(r["loops_counted_once"] for r in used.values()),
+  }
+
+
+def _gb(x):
+  if x is None:
+    return "-"
+  return f"{x / 1e9:.2f}" if x >= 1e8 else f"{x / 1e9:.4f}"
+
+
+def format_table(result: dict) -> str:
+  rows = [
+    (
+      "piece",
+      "args GB",
+      "out GB",
+      "temp GB",
+      "total GB",
+      "TFLOP",
+      "GB accessed",
+      "compile s",
+      "roofline ms",
+      "fits",
+    )
+  ]
+  for name, r in result["pieces"].items():
+    t = r.get("roofline_seconds")
+    rows.append(
+      (
+        name,
+        _gb(r.get("argument_bytes")),
+        _gb(r.get("output_bytes")),
+        _gb(r.get("temp_bytes")),
+        _gb(r.get("total_bytes")),
+        "-"
+        if "flops" not in r
+        else f"{r['flops'] / 1e12:.4g}" + ("*" if r["loops_counted_once"] else ""),
+        _gb(r.get("bytes_accessed")),
+        "-" if "compile_seconds" not in r else f"{r['compile_seconds']:.1f}",
+        "-" if t is None else f"{t * 1e3:.2f}",
+        "yes" if r["fits"] else "NO",
+      )
+    )
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+  head = (
+    f"{result['topology']} ({result['topology_name']}): {result['device_count']} x "
+    f"{result['device_kind']}, mesh {result['mesh']}, memory "
+    f"{result['memory_bytes'] / GiB:.1f} GiB per device ({result['memory_source']})"
+  )
+  if result["estimate"]:
+    head += "\nESTIMATE: compiled for CPU devices, held against the GPU's memory and peak"
+  step = result["step"]
+  tail = ["* XLA counts a while-loop body once: a lower bound"]
+  if step["roofline_seconds"]:
+    tail.insert(
+      0,
+      f"step: {step['flops_per_device'] / 1e12:.3f} TFLOP per device, roofline "
+      f"{step['roofline_seconds'] * 1e3:.1f} ms, MFU <= {step['mfu']:.1%} "
+      f"(peak {result['chip']['peak_bf16_flops'] / 1e12:.0f} TFLOP/s, "
+      f"{result['chip']['hbm_bytes_per_s'] / 1e9:.0f} GB/s: {result['chip']['source']})",
+    )
+  return "\n".join([head, *lines, *tail])
+
+
+def run(config, workdir: str, topology: str, *, only=None, log=print) -> dict:
+  """Compiles `config`'s pieces (or those named in `only`) for `topology`, writes
+  `<workdir>/preflight.json`, returns it."""
+  from contrastive_jax.train import sharding
+  from contrastive_jax.train.metrics import write_json
+
+  target = resolve_target(topology)
+  try:
+    module = importlib.import_module(f"experiments.{config.experiment}")
+  except ModuleNotFoundError as e:
+    raise PreflightError(
+      f"config.experiment={config.experiment!r}: no module experiments/{config.experiment}.py"
+    ) from e
+  if not hasattr(module, "preflight_pieces"):
+    raise PreflightError(
+      f"experiments/{config.experiment}.py has no preflight_pieces(config, mesh)"
+    )
+  mesh = sharding.make_mesh(config.mesh, target.devices)
+  pieces = module.preflight_pieces(config, mesh)
+  if only:
+    unknown = sorted(set(only) - set(pieces))
+    if unknown:
+      raise PreflightError(
+        f"--pieces: {unknown} are not pieces of this experiment; it has {sorted(pieces)}"
+      )
+    pieces = {k: v for k, v in pieces.items() if k in only}
+  records = analyse(pieces, target, log=log)
+  result = {
+    "experiment": config.experiment,
+    "topology": target.topology,
+    "topology_name": target.topology_name,
+    "device_kind": target.devices[0].device_kind,
+    "device_count": len(target.devices),
+    "estimate": target.estimate,
+    "mesh": dict(mesh.shape),
+    "memory_bytes": target.memory_bytes,
+    "memory_source": target.memory_source,
+    "chip": None if target.chip is None else dataclasses.asdict(target.chip),
+    "pieces": records,
+    "fits": all(r["fits"] for r in records.values()),
+    "step": step_projection(records, target.chip),
+    "note": (
+      "per-device bytes from memory_analysis(), flops and bytes accessed per call from "
+      "cost_analysis(); loops_counted_once > 0: XLA counted while-loop bodies once"
+      + ("; ESTIMATE: GPU target compiled for CPU devices" if target.estimate else "")
+    ),
+  }
+  write_json(os.path.join(workdir, "preflight.json"), json.loads(json.dumps(result)))
+  return result
+
+
+def main(config, workdir: str, topology: str | None, only=None) -> int:
+  """`launch.py --mode preflight`: sets up JAX for compiling only, runs, prints; exit status."""
+  if not topology:
+    print(
+      "error: --mode preflight needs --topology (e.g. v5p-8, v5litepod-16, cpu:8, h200:8)",
+      file=sys.stderr,
+    )
+    return 2
+  count = topology.lower().partition(":")[2]
+  import jax
+
+  # Compiling needs no accelerator: JAX's own backend is the CPU, with N devices for cpu:N.
+  try:
+    jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS") or "cpu")
+    if count.isdigit():
+      jax.config.update("jax_num_cpu_devices", int(count))
+  except RuntimeError:  # backends already up (e.g. inside the tests): use what is there
+    pass
+  try:
+    result = run(config, workdir, topology, only=only)
+  except PreflightError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(format_table(result))
+  print(f"wrote {os.path.join(workdir, 'preflight.json')}")
+  bad = [(k, r) for k, r in result["pieces"].items() if not r["fits"]]
+  for name, r in bad:
+    if r.get("compile_error") and not _OOM.search(r["compile_error"]):
+      print(f"error: piece {name!r} cannot be laid out on this mesh: "
+            f"{r['compile_error'].splitlines()[0]}", file=sys.stderr)
+      continue
+    used = "more than fits" if r.get("total_bytes") is None else f"{r['total_bytes'] / 1e9:.2f} GB"
+    print(
+      f"error: piece {name!r} needs {used} per device; {result['device_kind']} has "
+      f"{result['memory_bytes'] / 1e9:.2f} GB ({result['memory_source']})",
+      file=sys.stderr,
+    )
+  return 1 if bad else 0

@@ -1,0 +1,136 @@
+"""Preflight (`launch.py --mode preflight`): AOT compiles of the `test` presets on cpu:8 and on a
+TPU topology (libtpu compiles without a TPU), the JSON against the compiler, and a config that
+cannot fit."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs import dispersive as dispersive_config
+from contrastive_jax.train import preflight
+from experiments import dispersive
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# The `test` preset, one block smaller still: compile time is what these tests spend.
+SMALL = {"model.depth": 1, "model.hidden_size": 16, "eval.batch_size": 8, "eval.steps": 2}
+
+
+def _config():
+  config = dispersive_config.get_config("test")
+  for key, value in SMALL.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def cpu8_result(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("preflight_cpu8")
+  result = preflight.run(_config(), str(workdir), "cpu:8", log=lambda *_: None)
+  return workdir, result
+
+
+def test_cpu8_preflight_bytes_equal_the_compiled_executable(cpu8_result):
+  workdir, _ = cpu8_result
+  saved = json.loads((workdir / "preflight.json").read_text())
+  assert saved["device_count"] == 8 and saved["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert set(saved["pieces"]) == {"train_step", "sampler"} and saved["fits"]
+  assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
+  # The same piece compiled here, outside preflight: the JSON holds the executable's numbers.
+  mesh = jax.make_mesh(
+    (8, 1, 1),
+    ("data", "fsdp", "tensor"),
+    axis_types=(jax.sharding.AxisType.Auto,) * 3,
+    devices=jax.devices()[:8],
+  )
+  piece = dispersive.preflight_pieces(_config(), mesh)["train_step"]
+  compiled = (
+    jax.jit(
+      piece.fn,
+      in_shardings=piece.in_shardings,
+      out_shardings=piece.out_shardings,
+      donate_argnums=piece.donate_argnums,
+    )
+    .lower(*piece.args)
+    .compile()
+  )
+  m, rec = compiled.memory_analysis(), saved["pieces"]["train_step"]
+  assert rec["argument_bytes"] == m.argument_size_in_bytes > 0
+  assert rec["output_bytes"] == m.output_size_in_bytes
+  assert rec["alias_bytes"] == m.alias_size_in_bytes > 0  # the donated state
+  assert rec["temp_bytes"] == m.temp_size_in_bytes
+  assert rec["total_bytes"] == (
+    m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+  )
+  assert rec["flops"] == compiled.cost_analysis()["flops"] > 0
+  # The parameters are sharded as the loop shards them: arguments hold the replicated state
+  # (the test mesh is data-parallel), the batch's 32 rows split over 8 devices.
+  assert rec["per_step"] == 1.0 and saved["pieces"]["sampler"]["per_step"] == 0.0
+
+
+@pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler",
+)
+def test_tpu_topology_preflight_projects_the_roofline(tmp_path):
+  result = preflight.run(_config(), str(tmp_path), "v5litepod-8", log=lambda *_: None)
+  assert result["device_kind"] == "TPU v5 lite" and result["device_count"] == 8
+  assert result["topology_name"] == "v5e:2x4" and result["fits"]
+  chip = preflight.CHIPS["v5e"]
+  rec = result["pieces"]["train_step"]
+  assert 0 < rec["total_bytes"] < chip.hbm_bytes and rec["flops"] > 0
+  # Roofline: max(flops / 197 TFLOP/s, bytes / 819 GB/s), and the MFU that time implies.
+  expected = max(rec["flops"] / 197e12, rec["bytes_accessed"] / 819e9)
+  assert rec["roofline_seconds"] == pytest.approx(expected, rel=1e-12)
+  assert rec["mfu"] == pytest.approx(rec["flops"] / 197e12 / expected, rel=1e-12)
+  step = result["step"]
+  assert step["pieces"] == ["train_step"]  # the sampler is evaluation: not in the step
+  assert step["roofline_seconds"] == pytest.approx(expected, rel=1e-12)
+  assert json.loads((tmp_path / "preflight.json").read_text())["chip"]["source"].startswith(
+    "cloud.google.com/tpu/docs/v5e"
+  )
+
+
+def test_unknown_topology_names_the_choices():
+  with pytest.raises(preflight.PreflightError, match="v5p-8"):
+    preflight.resolve_target("v5p-7")
+
+
+def test_absurd_batch_exits_nonzero_naming_the_piece(tmp_path):
+  # 2^24 rows of 8x8 digits: the batch alone is 4 GiB, 0.5 GiB per device, and the activations
+  # of 16 tokens x 32 channels per row many times that: more than host memory / 8.
+  cmd = [
+    sys.executable,
+    "launch.py",
+    "--config",
+    "configs/dispersive.py:test",
+    "--config.train.batch_size=16777216",
+    *(f"--config.{k}={v}" for k, v in SMALL.items()),
+    f"--workdir={tmp_path}",
+    "--mode",
+    "preflight",
+    "--topology",
+    "cpu:8",
+  ]
+  out = subprocess.run(
+    cmd,
+    check=False,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  assert out.returncode == 1, out.stdout + out.stderr
+  assert "piece 'train_step' needs" in out.stderr
+  saved = json.loads((tmp_path / "preflight.json").read_text())
+  assert not saved["fits"] and not saved["pieces"]["train_step"]["fits"]
+  assert saved["pieces"]["sampler"]["fits"]
+  assert saved["pieces"]["train_step"]["total_bytes"] > saved["memory_bytes"]
