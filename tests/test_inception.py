@@ -270,5 +270,7 @@ def test_evaluator_fid_is_zero_against_its_sets_own_statistics(tmp_path, weights
   assert rec["cfg_scale"] == 1.0 and rec["inception_image_size"] == 75 and "fd_digits" not in rec
   assert abs(rec["fid"]) < 1e-6 * np.trace(sigma)
   saved = np.load(rec["features"])
+  # The evaluator's features come from batch-sharded passes (other summation orders than this
+  # one-device pass): one sigma entry in 4M moved by 2.3e-5 of the largest.
   np.testing.assert_allclose(saved["mu"], mu, atol=1e-5 * np.abs(mu).max())
-  np.testing.assert_allclose(saved["sigma"], sigma, atol=1e-5 * np.abs(sigma).max())
+  np.testing.assert_allclose(saved["sigma"], sigma, atol=1e-4 * np.abs(sigma).max())
