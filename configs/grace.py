@@ -142,7 +142,7 @@ def get_config(preset: str = "cpu"):
     # bf16 compute (model.dtype and train.compute_dtype), float32 master weights: the released
     # code is a verl fork, whose FSDP workers run the policy in bf16.
     c.train.update(steps=1000, batch_size=64, checkpoint_every=50, compute_dtype="bfloat16")
-    c.mesh = dict(data=1, fsdp=-1, tensor=1)  # verl's FSDP: parameters and Adam state sharded
+    c.mesh.update(data=1, fsdp=-1, tensor=1)  # verl's FSDP: parameters and Adam state sharded
     c.optim.update(name="adamw", lr=1e-6, weight_decay=0.01)
     if algorithm == "infonce":
       c.infonce.temperature = 0.02

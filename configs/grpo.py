@@ -107,7 +107,7 @@ def get_config(preset: str = "cpu"):
     # Parameters, gradients and Adam moments sharded over every device (fsdp), as verl's FSDP;
     # rows still split over all devices (batch -> (data, fsdp)). Preflight: replicated (data=-1)
     # they are 24.7 GB per device with gradients.
-    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
 
   def test(c):
     c.model.update(source="scratch", path="", hidden=32, layers=1, heads=2, kv_heads=1, mlp=64)

@@ -148,7 +148,7 @@ def get_config(preset: str = "cpu"):
       compute_dtype="bfloat16",
     )
     c.optim.update(lr=1e-5, schedule="linear", warmup_steps=298)
-    c.mesh = dict(data=1, fsdp=-1, tensor=1)  # parameters and AdamW state sharded (ZeRO-like)
+    c.mesh.update(data=1, fsdp=-1, tensor=1)  # parameters and AdamW state sharded (ZeRO-like)
 
   def bge_m3(c):
     structdoc(c)

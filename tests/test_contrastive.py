@@ -79,7 +79,8 @@ def test_jit_on_globally_sharded_batch_equals_single_device(mesh8):
   got, grads = jax.jit(
     jax.value_and_grad(lambda q, p: f(q, p)[0], argnums=(0, 1)), in_shardings=(sh, sh)
   )(jax.device_put(q, sh), jax.device_put(p, sh))
-  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  # float32 sums in another order (per-device partials, then across devices): 1.04e-6 was seen.
+  np.testing.assert_allclose(got, expected, rtol=3e-6)
   for a, b in zip(grads, grads_expected):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 

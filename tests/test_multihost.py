@@ -30,12 +30,18 @@ _TRAIN = {
 }
 
 
-def _assert_rows_close(a, b):
+def _assert_rows_close(a, b, rtol=1e-4):
   assert [r["step"] for r in a] == [r["step"] for r in b]
   for x, y in zip(a, b):
     assert x.keys() == y.keys(), (x.keys() ^ y.keys())
     for k in x:
-      np.testing.assert_allclose(x[k], y[k], rtol=1e-4, atol=1e-6, err_msg=f"step {x['step']} {k}")
+      np.testing.assert_allclose(x[k], y[k], rtol=rtol, atol=1e-6, err_msg=f"step {x['step']} {k}")
+
+
+# SEAL's InfoNCE at temperature 0.05 multiplies similarities by 20 and Adam at lr 1e-3 follows
+# the sign of tiny gradients: its step-3 EAL loss moved by 3.9e-4 relative between the two runs
+# (steps 1-2 agree to 1e-4), so it gets 2e-3; a misaligned row would move it by percents.
+_RTOL = {"seal": 2e-3}
 
 
 @pytest.mark.parametrize("name", sorted(_TRAIN))
@@ -52,7 +58,7 @@ def test_two_processes_give_the_metrics_of_one(name, tmp_path):
   mp.run([*args, f"--workdir={one}"], processes=1, devices=8, logdir=tmp_path / "logs1")
   rows = mp.metrics(two)
   assert rows and any("loss" in r for r in rows)
-  _assert_rows_close(rows, mp.metrics(one))
+  _assert_rows_close(rows, mp.metrics(one), rtol=_RTOL.get(name, 1e-4))
   info = __import__("json").loads((two / "run_info.json").read_text())
   assert info["process_count"] == 2 and info["cluster"] == "env"
   assert sorted(len(v) for v in info["devices_by_process"].values()) == [4, 4]
