@@ -170,8 +170,8 @@ def main(argv):
   if FLAGS.mode == "train":
     if jax.process_index() == 0:
       workdir.mkdir(parents=True, exist_ok=True)
-      write_json(str(workdir / "config.json"), json.loads(config.to_json_best_effort()))
-      write_json(str(workdir / "run_info.json"), run_info(config, cluster))
+      write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+      write_json(workdir / "run_info.json", run_info(config, cluster))
     module.train(config, str(workdir))
   else:
     try:

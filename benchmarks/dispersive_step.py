@@ -161,22 +161,7 @@ def jax_step(args, cfg, act_block):
       loss = loss + 0.5 * dispersive_loss(acts[act_block], temperature=0.5)[0]
     return loss
 
-  @jax.jit
-  def train_step(state, rng):
-    params, opt_state = state
-    grads = jax.grad(loss_fn)(params, rng)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  holder = {"state": (params, tx.init(params)), "i": 0}
-
-  def step():
-    holder["i"] += 1
-    holder["state"] = train_step(holder["state"], jax.random.key(holder["i"]))
-    jax.block_until_ready(holder["state"])
-
-  step.flops = compiled_flops(train_step, holder["state"], jax.random.key(0))
-  return step
+  return _step_closure(loss_fn, tx, params)
 
 
 def jax_meanflow_step(args, cfg, act_block, *, guidance: bool):
@@ -216,6 +201,13 @@ def jax_meanflow_step(args, cfg, act_block, *, guidance: bool):
       loss = loss + 0.5 * dispersive_loss(acts[act_block], temperature=0.5)[0]
     return loss
 
+  return _step_closure(loss_fn, tx, params)
+
+
+def _step_closure(loss_fn, tx, params):
+  """`step()`: one jitted optimizer step of `loss_fn(params, rng)`, run to completion, with a fresh
+  key each call; `step.flops` is the compiled step's flop count."""
+
   @jax.jit
   def train_step(state, rng):
     params, opt_state = state
@@ -230,6 +222,7 @@ def jax_meanflow_step(args, cfg, act_block, *, guidance: bool):
     holder["state"] = train_step(holder["state"], jax.random.key(holder["i"]))
     jax.block_until_ready(holder["state"])
 
+  step.flops = compiled_flops(train_step, holder["state"], jax.random.key(0))
   return step
 
 

@@ -110,9 +110,7 @@ class MetricsWriter:
     self._tb = SummaryWriter(str(root / "tensorboard"), purge_step=resume_step + 1)
 
   def _rewrite(self):
-    tmp = self.path.parent / f"{self.path.name}.tmp-{uuid.uuid4().hex}"
-    tmp.write_text("".join(self._lines))
-    tmp.replace(self.path)
+    write_bytes(self.path, "".join(self._lines))
     self._last_flush = time.monotonic()
 
   def write(self, step: int, metrics: Mapping[str, float]):
