@@ -86,7 +86,11 @@ class TrainState(struct.PyTreeNode):
     return jax.random.fold_in(self.rng, self.step)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointError(ValueError):
+  """Base of every checkpoint failure the launcher reports in one line (save, restore, mismatch)."""
+
+
+class CheckpointMismatchError(CheckpointError):
   """A checkpoint whose structure or shapes do not fit the state it is restored into."""
 
 
