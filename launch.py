@@ -2,6 +2,8 @@
 
   python launch.py --config configs/contrastive_digits.py:cpu --workdir /tmp/run
   python launch.py --config configs/contrastive_digits.py:cpu --workdir /tmp/run --mode eval
+  python launch.py --config configs/contrastive_digits.py:cpu --workdir /tmp/run --mode eval \
+    --step=latest_readable
   python launch.py --config configs/X.py:PRESET --config.optim.lr=3e-4 --workdir DIR
   python launch.py --config configs/X.py:PRESET --workdir DIR --mode preflight --topology v5p-8
 
@@ -10,6 +12,10 @@ The experiment is looked up from `config.experiment` (module `experiments.<name>
 the workdir is checked: a run of another experiment, or of a config whose model differs, is
 refused with an error naming the keys. Then the resolved config, the mesh, package versions and
 the git commit are written into the workdir.
+
+`--mode eval` scores the latest checkpoint (`--step=latest`, the default), which must be
+readable: an unreadable one is an error naming it. `--step=N` picks step N (an error names the
+steps that exist), `--step=latest_readable` the newest one that reads.
 """
 
 from __future__ import annotations
@@ -41,11 +47,26 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "preflight"],
                   "Train (or resume), evaluate, or preflight (AOT fit check for --topology).")
 flags.DEFINE_string("topology", None, "With --mode preflight: v5p-8, v5litepod-16, cpu:8, h200:8.")
 flags.DEFINE_list("pieces", None, "With --mode preflight: compile only these pieces.")
-flags.DEFINE_integer("step", None, "With --mode eval: the checkpoint step (default: latest).")
+flags.DEFINE_string("step", None, "With --mode eval: a step number, 'latest' (default) or "
+                    "'latest_readable' (the newest checkpoint that reads).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections", "grain",
             "transformers", "numpy", "contrastive_jax")
+
+
+def _valid_step(value) -> bool:
+  from contrastive_jax.train.state import parse_step
+
+  try:
+    parse_step(value)
+  except ValueError:
+    return False
+  return True
+
+
+flags.register_validator("step", _valid_step, "--step: expected a step number, 'latest' or "
+                         "'latest_readable'")
 
 
 class WorkdirError(ValueError):
@@ -154,6 +175,7 @@ def main(argv):
   import jax
 
   from contrastive_jax.train.metrics import write_json
+  from contrastive_jax.train.state import parse_step
 
   if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
@@ -175,7 +197,7 @@ def main(argv):
     module.train(config, str(workdir))
   else:
     try:
-      module.evaluate(config, str(workdir), FLAGS.step)
+      module.evaluate(config, str(workdir), parse_step(FLAGS.step))
     except FileNotFoundError as e:  # no checkpoint (at that step), or a missing input file
       raise WorkdirError(str(e)) from e
 
@@ -232,9 +254,11 @@ def parse_flags(argv: list[str]):
 
 
 def _main(argv):
+  from contrastive_jax.train.state import CheckpointError
+
   try:
     main(argv)
-  except (WorkdirError, hosts.ClusterError, hosts.AgreedError) as e:
+  except (WorkdirError, CheckpointError, hosts.ClusterError, hosts.AgreedError) as e:
     logging.error("%s", e)
     _fail(str(e))
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from contrastive_jax.train import hosts
 from contrastive_jax.train import sharding as sharding_lib
 from contrastive_jax.train.metrics import MetricsWriter
-from contrastive_jax.train.state import CheckpointManager, TrainState
+from contrastive_jax.train.state import CheckpointManager, CheckpointNotFoundError, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _cast_floats(tree, dtype):
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                      tree)
+  return jax.tree.map(
+    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+  )
 
 
 def split_microbatches(tree, m: int, *, what: str = "micro-batches"):
@@ -134,8 +135,11 @@ def state_shardings(init_state: Callable[[jax.Array], TrainState], mesh, rules=N
 def step_jit_kwargs(shardings) -> dict:
   """How the loop jits a train step (preflight compiles it the same way): the state in its
   shardings and donated, the batch as `host_to_global` placed it."""
-  return {"in_shardings": (shardings, None), "out_shardings": (shardings, None),
-          "donate_argnums": (0,)}
+  return {
+    "in_shardings": (shardings, None),
+    "out_shardings": (shardings, None),
+    "donate_argnums": (0,),
+  }
 
 
 def initialize_state(init_state, rng, mesh, rules=None) -> TrainState:
@@ -227,8 +231,13 @@ def train(
   if jit_step:
     train_step = jax.jit(train_step, **step_jit_kwargs(shardings))
   manager.install_signal_handlers()
-  bar = tqdm(total=tc.steps, initial=start, desc=config.experiment, dynamic_ncols=True,
-             disable=jax.process_index() != 0)
+  bar = tqdm(
+    total=tc.steps,
+    initial=start,
+    desc=config.experiment,
+    dynamic_ncols=True,
+    disable=jax.process_index() != 0,
+  )
   clock = {"time": time.perf_counter(), "step": start}
 
   def finish(step, metrics):
@@ -252,6 +261,7 @@ def train(
 
   batches = _Prefetch(data, mesh)
   pending = None  # (step, metrics on device) of the step dispatched before the current one
+  failed = True
   try:
     for step in range(start + 1, tc.steps + 1):
       batch, data_after = batches.take()
@@ -263,6 +273,7 @@ def train(
       if pending is not None:
         finish(*pending)
       pending = (step, metrics)
+      manager.check()  # a background save that failed stops the run here, one step later
       stop = manager.should_stop(step)
       evaluate = bool(evaluators) and (_due(step, tc.eval_every) or step == tc.steps)
       if stop or evaluate or step == tc.steps or manager.is_due(step):
@@ -276,10 +287,12 @@ def train(
         break
     if pending is not None:
       finish(*pending)
+    failed = False
   finally:
     bar.close()
     writer.close()
-    manager.close()
+    # The final save's failure is the run's error; after another error it is only logged.
+    manager.close(check=not failed)
   return state
 
 
@@ -302,12 +315,18 @@ class _Prefetch:
     self._next = self._load()
 
 
-def load_params(config, workdir, init_state, mesh, *, ema: bool, step: int | None = None):
-  """Parameters (or EMA parameters) of a checkpoint for evaluation: `(step, params)`."""
+def load_params(config, workdir, init_state, mesh, *, ema: bool, step: int | str | None = None):
+  """Parameters (or EMA parameters) of a checkpoint for evaluation: `(step, params)`.
+
+  The one place `--mode eval` picks its checkpoint. `step`: None for the latest, which must be
+  readable (`CheckpointUnreadableError` otherwise); an int, which must exist
+  (`CheckpointNotFoundError` names the steps that do); or `state.LATEST_READABLE` for the
+  newest readable one. Nothing in the workdir is moved or written.
+  """
   directory = hosts.workdir_path(workdir) / "checkpoints"
   missing = None
   if not directory.is_dir():  # before the manager, which would create it
-    missing = FileNotFoundError(f"{directory}: no checkpoint to evaluate; train first")
+    missing = CheckpointNotFoundError(f"{directory}: no checkpoint to evaluate; train first")
   hosts.agree(missing, what="evaluation")
   abstract, _ = state_shardings(init_state, mesh, config.get("sharding_rules", None))
   manager = CheckpointManager(directory, async_save=False)
@@ -320,5 +339,5 @@ def load_params(config, workdir, init_state, mesh, *, ema: bool, step: int | Non
   finally:
     manager.close()
   if params is None:
-    raise FileNotFoundError(f"{directory}: no checkpoint to evaluate; train first")
+    raise CheckpointNotFoundError(f"{directory}: no checkpoint to evaluate; train first")
   return got_step, params

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import time
 import uuid
@@ -13,6 +14,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 from etils import epath
+
+log = logging.getLogger(__name__)
 
 
 def is_writer() -> bool:
@@ -77,12 +80,37 @@ def _scalar(v):
   return v.item() if v.size == 1 else None
 
 
+def _lines_up_to(path, step: int) -> list[str]:
+  """The lines of a metrics log whose step is at most `step`.
+
+  A line that is not a JSON record with a step (the last one, half-written by a crash, or any
+  other) is dropped with a warning naming it, rather than blocking the resume.
+  """
+  keep, bad = [], []
+  lines = path.read_text().splitlines()
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row_step = json.loads(line)["step"]
+      if not isinstance(row_step, int):
+        raise TypeError(f"step {row_step!r} is not an integer")
+    except (ValueError, KeyError, TypeError) as e:
+      bad.append(f"line {n}{' (the last, torn by a crash?)' if n == len(lines) else ''}: {e}")
+      continue
+    if row_step <= step:
+      keep.append(line + "\n")
+  if bad:
+    log.warning("%s: dropped %d unreadable line(s): %s", path, len(bad), "; ".join(bad))
+  return keep
+
+
 class MetricsWriter:
   """Writes one JSON line per logged step and the same scalars to TensorBoard.
 
   On resume from step N, lines for steps after N (written before the interruption, then lost
   with the state) are dropped, and TensorBoard is told to purge them, so a resumed run's logs
-  read as one uninterrupted run. Only process 0 writes. `workdir` may be any epath (`gs://...`):
+  read as one uninterrupted run; a torn last line (a crash mid-write) is dropped with a warning. Only process 0 writes. `workdir` may be any epath (`gs://...`):
   a local file is appended to; object stores cannot append, so there the whole file is rewritten
   atomically, at most every `remote_flush_secs` and at `close`.
   """
@@ -101,9 +129,7 @@ class MetricsWriter:
       return
     root.mkdir(parents=True, exist_ok=True)
     if self.path.exists():
-      keep = [line + "\n" for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line)["step"] <= resume_step]
-      self._lines = keep
+      self._lines = _lines_up_to(self.path, resume_step)
       self._rewrite()
     from tensorboardX import SummaryWriter
 

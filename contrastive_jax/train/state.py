@@ -13,6 +13,23 @@ Each item is written and committed by Orbax atomically (a temporary directory re
 success), so a process killed mid-save leaves no step that looks complete. Restoring takes the
 target shardings from an abstract state built on the *current* mesh, which is how a checkpoint
 saved on 8 devices restores on 1 or 4.
+
+Faults, and what the manager does about them:
+
+  - A save that fails (unwritable or full directory, lost mount) raises `CheckpointSaveError`
+    naming the step, the path and the OS error: at once for what the main thread does (creating
+    the step's temporary directory), at the next step (one process) or the next save / `close`
+    for what the background thread does. The step before stays the restore point: Orbax's
+    temporary directory of the failed step is never listed as a step and is removed on the next
+    start.
+  - A checkpoint that cannot be read completely (truncated files, a missing item directory, a
+    missing or torn `_METADATA`) is skipped by `restore` for the newest one that restores; the
+    skipped steps are logged with the reason and moved to `checkpoints/corrupt/STEP`, so the run
+    writes those steps again. When steps exist but none restores, `CheckpointUnreadableError`
+    stops the run instead of a silent start from step 0, and nothing is moved.
+  - A checkpoint that reads but does not fit the state (another model) is
+    `CheckpointMismatchError`, never "unreadable": a good checkpoint of another config is not
+    moved aside.
 """
 
 from __future__ import annotations
@@ -94,6 +111,55 @@ class CheckpointMismatchError(CheckpointError):
   """A checkpoint whose structure or shapes do not fit the state it is restored into."""
 
 
+class CheckpointSaveError(CheckpointError):
+  """A save failed; the message names the step, the directory and the OS error."""
+
+
+class CheckpointUnreadableError(CheckpointError):
+  """A checkpoint exists but cannot be read completely (truncated, an item or metadata missing)."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+  """No checkpoint at all, or none at the requested step (the message names those that exist)."""
+
+
+# `restore_params(step=LATEST_READABLE)`: the newest step that reads, skipping unreadable ones.
+LATEST_READABLE = "latest_readable"
+
+# Items `save` writes for every state; `ema_params` only for states with an EMA.
+_ALWAYS_SAVED = ("params", "opt_state", "train", "data", "config")
+CORRUPT_DIR = "corrupt"
+
+
+def parse_step(text: str | int | None) -> int | str | None:
+  """A `--step` value: None or "latest" (the latest step), "latest_readable", or an integer."""
+  if text is None or text == "latest":
+    return None
+  if text == LATEST_READABLE:
+    return LATEST_READABLE
+  try:
+    return int(text)
+  except (TypeError, ValueError):
+    raise ValueError(
+      f"--step={text!r}: expected a step number, 'latest' or {LATEST_READABLE!r}"
+    ) from None
+
+
+def _reason(e: BaseException) -> str:
+  """One line for an exception: the OS error in its chain if there is one, else its first line
+  (TensorStore appends its whole JSON spec, which names nothing a user needs)."""
+  chain, seen = [e], set()
+  while chain[-1] is not None and id(chain[-1]) not in seen:
+    seen.add(id(chain[-1]))
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  for x in chain[:-1]:
+    if isinstance(x, OSError) and x.errno is not None:
+      return f"{type(x).__name__}: {x}"
+  text = str(e).split(" [tensorstore_spec=")[0].strip()
+  text = (text.splitlines() or [""])[0]
+  return f"{type(e).__name__}: {text[:300]}"
+
+
 def _flat(tree) -> dict[str, tuple]:
   """{'params/dense/kernel': (shape, dtype)} for a pytree of arrays or Orbax metadata."""
   out = {}
@@ -117,9 +183,7 @@ def _describe_mismatch(item: str, saved: dict, wanted: dict) -> str | None:
   if missing:
     parts.append(f"missing in checkpoint: {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
   if unexpected:
-    parts.append(
-      f"not in the state: {unexpected[:10]}" + (" ..." if len(unexpected) > 10 else "")
-    )
+    parts.append(f"not in the state: {unexpected[:10]}" + (" ..." if len(unexpected) > 10 else ""))
   if shapes:
     parts.append("different shape/dtype: " + "; ".join(shapes[:10]))
   return f"item {item!r}: " + " | ".join(parts)
@@ -154,12 +218,18 @@ class CheckpointManager:
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
         create=True,
+        # The step's temporary directory is made in the main thread, so a directory that cannot
+        # be written raises there. Made in the background, its failure leaves Orbax's other
+        # threads waiting 300 s for a "directory created" signal that never comes, and the
+        # interpreter waits for them at exit.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
       ),
       item_handlers=handlers,
     )
     self.stop_requested = threading.Event()
     self._previous_handlers: dict[int, Any] = {}
     self._multi_process = jax.process_count() > 1
+    self._pending: int | None = None  # the step whose background save is not yet known good
 
   # -- saving ---------------------------------------------------------------------------------
 
@@ -167,11 +237,32 @@ class CheckpointManager:
     """Whether the cadence asks for a checkpoint at `step`."""
     return self.save_every > 0 and step % self.save_every == 0
 
+  def _save_error(self, step, error: BaseException) -> CheckpointSaveError:
+    self._mngr.reload()
+    latest = self.latest_step()
+    return CheckpointSaveError(
+      f"saving checkpoint {step} to {self.directory} failed: {_reason(error)}; "
+      + ("no step is complete yet" if latest is None else f"the last complete step is {latest}")
+    )
+
+  def _agreed(self, step, error: BaseException | None):
+    """Every process raises when any process's save failed (they call this at the same point)."""
+    failure = None if error is None else self._save_error(step, error)
+    try:
+      hosts.agree(failure, what=f"saving checkpoint {step} to {self.directory}")
+    except hosts.AgreedError as e:
+      raise CheckpointSaveError(str(e)) from None
+
   def save(self, state: TrainState, *, data_state=None, config=None, force=False) -> bool:
-    """Saves `state` if its step is due (or `force`); returns whether a save was started."""
+    """Saves `state` if its step is due (or `force`); returns whether a save was started.
+
+    Raises `CheckpointSaveError` if this save, or the background part of the previous one,
+    failed.
+    """
     step = int(state.step)
     if not force and not self.is_due(step):
       return False
+    self.wait()  # Orbax would wait for the previous save anyway; this names its failure
     if step in self._mngr.all_steps():
       return False
     items = {
@@ -183,17 +274,60 @@ class CheckpointManager:
     }
     if state.ema_params is not None:
       items["ema_params"] = ocp.args.StandardSave(state.ema_params)
-    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    error = None
+    try:
+      self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # noqa: BLE001  OSError, or TensorStore's ValueError wrapping one
+      error = e
+    self._agreed(step, error)
+    self._pending = step
     return True
 
-  def wait(self):
-    """Blocks until a background save has been committed."""
-    self._mngr.wait_until_finished()
+  def check(self):
+    """Raises `CheckpointSaveError` if a background save has finished with an error.
 
-  def close(self):
-    self._mngr.wait_until_finished()
-    self._mngr.close()
-    self.restore_signal_handlers()
+    Cheap (no waiting, no collective): the loop calls it every step, so a failed save stops the
+    run at the next step. With several processes each would notice at its own step, so there
+    the failure is raised at the next `save` or `close`, which every process reaches together.
+    """
+    if self._pending is None or self._multi_process or self._mngr.is_saving_in_progress():
+      return
+    self.wait()
+
+  def wait(self):
+    """Blocks until a background save has been committed; raises `CheckpointSaveError` if not."""
+    step, self._pending = self._pending, None
+    error = None
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001  whatever the background thread met
+      if step is None:  # a failure already raised, raised again by Orbax's finalize thread
+        log.debug("checkpoint save failure seen again: %s", _reason(e))
+      else:
+        error = e
+    if step is not None:
+      self._agreed(step, error)
+
+  def close(self, *, check: bool = True):
+    """Waits for the last save and releases Orbax's threads and the signal handlers.
+
+    With `check=False` (the run is already stopping on another error) a failed save is logged,
+    not raised, so it does not hide that error.
+    """
+    try:
+      try:
+        self.wait()
+      except CheckpointSaveError as e:
+        if check:
+          raise
+        log.error("%s", e)
+      finally:
+        try:
+          self._mngr.close()
+        except Exception as e:  # noqa: BLE001  the failure above, raised again by Orbax
+          log.debug("closing the Orbax manager: %s", _reason(e))
+    finally:
+      self.restore_signal_handlers()
 
   # -- restoring ------------------------------------------------------------------------------
 
@@ -203,12 +337,42 @@ class CheckpointManager:
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
+  def _saved_items(self, step: int) -> set[str]:
+    """Items the step's Orbax metadata lists as written (empty when it cannot be read)."""
+    try:
+      text = (self.directory / str(step) / "_CHECKPOINT_METADATA").read_text()
+      return set(json.loads(text).get("item_handlers") or ())
+    except Exception:  # noqa: BLE001  absent or torn: `_ALWAYS_SAVED` says what must be there
+      return set()
+
   def _check_structure(self, step: int, wanted: Mapping[str, Any]):
-    meta = self._mngr.item_metadata(step)
+    """Raises `CheckpointUnreadableError` for damage, `CheckpointMismatchError` for a checkpoint
+    that reads but holds another structure.
+
+    An item this manager writes for every state (or one the step's metadata lists), whose
+    directory or metadata is missing or torn, is damage; an item the checkpoint was saved
+    without (`ema_params` of a run without EMA) is a mismatch.
+    """
+    where = f"checkpoint {self.directory}/{step}"
+    for item in wanted:
+      if item in _JSON_ITEMS and not (self.directory / str(step) / item).exists():
+        raise CheckpointUnreadableError(f"{where}: item {item!r} is missing")
+    try:
+      meta = self._mngr.item_metadata(step)
+    except Exception as e:
+      raise CheckpointUnreadableError(f"{where}: metadata cannot be read ({_reason(e)})") from e
+    listed = self._saved_items(step)
     problems = []
     for item, tree in wanted.items():
+      if item in _JSON_ITEMS:
+        continue
       saved = meta[item] if item in meta.keys() else None
       if saved is None:
+        if item in _ALWAYS_SAVED or item in listed:
+          present = (self.directory / str(step) / item).exists()
+          raise CheckpointUnreadableError(
+            f"{where}: item {item!r} " + ("has no _METADATA" if present else "is missing")
+          )
         if tree is not None and jax.tree.leaves(tree):
           problems.append(f"item {item!r}: not in the checkpoint")
         continue
@@ -218,8 +382,7 @@ class CheckpointManager:
         problems.append(msg)
     if problems:
       raise CheckpointMismatchError(
-        f"checkpoint {self.directory}/{step} does not fit the current state:\n  "
-        + "\n  ".join(problems)
+        f"{where} does not fit the current state:\n  " + "\n  ".join(problems)
       )
 
   def _restore_step(self, step: int, target: TrainState):
@@ -227,11 +390,12 @@ class CheckpointManager:
       "params": target.params,
       "opt_state": target.opt_state,
       "train": {"step": target.step, "rng": target.rng, "extra": target.extra},
+      "data": None,
     }
     if target.ema_params is not None:
       wanted["ema_params"] = target.ema_params
     self._check_structure(step, wanted)
-    args = {k: ocp.args.StandardRestore(_abstract(v)) for k, v in wanted.items()}
+    args = {k: ocp.args.StandardRestore(_abstract(v)) for k, v in wanted.items() if k != "data"}
     args["data"] = ocp.args.JsonRestore()
     out = self._mngr.restore(step, args=ocp.args.Composite(**args))
     train = out["train"]
@@ -245,40 +409,119 @@ class CheckpointManager:
     )
     return state, out["data"]
 
-  def _latest_good(self, fn, step: int | None):
-    """Runs `fn(step)` on the requested step, or on the newest step that restores."""
-    steps = [step] if step is not None else sorted(self._mngr.all_steps(), reverse=True)
-    if step is not None and step not in self._mngr.all_steps():
-      raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step}; have {steps}")
-    for s in steps:
-      try:
-        return s, fn(s)
-      except CheckpointMismatchError:
-        raise
-      except Exception as e:  # Orbax/TensorStore raise many types for truncated files.
-        if step is not None:
-          raise
-        log.warning("checkpoint %s/%d cannot be read (%s: %s); trying the previous one",
-                    self.directory, s, type(e).__name__, str(e).splitlines()[0][:200])
-    return None, None
+  def _try(self, fn, step: int):
+    """`fn(step)`, agreed across processes: the result, or the `CheckpointUnreadableError` that
+    some process met (returned, not raised). A mismatch anywhere is raised everywhere."""
+    result, error = None, None
+    try:
+      result = fn(step)
+    except CheckpointMismatchError as e:
+      error = e
+    except CheckpointUnreadableError as e:
+      error = e
+    except Exception as e:  # noqa: BLE001  Orbax/TensorStore raise many types for bad files
+      error = CheckpointUnreadableError(
+        f"checkpoint {self.directory}/{step} cannot be read: {_reason(e)}"
+      )
+    try:
+      hosts.agree(error, what=f"restoring checkpoint {self.directory}/{step}")
+    except CheckpointMismatchError:
+      raise
+    except CheckpointUnreadableError as e:
+      return None, e
+    except hosts.AgreedError as e:
+      if "CheckpointMismatchError" in str(e):
+        raise CheckpointMismatchError(str(e)) from None
+      return None, CheckpointUnreadableError(str(e))
+    return result, None
 
-  def restore(self, target: TrainState, step: int | None = None):
-    """Restores the latest readable checkpoint (or `step`) onto `target`'s shardings.
+  def _move_aside(self, steps: list[int]):
+    """Moves unreadable steps to `corrupt/STEP` (process 0), so the run writes them again."""
+    error = None
+    if jax.process_index() == 0:
+      try:
+        for s in steps:
+          dest = self.directory / CORRUPT_DIR / str(s)
+          n = 1
+          while dest.exists():  # the same step went bad before
+            dest = self.directory / CORRUPT_DIR / f"{s}.{n}"
+            n += 1
+          dest.parent.mkdir(parents=True, exist_ok=True)
+          (self.directory / str(s)).rename(dest)
+          log.warning("moved unreadable checkpoint %s/%d to %s", self.directory, s, dest)
+      except OSError as e:
+        error = CheckpointError(
+          f"cannot move unreadable checkpoint(s) {steps} of {self.directory} to "
+          f"{CORRUPT_DIR}/ ({_reason(e)}); move or delete them by hand"
+        )
+    hosts.agree(error, what=f"moving unreadable checkpoints of {self.directory} aside")
+    self._mngr.reload()
+
+  def _select(self, fn, step, *, move_aside: bool):
+    """`(step, fn(step))` for the requested step (an int), the latest (None: unreadable is an
+    error), or the newest readable one (`LATEST_READABLE`); `(None, None)` when there is none."""
+    steps = self.all_steps()
+    if isinstance(step, int):
+      if step not in steps:
+        raise CheckpointNotFoundError(
+          f"{self.directory}: no checkpoint at step {step}; the steps that exist are {steps}"
+        )
+      result, error = self._try(fn, step)
+      if error is not None:
+        raise error
+      return step, result
+    if not steps:
+      return None, None
+    skipped = []
+    for s in reversed(steps):
+      result, error = self._try(fn, s)
+      if error is None:
+        if skipped:
+          log.warning(
+            "restored checkpoint %s/%d after skipping unreadable newer step(s): %s",
+            self.directory,
+            s,
+            "; ".join(f"{k}: {e}" for k, e in skipped),
+          )
+          if move_aside:
+            self._move_aside([k for k, _ in skipped])
+        return s, result
+      skipped.append((s, error))
+      if step is None and not move_aside:
+        raise CheckpointUnreadableError(
+          f"{error}; evaluate another with --step=N (steps: {steps}) or the newest readable "
+          f"one with --step={LATEST_READABLE}"
+        )
+    raise CheckpointUnreadableError(
+      f"{self.directory} holds checkpoints {steps} but none can be read ("
+      + "; ".join(str(e) for _, e in skipped)
+      + "); nothing was moved. Move checkpoints/ aside to start from step 0, or use another "
+      "--workdir"
+    )
+
+  def restore(self, target: TrainState):
+    """Restores the newest checkpoint that reads completely onto `target`'s shardings.
 
     Args:
       target: a state (concrete or from `jax.eval_shape`, leaves carrying shardings) that fixes
         structure, shapes, dtypes and where each array goes on the current mesh.
 
     Returns:
-      `(state, data_state)`, or `(None, None)` when there is no checkpoint. A checkpoint that
-      cannot be read (truncated, corrupt) is skipped with a warning in favour of the previous
-      one; one whose structure differs raises `CheckpointMismatchError` naming the keys.
+      `(state, data_state)`, or `(None, None)` when there is no checkpoint. Newer steps that
+      cannot be read are logged and moved to `corrupt/STEP`; when none can be read,
+      `CheckpointUnreadableError`. One that reads but whose structure differs raises
+      `CheckpointMismatchError` naming the keys (and is left where it is).
     """
-    _, out = self._latest_good(lambda s: self._restore_step(s, target), step)
+    _, out = self._select(lambda s: self._restore_step(s, target), None, move_aside=True)
     return out if out is not None else (None, None)
 
-  def restore_params(self, target_params, *, ema: bool = False, step: int | None = None):
-    """Parameters alone (or their EMA) for evaluation; returns `(step, params)` or (None, None)."""
+  def restore_params(self, target_params, *, ema: bool = False, step: int | str | None = None):
+    """Parameters alone (or their EMA) for evaluation: `(step, params)`, or `(None, None)`.
+
+    `step`: None for the latest (`CheckpointUnreadableError` if it cannot be read, naming the
+    way to the others), an int (`CheckpointNotFoundError` naming the steps that exist), or
+    `LATEST_READABLE` for the newest that reads (skipped ones are logged, never moved).
+    """
     item = "ema_params" if ema else "params"
 
     def one(s):
@@ -288,7 +531,9 @@ class CheckpointManager:
       )
       return out[item]
 
-    return self._latest_good(one, step)
+    if step is not None and not isinstance(step, int) and step != LATEST_READABLE:
+      raise ValueError(f"step={step!r}: expected None, an int or {LATEST_READABLE!r}")
+    return self._select(one, step, move_aside=False)
 
   def restore_config(self, step: int | None = None) -> dict | None:
     step = self.latest_step() if step is None else step
