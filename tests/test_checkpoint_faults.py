@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -333,8 +334,11 @@ def test_failed_background_save_stops_the_run_and_the_step_before_stays(
 
   monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", full_disk)
   ran = []
+  handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
   with pytest.raises(CheckpointSaveError) as e:
     _tiny_train(tmp_path, mesh1, hooks=[after_the_failure])
+  # The loop's "save and stop" handlers are gone, so a signal now ends the process.
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
   ckpt = tmp_path / "checkpoints"
   assert str(e.value) == (
     f"saving checkpoint 4 to {ckpt} failed: OSError: [Errno 28] No space left on device: "

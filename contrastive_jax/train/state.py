@@ -20,8 +20,8 @@ Faults, and what the manager does about them:
     naming the step, the path and the OS error: at once for what the main thread does (creating
     the step's temporary directory), at the next step (one process) or the next save / `close`
     for what the background thread does. The step before stays the restore point: Orbax's
-    temporary directory of the failed step is never listed as a step and is removed on the next
-    start.
+    temporary directory of the failed step is never listed as a step, and is replaced when the
+    step is saved again.
   - A checkpoint that cannot be read completely (truncated files, a missing item directory, a
     missing or torn `_METADATA`) is skipped by `restore` for the newest one that restores; the
     skipped steps are logged with the reason and moved to `checkpoints/corrupt/STEP`, so the run
