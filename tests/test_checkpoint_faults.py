@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -328,9 +329,10 @@ def test_failed_background_save_stops_the_run_and_the_step_before_stays(
     ran.append(step)
     if step == 5:  # let Orbax's threads finish failing, so step 6 is "the next step" for sure
       assert failed.wait(30)
-      for t in threading.enumerate():
-        if t is not threading.current_thread() and "finalize" in t.name:
-          t.join(30)
+      deadline = time.monotonic() + 30
+      for t in threading.enumerate():  # not join(): Orbax's threads re-raise their error there
+        while "finalize" in t.name and t.is_alive() and time.monotonic() < deadline:
+          time.sleep(0.02)
 
   monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", full_disk)
   ran = []
@@ -347,10 +349,17 @@ def test_failed_background_save_stops_the_run_and_the_step_before_stays(
   )
   assert ran in ([1, 2, 3, 4], [1, 2, 3, 4, 5])  # raised at step 5 or 6, before step 6's save
   monkeypatch.undo()
-  # What step 4 left is Orbax's temporary directory, which is never taken for a step.
+  # Orbax's writers of step 4's other items finish on their own after the first failure; a
+  # process that stops on the error never sees them, this one waits before reusing the directory.
+  deadline = time.monotonic() + 30
+  for t in threading.enumerate():
+    while t is not threading.current_thread() and not t.daemon and t.is_alive():
+      assert time.monotonic() < deadline, f"thread {t.name} still running"
+      time.sleep(0.02)
+  # What step 4 left is Orbax's temporary directory, never taken for a step; a manager removes it.
   assert sorted(os.listdir(ckpt)) == ["2", "4.orbax-checkpoint-tmp"]
   manager = CheckpointManager(ckpt, async_save=False)
-  assert manager.all_steps() == [2]
+  assert manager.all_steps() == [2] and os.listdir(ckpt) == ["2"]
   manager.close()
   # The rerun resumes from 2 and ends where an uninterrupted run ends, metrics aligned.
   _tiny_train(tmp_path, mesh1)

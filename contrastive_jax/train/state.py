@@ -226,6 +226,12 @@ class CheckpointManager:
       ),
       item_handlers=handlers,
     )
+    # Orbax removes the temporary directories of unfinished saves in a thread it waits for only
+    # at its next save; waiting here makes "opened" mean "cleaned", so a second manager on the
+    # directory (an evaluation, a check) does not race this one's removal.
+    wait_for_cleanup = getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", None)
+    if wait_for_cleanup is not None:
+      wait_for_cleanup()
     self.stop_requested = threading.Event()
     self._previous_handlers: dict[int, Any] = {}
     self._multi_process = jax.process_count() > 1
