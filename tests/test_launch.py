@@ -96,6 +96,25 @@ def test_workdir_of_another_experiment_is_refused_untouched(other_experiment_wor
   assert _snapshot(other_experiment_workdir) == before
 
 
+def test_another_experiment_on_a_checkpoint_without_config_json_is_refused_untouched(tmp_path):
+  # The case: config.json lost, checkpoints kept. The launcher used to overwrite
+  # config.json and run_info.json before the checkpoint check failed.
+  from test_launch_checks import _save_checkpoint
+
+  from configs.contrastive_digits import get_config
+
+  workdir = str(tmp_path / "run")
+  _save_checkpoint(workdir, get_config("test"))
+  before = _snapshot(workdir)
+  proc = _launch("--config=configs/dispersive.py:test", f"--workdir={workdir}")
+  assert proc.returncode == 3  # WorkdirError
+  assert proc.stderr.strip().splitlines()[-1] == (
+    f"error: {workdir} holds a run of experiment 'contrastive_digits', but the config is for "
+    "'dispersive'; use another --workdir"
+  )
+  assert _snapshot(workdir) == before
+
+
 def test_workdir_with_another_model_is_refused_naming_the_key(tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
