@@ -82,6 +82,10 @@ def _offline_records(config):
 
 
 def _records(config, split):
+  return _records_and_summary(config, split)[0]
+
+
+def _records_and_summary(config, split):
   """(records, summary): `summary` is what the JSONL loader kept and skipped (None otherwise)."""
   d = config.data
   if d.source != "jsonl":
@@ -138,7 +142,7 @@ def _prepare_data(config, workdir, model, params, tokenizer, mesh):
   if os.path.isfile(path):
     with open(path, encoding="utf-8") as f:
       return json.load(f)
-  train_records, summary = _records(config, "train")
+  train_records, summary = _records_and_summary(config, "train")
   queries, docs, positives = _pairs(train_records)
   g = config.loss.group_size
   if config.data.hard_negatives == "file":  # records {"query", "content", "neg": [texts]}
@@ -257,7 +261,7 @@ def _init_fn(enc_cfg, pretrained, tx):
 
 def make_evaluators(config, model, tokenizer, mesh):
   """name -> fn(params) -> metrics on the test split: "test" (tagged), "test_untagged"."""
-  queries, docs, positives = _pairs(_records(config, "test")[0])
+  queries, docs, positives = _pairs(_records(config, "test"))
   embed = make_embed(model, config, mesh)
   kw = {"batch_size": config.eval.batch_size, "mesh": mesh}
   corpora = {"test": docs}
