@@ -9,9 +9,15 @@
 
 The experiment is looked up from `config.experiment` (module `experiments.<name>`, which exposes
 `train(config, workdir)` and `evaluate(config, workdir, step=None)`). Before anything is written,
-the workdir is checked: a run of another experiment, or of a config whose model differs, is
-refused with an error naming the keys. Then the resolved config, the mesh, package versions and
-the git commit are written into the workdir.
+the config is validated (`configs.common.validate_config`: sizes, mesh, batch split) and the
+workdir is checked: a run of another experiment, or of a config whose model differs, is refused
+with an error naming the keys, and so is a resume that changes `train.batch_size`, or
+`train.steps` under a schedule that depends on it. The loop writes `config.json` and appends this
+launch to `run_info.json` only once the checkpoint has restored (`train/run_info.py`).
+
+Every expected failure ends the launcher with one line `error: ...` and its own exit status
+(`EXIT_STATUS`, the README's table); `CJ_TRACEBACK=1` or `--verbosity=1` also prints the
+traceback. Anything else is a bug and keeps Python's traceback (exit status 1).
 
 `--mode eval` scores the latest checkpoint (`--step=latest`, the default), which must be
 readable: an unreadable one is an error naming it. `--step=N` picks step N (an error names the
@@ -25,14 +31,13 @@ import importlib
 import importlib.util
 import json
 import os
-import subprocess
 import sys
-from importlib import metadata
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from contrastive_jax.train import hosts
+from contrastive_jax.train import hosts, run_info
 
 # Keys whose change makes a checkpoint in the workdir unusable (besides `experiment`).
 STRUCTURAL_KEYS = ("model", "optim.name")
@@ -51,8 +56,22 @@ flags.DEFINE_string("step", None, "With --mode eval: a step number, 'latest' (de
                     "'latest_readable' (the newest checkpoint that reads).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections", "grain",
-            "transformers", "numpy", "contrastive_jax")
+# Exit status of each expected error, by class name (an `AgreedError` carries the class names of
+# the error another process raised, so every process exits with the same status). The first
+# name in an error's MRO that is listed here wins. README.md "Exit status" documents the table.
+EXIT_STATUS = {
+  "ConfigError": 2,  # also bad flags, presets, override keys and values (absl's usage errors)
+  "WorkdirError": 3,
+  "WeightsError": 4,
+  "DataError": 5,
+  "FileNotFoundError": 5,  # a missing input file (data, or a config-named path)
+  "CheckpointError": 6,
+  "NonFiniteLossError": 7,
+  "MeshError": 8,
+  "ClusterError": 9,
+  "PreflightError": 10,
+}
+TRACEBACK_ENV = "CJ_TRACEBACK"
 
 
 def _valid_step(value) -> bool:
@@ -73,6 +92,14 @@ class WorkdirError(ValueError):
   """The workdir holds a run this config cannot continue."""
 
 
+def exit_status(error: BaseException) -> int | None:
+  """The launcher's exit status for an expected error, None for anything else (a bug)."""
+  names = [c.__name__ for c in type(error).__mro__]
+  if isinstance(error, hosts.AgreedError):
+    names = list(getattr(error, "origin_types", ())) + names
+  return next((EXIT_STATUS[n] for n in names if n in EXIT_STATUS), None)
+
+
 def _lookup(d: dict, dotted: str):
   for part in dotted.split("."):
     if not isinstance(d, dict) or part not in d:
@@ -90,15 +117,53 @@ def _diff(old, new, prefix=""):
   return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
-def check_workdir(config, workdir) -> None:
-  """Refuses a workdir whose saved run is of another experiment or an incompatible model."""
-  path = hosts.workdir_path(workdir) / "config.json"
+def checkpoint_steps(workdir) -> list[int]:
+  """Committed checkpoint steps in `workdir/checkpoints` (Orbax names them by the step)."""
+  directory = hosts.workdir_path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def saved_config(workdir) -> dict | None:
+  """The config of the run in `workdir`: the newest checkpoint's own copy, else `config.json`;
+  None for a fresh workdir. The checkpoint's copy is what its state was trained with, and it is
+  there even when `config.json` was lost."""
+  root = hosts.workdir_path(workdir)
+  for step in reversed(checkpoint_steps(root)):
+    path = root / "checkpoints" / str(step) / "config" / "metadata"  # Orbax's JSON item file
+    try:
+      saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+      continue  # unreadable: the restore decides what to do with that step
+    if isinstance(saved, dict) and saved:
+      return saved
+  path = root / "config.json"
   if not path.exists():
-    return
+    return None
   try:
-    saved = json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
+    return json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise WorkdirError(f"{path}: cannot be read ({e}); use a fresh --workdir") from e
+
+
+def check_workdir(config, workdir, *, resuming: bool = True) -> None:
+  """Refuses a workdir whose saved run this config cannot continue; writes nothing.
+
+  Refused: another experiment; a change of `STRUCTURAL_KEYS` (the checkpoints would not fit);
+  an unreadable `run_info.json` (appending would lose its history); and, when `resuming` into
+  existing checkpoints, a changed `train.batch_size` (the data position counts batches), or a
+  changed `train.steps` while `optim.schedule` is not "constant" (cosine and linear schedules
+  are functions of the total, so the learning rate would jump). Under a constant schedule a
+  changed `train.steps` extends or shortens the run exactly, and is accepted.
+  """
+  try:
+    run_info.read_history(workdir)
+  except ValueError as e:
+    raise WorkdirError(str(e)) from e
+  saved = saved_config(workdir)
+  if saved is None:
+    return
   new = json.loads(config.to_json_best_effort())
   if saved.get("experiment") != new["experiment"]:
     raise WorkdirError(
@@ -114,52 +179,37 @@ def check_workdir(config, workdir) -> None:
       f"{workdir} holds a run whose checkpoints do not fit this config; changed: "
       + "; ".join(changed) + ". Use another --workdir or restore the saved values."
     )
-
-
-def _git_commit() -> str | None:
-  try:
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
-                         text=True, timeout=10)
-    return out.stdout.strip() or None
-  except (OSError, subprocess.SubprocessError):
-    return None
-
-
-def run_info(config, cluster: str | None) -> dict:
-  import jax
-
-  from contrastive_jax.train.sharding import make_mesh
-
-  mesh = make_mesh(config.mesh)
-  versions = {}
-  for p in PACKAGES:
-    try:
-      versions[p] = metadata.version(p)
-    except metadata.PackageNotFoundError:
-      versions[p] = None
-  return {
-    "argv": sys.argv,
-    "git_commit": _git_commit(),
-    "python": sys.version.split()[0],
-    "packages": versions,
-    "cluster": cluster,
-    "process_count": jax.process_count(),
-    "process_index": jax.process_index(),
-    "local_devices": [str(d) for d in jax.local_devices()],
-    "devices_by_process": hosts.process_devices(),
-    "mesh": dict(mesh.shape),
-  }
+  if not resuming or not checkpoint_steps(workdir):
+    return
+  old_batch, new_batch = _lookup(saved, "train.batch_size"), _lookup(new, "train.batch_size")
+  if old_batch is not None and old_batch != new_batch:
+    raise WorkdirError(
+      f"{workdir}: resuming with train.batch_size={new_batch}, but the run was trained with "
+      f"train.batch_size={old_batch} (its data position counts batches, so other examples would "
+      f"come next); pass --config.train.batch_size={old_batch} or use another --workdir"
+    )
+  old_steps, new_steps = _lookup(saved, "train.steps"), _lookup(new, "train.steps")
+  schedule = _lookup(new, "optim.schedule") or "constant"
+  if old_steps is not None and old_steps != new_steps and schedule != "constant":
+    raise WorkdirError(
+      f"{workdir}: resuming with train.steps={new_steps}, but the run was trained with "
+      f"train.steps={old_steps} and optim.schedule={schedule!r} depends on it (the learning "
+      f"rate would jump); pass --config.train.steps={old_steps} or use another --workdir"
+    )
 
 
 def _checked_module(config, workdir):
   """The experiment module, after every check that needs nothing but the host (all processes)."""
+  from configs.common import ConfigError
+
   try:
     module = importlib.import_module(f"experiments.{config.experiment}")
   except ModuleNotFoundError as e:
-    raise WorkdirError(f"config.experiment={config.experiment!r}: no module experiments/"
-                       f"{config.experiment}.py") from e
-  check_workdir(config, workdir)
+    if e.name != f"experiments.{config.experiment}":
+      raise  # a missing dependency of the module: a broken install, not a config error
+    raise ConfigError(f"config.experiment={config.experiment!r}: no module experiments/"
+                      f"{config.experiment}.py") from e
+  check_workdir(config, workdir, resuming=FLAGS.mode == "train")
   if FLAGS.mode == "eval" and not workdir.is_dir():
     raise WorkdirError(f"{workdir}: no such workdir to evaluate")
   return module
@@ -174,27 +224,25 @@ def main(argv):
     sys.exit(preflight.main(FLAGS.config, FLAGS.workdir, FLAGS.topology, FLAGS.pieces))
   import jax
 
-  from contrastive_jax.train.metrics import write_json
+  from configs.common import ConfigError, validate_config
   from contrastive_jax.train.state import parse_step
 
   if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  cluster = hosts.start()
+  hosts.start()
   config, workdir = FLAGS.config, hosts.workdir_path(FLAGS.workdir)
+  # Same config and device count on every process: each reaches the same verdict.
+  validate_config(config, num_devices=jax.device_count(), training=FLAGS.mode == "train")
   module, error = None, None
   try:
     module = _checked_module(config, workdir)
-  except WorkdirError as e:
+  except (WorkdirError, ConfigError) as e:
     error = e
   # Every process reads the same files, but a host that sees other storage (a local disk) would
   # decide otherwise: one refusal stops all of them.
   hosts.agree(error, what=f"workdir {workdir}")
   if FLAGS.mode == "train":
-    if jax.process_index() == 0:
-      workdir.mkdir(parents=True, exist_ok=True)
-      write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
-      write_json(workdir / "run_info.json", run_info(config, cluster))
-    module.train(config, str(workdir))
+    module.train(config, str(workdir))  # the loop records the launch once the restore is done
   else:
     try:
       module.evaluate(config, str(workdir), parse_step(FLAGS.step))
@@ -202,9 +250,21 @@ def main(argv):
       raise WorkdirError(str(e)) from e
 
 
-def _fail(message: str):
+def _fail(message: str, status: int = EXIT_STATUS["ConfigError"]):
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
+
+
+def _show_traceback() -> bool:
+  verbosity = FLAGS["verbosity"].value if "verbosity" in FLAGS else 0
+  return os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or verbosity >= 1
+
+
+def one_line(error: BaseException) -> str:
+  """The error's message on one line (a multi-line one, e.g. a checkpoint mismatch listing its
+  keys, joined with ' | '); the exit status says which kind of error it is."""
+  lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+  return " | ".join(lines) or type(error).__name__
 
 
 def _check_override_keys(argv: list[str]):
@@ -254,13 +314,15 @@ def parse_flags(argv: list[str]):
 
 
 def _main(argv):
-  from contrastive_jax.train.state import CheckpointError
-
   try:
     main(argv)
-  except (WorkdirError, CheckpointError, hosts.ClusterError, hosts.AgreedError) as e:
-    logging.error("%s", e)
-    _fail(str(e))
+  except Exception as e:
+    status = exit_status(e)
+    if status is None:
+      raise  # not an expected error: a bug, shown with its traceback
+    if _show_traceback():
+      traceback.print_exc()
+    _fail(one_line(e), status)
 
 
 if __name__ == "__main__":

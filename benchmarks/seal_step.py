@@ -79,6 +79,7 @@ def main():
     )
   import functools
 
+  import _peer  # noqa: F401  (first: makes torchvision importable beside the CPU torch)
   import jax
   import torch
   from sentence_transformers import SentenceTransformer, losses

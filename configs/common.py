@@ -1,8 +1,19 @@
-"""Keys every experiment config has; each experiment's `get_config(preset)` starts here."""
+"""Keys every experiment config has; each experiment's `get_config(preset)` starts here.
+
+`select_preset` refuses a preset that adds a key its experiment's base config does not have (a
+typo such as `c.optim.update(warmup_stepz=2)` would otherwise load silently), and
+`validate_config` checks sizes, the mesh and the batch split before the launcher writes anything.
+"""
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value that cannot run; the message names the key and the value."""
 
 
 def base_config(experiment: str) -> ml_collections.ConfigDict:
@@ -16,6 +27,8 @@ def base_config(experiment: str) -> ml_collections.ConfigDict:
   # (logical axis, mesh axes) pairs; empty means contrastive_jax.train.sharding.DEFAULT_RULES.
   c.sharding_rules = ()
   c.train = dict(
+    # On resume, a changed `steps` is accepted only under optim.schedule="constant" (cosine and
+    # linear schedules are functions of it); a changed `batch_size` is refused (launch.py).
     steps=1_000,
     batch_size=64,
     log_every=50,
@@ -49,6 +62,107 @@ def select_preset(preset: str, presets: dict, config: ml_collections.ConfigDict)
       f"unknown preset {preset!r} for experiment {config.experiment!r}; "
       f"choose one of {sorted(presets)}"
     )
+  before = set(_key_paths(config))
   presets[preset](config)
+  added = sorted(set(_key_paths(config)) - before)
+  if added:  # sorted: a whole added dict is reported by its own key, before its children
+    key = added[0]
+    parent, _, name = key.rpartition(".")
+    siblings = [k.rpartition(".")[2] for k in before if k.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(name, siblings, n=1)
+    hint = f"; did you mean {'.'.join(filter(None, [parent, close[0]]))!r}?" if close else ""
+    value = _lookup(config, key)
+    value = value.to_dict() if hasattr(value, "to_dict") else value
+    raise ConfigError(
+      f"preset {preset!r} sets config.{key}={value!r}, a key the base config of "
+      f"experiment {config.experiment!r} does not have{hint}"
+    )
   config.lock()
   return config
+
+
+def _key_paths(node, prefix: str = ""):
+  for key in node.keys():
+    path = f"{prefix}{key}"
+    yield path
+    if isinstance(node[key], ml_collections.ConfigDict):
+      yield from _key_paths(node[key], path + ".")
+
+
+def _lookup(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    if not hasattr(node, "keys") or part not in node.keys():
+      return None
+    node = node[part]
+  return node
+
+
+# (key, lowest allowed value, whether the bound is included): sizes that must be positive and
+# rates that must not be negative; a zero or negative step count would train nothing and exit 0.
+_BOUNDS = (
+  ("train.steps", 1, True),
+  ("train.batch_size", 1, True),
+  ("train.grad_accum_steps", 1, True),
+  ("train.keep_checkpoints", 1, True),
+  ("train.log_every", 0, True),
+  ("train.eval_every", 0, True),
+  ("train.checkpoint_every", 0, True),
+  ("optim.lr", 0, False),
+  ("optim.warmup_steps", 0, True),
+  ("optim.weight_decay", 0, True),
+  ("optim.grad_clip", 0, True),
+  ("optim.min_lr_ratio", 0, True),
+  ("optim.ema", 0, True),
+)
+
+
+def _check_number(key: str, value, low, inclusive: bool):
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ConfigError(f"config.{key}={value!r}: must be a number")
+  if value < low or (value == low and not inclusive):
+    raise ConfigError(f"config.{key}={value!r}: must be {'>=' if inclusive else '>'} {low}")
+
+
+def validate_config(config, *, num_devices: int | None = None, training: bool = True) -> None:
+  """Raises `ConfigError` (or `sharding.MeshError`) naming the first key whose value cannot run.
+
+  Checks: the sizes and rates in `_BOUNDS`; every `*batch_size` key anywhere (e.g.
+  `eval.batch_size`) > 0; `optim.ema` < 1; `train.batch_size` divisible by
+  `train.grad_accum_steps`. With `num_devices`: `config.mesh` resolves on that many devices
+  (`sharding.mesh_shape`) and, when `training`, `train.batch_size` divides over the
+  data-parallel devices (mesh data x fsdp), which is how every loop places its batch.
+  """
+  for key, low, inclusive in _BOUNDS:
+    value = _lookup(config, key)
+    if value is not None:
+      _check_number(key, value, low, inclusive)
+  for key in _key_paths(config):
+    value = _lookup(config, key)
+    if key.rpartition(".")[2].endswith("batch_size") and not isinstance(value, dict):
+      _check_number(key, value, 1, True)
+  ema = _lookup(config, "optim.ema")
+  if ema is not None and ema >= 1:
+    raise ConfigError(f"config.optim.ema={ema!r}: must be < 1 (0 keeps no EMA)")
+  tc = config.train
+  if tc.batch_size % tc.grad_accum_steps:
+    raise ConfigError(
+      f"config.train.batch_size={tc.batch_size} is not divisible by "
+      f"config.train.grad_accum_steps={tc.grad_accum_steps}"
+    )
+  if num_devices is None:
+    return
+  from contrastive_jax.train.sharding import MESH_AXES, MeshError, dcn_mesh_shape, mesh_shape
+
+  try:
+    sizes = dict(zip(MESH_AXES, mesh_shape(dict(config.mesh), num_devices)))
+    dcn_mesh_shape(dict(config.mesh))
+  except MeshError as e:  # its message starts "mesh...": name the config key
+    raise MeshError(f"config.{e}") from None
+  data_parallel = sizes["data"] * sizes["fsdp"]
+  if training and tc.batch_size % data_parallel:
+    raise MeshError(
+      f"config.train.batch_size={tc.batch_size} does not divide over the {data_parallel} "
+      f"data-parallel devices (mesh data={sizes['data']} x fsdp={sizes['fsdp']} of "
+      f"{num_devices}); use a multiple of {data_parallel} or change config.mesh"
+    )

@@ -82,17 +82,22 @@ def _offline_records(config):
 
 
 def _records(config, split):
+  return _records_and_summary(config, split)[0]
+
+
+def _records_and_summary(config, split):
+  """(records, summary): `summary` is what the JSONL loader kept and skipped (None otherwise)."""
   d = config.data
   if d.source != "jsonl":
-    return [r for r in _offline_records(config) if r["split"] == split]
+    return [r for r in _offline_records(config) if r["split"] == split], None
   path = d.train_file if split == "train" else d.test_file
   key = "data.train_file" if split == "train" else "data.test_file"
   if not path or not os.path.isfile(path):
     raise FileNotFoundError(f"{key}={path!r}: no such StructDocRetrieval JSONL file")
-  if d.hard_negatives == "file":
-    with open(path, encoding="utf-8") as f:
-      return [json.loads(line) for line in f if line.strip()]
-  return structdoc.load_structdoc_jsonl(path)[0]
+  # Hard negatives come with the training records only; a held-out file is plain.
+  negatives = config.loss.group_size - 1 if d.hard_negatives == "file" and split == "train" else 0
+  records, stats = structdoc.load_structdoc_jsonl(path, negatives=negatives)
+  return records, structdoc.jsonl_summary(path, stats)
 
 
 def _pairs(records):
@@ -137,19 +142,14 @@ def _prepare_data(config, workdir, model, params, tokenizer, mesh):
   if os.path.isfile(path):
     with open(path, encoding="utf-8") as f:
       return json.load(f)
-  train_records = _records(config, "train")
+  train_records, summary = _records_and_summary(config, "train")
   queries, docs, positives = _pairs(train_records)
   g = config.loss.group_size
   if config.data.hard_negatives == "file":  # records {"query", "content", "neg": [texts]}
     index = {doc: i for i, doc in enumerate(docs)}
     negs = []
-    for i, r in enumerate(train_records):
-      texts = list(r.get("neg") or [])[: g - 1]
-      if len(texts) < g - 1:
-        raise ValueError(
-          f"{config.data.train_file}: record {i} has {len(texts)} 'neg' texts; group_size={g} "
-          f"needs {g - 1} (or set data.hard_negatives='mine')"
-        )
+    for r in train_records:  # the loader checked each has >= g - 1 negatives, naming file:line
+      texts = r["neg"][: g - 1]
       for text in texts:
         if text not in index:
           index[text] = len(docs)
@@ -174,7 +174,8 @@ def _prepare_data(config, workdir, model, params, tokenizer, mesh):
       rng=config.seed,
     )
   groups = np.concatenate([positives[:, None], negs], axis=1)
-  data = {"queries": queries, "documents": docs, "groups": groups.tolist()}
+  data = {"queries": queries, "documents": docs, "groups": groups.tolist(),
+          "summary": {"train": summary} if summary else {}}
   write_json(path, data)  # process 0
   return data
 
@@ -318,6 +319,7 @@ def train(config, workdir):
     data=batches,
     mesh=mesh,
     evaluators=evaluators,
+    data_summary=data.get("summary"),
   )
 
 

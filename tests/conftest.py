@@ -9,7 +9,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import importlib.util
-import sys
 
 import jax
 import pytest
@@ -17,31 +16,17 @@ import pytest
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def _import_torchvision_beside_cpu_torch():
-  """Makes `import torchvision` work in the `fid-reference` test environment.
-
-  PyPI's torchvision is a CUDA build: beside torch's CPU wheel its C ops do not load, and its
-  import then fails registering fake kernels for the missing torchvision::nms. `transformers`
-  imports torchvision whenever it is installed, so without this every transformers parity test
-  fails too. Nothing here calls those ops (pytorch-fid needs only torchvision's Inception
-  modules), so declaring the two schemas is enough. Runs before any test module is imported.
-  """
-  if importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None:
-    return
-  import torch
-
-  try:
-    import torchvision
-  except RuntimeError:
-    for name in [m for m in sys.modules if m.startswith("torchvision")]:
-      del sys.modules[name]
-    schema = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
-    torch.library.define("torchvision::nms", schema)
-    torch.library.define("torchvision::qnms", schema)
-    import torchvision  # noqa: F401
+def _load_benchmarks_peer():
+  """Runs `benchmarks/_peer.py`, whose import makes torchvision importable beside the CPU torch
+  (one shim for tests and benchmarks), before any test module imports transformers."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                      "_peer.py")
+  spec = importlib.util.spec_from_file_location("_peer", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
 
 
-_import_torchvision_beside_cpu_torch()
+_load_benchmarks_peer()
 
 
 @pytest.fixture(scope="session")

@@ -220,7 +220,7 @@ def test_launch_eval_of_an_unreadable_latest_is_one_line_and_nonzero(tmp_path):
     text=True,
     timeout=120,
   )
-  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.returncode == 6, proc.stderr[-2000:]  # CheckpointError (README: exit status)
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith(f"error: checkpoint {workdir}/checkpoints/4: metadata cannot be read")
   assert last.endswith("--step=latest_readable"), last

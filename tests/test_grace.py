@@ -242,7 +242,7 @@ def test_triplet_jsonl_loads_and_names_file_and_line(tmp_path):
   path.write_text(json.dumps(good) + "\n\n" + json.dumps(good) + "\n")
   assert load_triplets_jsonl(path) == [{"query": "q", "positive": "p", "negative": "n"}] * 2
   cases = {
-    "{not json": "t.jsonl:2: not valid JSON",
+    "{not json": "t.jsonl:2: invalid JSON",
     "[1, 2]": "t.jsonl:2: expected a JSON object",
     json.dumps({"query": "q", "positive": "p"}): "t.jsonl:2: field 'negative'",
     json.dumps({**good, "positive": "  "}): "t.jsonl:2: field 'positive'",

@@ -56,7 +56,7 @@ def _pytorch_fid():
   for name in ("torchvision", "pytorch_fid"):
     if importlib.util.find_spec(name) is None:
       pytest.skip(f"{name} not installed (pip install torchvision==0.28.0 pytorch-fid==0.3.0)")
-  # conftest makes torchvision importable beside the CPU torch (see there).
+  # conftest makes torchvision importable beside the CPU torch (benchmarks/_peer.py).
   import pytorch_fid.inception
 
   return torch, pytorch_fid.inception

@@ -59,6 +59,7 @@ def other_experiment_workdir(tmp_path):
       "flag --config.optim.lr=fast: could not convert string to float: 'fast'",
     ),
     ([f"--config={CONFIG}:test", "--config.train.steps=1.5"], "--config.train.steps=1.5"),
+    ([f"--config={CONFIG}:test", "--config.train.steps=-5"], "config.train.steps=-5: must be >= 1"),
   ],
 )
 def test_bad_flags_name_the_problem_and_touch_nothing(tmp_path, args, message):
@@ -71,15 +72,47 @@ def test_bad_flags_name_the_problem_and_touch_nothing(tmp_path, args, message):
   assert not os.path.exists(workdir)
 
 
+def test_a_mesh_error_is_one_line_with_its_status_and_the_traceback_on_request(tmp_path):
+  workdir = str(tmp_path / "run")
+  args = [f"--config={CONFIG}:test", "--config.mesh.data=3", f"--workdir={workdir}"]
+  message = ("error: config.mesh: {'data': 3, 'fsdp': 1, 'tensor': 1} does not divide the 8 "
+             "available devices")
+  proc = subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120, env={**os.environ, "CJ_TRACEBACK": "1"})
+  assert proc.returncode == 8  # MeshError
+  assert proc.stderr.strip().splitlines()[-1] == message
+  assert "Traceback" in proc.stderr and "validate_config" in proc.stderr  # CJ_TRACEBACK=1
+  assert not os.path.exists(workdir)
+
+
 def test_workdir_of_another_experiment_is_refused_untouched(other_experiment_workdir):
   before = _snapshot(other_experiment_workdir)
   proc = _launch(f"--config={CONFIG}:test", f"--workdir={other_experiment_workdir}")
-  assert proc.returncode == 2
+  assert proc.returncode == 3  # WorkdirError
   assert (
     "holds a run of experiment 'dispersive', but the config is for 'contrastive_digits'"
     in proc.stderr
   )
   assert _snapshot(other_experiment_workdir) == before
+
+
+def test_another_experiment_on_a_checkpoint_without_config_json_is_refused_untouched(tmp_path):
+  # The case: config.json lost, checkpoints kept. The launcher used to overwrite
+  # config.json and run_info.json before the checkpoint check failed.
+  from test_launch_checks import _save_checkpoint
+
+  from configs.contrastive_digits import get_config
+
+  workdir = str(tmp_path / "run")
+  _save_checkpoint(workdir, get_config("test"))
+  before = _snapshot(workdir)
+  proc = _launch("--config=configs/dispersive.py:test", f"--workdir={workdir}")
+  assert proc.returncode == 3  # WorkdirError
+  assert proc.stderr.strip().splitlines()[-1] == (
+    f"error: {workdir} holds a run of experiment 'contrastive_digits', but the config is for "
+    "'dispersive'; use another --workdir"
+  )
+  assert _snapshot(workdir) == before
 
 
 def test_workdir_with_another_model_is_refused_naming_the_key(tmp_path):
@@ -90,7 +123,7 @@ def test_workdir_with_another_model_is_refused_naming_the_key(tmp_path):
   (workdir / "config.json").write_text(get_config("test").to_json_best_effort())
   before = _snapshot(str(workdir))
   proc = _launch(f"--config={CONFIG}:test", "--config.model.out_dim=8", f"--workdir={workdir}")
-  assert proc.returncode == 2
+  assert proc.returncode == 3  # WorkdirError
   assert "model.out_dim: 16 -> 8" in proc.stderr
   assert _snapshot(str(workdir)) == before
 
@@ -99,7 +132,7 @@ def test_evaluating_a_workdir_without_checkpoints_is_one_line_and_touches_nothin
   workdir = tmp_path / "run"
   workdir.mkdir()
   proc = _launch(f"--config={CONFIG}:test", f"--workdir={workdir}", "--mode=eval")
-  assert proc.returncode == 2
+  assert proc.returncode == 3  # WorkdirError
   last = proc.stderr.strip().splitlines()[-1]
   assert last == f"error: {workdir}/checkpoints: no checkpoint to evaluate; train first"
   assert "Traceback" not in proc.stderr

@@ -12,6 +12,7 @@ import pytest
 
 from configs.seal import get_config
 from contrastive_jax.data import offline_docs, structdoc
+from contrastive_jax.data.jsonl import DataError
 from contrastive_jax.data.seal_batches import SealBatches
 from contrastive_jax.evaluation.retrieval import retrieval_metrics
 from contrastive_jax.losses.seal import seal_loss
@@ -173,7 +174,7 @@ def test_paper_preset_names_a_missing_data_file(tmp_path):
   config.unlock()
   config.data.update(train_file=str(path), hard_negatives="file")
   config.lock()
-  with pytest.raises(ValueError, match="record 0 has 1 'neg' texts; group_size=8 needs 7"):
+  with pytest.raises(DataError, match=r"train\.jsonl:1: 1 'neg' texts, 7 needed \(group_size"):
     seal._prepare_data(config, str(tmp_path / "wd"), None, None, None, None)
 
 

@@ -8,7 +8,7 @@
   text iff its first character lies inside the text's span, so it is exact for any template that
   copies the message verbatim (others are refused).
 - `load_triplets_jsonl`: E5-mix style JSON lines {"query", "positive", "negative"}; any bad line
-  raises a ValueError naming file:line.
+  raises a `DataError` (a ValueError) naming file:line.
 - `offline_triplets`: a triplet set with nothing downloaded, from pydoc pages of installed modules
   (`offline_docs.pydoc_documents`): query = the module docstring's first sentence, positive =
   the page's text (tags stripped, cut to `max_chars`), negative = a hard negative mined with
@@ -20,12 +20,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from contrastive_jax.data.jsonl import DataError, read_jsonl
 from contrastive_jax.sampling.rationale import SEGMENT_SYSTEM, SEGMENT_TEXT
 
 # GasolSun36/GRACE process_data.py `PROMPT` (also `PROMPT2` of its hidden reward manager).
@@ -109,25 +109,16 @@ def load_triplets_jsonl(path: str | os.PathLike) -> list[dict[str, str]]:
   """
   path = Path(path)
   if not path.is_file():
-    raise ValueError(f"{path}: no such triplet file (JSON lines with {TRIPLET_FIELDS})")
+    raise DataError(f"{path}: no such triplet file (JSON lines with {TRIPLET_FIELDS})")
   triplets = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from e
-      if not isinstance(row, dict):
-        raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-      for field in TRIPLET_FIELDS:
-        value = row.get(field)
-        if not isinstance(value, str) or not value.strip():
-          raise ValueError(f"{path}:{number}: field {field!r} must be a non-empty string")
-      triplets.append({k: row[k] for k in TRIPLET_FIELDS})
+  for where, row in read_jsonl(path):
+    for field in TRIPLET_FIELDS:
+      value = row.get(field)
+      if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: field {field!r} must be a non-empty string")
+    triplets.append({k: row[k] for k in TRIPLET_FIELDS})
   if not triplets:
-    raise ValueError(f"{path}: no triplets")
+    raise DataError(f"{path}: no triplets (the file has no non-blank line)")
   return triplets
 
 

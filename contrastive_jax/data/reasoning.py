@@ -10,16 +10,18 @@ Sources:
     and MATH's ({"problem", "solution"}, the answer in the last \\boxed{}); keys are arguments.
   * Preference pairs: JSON lines {"prompt", "chosen", "rejected"}.
 
-Every malformed line raises a ValueError that names the file and the 1-based line number.
+Every malformed line (not UTF-8, not JSON, a missing key, no final answer; a preference pair
+with an empty or identical side) raises `data.jsonl.DataError` (a ValueError) naming the file and
+the 1-based line number; a file without a single example is a `DataError` naming the file.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
+from contrastive_jax.data.jsonl import DataError, read_jsonl
 from contrastive_jax.data.math_answers import extract_answer
 
 # dataset -> (question key, solution key, how the gold answer is written in the solution)
@@ -53,7 +55,7 @@ def _text(value, *, where: str, key: str) -> str:
   if isinstance(value, bytes):
     value = value.decode("utf-8")
   if not isinstance(value, str):
-    raise ValueError(f"{where}: key {key!r} holds {type(value).__name__}, expected a string")
+    raise DataError(f"{where}: key {key!r} holds {type(value).__name__}, expected a string")
   return value
 
 
@@ -74,30 +76,15 @@ def reasoning_examples(
   for where, record in records:
     for key in (question_key, answer_key):
       if key not in record:
-        raise ValueError(f"{where}: missing key {key!r} (keys: {sorted(record)})")
+        raise DataError(f"{where}: missing key {key!r} (keys: {sorted(record)})")
     question = _text(record[question_key], where=where, key=question_key)
     solution = _text(record[answer_key], where=where, key=answer_key)
     gold = gold_answer(solution, dataset=dataset)
     if gold is None:
       style = "'#### <answer>'" if dataset == "gsm8k" else "\\boxed{<answer>}"
-      raise ValueError(f"{where}: no final answer ({style}) in {answer_key!r}: {solution[-80:]!r}")
+      raise DataError(f"{where}: no final answer ({style}) in {answer_key!r}: {solution[-80:]!r}")
     examples.append((question, gold))
   return examples
-
-
-def _jsonl_records(path: str) -> Iterator[tuple[str, dict]]:
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{number}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-      if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-      yield where, record
 
 
 def load_reasoning_jsonl(
@@ -116,10 +103,13 @@ def load_reasoning_jsonl(
     question_key, answer_key: override the keys (e.g. "problem", "solution").
     limit: keep the first `limit` examples.
   """
-  records = itertools.islice(_jsonl_records(path), limit)
-  return reasoning_examples(
+  records = itertools.islice(read_jsonl(path), limit)
+  examples = reasoning_examples(
     records, dataset=dataset, question_key=question_key, answer_key=answer_key
   )
+  if not examples:
+    raise DataError(f"{path}: no {dataset} problems (the file has no non-blank line)")
+  return examples
 
 
 def load_reasoning_tfds(
@@ -192,16 +182,26 @@ def load_preference_jsonl(
     limit: keep the first `limit` pairs.
 
   Raises:
-    ValueError naming the file and line of invalid JSON, a missing key or a non-string value.
+    DataError (a ValueError) naming the file and line of a line that is not UTF-8 or not JSON,
+    a missing key, a non-string value, an empty chosen or rejected text, or chosen == rejected
+    (a pair that teaches nothing, and a sign of a broken export); naming the file when it has
+    no pair.
   """
   pairs = []
-  for where, record in _jsonl_records(path):
+  for where, record in read_jsonl(path):
     if limit is not None and len(pairs) >= limit:
       break
     values = []
     for key in (prompt_key, chosen_key, rejected_key):
       if key not in record:
-        raise ValueError(f"{where}: missing key {key!r} (keys: {sorted(record)})")
+        raise DataError(f"{where}: missing key {key!r} (keys: {sorted(record)})")
       values.append(_text(record[key], where=where, key=key))
+    for key, value in zip((chosen_key, rejected_key), values[1:]):
+      if not value.strip():
+        raise DataError(f"{where}: {key!r} is empty")
+    if values[1].strip() == values[2].strip():
+      raise DataError(f"{where}: {chosen_key!r} and {rejected_key!r} are the same text")
     pairs.append(tuple(values))
+  if not pairs:
+    raise DataError(f"{path}: no preference pairs (the file has no non-blank line)")
   return pairs

@@ -2,7 +2,8 @@
 
 - Loaders: StructDocRetrieval JSON lines (`{"query", "content"}`, one relevant document per
   query) and BEIR directories (corpus.jsonl, queries.jsonl, qrels/<split>.tsv). Bad lines, empty
-  documents, queries without a relevant document: skipped and counted in a stats dict, no raise.
+  documents, queries without a relevant document: skipped and counted in a stats dict (logged in
+  one line); a file with no usable record, or a bad hard-negative list, raises `DataError`.
 - Views (SEAL Sec. 3): `tag_stripped_view` (SAL passages), `element_masked_view` (EAL passages,
   DOM-level), and the released code's regex versions `regex_tag_stripped_view`,
   `regex_masked_view`. HTML is parsed with BeautifulSoup's "html.parser" (stdlib, lenient, keeps
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import os
 import re
 from collections import Counter
@@ -26,6 +26,8 @@ import numpy as np
 from bs4 import BeautifulSoup, NavigableString, Tag
 from bs4.element import Comment, PreformattedString, Script, Stylesheet, TemplateString
 from bs4.exceptions import ParserRejectedMarkup
+
+from contrastive_jax.data.jsonl import DataError, log_summary, read_jsonl, require_rows, summary
 
 _VOID = "area base br col embed hr img input link meta source track wbr"
 DROPPED_TAGS = frozenset({"script", "style", "template", "noscript"})
@@ -44,6 +46,9 @@ _JSONL_STATS = (
   "lines malformed_json missing_field empty_query empty_document unbalanced_markup kept"
 )
 _BEIR_STATS = "lines malformed_json missing_field qrels_malformed qrels_unknown_id"
+# The counts of `load_structdoc_jsonl` that are skipped lines (`not_utf8` appears only if seen).
+SKIP_REASONS = ("not_utf8", "malformed_json", "missing_field", "missing_negatives", "empty_query",
+                "empty_document")
 
 
 def _rng(rng) -> np.random.Generator:
@@ -178,32 +183,20 @@ def _unbalanced(html: str) -> bool:
   return any(opened[t] != closed[t] for t in set(opened) | set(closed) if t not in VOID_TAGS)
 
 
-def _read_jsonl(path, stats: dict):
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      stats["lines"] += 1
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        row = None
-      if not isinstance(row, dict):
-        stats["malformed_json"] += 1
-        continue
-      yield row
-
-
-def load_structdoc_jsonl(path: str | os.PathLike):
+def load_structdoc_jsonl(path: str | os.PathLike, *, negatives: int = 0):
   """StructDocRetrieval JSON lines -> (records [{"query", "content"}], stats).
 
-  stats counts: lines, malformed_json (not JSON / not an object), missing_field (no string
-  `query` or `content`), empty_query, empty_document (no text once tags are removed): all skipped;
-  unbalanced_markup (kept: the views cope with it) and kept.
+  stats counts: lines, malformed_json (not JSON / not an object), not_utf8 (only when seen),
+  missing_field (no string `query` or `content`), empty_query, empty_document (no text once tags
+  are removed): all skipped; unbalanced_markup (kept: the views cope with it) and kept. The
+  counts are logged in one line. With `negatives = n > 0` each record also keeps its "neg" list
+  (hard negatives: {"query", "content", "neg": [texts]}); a line whose "neg" is not a list of at
+  least n non-empty strings raises `DataError` naming `file:line`. A file with no usable
+  record raises `DataError` naming it and the counts.
   """
   stats = Counter(dict.fromkeys(_JSONL_STATS.split(), 0))
   records = []
-  for row in _read_jsonl(path, stats):
+  for where, row in read_jsonl(path, stats=stats):
     query, content = row.get("query"), row.get("content")
     if not isinstance(query, str) or not isinstance(content, str):
       stats["missing_field"] += 1
@@ -212,10 +205,28 @@ def load_structdoc_jsonl(path: str | os.PathLike):
     elif not _TAG_REGEX.sub("", content).strip():
       stats["empty_document"] += 1
     else:
+      record = {"query": query, "content": content}
+      if negatives:
+        neg = row.get("neg")
+        if not isinstance(neg, list) or not all(isinstance(t, str) and t.strip() for t in neg):
+          raise DataError(f"{where}: 'neg' must be a list of non-empty strings (hard negatives), "
+                          f"got {type(neg).__name__}; or set data.hard_negatives='mine'")
+        if len(neg) < negatives:
+          raise DataError(f"{where}: {len(neg)} 'neg' texts, {negatives} needed (group_size - 1); "
+                          f"or set data.hard_negatives='mine'")
+        record["neg"] = neg
       stats["unbalanced_markup"] += _unbalanced(content)
       stats["kept"] += 1
-      records.append({"query": query, "content": content})
+      records.append(record)
+  info = jsonl_summary(path, stats)
+  log_summary(info)
+  require_rows(info, what="query/document records")
   return records, dict(stats)
+
+
+def jsonl_summary(path, stats) -> dict:
+  """`data.jsonl.summary` of `load_structdoc_jsonl`'s counts (what `run_info.json` records)."""
+  return summary(path, kept=stats["kept"], skipped={k: stats.get(k, 0) for k in SKIP_REASONS})
 
 
 def structdoc_retrieval_set(records):
@@ -238,13 +249,13 @@ def load_beir(directory: str | os.PathLike, *, split: str = "test"):
   directory = Path(directory)
   stats = Counter(dict.fromkeys(_BEIR_STATS.split(), 0))
   docs: dict[str, str] = {}
-  for row in _read_jsonl(directory / "corpus.jsonl", stats):
+  for _, row in read_jsonl(directory / "corpus.jsonl", stats=stats):
     if "_id" not in row or not isinstance(row.get("text", ""), str):
       stats["missing_field"] += 1
       continue
     docs[str(row["_id"])] = f"{row.get('title') or ''} {row.get('text') or ''}".strip()
   queries: dict[str, str] = {}
-  for row in _read_jsonl(directory / "queries.jsonl", stats):
+  for _, row in read_jsonl(directory / "queries.jsonl", stats=stats):
     if "_id" not in row or not isinstance(row.get("text"), str):
       stats["missing_field"] += 1
       continue

@@ -29,7 +29,15 @@ class ClusterError(RuntimeError):
 
 
 class AgreedError(RuntimeError):
-  """Another process stopped the run; the message is that process's error."""
+  """Another process stopped the run; the message is that process's error.
+
+  `origin_types` holds the class names of that error and its bases (its MRO), so a launcher
+  can exit with the status that error would have given.
+  """
+
+  def __init__(self, message: str, origin_types: tuple[str, ...] = ()):
+    super().__init__(message)
+    self.origin_types = tuple(origin_types)
 
 
 def workdir_path(workdir: str | os.PathLike) -> epath.Path:
@@ -140,7 +148,10 @@ def agree(error: BaseException | None, *, what: str) -> None:
     if error is not None:
       raise error
     return
-  mine = b"" if error is None else f"{type(error).__name__}: {error}".encode()
+  mine = b""
+  if error is not None:  # "Type,Base,...\n" then the message, which names the type again
+    mro = ",".join(c.__name__ for c in type(error).__mro__)
+    mine = f"{mro}\n{type(error).__name__}: {error}".encode()
   messages = _allgather_bytes(mine)
   failed = [i for i, m in enumerate(messages) if m]
   if not failed:
@@ -148,7 +159,9 @@ def agree(error: BaseException | None, *, what: str) -> None:
   if error is not None:
     raise error
   first = failed[0]
-  raise AgreedError(f"{what}: process {first} stopped the run: {messages[first].decode()}")
+  mro, _, message = messages[first].decode(errors="replace").partition("\n")
+  raise AgreedError(f"{what}: process {first} stopped the run: {message}",
+                    origin_types=tuple(mro.split(",")))
 
 
 def same_everywhere(value: str, *, what: str) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from contrastive_jax.train import hosts
+from contrastive_jax.train import hosts, run_info
 from contrastive_jax.train import sharding as sharding_lib
 from contrastive_jax.train.metrics import MetricsWriter
 from contrastive_jax.train.state import CheckpointManager, CheckpointNotFoundError, TrainState
@@ -180,6 +180,7 @@ def train(
   evaluators: Mapping[str, Evaluator] | None = None,
   hooks: Sequence[Callable[[int, TrainState, Mapping], None]] = (),
   jit_step: bool = True,
+  data_summary: Mapping | None = None,
 ) -> TrainState:
   """Runs (or resumes) training to `config.train.steps`.
 
@@ -193,6 +194,8 @@ def train(
     evaluators: name -> fn(params) -> metrics; run every `eval_every` steps and at the end,
       and on the initial parameters as step 0 with `eval_at_start` (not again on resume).
     hooks: called as `hook(step, state, metrics)` after every step (profiling, tests).
+    data_summary: what the data loaders read and skipped (e.g. `{file: {"kept": n, "skipped":
+      {reason: n}}}`), written into this launch's record in `run_info.json`.
 
   Returns:
     The final state. Raises `NonFiniteLossError` naming the step if the loss is not finite;
@@ -223,6 +226,8 @@ def train(
     if jax.process_index() == 0:
       tqdm.write(f"resumed from {manager.directory}/{int(state.step)}")
   start = int(state.step)
+  # Only now, with the checkpoint restored (or none there), does the launch leave its records.
+  run_info.record_launch(workdir, config, mesh=mesh, start_step=start, data=data_summary)
   use_ema = tc.get("eval_with_ema", True)
   writer = MetricsWriter(workdir, resume_step=start)
   if evaluators and start == 0 and tc.get("eval_at_start", False):

@@ -37,6 +37,10 @@ MESH_AXES = ("data", "fsdp", "tensor")
 DCN_KEYS = tuple(f"dcn_{a}" for a in MESH_AXES)
 _SPLIT_PHYSICAL_AXES = ("TPU v5 lite", "TPU v5e")  # device kinds jax.make_mesh lets split axes
 
+
+class MeshError(ValueError):
+  """`config.mesh` does not fit the devices (sizes, dcn split), or a batch does not divide it."""
+
 # (logical name, mesh axis or axes or None); the first rule naming a logical axis wins.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ("batch", ("data", "fsdp")),
@@ -60,20 +64,20 @@ def mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   """
   unknown = set(shape) - set(MESH_AXES) - set(DCN_KEYS)
   if unknown:
-    raise ValueError(
+    raise MeshError(
       f"mesh: unknown axes {sorted(unknown)}; the axes are {MESH_AXES} (and {DCN_KEYS})"
     )
   sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise MeshError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
-    raise ValueError(
+    raise MeshError(
       f"mesh: {dict(zip(MESH_AXES, sizes))} does not divide the {num_devices} available devices"
     )
   sizes = [num_devices // known if s == -1 else s for s in sizes]
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(
+    raise MeshError(
       f"mesh: {dict(zip(MESH_AXES, sizes))} uses {int(np.prod(sizes))} devices, "
       f"but {num_devices} are available; set one axis to -1 to take the rest"
     )
@@ -89,7 +93,7 @@ def dcn_mesh_shape(shape: Mapping[str, int]) -> tuple[int, ...]:
   dcn = [shape.get(k, 1) for k in DCN_KEYS]
   for key, size in zip(DCN_KEYS, dcn):
     if not isinstance(size, int) or size < 1:
-      raise ValueError(f"mesh.{key}={size!r}: must be an integer >= 1")
+      raise MeshError(f"mesh.{key}={size!r}: must be an integer >= 1")
   return tuple(dcn)
 
 
@@ -147,13 +151,13 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     granules, by_process = _granules(devices)
     kind = "processes" if by_process else "TPU slices"
     if int(np.prod(dcn)) != len(set(granules)):
-      raise ValueError(
+      raise MeshError(
         f"mesh: {dict(zip(DCN_KEYS, dcn))} multiply to {int(np.prod(dcn))}, but the "
         f"{len(devices)} devices form {len(set(granules))} {kind}; their product must equal that"
       )
     for axis, size, across in zip(MESH_AXES, sizes, dcn):
       if size % across:
-        raise ValueError(f"mesh: {axis}={size} does not split over dcn_{axis}={across} {kind}")
+        raise MeshError(f"mesh: {axis}={size} does not split over dcn_{axis}={across} {kind}")
     ici = tuple(s // k for s, k in zip(sizes, dcn))
     array = mesh_utils.create_hybrid_device_mesh(
       ici, dcn, devices, process_is_granule=by_process,
@@ -306,7 +310,7 @@ def process_rows(mesh: Mesh, global_batch_size: int, process_index: int | None =
   """
   sharding = batch_sharding(mesh)
   if global_batch_size % _axis_size(mesh, sharding.spec[0]):
-    raise ValueError(
+    raise MeshError(
       f"global batch {global_batch_size} does not divide over the mesh's batch axes "
       f"{sharding.spec[0]} ({_axis_size(mesh, sharding.spec[0])} devices)"
     )
@@ -336,7 +340,7 @@ def process_slice(global_batch_size: int, mesh: Mesh | None = None) -> slice:
     return slice(int(rows[0]), int(rows[-1]) + 1) if rows.size else slice(0, 0)
   n, i = jax.process_count(), jax.process_index()
   if global_batch_size % n:
-    raise ValueError(f"global batch {global_batch_size} does not divide over {n} processes")
+    raise MeshError(f"global batch {global_batch_size} does not divide over {n} processes")
   per = global_batch_size // n
   return slice(i * per, (i + 1) * per)
 
