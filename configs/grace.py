@@ -68,6 +68,9 @@ def get_config(preset: str = "cpu"):
     lambda2=0.2,
     pooling="mean",
     truncation_penalty=True,
+    # Rows per embedding forward pass of the reward (d+, q, d- rationales; 0: all at once),
+    # a memory bound like policy.logprob_batch.
+    embed_batch=0,
   )
   c.infonce = dict(temperature=0.05)
   c.eval = dict(

@@ -176,7 +176,7 @@ def evaluate(config, workdir, step=None):
   """Held-out task accuracy and pair reward accuracy of a checkpoint -> eval_<step>.json."""
   mesh, _, _, init_state, _, _, evaluators = _prepare(config)
   got_step, params = loop.load_params(config, workdir, init_state, mesh, ema=False, step=step)
-  results = {"step": got_step, **loop.run_evaluators(evaluators, params)}
+  results = {"step": got_step, **loop.run_evaluators(evaluators, params, mesh)}
   path = os.path.join(workdir, f"eval_{got_step}.json")
   write_json(path, results)
   if is_writer():

@@ -153,6 +153,7 @@ def make_reward_fn(config, b):
       eos_ids=eos,
       pad_id=pad,
       method=rw.pooling,
+      embed_batch=rw.embed_batch,
     )
     emb, done_lengths = sharding.to_host((emb, done.lengths))
     lengths.append(done_lengths)
@@ -170,6 +171,7 @@ def make_reward_fn(config, b):
           ro.prompt_tokens, ro.prompt_mask, prompts["pos"]["segments"][ids], ro.tokens, ro.mask
         ),
         method=rw.pooling,
+        batch=rw.embed_batch,
       )
     ).reshape(t, k, -1)
     # The released `enable_length_penalty`: R = -1 for a rationale cut at the length limit.
@@ -326,7 +328,7 @@ def evaluate(config, workdir, step=None):
   evaluator = b["evaluators"]["retrieval"]
   results = {
     "step": got_step,
-    **loop.run_evaluators(b["evaluators"], params),
+    **loop.run_evaluators(b["evaluators"], params, b["mesh"]),
     "examples": evaluator.examples,
   }
   path = os.path.join(workdir, f"eval_{got_step}.json")
@@ -403,7 +405,9 @@ def preflight_pieces(config, mesh):
                                        note=f"{aux_calls} call(s) per step; " + piece.note)
 
   def reward_embed(params, pt, pm, seg, tokens, mask):
-    return embed(hidden, params, pt, pm, seg, tokens, mask, method=rw.pooling)
+    # The reward function's call (`make_reward_fn`), `reward.embed_batch` rows per pass.
+    return embed(hidden, params, pt, pm, seg, tokens, mask, method=rw.pooling,
+                 batch=rw.embed_batch)
 
   t = r.max_new_tokens
   for name, rows, calls in (("reward_embed", bsz * k, 1), ("aux_embed", aux_rows, aux_calls)):
@@ -411,6 +415,7 @@ def preflight_pieces(config, mesh):
       preflight.abstract(shape, jnp.int32, sharding.place_sharding(shape, mesh))
       for shape in ((rows, p), (rows, p), (rows, p), (rows, t), (rows, t))
     ]
+    per_pass = min(rw.embed_batch or rows, rows)
     pieces[name] = preflight.Piece(reward_embed, tuple(args), per_step=float(calls),
-                                   note=f"{rows} rows x {p + t} tokens")
+                                   note=f"{rows} rows x {p + t} tokens, {per_pass} rows per pass")
   return pieces

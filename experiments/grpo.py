@@ -139,7 +139,7 @@ def evaluate(config, workdir, step=None):
   b = build(config, with_weights=False)
   got_step, params = loop.load_params(config, workdir, b["init_state"], b["mesh"], ema=False,
                                       step=step)
-  results = {"step": got_step, **loop.run_evaluators(b["evaluators"], params)}
+  results = {"step": got_step, **loop.run_evaluators(b["evaluators"], params, b["mesh"])}
   path = os.path.join(workdir, f"eval_{got_step}.json")
   write_json(path, results)
   if is_writer():

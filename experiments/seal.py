@@ -334,7 +334,7 @@ def evaluate(config, workdir, step=None):
   results = {
     "step": got_step,
     "zero_shot": bool(config.eval.zero_shot),
-    **loop.run_evaluators(make_evaluators(config, model, tokenizer, mesh), params),
+    **loop.run_evaluators(make_evaluators(config, model, tokenizer, mesh), params, mesh),
   }
   results["eval_seconds"] = time.perf_counter() - start
   name = "eval_zero_shot.json" if config.eval.zero_shot else f"eval_{got_step}.json"

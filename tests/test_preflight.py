@@ -134,3 +134,42 @@ def test_absurd_batch_exits_nonzero_naming_the_piece(tmp_path):
   assert not saved["fits"] and not saved["pieces"]["train_step"]["fits"]
   assert saved["pieces"]["sampler"]["fits"]
   assert saved["pieces"]["train_step"]["total_bytes"] > saved["memory_bytes"]
+
+
+def _grpo_test_config():
+  from configs import grpo as grpo_config
+
+  config = grpo_config.get_config("test")
+  config.task.max_prompt_len = 125  # + 3 new tokens: 128-token sequences, splash's block
+  return config
+
+
+def test_cpu8_preflight_traces_the_xla_attention_path(tmp_path):
+  result = preflight.run(_grpo_test_config(), str(tmp_path), "cpu:8", only=["old_logprobs"],
+                         log=lambda *_: None)
+  rec = result["pieces"]["old_logprobs"]
+  assert rec["fits"] and rec["kernels"] == [] and "tpu_custom_call" not in rec["custom_calls"]
+
+
+@pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler",
+)
+def test_tpu_preflight_picks_splash_attention_for_decoder_and_encoder(tmp_path):
+  # "auto" attention under the context mesh preflight traces in (`sharding.tracing_mesh`): the
+  # Mosaic splash kernel, run per device through shard_map (without the mesh it cannot be
+  # partitioned over the 4 chips and lowering fails).
+  from configs import seal as seal_config
+
+  result = preflight.run(_grpo_test_config(), str(tmp_path / "grpo"), "v5p-8",
+                         only=["old_logprobs"], log=lambda *_: None)
+  assert result["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  rec = result["pieces"]["old_logprobs"]
+  assert rec["fits"] and "tpu_custom_call" in rec["custom_calls"]
+  assert rec["kernels"] == ["splash_mha_fwd_segmented_no_residuals"]
+  config = seal_config.get_config("test")
+  config.data.update(query_max_length=128, passage_max_length=128)
+  result = preflight.run(config, str(tmp_path / "seal"), "v5p-8", only=["encode_corpus"],
+                         log=lambda *_: None)
+  saved = json.loads((tmp_path / "seal" / "preflight.json").read_text())
+  assert saved["pieces"]["encode_corpus"]["kernels"] == ["splash_mha_fwd_segmented_no_residuals"]

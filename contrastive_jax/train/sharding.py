@@ -163,6 +163,19 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   return Mesh(_process_major(array), MESH_AXES, axis_types=auto)
 
 
+def tracing_mesh(mesh: Mesh):
+  """Context manager: what is traced inside sees `mesh` as the context mesh.
+
+  `models.attention`'s "auto" picks splash attention on TPU only when a context mesh names the
+  axes to `shard_map` the kernel over (the compiler cannot partition a Mosaic kernel), so every
+  jitted piece is traced inside this (`loop.train`, `loop.run_evaluators`, preflight). Only the
+  abstract mesh is set, not `jax.set_mesh`'s concrete one: eager arrays (`jnp.ones` in a host
+  step) stay where they were placed before, rather than replicated over the mesh, and the
+  context works for preflight's TPU topologies, whose devices cannot hold arrays.
+  """
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
 def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
   """Normalises a rules table from a config (lists from JSON/CLI become tuples)."""
   if not rules:
