@@ -173,3 +173,48 @@ def test_tpu_preflight_picks_splash_attention_for_decoder_and_encoder(tmp_path):
                          log=lambda *_: None)
   saved = json.loads((tmp_path / "seal" / "preflight.json").read_text())
   assert saved["pieces"]["encode_corpus"]["kernels"] == ["splash_mha_fwd_segmented_no_residuals"]
+
+
+def _policy_config(name):
+  module = importlib.import_module(f"configs.{name}")
+  return module.get_config("test")
+
+
+@pytest.mark.parametrize(
+  "name, piece_name",
+  [("grpo", "old_logprobs"), ("grace", "reward_embed"), ("dpo", "train_step")],
+)
+def test_policy_preflight_bytes_equal_the_compiled_executable(tmp_path, name, piece_name):
+  # The `test` presets on cpu:8: the JSON holds what the compiled CPU executable reports for
+  # the piece, compiled here again outside preflight (under the same context mesh).
+  from contrastive_jax.train import sharding
+
+  config = _policy_config(name)
+  result = preflight.run(config, str(tmp_path), "cpu:8", only=[piece_name], log=lambda *_: None)
+  saved = json.loads((tmp_path / "preflight.json").read_text())
+  assert list(saved["pieces"]) == [piece_name] and saved["fits"] and result["device_count"] == 8
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
+  module = importlib.import_module(f"experiments.{name}")
+  pieces = module.preflight_pieces(config, mesh)
+  piece = pieces[piece_name]
+  with sharding.tracing_mesh(mesh):
+    compiled, _ = preflight.compile_piece(piece)
+  m, rec = compiled.memory_analysis(), saved["pieces"][piece_name]
+  assert rec["argument_bytes"] == m.argument_size_in_bytes > 0
+  assert rec["output_bytes"] == m.output_size_in_bytes > 0
+  assert rec["alias_bytes"] == m.alias_size_in_bytes
+  assert rec["temp_bytes"] == m.temp_size_in_bytes
+  assert rec["total_bytes"] == (
+    m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+  )
+  assert rec["flops"] == compiled.cost_analysis()["flops"] > 0
+  expected = {  # the pieces each experiment's loop compiles
+    "grpo": {"rollout_generate", "decode_step", "old_logprobs", "ppo_update"},
+    "grace": {"rollout_generate", "decode_step", "old_logprobs", "ppo_update", "reward_embed",
+              "aux_rollout_generate", "aux_decode_step", "aux_embed"},
+    "dpo": {"train_step", "reference_logprobs"},
+  }[name]
+  assert set(pieces) == expected
+  if name == "dpo":  # the donated state; the reference pass runs once, before the steps
+    assert rec["alias_bytes"] > 0 and rec["per_step"] == 1.0
+    assert pieces["reference_logprobs"].per_step == 0.0
