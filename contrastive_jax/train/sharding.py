@@ -363,3 +363,28 @@ def round_to_batch_devices(n: int, mesh: Mesh) -> int:
   """`n` rounded up to a multiple of `batch_devices(mesh)` (pad a batch to this, then drop)."""
   m = batch_devices(mesh)
   return -(-int(n) // m) * m
+
+
+def check_batch_divides(rows: int, mesh: Mesh, *, what: str) -> None:
+  """Raises ValueError when `rows` (a global batch) do not split over data x fsdp, naming a mesh
+  of the same devices that fits: the batch over the largest data x fsdp that divides it, the
+  leftover factor on `tensor` (parameters stay sharded over every device: fsdp over `embed`,
+  tensor over `heads` / `mlp` / `vocab` by DEFAULT_RULES), as one would lay out a small-batch
+  model on a large slice."""
+  m = batch_devices(mesh)
+  if rows % m == 0:
+    return
+  data, fsdp, tensor = (mesh.shape.get(a, 1) for a in MESH_AXES)
+  g = int(np.gcd(rows, m))
+  if g % data == 0:
+    hint = (
+      f"e.g. --config.mesh.data={data} --config.mesh.fsdp={g // data} "
+      f"--config.mesh.tensor={tensor * m // g} (batch over {g} devices, tensor-parallel "
+      f"over the leftover {m // g})"
+    )
+  else:
+    hint = f"give data x fsdp a divisor of {rows} (the rest to tensor)"
+  raise ValueError(
+    f"{what}={rows} rows do not divide over data x fsdp = {m} devices of the mesh "
+    f"{dict(mesh.shape)}; {hint}"
+  )
