@@ -218,3 +218,28 @@ def test_policy_preflight_bytes_equal_the_compiled_executable(tmp_path, name, pi
   if name == "dpo":  # the donated state; the reference pass runs once, before the steps
     assert rec["alias_bytes"] > 0 and rec["per_step"] == 1.0
     assert pieces["reference_logprobs"].per_step == 0.0
+
+
+def test_batch_that_does_not_divide_names_a_mesh_that_fits():
+  # bge_m3_structdoc's case at 1/4 scale: 4 queries per step, 8 devices of fsdp. The suggested
+  # mesh keeps every device (rows over 4, tensor 2) and its rows divide.
+  from contrastive_jax.train import sharding
+
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8])
+  with pytest.raises(ValueError, match=r"train.batch_size=4 rows .* = 8 devices") as e:
+    sharding.check_batch_divides(4, mesh, what="train.batch_size")
+  assert "--config.mesh.data=1 --config.mesh.fsdp=4 --config.mesh.tensor=2" in str(e.value)
+  fixed = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2}, jax.devices()[:8])
+  sharding.check_batch_divides(4, fixed, what="train.batch_size")
+  mesh = sharding.make_mesh({"data": 8}, jax.devices()[:8])
+  with pytest.raises(ValueError, match="data=2 --config.mesh.fsdp=1 --config.mesh.tensor=4"):
+    sharding.check_batch_divides(6, mesh, what="train.batch_size")
+  # SEAL preflight stops before compiling, naming the same fix.
+  from configs import seal as seal_config
+  from experiments import seal
+
+  config = seal_config.get_config("test")
+  config.train.batch_size = 4
+  config.mesh.update(data=1, fsdp=8, tensor=1)
+  with pytest.raises(preflight.PreflightError, match="mesh.fsdp=4 --config.mesh.tensor=2"):
+    seal.preflight_pieces(config, sharding.make_mesh(config.mesh, jax.devices()[:8]))

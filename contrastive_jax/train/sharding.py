@@ -374,16 +374,14 @@ def check_batch_divides(rows: int, mesh: Mesh, *, what: str) -> None:
   m = batch_devices(mesh)
   if rows % m == 0:
     return
-  data, fsdp, tensor = (mesh.shape.get(a, 1) for a in MESH_AXES)
+  data, tensor = mesh.shape.get("data", 1), mesh.shape.get("tensor", 1)
   g = int(np.gcd(rows, m))
-  if g % data == 0:
-    hint = (
-      f"e.g. --config.mesh.data={data} --config.mesh.fsdp={g // data} "
-      f"--config.mesh.tensor={tensor * m // g} (batch over {g} devices, tensor-parallel "
-      f"over the leftover {m // g})"
-    )
-  else:
-    hint = f"give data x fsdp a divisor of {rows} (the rest to tensor)"
+  new_data = int(np.gcd(g, data))
+  hint = (
+    f"e.g. --config.mesh.data={new_data} --config.mesh.fsdp={g // new_data} "
+    f"--config.mesh.tensor={tensor * m // g} (rows over {g} devices, tensor parallelism over "
+    f"the leftover factor {m // g})"
+  )
   raise ValueError(
     f"{what}={rows} rows do not divide over data x fsdp = {m} devices of the mesh "
     f"{dict(mesh.shape)}; {hint}"
