@@ -352,12 +352,12 @@ def _prompt_len(config, tok) -> int:
 
 def preflight_pieces(config, mesh):
   """`train/preflight.py` pieces at the preset's shapes (architecture from the model's config,
-  no weights read). "grace": `policy_opt.policy_pieces` at B x K rollouts, the auxiliary q / d-
+  no weights read). "grace": `policy_pieces.policy_pieces` at B x K rollouts, the auxiliary q / d-
   rationales (`aux_generate`, `aux_decode_step`) and the reward embeddings; "infonce": the
   train step."""
   import dataclasses
 
-  from contrastive_jax.train import policy_opt, preflight
+  from contrastive_jax.train import policy_pieces, preflight
 
   m, r, rw = config.model, config.rollout, config.reward
   try:
@@ -391,11 +391,11 @@ def preflight_pieces(config, mesh):
   settings = policy_settings(config, tok, dcfg)
   init_state = setup.init_fn(dcfg, tx, None, extra=init_extra(config.data.train_size or 1))
   state = preflight.abstract_state(init_state, mesh, config)
-  pieces = policy_opt.policy_pieces(apply_fn=lm, init_cache=lm.init_cache, settings=settings,
+  pieces = policy_pieces.policy_pieces(apply_fn=lm, init_cache=lm.init_cache, settings=settings,
                                     mesh=mesh, state=state, rows=bsz * k, prompt_len=p)
   aux_rows = bsz * k if rw.form == "paper" and not rw.unsupervised else bsz
   aux_calls = 1 if rw.unsupervised else 2
-  aux = policy_opt.policy_pieces(
+  aux = policy_pieces.policy_pieces(
     apply_fn=lm, init_cache=lm.init_cache, mesh=mesh, state=state, rows=aux_rows, prompt_len=p,
     settings=dataclasses.replace(settings, temperature=r.aux_temperature), prefix="aux_",
   )

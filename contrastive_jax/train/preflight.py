@@ -13,7 +13,9 @@ donate_argnums).lower(*args).compile()`d for the target's devices: a Cloud TPU t
 `train_compile.py` does), or `cpu:N` CPU devices. The compiler's `memory_analysis()` gives the
 per-device bytes and `cost_analysis()` the per-device flops and bytes accessed of one call; a
 roofline max(flops / peak, bytes / bandwidth) with the chip's peak numbers (`CHIPS`, sources
-named) projects the step time and the MFU it implies.
+named) projects the step time and the MFU it implies. Pieces are traced under the mesh
+(`sharding.tracing_mesh`), as the loop traces its steps, so "auto" attention is what a run on
+the target would get (splash on TPU); each piece records its custom calls and Pallas kernels.
 
 What the compiler cannot say:
   - XLA's cost analysis counts the body of a while loop once (a `fori_loop`, `lax.scan`,
