@@ -26,8 +26,8 @@ import optax
 from _peer import add_torch_device_arg, smollm2_shaped_hf_dir, sync, torch_device
 
 from contrastive_jax.models.decoder import DecoderLM
-from contrastive_jax.train.policy_opt import (PolicyOptimizer, PolicyOptSettings, init_extra,
-                                              policy_pieces)
+from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
+from contrastive_jax.train.policy_pieces import policy_pieces
 from contrastive_jax.train.preflight import _cost, compile_piece, mfu_text
 from contrastive_jax.train.sharding import make_mesh
 from contrastive_jax.train.state import TrainState
@@ -78,7 +78,7 @@ def torch_peer(model, tokens, mask, args, lr, device):
 
 def phase_flops(opt, state, args):
   """Per-device flops of (rollout, log-prob, update) from the compiled pieces the optimizer
-  runs (`policy_opt.policy_pieces`): generate's decode loop is counted once by XLA, so the
+  runs (`policy_pieces.policy_pieces`): generate's decode loop is counted once by XLA, so the
   rollout adds new_tokens - 1 decode steps; the update runs `minibatches` times."""
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state)

@@ -68,6 +68,9 @@ def get_config(preset: str = "cpu"):
     lambda2=0.2,
     pooling="mean",
     truncation_penalty=True,
+    # Rows per embedding forward pass of the reward (d+, q, d- rationales; 0: all at once),
+    # a memory bound like policy.logprob_batch.
+    embed_batch=0,
   )
   c.infonce = dict(temperature=0.05)
   c.eval = dict(
@@ -138,6 +141,9 @@ def get_config(preset: str = "cpu"):
     # (8 rows per device each), logits 256 positions at a time: 8 x 256 x V x (2 B bf16 + 4 B
     # float32) = 1.9 GB per device.
     c.policy.update(logprob_chunk=256, logprob_batch=64, update_microbatches=2)
+    # The reward embeds 512 d+ rationales x 2624 tokens: in one pass 53.2 GB per chip on a v5p-8
+    # (128 rows per chip); 64 rows per pass 8.6 GB (preflight --pieces reward_embed).
+    c.reward.update(embed_batch=64)
     c.eval.update(max_docs=0, max_new_tokens=2048, batch_size=64, lm_tokens=512)
     # bf16 compute (model.dtype and train.compute_dtype), float32 master weights: the released
     # code is a verl fork, whose FSDP workers run the policy in bf16.

@@ -148,7 +148,10 @@ def get_config(preset: str = "cpu"):
       compute_dtype="bfloat16",
     )
     c.optim.update(lr=1e-5, schedule="linear", warmup_steps=298)
-    c.mesh.update(data=1, fsdp=-1, tensor=1)  # parameters and AdamW state sharded (ZeRO-like)
+    # Parameters and AdamW state sharded (ZeRO-like), rows over fsdp. 16 queries per step fill
+    # at most 16 fsdp shards: on a larger slice the rest goes to tensor parallelism, e.g. v5p-64
+    # (32 chips): --config.mesh.fsdp=16 --config.mesh.tensor=2 (preflight and training name it).
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
 
   def bge_m3(c):
     structdoc(c)

@@ -110,7 +110,7 @@ def evaluate(config, workdir, step=None):
   got_step, params = loop.load_params(config, workdir, _init_fn(config, tx), mesh, ema=use_ema,
                                       step=step)
   results = {"step": got_step, "ema": use_ema,
-             **loop.run_evaluators({"knn": knn_evaluator(model)}, params)}
+             **loop.run_evaluators({"knn": knn_evaluator(model)}, params, mesh)}
   path = os.path.join(workdir, f"eval_{got_step}.json")
   write_json(path, results)
   if is_writer():

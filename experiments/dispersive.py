@@ -342,7 +342,8 @@ def evaluate(config, workdir, step=None):
   got["step"], params = loop.load_params(
     config, workdir, init_fn(config, tx, model), mesh, ema=use_ema, step=step
   )
-  results = evaluator.record(params)
+  with sharding.tracing_mesh(mesh):  # traced under the mesh, as `loop.run_evaluators`
+    results = evaluator.record(params)
   if is_writer():
     print(json.dumps(results))
   return results

@@ -95,13 +95,16 @@ def _pairs(config, codec):
   return pair_arrays(train, codec), pair_arrays(test, codec)
 
 
+def reference_fn(lm, *, length_normalize, chunk=0):
+  """`fn(params, batch, side) -> [B]`: `response_logprobs` of one side (not jitted here)."""
+  return lambda params, b, side: response_logprobs(lm, params, b, side,
+                                                   length_normalize=length_normalize, chunk=chunk)
+
+
 def with_reference(arrays, lm, ref_params, mesh, *, batch_size, length_normalize, chunk=0):
   """Adds "ref_chosen"/"ref_rejected" [B]: the frozen reference's log-probs, `batch_size` rows
   per call (`chunk` positions of logits at a time)."""
-  fn = jax.jit(lambda params, b, side: response_logprobs(lm, params, b, side,
-                                                         length_normalize=length_normalize,
-                                                         chunk=chunk),
-               static_argnums=2)
+  fn = jax.jit(reference_fn(lm, length_normalize=length_normalize, chunk=chunk), static_argnums=2)
   n = len(arrays["prompt_tokens"])
   out = {"ref_chosen": [], "ref_rejected": []}
   for start in range(0, n, batch_size):
@@ -156,17 +159,22 @@ def _prepare(config, with_weights=True):
   return mesh, lm, schedule, init_state, ref, train_pairs, evaluators
 
 
-def train(config, workdir):
-  mesh, lm, schedule, init_state, ref, train_pairs, evaluators = _prepare(config)
+def make_step(config, lm, schedule=None):
+  """The loop's `train_step`: `dpo_pair_loss` of `config.loss` in `loop.make_train_step`."""
   lc = config.loss
-  train_pairs = with_reference(train_pairs, lm, ref, mesh, **_reference_kwargs(config))
-  del ref
   loss_fn = lambda params, batch, rng: dpo_pair_loss(
     lm, params, batch, beta=lc.beta, loss_type=lc.loss_type, label_smoothing=lc.label_smoothing,
     length_normalize=lc.length_normalize, chunk=lc.logprob_chunk)
-  step = loop.make_train_step(loss_fn, lr_schedule=schedule,
+  return loop.make_train_step(loss_fn, lr_schedule=schedule,
                               grad_accum_steps=config.train.grad_accum_steps,
                               compute_dtype=config.train.compute_dtype)
+
+
+def train(config, workdir):
+  mesh, lm, schedule, init_state, ref, train_pairs, evaluators = _prepare(config)
+  train_pairs = with_reference(train_pairs, lm, ref, mesh, **_reference_kwargs(config))
+  del ref
+  step = make_step(config, lm, schedule)
   data = array_batches(train_pairs, batch_size=config.train.batch_size, seed=config.seed)
   return loop.train(config, workdir, init_state=init_state, train_step=step, data=data,
                     mesh=mesh, evaluators=evaluators)
@@ -176,9 +184,52 @@ def evaluate(config, workdir, step=None):
   """Held-out task accuracy and pair reward accuracy of a checkpoint -> eval_<step>.json."""
   mesh, _, _, init_state, _, _, evaluators = _prepare(config)
   got_step, params = loop.load_params(config, workdir, init_state, mesh, ema=False, step=step)
-  results = {"step": got_step, **loop.run_evaluators(evaluators, params)}
+  results = {"step": got_step, **loop.run_evaluators(evaluators, params, mesh)}
   path = os.path.join(workdir, f"eval_{got_step}.json")
   write_json(path, results)
   if is_writer():
     print(json.dumps(results))
   return results
+
+
+def preflight_pieces(config, mesh):
+  """`train/preflight.py` pieces at the preset's shapes: the train step at `train.batch_size`
+  pairs (reference log-probs in the batch) and the reference log-prob pass (`with_reference`,
+  `loss.logprob_batch` rows per call; run once over all pairs before training, so not part of
+  the step). Pair lengths come from the pairs (generated, or `pairs.file` with the tokenizer);
+  the architecture from the model's config (no weights are read)."""
+  from contrastive_jax.train import preflight
+
+  if config.model.source in ("scratch", "checkpoint"):
+    codec = setup.make_codec(config)
+    dcfg = setup.decoder_config(config, codec)
+  else:
+    dcfg = setup.decoder_config(config, None, shapes_only=True)
+    codec = setup.shape_codec(config, dcfg)
+  try:
+    pairs, _ = _pairs(config, codec)
+  except (OSError, ValueError, AttributeError) as e:  # no file, or no tokenizer to read it
+    raise preflight.PreflightError(
+      f"preflight needs the preference pairs for their lengths (pairs.source="
+      f"{config.pairs.source!r}, pairs.file={config.pairs.file!r}) and the tokenizer: {e}"
+    ) from e
+  tx, _ = make_optimizer(config.optim, config.train.steps)
+  lm = DecoderLM(dcfg)
+  b, kw = config.train.batch_size, _reference_kwargs(config)
+  shapes = {k: (v.shape[1:], v.dtype) for k, v in pairs.items()}
+  batch = {k: ((b, *shape), dtype) for k, (shape, dtype) in shapes.items()}
+  batch |= {"ref_chosen": ((b,), jnp.float32), "ref_rejected": ((b,), jnp.float32)}
+  pieces = {"train_step": preflight.train_step_piece(
+    make_step(config, lm), setup.init_fn(dcfg, tx, None), mesh, config, batch,
+    note=f"{b} pairs, prompt {shapes['prompt_tokens'][0][0]} + response "
+    f"{shapes['chosen_tokens'][0][0]} tokens")}
+  rows, n = kw["batch_size"], len(pairs["prompt_tokens"])
+  # `with_reference` `place`s each call's rows (replicated when they do not divide).
+  ref = {k: preflight.abstract((rows, *shape), dtype, sharding.place_sharding((rows, *shape), mesh))
+         for k, (shape, dtype) in shapes.items()}
+  params = preflight.abstract_state(setup.init_fn(dcfg, tx, None), mesh, config).params
+  fn = reference_fn(lm, length_normalize=kw["length_normalize"], chunk=kw["chunk"])
+  pieces["reference_logprobs"] = preflight.Piece(
+    lambda params, batch: fn(params, batch, "chosen"), (params, ref), per_step=0.0,
+    note=f"{rows} pairs per call, once before training: {-(-n // rows)} calls per side x 2")
+  return pieces

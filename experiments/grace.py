@@ -153,6 +153,7 @@ def make_reward_fn(config, b):
       eos_ids=eos,
       pad_id=pad,
       method=rw.pooling,
+      embed_batch=rw.embed_batch,
     )
     emb, done_lengths = sharding.to_host((emb, done.lengths))
     lengths.append(done_lengths)
@@ -170,6 +171,7 @@ def make_reward_fn(config, b):
           ro.prompt_tokens, ro.prompt_mask, prompts["pos"]["segments"][ids], ro.tokens, ro.mask
         ),
         method=rw.pooling,
+        batch=rw.embed_batch,
       )
     ).reshape(t, k, -1)
     # The released `enable_length_penalty`: R = -1 for a rationale cut at the length limit.
@@ -326,7 +328,7 @@ def evaluate(config, workdir, step=None):
   evaluator = b["evaluators"]["retrieval"]
   results = {
     "step": got_step,
-    **loop.run_evaluators(b["evaluators"], params),
+    **loop.run_evaluators(b["evaluators"], params, b["mesh"]),
     "examples": evaluator.examples,
   }
   path = os.path.join(workdir, f"eval_{got_step}.json")
@@ -350,12 +352,12 @@ def _prompt_len(config, tok) -> int:
 
 def preflight_pieces(config, mesh):
   """`train/preflight.py` pieces at the preset's shapes (architecture from the model's config,
-  no weights read). "grace": `policy_opt.policy_pieces` at B x K rollouts, the auxiliary q / d-
+  no weights read). "grace": `policy_pieces.policy_pieces` at B x K rollouts, the auxiliary q / d-
   rationales (`aux_generate`, `aux_decode_step`) and the reward embeddings; "infonce": the
   train step."""
   import dataclasses
 
-  from contrastive_jax.train import policy_opt, preflight
+  from contrastive_jax.train import policy_pieces, preflight
 
   m, r, rw = config.model, config.rollout, config.reward
   try:
@@ -389,11 +391,11 @@ def preflight_pieces(config, mesh):
   settings = policy_settings(config, tok, dcfg)
   init_state = setup.init_fn(dcfg, tx, None, extra=init_extra(config.data.train_size or 1))
   state = preflight.abstract_state(init_state, mesh, config)
-  pieces = policy_opt.policy_pieces(apply_fn=lm, init_cache=lm.init_cache, settings=settings,
+  pieces = policy_pieces.policy_pieces(apply_fn=lm, init_cache=lm.init_cache, settings=settings,
                                     mesh=mesh, state=state, rows=bsz * k, prompt_len=p)
   aux_rows = bsz * k if rw.form == "paper" and not rw.unsupervised else bsz
   aux_calls = 1 if rw.unsupervised else 2
-  aux = policy_opt.policy_pieces(
+  aux = policy_pieces.policy_pieces(
     apply_fn=lm, init_cache=lm.init_cache, mesh=mesh, state=state, rows=aux_rows, prompt_len=p,
     settings=dataclasses.replace(settings, temperature=r.aux_temperature), prefix="aux_",
   )
@@ -403,7 +405,9 @@ def preflight_pieces(config, mesh):
                                        note=f"{aux_calls} call(s) per step; " + piece.note)
 
   def reward_embed(params, pt, pm, seg, tokens, mask):
-    return embed(hidden, params, pt, pm, seg, tokens, mask, method=rw.pooling)
+    # The reward function's call (`make_reward_fn`), `reward.embed_batch` rows per pass.
+    return embed(hidden, params, pt, pm, seg, tokens, mask, method=rw.pooling,
+                 batch=rw.embed_batch)
 
   t = r.max_new_tokens
   for name, rows, calls in (("reward_embed", bsz * k, 1), ("aux_embed", aux_rows, aux_calls)):
@@ -411,6 +415,7 @@ def preflight_pieces(config, mesh):
       preflight.abstract(shape, jnp.int32, sharding.place_sharding(shape, mesh))
       for shape in ((rows, p), (rows, p), (rows, p), (rows, t), (rows, t))
     ]
+    per_pass = min(rw.embed_batch or rows, rows)
     pieces[name] = preflight.Piece(reward_embed, tuple(args), per_step=float(calls),
-                                   note=f"{rows} rows x {p + t} tokens")
+                                   note=f"{rows} rows x {p + t} tokens, {per_pass} rows per pass")
   return pieces

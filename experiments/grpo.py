@@ -25,7 +25,7 @@ from contrastive_jax.data.char_vocab import right_pad
 from contrastive_jax.data.pipeline import array_batches
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.lm import sequence_logprobs
-from contrastive_jax.train import loop, policy_opt, sharding
+from contrastive_jax.train import loop, policy_pieces, sharding
 from contrastive_jax.train.metrics import is_writer, write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
@@ -139,7 +139,7 @@ def evaluate(config, workdir, step=None):
   b = build(config, with_weights=False)
   got_step, params = loop.load_params(config, workdir, b["init_state"], b["mesh"], ema=False,
                                       step=step)
-  results = {"step": got_step, **loop.run_evaluators(b["evaluators"], params)}
+  results = {"step": got_step, **loop.run_evaluators(b["evaluators"], params, b["mesh"])}
   path = os.path.join(workdir, f"eval_{got_step}.json")
   write_json(path, results)
   if is_writer():
@@ -149,7 +149,7 @@ def evaluate(config, workdir, step=None):
 
 def preflight_pieces(config, mesh):
   """`train/preflight.py` pieces at the preset's shapes: for "grpo" the rollout, decode step,
-  old (and reference) log-prob pass and PPO update of `policy_opt.policy_pieces`; for "sft" the
+  old (and reference) log-prob pass and PPO update of `policy_pieces.policy_pieces`; for "sft" the
   train step. Prompts are `task.max_prompt_len` tokens (or the task's longest, when the task is
   here); the architecture comes from the model's config (no weights are read)."""
   from contrastive_jax.train import preflight
@@ -185,7 +185,7 @@ def preflight_pieces(config, mesh):
       step, setup.init_fn(dcfg, tx, None), mesh, config, batch)}
   init_state = setup.init_fn(dcfg, tx, None, extra=init_extra(num_prompts))
   state = preflight.abstract_state(init_state, mesh, config)
-  return policy_opt.policy_pieces(
+  return policy_pieces.policy_pieces(
     apply_fn=lm, init_cache=lm.init_cache, settings=settings_from_config(config, codec),
     mesh=mesh, state=state, rows=config.train.batch_size * config.rollout.group_size,
     prompt_len=p, reference=bool(config.policy.reference or config.policy.kl_beta),

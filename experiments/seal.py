@@ -285,6 +285,8 @@ def make_evaluators(config, model, tokenizer, mesh):
 
 def train(config, workdir):
   mesh, tx, schedule, model, enc_cfg, pretrained, tokenizer = _setup(config)
+  # Before reading data: the loop would fail placing its first batch.
+  sharding.check_batch_divides(config.train.batch_size, mesh, what="train.batch_size")
   data = _prepare_data(config, workdir, model, {"params": pretrained["params"]}, tokenizer, mesh)
   d = config.data
   batches = SealBatches(
@@ -336,7 +338,7 @@ def evaluate(config, workdir, step=None):
   results = {
     "step": got_step,
     "zero_shot": bool(config.eval.zero_shot),
-    **loop.run_evaluators(make_evaluators(config, model, tokenizer, mesh), params),
+    **loop.run_evaluators(make_evaluators(config, model, tokenizer, mesh), params, mesh),
   }
   results["eval_seconds"] = time.perf_counter() - start
   name = "eval_zero_shot.json" if config.eval.zero_shot else f"eval_{got_step}.json"
@@ -368,6 +370,10 @@ def preflight_pieces(config, mesh):
                                            pretrained.values))
 
   d, b, g = config.data, config.train.batch_size, config.loss.group_size
+  try:
+    sharding.check_batch_divides(b, mesh, what="train.batch_size")
+  except ValueError as e:  # before compiling: the loop would fail placing its first batch
+    raise preflight.PreflightError(str(e)) from e
   q_len = max([d.query_max_length, *[x for x in d.length_buckets if x <= d.query_max_length]])
   batch = {"q_ids": ((b, q_len), jnp.int32), "q_mask": ((b, q_len), jnp.int32)}
   for key in ("p", *(v[0] for v in _views(config))):

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,40 @@ def test_pooling_sharded_equals_unsharded(mesh8):
       hidden, pool
     )
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_row_chunked_embed_equals_one_pass_sharded(mesh8):
+  # The tiny GRACE preset's decoder; 32 rows over 8 devices, embedded 8 rows per pass (4 passes,
+  # one row per device each) and 12 per pass (padded to 36 rows): equal to one unsharded pass.
+  import flax.linen as nn
+
+  from configs import grace as grace_config
+  from contrastive_jax.evaluation.grace_eval import DecoderHidden
+  from experiments import policy_setup
+
+  tok = tiny_chat_tokenizer()
+  dcfg = policy_setup.decoder_config(
+    grace_config.get_config("test"), types.SimpleNamespace(vocab_size=len(tok))
+  )
+  params = nn.unbox(policy_setup._init_params(dcfg, jax.random.PRNGKey(0)))
+  rng = np.random.default_rng(3)
+  b, p, n = 32, 12, 6
+  seg = rng.integers(1, 3, (b, p)).astype(np.int32)
+  seg[np.arange(b), rng.integers(0, 5, b)] = 0  # some left padding
+  seg = np.where(np.arange(p)[None] < (np.arange(b) % 4)[:, None], 0, seg)
+  pm = (seg > 0).astype(np.int32)
+  pt = rng.integers(1, len(tok), (b, p)).astype(np.int32) * pm
+  rm = (np.arange(n)[None] < rng.integers(0, n + 1, b)[:, None]).astype(np.int32)
+  rt = rng.integers(1, len(tok), (b, n)).astype(np.int32) * rm
+  hidden = DecoderHidden(dcfg)
+  want = embed(hidden, params, pt, pm, seg, rt, rm)
+  placed = [jax.device_put(x, batch_sharding(mesh8, 2)) for x in (pt, pm, seg, rt, rm)]
+  for batch in (8, 12):
+    got = embed(hidden, params, *placed, batch=batch)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+  with pytest.raises(ValueError, match="batch=-1"):
+    embed(hidden, params, pt, pm, seg, rt, rm, batch=-1)
 
 
 def test_chat_prompt_segments_mark_the_user_text():

@@ -134,3 +134,113 @@ def test_absurd_batch_exits_nonzero_naming_the_piece(tmp_path):
   assert not saved["fits"] and not saved["pieces"]["train_step"]["fits"]
   assert saved["pieces"]["sampler"]["fits"]
   assert saved["pieces"]["train_step"]["total_bytes"] > saved["memory_bytes"]
+
+
+def _grpo_test_config():
+  from configs import grpo as grpo_config
+
+  config = grpo_config.get_config("test")
+  config.task.max_prompt_len = 125  # + 3 new tokens: 128-token sequences, splash's block
+  return config
+
+
+def test_cpu8_preflight_traces_the_xla_attention_path(tmp_path):
+  result = preflight.run(_grpo_test_config(), str(tmp_path), "cpu:8", only=["old_logprobs"],
+                         log=lambda *_: None)
+  rec = result["pieces"]["old_logprobs"]
+  assert rec["fits"] and rec["kernels"] == [] and "tpu_custom_call" not in rec["custom_calls"]
+
+
+@pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler",
+)
+def test_tpu_preflight_picks_splash_attention_for_decoder_and_encoder(tmp_path):
+  # "auto" attention under the context mesh preflight traces in (`sharding.tracing_mesh`): the
+  # Mosaic splash kernel, run per device through shard_map (without the mesh it cannot be
+  # partitioned over the 4 chips and lowering fails).
+  from configs import seal as seal_config
+
+  result = preflight.run(_grpo_test_config(), str(tmp_path / "grpo"), "v5p-8",
+                         only=["old_logprobs"], log=lambda *_: None)
+  assert result["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  rec = result["pieces"]["old_logprobs"]
+  assert rec["fits"] and "tpu_custom_call" in rec["custom_calls"]
+  assert rec["kernels"] == ["splash_mha_fwd_segmented_no_residuals"]
+  config = seal_config.get_config("test")
+  config.data.update(query_max_length=128, passage_max_length=128)
+  config.model.scan_layers = True  # one compiled layer: a third of the compile time
+  result = preflight.run(config, str(tmp_path / "seal"), "v5p-8", only=["encode_corpus"],
+                         log=lambda *_: None)
+  saved = json.loads((tmp_path / "seal" / "preflight.json").read_text())
+  assert saved["pieces"]["encode_corpus"]["kernels"] == ["splash_mha_fwd_segmented_no_residuals"]
+
+
+def _policy_config(name):
+  module = importlib.import_module(f"configs.{name}")
+  return module.get_config("test")
+
+
+@pytest.mark.parametrize(
+  "name, piece_name",
+  [("grpo", "old_logprobs"), ("grace", "reward_embed"), ("dpo", "train_step")],
+)
+def test_policy_preflight_bytes_equal_the_compiled_executable(tmp_path, name, piece_name):
+  # The `test` presets on cpu:8: the JSON holds what the compiled CPU executable reports for
+  # the piece, compiled here again outside preflight (under the same context mesh).
+  from contrastive_jax.train import sharding
+
+  config = _policy_config(name)
+  result = preflight.run(config, str(tmp_path), "cpu:8", only=[piece_name], log=lambda *_: None)
+  saved = json.loads((tmp_path / "preflight.json").read_text())
+  assert list(saved["pieces"]) == [piece_name] and saved["fits"] and result["device_count"] == 8
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
+  module = importlib.import_module(f"experiments.{name}")
+  pieces = module.preflight_pieces(config, mesh)
+  piece = pieces[piece_name]
+  with sharding.tracing_mesh(mesh):
+    compiled, _ = preflight.compile_piece(piece)
+  m, rec = compiled.memory_analysis(), saved["pieces"][piece_name]
+  assert rec["argument_bytes"] == m.argument_size_in_bytes > 0
+  assert rec["output_bytes"] == m.output_size_in_bytes > 0
+  assert rec["alias_bytes"] == m.alias_size_in_bytes
+  assert rec["temp_bytes"] == m.temp_size_in_bytes
+  assert rec["total_bytes"] == (
+    m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+  )
+  assert rec["flops"] == compiled.cost_analysis()["flops"] > 0
+  expected = {  # the pieces each experiment's loop compiles
+    "grpo": {"rollout_generate", "decode_step", "old_logprobs", "ppo_update"},
+    "grace": {"rollout_generate", "decode_step", "old_logprobs", "ppo_update", "reward_embed",
+              "aux_rollout_generate", "aux_decode_step", "aux_embed"},
+    "dpo": {"train_step", "reference_logprobs"},
+  }[name]
+  assert set(pieces) == expected
+  if name == "dpo":  # the donated state; the reference pass runs once, before the steps
+    assert rec["alias_bytes"] > 0 and rec["per_step"] == 1.0
+    assert pieces["reference_logprobs"].per_step == 0.0
+
+
+def test_batch_that_does_not_divide_names_a_mesh_that_fits():
+  # bge_m3_structdoc's case at 1/4 scale: 4 queries per step, 8 devices of fsdp. The suggested
+  # mesh keeps every device (rows over 4, tensor 2) and its rows divide.
+  from contrastive_jax.train import sharding
+
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8])
+  with pytest.raises(ValueError, match=r"train.batch_size=4 rows .* = 8 devices") as e:
+    sharding.check_batch_divides(4, mesh, what="train.batch_size")
+  assert "--config.mesh.data=1 --config.mesh.fsdp=4 --config.mesh.tensor=2" in str(e.value)
+  fixed = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2}, jax.devices()[:8])
+  sharding.check_batch_divides(4, fixed, what="train.batch_size")
+  mesh = sharding.make_mesh({"data": 8}, jax.devices()[:8])
+  with pytest.raises(ValueError, match="data=2 --config.mesh.fsdp=1 --config.mesh.tensor=4"):
+    sharding.check_batch_divides(6, mesh, what="train.batch_size")
+  # SEAL preflight stops before compiling, naming the same fix.
+  from configs import seal as seal_config
+  from experiments import seal
+
+  config = seal_config.get_config("test")
+  config.train.batch_size = 4
+  config.mesh.update(data=1, fsdp=8, tensor=1)
+  with pytest.raises(preflight.PreflightError, match="mesh.fsdp=4 --config.mesh.tensor=2"):
+    seal.preflight_pieces(config, sharding.make_mesh(config.mesh, jax.devices()[:8]))

@@ -88,7 +88,13 @@ def embedding_inputs(
   return tokens, mask, pool.astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("hidden_fn", "method", "segments"))
+def _row_chunks(x, chunks: int):
+  """[B, ...] -> [chunks, B / chunks, ...] with row r in chunk r mod chunks: a batch-sharded
+  array keeps an even share of every chunk on each device (as `train.loop.split_microbatches`)."""
+  return jnp.swapaxes(x.reshape(x.shape[0] // chunks, chunks, *x.shape[1:]), 0, 1)
+
+
+@partial(jax.jit, static_argnames=("hidden_fn", "method", "segments", "batch"))
 def embed(
   hidden_fn: Callable,
   params: Any,
@@ -100,12 +106,19 @@ def embed(
   *,
   method: str = "mean",
   segments: tuple[int, ...] = POOLED_SEGMENTS,
+  batch: int = 0,
 ):
   """h(x) of GRACE for given rationales: one forward pass, then `pool_embeddings`.
 
   Shapes as in `embedding_inputs`; returns [B, D] float32 unit vectors. No gradient is meant to
   flow through it (GRACE uses it for the reward and at evaluation).
+
+  batch: rows per forward pass (0 or >= B: all B at once). The B rows are padded to a multiple
+  of `batch` and walked in a `lax.map` of ceil(B / batch) passes, so a pass holds `batch` rows'
+  activations instead of B (rows are independent: the values equal the one-pass form).
   """
+  if batch < 0:
+    raise ValueError(f"embed: batch={batch} must be >= 0 (0: all rows in one pass)")
   tokens, mask, pool = embedding_inputs(
     prompt_tokens,
     prompt_mask,
@@ -114,8 +127,19 @@ def embed(
     rationale_mask,
     segments=segments,
   )
-  hidden = hidden_fn(params, tokens, positions=left_pad_positions(mask), key_mask=mask)
-  return pool_embeddings(hidden, pool, method=method)
+
+  def one_pass(tokens, mask, pool):
+    hidden = hidden_fn(params, tokens, positions=left_pad_positions(mask), key_mask=mask)
+    return pool_embeddings(hidden, pool, method=method)
+
+  b = tokens.shape[0]
+  if batch == 0 or batch >= b:
+    return one_pass(tokens, mask, pool)
+  chunks = -(-b // batch)
+  # Padding rows have an all-zero mask: they embed to 0 and are dropped below.
+  padded = [jnp.pad(x, ((0, chunks * batch - b), (0, 0))) for x in (tokens, mask, pool)]
+  out = jax.lax.map(lambda x: one_pass(*x), [_row_chunks(x, chunks) for x in padded])
+  return jnp.swapaxes(out, 0, 1).reshape(chunks * batch, -1)[:b]
 
 
 def encode(
@@ -135,11 +159,13 @@ def encode(
   pad_id: int = 0,
   method: str = "mean",
   segments: tuple[int, ...] = POOLED_SEGMENTS,
+  embed_batch: int = 0,
 ) -> tuple[jax.Array, Completions | None]:
   """GRACE's inference: one rationale per input (greedy or at `temperature`), then `embed`.
 
   `max_new_tokens=0` embeds the prompt alone (the "no rationale" baseline) and returns None for
   the completions. Both pieces are jitted (`generate`, `embed`); shapes are static.
+  `embed_batch`: rows per embedding pass (`embed`'s `batch`; 0: all).
 
   Returns:
     (embeddings [B, D] float32, Completions of the rationales or None).
@@ -157,6 +183,7 @@ def encode(
       empty,
       method=method,
       segments=tuple(segments),
+      batch=embed_batch,
     )
     return out, None
   done = generate(
@@ -182,5 +209,6 @@ def encode(
     done.mask,
     method=method,
     segments=tuple(segments),
+    batch=embed_batch,
   )
   return out, done

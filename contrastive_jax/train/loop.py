@@ -161,7 +161,12 @@ def _eval_params(state: TrainState, use_ema: bool):
   return state.ema_params if use_ema and state.ema_params is not None else state.params
 
 
-def run_evaluators(evaluators: Mapping[str, Evaluator], params) -> dict[str, float]:
+def run_evaluators(evaluators: Mapping[str, Evaluator], params, mesh=None) -> dict[str, float]:
+  """{"eval/<name>/<key>": value} of every evaluator, traced under `mesh` when one is given
+  (`sharding.tracing_mesh`, as the loop's steps: fused attention needs the context mesh)."""
+  if mesh is not None:
+    with sharding_lib.tracing_mesh(mesh):
+      return run_evaluators(evaluators, params)
   out = {}
   for name, fn in evaluators.items():
     for k, v in fn(params).items():
@@ -232,7 +237,7 @@ def train(
   writer = MetricsWriter(workdir, resume_step=start)
   if evaluators and start == 0 and tc.get("eval_at_start", False):
     # The starting point of a fine-tuning curve (a pretrained policy or embedder) as step 0.
-    writer.write(0, run_evaluators(evaluators, _eval_params(state, use_ema)))
+    writer.write(0, run_evaluators(evaluators, _eval_params(state, use_ema), mesh))
   if jit_step:
     train_step = jax.jit(train_step, **step_jit_kwargs(shardings))
   manager.install_signal_handlers()
@@ -270,7 +275,8 @@ def train(
   try:
     for step in range(start + 1, tc.steps + 1):
       batch, data_after = batches.take()
-      state, metrics = train_step(state, batch)
+      with sharding_lib.tracing_mesh(mesh):  # its first call traces it: fused attention
+        state, metrics = train_step(state, batch)
       if step < tc.steps:
         batches.prefetch()
       # Step t-1's metrics are read only after step t is queued, so the device is never idle
@@ -285,7 +291,7 @@ def train(
         finish(*pending)  # a state is evaluated or saved only after its loss is known finite
         pending = None
         if evaluate:
-          writer.write(step, run_evaluators(evaluators, _eval_params(state, use_ema)))
+          writer.write(step, run_evaluators(evaluators, _eval_params(state, use_ema), mesh))
         manager.save(state, data_state=data_after, config=config, force=stop or step == tc.steps)
       if stop:
         log.warning("stopped at step %d on request; checkpoint saved", step)

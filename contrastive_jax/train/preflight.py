@@ -13,7 +13,9 @@ donate_argnums).lower(*args).compile()`d for the target's devices: a Cloud TPU t
 `train_compile.py` does), or `cpu:N` CPU devices. The compiler's `memory_analysis()` gives the
 per-device bytes and `cost_analysis()` the per-device flops and bytes accessed of one call; a
 roofline max(flops / peak, bytes / bandwidth) with the chip's peak numbers (`CHIPS`, sources
-named) projects the step time and the MFU it implies.
+named) projects the step time and the MFU it implies. Pieces are traced under the mesh
+(`sharding.tracing_mesh`), as the loop traces its steps, so "auto" attention is what a run on
+the target would get (splash on TPU); each piece records its custom calls and Pallas kernels.
 
 What the compiler cannot say:
   - XLA's cost analysis counts the body of a while loop once (a `fori_loop`, `lax.scan`,
@@ -288,6 +290,21 @@ def _loops(compiled) -> int:
     return 0
 
 
+def custom_calls(compiled) -> dict[str, list[str]]:
+  """{"custom_calls": the optimised program's custom-call targets, "kernels": the names of its
+  Pallas/Mosaic kernels (`tpu_custom_call`s, e.g. "splash_mha_fwd_segmented_no_residuals": splash
+  attention)}, each sorted: which fused paths the compiler was given."""
+  try:
+    text = compiled.as_text()
+  except Exception:  # some backends cannot print the optimised module
+    return {"custom_calls": [], "kernels": []}
+  kernels = re.findall(r'%([\w-]+?)(?:\.\d+)? = .*custom_call_target="tpu_custom_call"', text)
+  return {
+    "custom_calls": sorted(set(re.findall(r'custom_call_target="([^"]+)"', text))),
+    "kernels": sorted(set(kernels)),
+  }
+
+
 def compile_piece(piece: Piece):
   """(compiled executable, compile seconds) of one piece, as the loop would jit it."""
   import jax
@@ -424,6 +441,7 @@ def analyse(pieces: dict[str, Piece], target: Target, *, log=print) -> dict:
       continue
     rec = {**memory_bytes(compiled), **_cost(compiled), "compile_seconds": seconds}
     rec["loops_counted_once"] = _loops(compiled)
+    rec.update(custom_calls(compiled))
     rec["fits"] = rec["total_bytes"] <= target.memory_bytes
     rec.update(roofline(rec["flops"], rec["bytes_accessed"], target.chip))
     rec["per_step"] = piece.per_step
@@ -541,7 +559,10 @@ def run(config, workdir: str, topology: str, *, only=None, log=print) -> dict:
         f"--pieces: {unknown} are not pieces of this experiment; it has {sorted(pieces)}"
       )
     pieces = {k: v for k, v in pieces.items() if k in only}
-  records = analyse(pieces, target, log=log)
+  # Traced under the mesh, as the loop traces its steps (`sharding.tracing_mesh`): "auto"
+  # attention is splash for TPU only with a context mesh to `shard_map` it over.
+  with sharding.tracing_mesh(mesh):
+    records = analyse(pieces, target, log=log)
   result = {
     "experiment": config.experiment,
     "topology": target.topology,

@@ -167,6 +167,19 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   return Mesh(_process_major(array), MESH_AXES, axis_types=auto)
 
 
+def tracing_mesh(mesh: Mesh):
+  """Context manager: what is traced inside sees `mesh` as the context mesh.
+
+  `models.attention`'s "auto" picks splash attention on TPU only when a context mesh names the
+  axes to `shard_map` the kernel over (the compiler cannot partition a Mosaic kernel), so every
+  jitted piece is traced inside this (`loop.train`, `loop.run_evaluators`, preflight). Only the
+  abstract mesh is set, not `jax.set_mesh`'s concrete one: eager arrays (`jnp.ones` in a host
+  step) stay where they were placed before, rather than replicated over the mesh, and the
+  context works for preflight's TPU topologies, whose devices cannot hold arrays.
+  """
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
 def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
   """Normalises a rules table from a config (lists from JSON/CLI become tuples)."""
   if not rules:
@@ -354,3 +367,26 @@ def round_to_batch_devices(n: int, mesh: Mesh) -> int:
   """`n` rounded up to a multiple of `batch_devices(mesh)` (pad a batch to this, then drop)."""
   m = batch_devices(mesh)
   return -(-int(n) // m) * m
+
+
+def check_batch_divides(rows: int, mesh: Mesh, *, what: str) -> None:
+  """Raises ValueError when `rows` (a global batch) do not split over data x fsdp, naming a mesh
+  of the same devices that fits: the batch over the largest data x fsdp that divides it, the
+  leftover factor on `tensor` (parameters stay sharded over every device: fsdp over `embed`,
+  tensor over `heads` / `mlp` / `vocab` by DEFAULT_RULES), as one would lay out a small-batch
+  model on a large slice."""
+  m = batch_devices(mesh)
+  if rows % m == 0:
+    return
+  data, tensor = mesh.shape.get("data", 1), mesh.shape.get("tensor", 1)
+  g = int(np.gcd(rows, m))
+  new_data = int(np.gcd(g, data))
+  hint = (
+    f"e.g. --config.mesh.data={new_data} --config.mesh.fsdp={g // new_data} "
+    f"--config.mesh.tensor={tensor * m // g} (rows over {g} devices, tensor parallelism over "
+    f"the leftover factor {m // g})"
+  )
+  raise ValueError(
+    f"{what}={rows} rows do not divide over data x fsdp = {m} devices of the mesh "
+    f"{dict(mesh.shape)}; {hint}"
+  )
