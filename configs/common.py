@@ -152,17 +152,18 @@ def validate_config(config, *, num_devices: int | None = None, training: bool = 
     )
   if num_devices is None:
     return
-  from contrastive_jax.train.sharding import MESH_AXES, MeshError, dcn_mesh_shape, mesh_shape
+  from contrastive_jax.train.sharding import (
+    MESH_AXES,
+    MeshError,
+    check_batch_divides,
+    dcn_mesh_shape,
+    mesh_shape,
+  )
 
   try:
     sizes = dict(zip(MESH_AXES, mesh_shape(dict(config.mesh), num_devices)))
     dcn_mesh_shape(dict(config.mesh))
   except MeshError as e:  # its message starts "mesh...": name the config key
     raise MeshError(f"config.{e}") from None
-  data_parallel = sizes["data"] * sizes["fsdp"]
-  if training and tc.batch_size % data_parallel:
-    raise MeshError(
-      f"config.train.batch_size={tc.batch_size} does not divide over the {data_parallel} "
-      f"data-parallel devices (mesh data={sizes['data']} x fsdp={sizes['fsdp']} of "
-      f"{num_devices}); use a multiple of {data_parallel} or change config.mesh"
-    )
+  if training:
+    check_batch_divides(tc.batch_size, sizes, what="config.train.batch_size")

@@ -80,8 +80,9 @@ def test_batch_not_divisible_by_the_data_parallel_devices_is_a_mesh_error():
   with pytest.raises(MeshError) as e:
     validate_config(_config(batch_size=12), num_devices=8)
   assert str(e.value) == (
-    "config.train.batch_size=12 does not divide over the 8 data-parallel devices (mesh data=8 x "
-    "fsdp=1 of 8); use a multiple of 8 or change config.mesh"
+    "config.train.batch_size=12 rows do not divide over data x fsdp = 8 devices of the mesh "
+    "{'data': 8, 'fsdp': 1, 'tensor': 1}; e.g. --config.mesh.data=4 --config.mesh.fsdp=1 "
+    "--config.mesh.tensor=2 (rows over 4 devices, tensor parallelism over the leftover factor 2)"
   )
   c = _config(batch_size=12)
   c.mesh.update(data=2, tensor=4)  # 2 data-parallel devices: 12 rows divide

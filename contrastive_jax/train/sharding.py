@@ -369,16 +369,17 @@ def round_to_batch_devices(n: int, mesh: Mesh) -> int:
   return -(-int(n) // m) * m
 
 
-def check_batch_divides(rows: int, mesh: Mesh, *, what: str) -> None:
-  """Raises ValueError when `rows` (a global batch) do not split over data x fsdp, naming a mesh
+def check_batch_divides(rows: int, mesh: Mesh | dict[str, int], *, what: str) -> None:
+  """Raises MeshError when `rows` (a global batch) do not split over data x fsdp, naming a mesh
   of the same devices that fits: the batch over the largest data x fsdp that divides it, the
   leftover factor on `tensor` (parameters stay sharded over every device: fsdp over `embed`,
   tensor over `heads` / `mlp` / `vocab` by DEFAULT_RULES), as one would lay out a small-batch
-  model on a large slice."""
-  m = batch_devices(mesh)
+  model on a large slice. `mesh`: a Mesh, or its axis sizes (configs.common.validate_config)."""
+  shape = dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh)
+  data, fsdp, tensor = (shape.get(a, 1) for a in ("data", "fsdp", "tensor"))
+  m = data * fsdp
   if rows % m == 0:
     return
-  data, tensor = mesh.shape.get("data", 1), mesh.shape.get("tensor", 1)
   g = int(np.gcd(rows, m))
   new_data = int(np.gcd(g, data))
   hint = (
@@ -386,7 +387,7 @@ def check_batch_divides(rows: int, mesh: Mesh, *, what: str) -> None:
     f"--config.mesh.tensor={tensor * m // g} (rows over {g} devices, tensor parallelism over "
     f"the leftover factor {m // g})"
   )
-  raise ValueError(
+  raise MeshError(
     f"{what}={rows} rows do not divide over data x fsdp = {m} devices of the mesh "
-    f"{dict(mesh.shape)}; {hint}"
+    f"{shape}; {hint}"
   )
