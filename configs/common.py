@@ -33,6 +33,7 @@ def base_config(experiment: str) -> ml_collections.ConfigDict:
     batch_size=64,
     log_every=50,
     eval_every=500,
+    eval_at_end=True,  # False: only every eval_every steps (evaluate later with --mode eval)
     eval_at_start=False,  # evaluate the initial parameters as step 0 (fine-tuning curves)
     checkpoint_every=500,
     keep_checkpoints=3,

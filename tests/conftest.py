@@ -1,12 +1,24 @@
 """Test setup: 8 fake CPU devices, set before JAX is imported anywhere."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent compilation cache per test session, shared by the xdist workers and every
+# process they start (launch.py runs, the 2 x 4 multi-process runs): a resumed, relaunched or
+# evaluated run loads the programs an earlier process of the session compiled (programs that
+# take over a second to compile, JAX's default threshold) instead of compiling them again.
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR",
+  os.path.join(
+    tempfile.gettempdir(),
+    f"contrastive_jax_test_cache_{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}",
+  ),
+)
 
 import importlib.util
 

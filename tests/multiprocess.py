@@ -29,6 +29,8 @@ def free_port() -> int:
 
 def process_env(devices: int, extra: dict | None = None) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "PYTEST_"))}
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # the session's cache (tests/conftest.py)
+    env["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
   env.update(
     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
     JAX_PLATFORMS="cpu",

@@ -19,14 +19,20 @@ import pytest
 
 import multiprocess as mp
 
+# Training only (`eval_at_end=False`): the evaluation paths on two processes are
+# tests/test_eval_multihost.py's; a few steps are enough to catch a misplaced row or key.
+_NO_EVAL = ["--config.train.eval_every=0", "--config.train.eval_at_end=False",
+            "--config.train.log_every=1"]
 _TRAIN = {
-  "contrastive_digits": ["--config=configs/contrastive_digits.py:test"],
-  "dispersive": ["--config=configs/dispersive.py:test", "--config.train.steps=4",
-                 "--config.eval.classifier_steps=20"],
+  "contrastive_digits": ["--config=configs/contrastive_digits.py:test", "--config.train.steps=4",
+                         *_NO_EVAL],
+  "dispersive": ["--config=configs/dispersive.py:test", "--config.train.steps=3",
+                 "--config.eval.classifier_steps=20", *_NO_EVAL],
   "grpo": ["--config=configs/grpo.py:test", "--config.policy.dynamic_sampling=True",
-           "--config.train.steps=4"],
-  "seal": ["--config=configs/seal.py:test", "--config.data.length_buckets=(8,16,24)"],
-  "grace": ["--config=configs/grace.py:test", "--config.train.steps=4"],
+           "--config.train.steps=3", *_NO_EVAL],
+  "seal": ["--config=configs/seal.py:test", "--config.data.length_buckets=(8,16,24)",
+           "--config.train.steps=3", *_NO_EVAL],
+  "grace": ["--config=configs/grace.py:test", "--config.train.steps=3", *_NO_EVAL],
 }
 
 
