@@ -6,10 +6,13 @@
   python launch.py --config configs/X.py:PRESET --workdir DIR --mode preflight --topology v5p-8
 
 The experiment is looked up from `config.experiment` (module `experiments.<name>`, which exposes
-`train(config, workdir)` and `evaluate(config, workdir, step=None)`). Before anything is written,
-the workdir is checked: a run of another experiment, or of a config whose model differs, is
-refused with an error naming the keys. Then the resolved config, the mesh, package versions and
-the git commit are written into the workdir.
+`train(config, workdir)` and `evaluate(config, workdir, step=None)`, and optionally
+`check_inputs(config, mode)`, raising FileNotFoundError for an input a run needs but lacks, and
+`eval_needs_checkpoint(config) -> bool`, False for evaluations of a base model). Before anything
+is written, the workdir is checked: a run of another experiment, or of a config whose model
+differs, is refused with an error naming the keys; `--mode eval` on a missing workdir is refused
+unless the evaluation needs no checkpoint (the workdir is then created for its records). Then the
+resolved config, the mesh, package versions and the git commit are written into the workdir.
 """
 
 from __future__ import annotations
@@ -139,8 +142,13 @@ def _checked_module(config, workdir):
     raise WorkdirError(f"config.experiment={config.experiment!r}: no module experiments/"
                        f"{config.experiment}.py") from e
   check_workdir(config, workdir)
-  if FLAGS.mode == "eval" and not workdir.is_dir():
+  needs_checkpoint = getattr(module, "eval_needs_checkpoint", lambda c: True)(config)
+  if FLAGS.mode == "eval" and needs_checkpoint and not workdir.is_dir():
     raise WorkdirError(f"{workdir}: no such workdir to evaluate")
+  try:
+    getattr(module, "check_inputs", lambda c, m: None)(config, FLAGS.mode)
+  except FileNotFoundError as e:
+    raise WorkdirError(str(e)) from e
   return module
 
 

@@ -121,6 +121,9 @@ def get_config(preset: str = "cpu"):
     sampler="ode_heun",  # SiT: ode_euler | ode_heun | sde; DiT: ddpm | ddim
     steps=32,
     cfg_scale=1.0,
+    # Guided output channels: 0 = all of the sample's (pixels: the digits presets have 1) |
+    # 3 = DiT/SiT forward_with_cfg's first 3 of the 4 latent channels (the ImageNet presets).
+    cfg_channels=0,
     seed=0,
     grid_rows=10,  # the PNG holds grid_rows x num_classes samples
     feature_network="digits_classifier",  # "digits_classifier" | "inception_v3" | "none"
@@ -168,6 +171,7 @@ def get_config(preset: str = "cpu"):
       sampler="sde",
       steps=250,
       cfg_scale=1.0,
+      cfg_channels=3,  # as DiT/SiT's forward_with_cfg, so FID at cfg > 1 compares with theirs
       grid_rows=1,
       feature_network="inception_v3",
     )

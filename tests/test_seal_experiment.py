@@ -8,6 +8,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import plot_checks
 import pytest
 
 from configs.seal import get_config
@@ -90,7 +91,7 @@ def test_train_resume_bitwise_and_evaluate_from_checkpoint(tiny_dir, tmp_path):
   config = _config(tiny_dir, 4)
   results = seal.evaluate(config, straight)
   assert results["step"] == 4
-  with open(os.path.join(straight, "eval_4.json")) as f:
+  with open(os.path.join(straight, "eval", "eval_4.json")) as f:
     assert json.load(f) == results
   queries, docs, positives = seal._pairs(seal._records(config, "test"))
   tok = load_tokenizer(tiny_dir)
@@ -109,6 +110,11 @@ def test_train_resume_bitwise_and_evaluate_from_checkpoint(tiny_dir, tmp_path):
   r = 1 + np.argmax(ranks == positives[:, None], axis=1)  # 1-based rank of each positive
   assert results["eval/test/MRR@10"] == pytest.approx(np.mean(np.where(r <= 10, 1 / r, 0)))
   assert "eval/test_untagged/NDCG@10" in results
+  # The report's bar plot reads the same record.
+  bars = plot_checks.draw("seal", {"full": straight}, tmp_path / "plots")["seal_retrieval.png"]
+  for metric in ("MRR@10", "NDCG@10"):
+    assert bars[metric]["full"]["per_seed"] == [results[f"eval/test/{metric}"]]
+    assert bars[metric]["full"]["steps"] == [4] and bars[metric]["full"]["std"] == 0.0
 
 
 def test_zero_shot_evaluates_base_model(tiny_dir, tmp_path):
@@ -117,8 +123,10 @@ def test_zero_shot_evaluates_base_model(tiny_dir, tmp_path):
   config.eval.zero_shot = True
   config.eval.untagged = False
   config.lock()
-  results = seal.evaluate(config, str(tmp_path))
-  assert results["step"] == 0 and os.path.isfile(tmp_path / "eval_zero_shot.json")
+  # A zero-shot evaluation needs no checkpoint, so launch.py lets it start a workdir.
+  assert not seal.eval_needs_checkpoint(config) and seal.eval_needs_checkpoint(_config(tiny_dir, 4))
+  results = seal.evaluate(config, str(tmp_path / "new"))
+  assert results["step"] == 0 and os.path.isfile(tmp_path / "new" / "eval" / "eval_zero_shot.json")
   assert 0 < results["eval/test/MRR@10"] <= 1
   assert results["eval/test/num_queries"] == len(seal._records(config, "test"))
 
