@@ -24,8 +24,8 @@ per digit, so "quarter" is block 0 and "last" block 3):
   python launch.py --config configs/dispersive.py:cpu --workdir runs/dispersive --mode eval
   python launch.py --config configs/dispersive.py:cpu --config.loss.weight=0 --workdir runs/base
 
-Evaluation writes `samples_<step>.png` (rows of classes 0..9) and `eval/eval_<step>.json` with
-"FD-digits": the Frechet distance between features of a small digits classifier
+Evaluation writes `eval/samples_<step>.png` (rows of classes 0..9) and `eval/eval_<step>.json`
+with "FD-digits": the Frechet distance between features of a small digits classifier
 (contrastive_jax/evaluation/digits_classifier.py, trained on the train split) on N samples and
 on the held-out test split, plus the classifier's accuracy on the samples' conditioning labels.
 Results of the three arms: experiments/reports/dispersive.md.

@@ -137,7 +137,7 @@ check_inputs = setup.check_inputs  # launch.py calls it before writing anything
 
 
 def evaluate(config, workdir, step=None):
-  """Held-out greedy accuracy, Mean@k, Pass@k of a checkpoint -> `<workdir>/eval/eval_<step>.json`."""
+  """Held-out greedy accuracy, Mean@k, Pass@k of a checkpoint -> <workdir>/eval/eval_<step>.json."""
   b = build(config, with_weights=False)
   got_step, params = loop.load_params(config, workdir, b["init_state"], b["mesh"], ema=False,
                                       step=step)

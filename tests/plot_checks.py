@@ -1,4 +1,4 @@
-"""Runs experiments/reports/plot.py on a test's workdirs and checks the data it drew (not pixels)."""
+"""Runs experiments/reports/plot.py on a test's workdirs; checks the data it drew, not pixels."""
 
 import json
 import os

@@ -4,8 +4,8 @@
   query) and BEIR directories (corpus.jsonl, queries.jsonl, qrels/<split>.tsv). Bad lines, empty
   documents, queries without a relevant document: skipped and counted in a stats dict, no raise.
 - Views (SEAL Sec. 3): `tag_stripped_view` (SAL passages), `element_masked_view` (EAL passages,
-  DOM-level), and the released code's regex versions `regex_tag_stripped_view`,
-  `regex_masked_view`. HTML is parsed with BeautifulSoup's "html.parser" (stdlib, lenient, keeps
+  DOM-level: `content_blocks` units by default, or whole subtrees), and the released code's
+  regex versions `regex_tag_stripped_view`, `regex_masked_view`. HTML is parsed with BeautifulSoup's "html.parser" (stdlib, lenient, keeps
   the document's own structure: no <html>/<body> is invented).
 - `length_bucketed_batches` for long documents, `mine_hard_negatives` as FlagEmbedding's
   scripts/hn_mine.py, and `package_documents`: real Markdown documents from installed packages.

@@ -5,7 +5,7 @@ The same `SampleEvaluator` runs inside the training loop (every `train.eval_ever
 0, 1, ..., num_classes - 1, 0, 1, ... from fixed noise (`eval.seed`), with the configured sampler,
 number of steps and guidance scale, then:
 
-  * writes `samples_<step>.png` into the workdir: rows of 10 samples (classes 0..9 on digits);
+  * writes `eval/samples_<step>.png` into the workdir: rows of 10 samples (classes 0..9 on digits);
   * with `eval.feature_network="digits_classifier"`, computes "FD-digits", the Frechet distance
     between classifier features of the samples and of the held-out digits test split, and the
     classifier's accuracy on the samples' conditioning labels and on the real test split;
@@ -324,7 +324,7 @@ class SampleEvaluator:
         "interval": [float(mf.t_start), float(mf.t_end)],
       }
     if images.shape[-1] in (1, 3):
-      rec["grid"] = os.path.join(self.workdir, f"samples_{step}.png")
+      rec["grid"] = eval_path(self.workdir, f"samples_{step}.png")
       save_grid(images, rec["grid"], rows=ec.grid_rows)
     if ec.feature_network == "digits_classifier":
       rec.update(self._fd_digits(images, labels, step))

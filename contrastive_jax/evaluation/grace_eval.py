@@ -54,9 +54,10 @@ class GraceEvaluator:
 
   Queries: the test split's module sentences (at most eval.max_docs, 0 = all); corpus: their
   pages (tag-stripped, data.max_chars); pairs: `data.grace.scored_pairs`. Rationales are
-  `eval.rationale` ("sampled" | "greedy", module docstring), eval.max_new_tokens long; `examples` keeps the last call's first rationales. With a `mesh`,
-  each encoding batch (eval.batch_size rounded up to a multiple of data x fsdp) is placed
-  batch-sharded on it, so every device decodes and embeds only its own rows.
+  `eval.rationale` ("sampled" | "greedy", module docstring), eval.max_new_tokens long;
+  `examples` keeps the last call's first rationales. With a `mesh`, each encoding batch
+  (eval.batch_size rounded up to a multiple of data x fsdp) is placed batch-sharded on it, so
+  every device decodes and embeds only its own rows.
   """
 
   def __init__(self, config, tok, dcfg, records, *, mesh=None):

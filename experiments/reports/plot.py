@@ -2,7 +2,8 @@
 
   python -m experiments.reports.plot grpo --arm g2='runs/rep_g2_s*' --arm g16='runs/rep_g16_s*' \
       --out experiments/reports/plots/grpo
-  python -m experiments.reports.plot seal --arm zero_shot='runs/seal_zs*' --arm dense='runs/seal_d_s*'
+  python -m experiments.reports.plot seal --arm zero_shot='runs/seal_zs*' \
+      --arm dense='runs/seal_d_s*'
   python -m experiments.reports.plot grace --arm released='runs/grace_s*'
   python -m experiments.reports.plot dispersive --arm base='runs/base_s*' --arm paper='runs/disp_s*'
 
