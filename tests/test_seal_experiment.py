@@ -183,6 +183,15 @@ def test_paper_preset_names_a_missing_data_file(tmp_path):
   config.lock()
   with pytest.raises(ValueError, match="record 0 has 1 'neg' texts; group_size=8 needs 7"):
     seal._prepare_data(config, str(tmp_path / "wd"), None, None, None, None)
+  # A longer list is the whole pool (G-1 of it redrawn each epoch), not its first G-1.
+  negs = [f"<p>n{i}</p>" for i in range(9)]
+  rows = [
+    {"query": "q", "content": "<p>d</p>", "neg": negs},
+    {"query": "r", "content": "<p>e</p>", "neg": negs[:7]},
+  ]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  data = seal._prepare_data(config, str(tmp_path / "wd2"), None, None, None, None)
+  assert data["groups"][0] == [0] + list(range(2, 11)) and data["groups"][1][8:] == [-1, -1]
 
 
 def test_local_and_global_negatives_in_the_step(tiny_dir):
