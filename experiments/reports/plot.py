@@ -114,10 +114,15 @@ def _lines(arms, panels, y_of=None):
   rows = {w: read_rows(w) for workdirs in arms.values() for w in workdirs}
   out = {}
   for name, (x_key, y_key) in panels.items():
-    out[name] = {
-      arm: seed_band([curve(rows[w], y_key or y_of(rows[w]), x_key) for w in workdirs])
-      for arm, workdirs in arms.items()
-    }
+    out[name] = {}
+    for arm, workdirs in arms.items():
+      curves = []
+      for w in workdirs:
+        y = y_key or y_of(rows[w])
+        curves.append(curve(rows[w], y, x_key))
+        if not curves[-1]:
+          raise ValueError(f"{w}: no metrics row with both {y!r} and {x_key!r} (arm {arm!r})")
+      out[name][arm] = seed_band(curves)
   return out
 
 
