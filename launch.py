@@ -22,6 +22,11 @@ traceback. Anything else is a bug and keeps Python's traceback (exit status 1).
 `--mode eval` scores the latest checkpoint (`--step=latest`, the default), which must be
 readable: an unreadable one is an error naming it. `--step=N` picks step N (an error names the
 steps that exist), `--step=latest_readable` the newest one that reads.
+
+An experiment module may also expose `check_inputs(config, mode)`, raising FileNotFoundError
+for an input a run needs but lacks (exit status 5), and `eval_needs_checkpoint(config) -> bool`,
+False for evaluations of a base model: `--mode eval` on a missing workdir is then allowed and
+the workdir is created for its records.
 """
 
 from __future__ import annotations
@@ -210,8 +215,13 @@ def _checked_module(config, workdir):
     raise ConfigError(f"config.experiment={config.experiment!r}: no module experiments/"
                       f"{config.experiment}.py") from e
   check_workdir(config, workdir, resuming=FLAGS.mode == "train")
-  if FLAGS.mode == "eval" and not workdir.is_dir():
+  needs_checkpoint = getattr(module, "eval_needs_checkpoint", lambda c: True)(config)
+  if FLAGS.mode == "eval" and needs_checkpoint and not workdir.is_dir():
     raise WorkdirError(f"{workdir}: no such workdir to evaluate")
+  try:
+    getattr(module, "check_inputs", lambda c, m: None)(config, FLAGS.mode)
+  except FileNotFoundError as e:
+    raise WorkdirError(str(e)) from e
   return module
 
 

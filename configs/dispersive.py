@@ -24,8 +24,8 @@ per digit, so "quarter" is block 0 and "last" block 3):
   python launch.py --config configs/dispersive.py:cpu --workdir runs/dispersive --mode eval
   python launch.py --config configs/dispersive.py:cpu --config.loss.weight=0 --workdir runs/base
 
-Evaluation writes `samples_<step>.png` (rows of classes 0..9) and `eval/eval_<step>.json` with
-"FD-digits": the Frechet distance between features of a small digits classifier
+Evaluation writes `eval/samples_<step>.png` (rows of classes 0..9) and `eval/eval_<step>.json`
+with "FD-digits": the Frechet distance between features of a small digits classifier
 (contrastive_jax/evaluation/digits_classifier.py, trained on the train split) on N samples and
 on the held-out test split, plus the classifier's accuracy on the samples' conditioning labels.
 Results of the three arms: experiments/reports/dispersive.md.
@@ -121,6 +121,9 @@ def get_config(preset: str = "cpu"):
     sampler="ode_heun",  # SiT: ode_euler | ode_heun | sde; DiT: ddpm | ddim
     steps=32,
     cfg_scale=1.0,
+    # Guided output channels: 0 = all of the sample's (pixels: the digits presets have 1) |
+    # 3 = DiT/SiT forward_with_cfg's first 3 of the 4 latent channels (the ImageNet presets).
+    cfg_channels=0,
     seed=0,
     grid_rows=10,  # the PNG holds grid_rows x num_classes samples
     feature_network="digits_classifier",  # "digits_classifier" | "inception_v3" | "none"
@@ -168,6 +171,7 @@ def get_config(preset: str = "cpu"):
       sampler="sde",
       steps=250,
       cfg_scale=1.0,
+      cfg_channels=3,  # as DiT/SiT's forward_with_cfg, so FID at cfg > 1 compares with theirs
       grid_rows=1,
       feature_network="inception_v3",
     )

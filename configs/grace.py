@@ -22,7 +22,9 @@ qwen25_15b_e5_infonce (the paper's Qwen2.5-1.5B-Instruct on E5 triplets: K 8, 64
 rollout batch, 16 per update, lr 1e-6, rationales up to 2048 tokens, tau 0.1, lambda 0.2/0.2;
 set model.path and data.train_file). Evaluation: retrieval (MRR@10, NDCG@10, HitRate@1/10) and
 Spearman on graded pairs of held-out pydoc pages, with and without a rationale, plus the held-out
-LM loss; results in <workdir>/eval_<step>.json. Results: experiments/reports/grace.md.
+LM loss; evaluation rationales sampled at T 1.0, top-p 1.0 and seeded (eval.rationale="sampled",
+the released eval_mteb.py) or greedy (eval.rationale="greedy", the rule before the switch);
+results in <workdir>/eval_<step>.json. Results: experiments/reports/grace.md.
 """
 
 from configs.common import base_config, select_preset
@@ -79,6 +81,11 @@ def get_config(preset: str = "cpu"):
     batch_size=16,
     lm_tokens=64,
     base_model=False,
+    # "sampled" at T 1.0, top-p 1.0 as the released eval_mteb.py (the paper's protocol), seeded
+    # by eval.seed | "greedy" (argmax: less checkpoint-to-checkpoint noise, not the paper's).
+    rationale="sampled",
+    temperature=1.0,
+    top_p=1.0,
     seed=1234,
     examples=3,
   )

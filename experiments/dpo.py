@@ -27,7 +27,7 @@ from contrastive_jax.losses.policy import dpo_loss
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.lm import sequence_logprobs
 from contrastive_jax.train import loop, sharding
-from contrastive_jax.train.metrics import is_writer, write_json
+from contrastive_jax.train.metrics import eval_path, is_writer, write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.sharding import place
 from experiments import policy_setup as setup
@@ -180,12 +180,15 @@ def train(config, workdir):
                     mesh=mesh, evaluators=evaluators)
 
 
+check_inputs = setup.check_inputs  # launch.py calls it before writing anything
+
+
 def evaluate(config, workdir, step=None):
-  """Held-out task accuracy and pair reward accuracy of a checkpoint -> eval_<step>.json."""
+  """Held-out task accuracy and pair reward accuracy of a checkpoint -> eval/eval_<step>.json."""
   mesh, _, _, init_state, _, _, evaluators = _prepare(config)
   got_step, params = loop.load_params(config, workdir, init_state, mesh, ema=False, step=step)
   results = {"step": got_step, **loop.run_evaluators(evaluators, params, mesh)}
-  path = os.path.join(workdir, f"eval_{got_step}.json")
+  path = eval_path(workdir, f"eval_{got_step}.json")
   write_json(path, results)
   if is_writer():
     print(json.dumps(results))

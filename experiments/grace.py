@@ -35,7 +35,7 @@ from contrastive_jax.losses.grace import grace_reward, grace_unsupervised_reward
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.rationale import SEGMENT_TEXT, embed, encode
 from contrastive_jax.train import loop, sharding
-from contrastive_jax.train.metrics import is_writer, write_json
+from contrastive_jax.train.metrics import eval_path, is_writer, write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
 from contrastive_jax.weights import gguf as gguf_lib
@@ -311,9 +311,14 @@ def train(config, workdir):
   )
 
 
+def eval_needs_checkpoint(config) -> bool:
+  """launch.py: the base model's evaluation reads no checkpoint (the workdir may not exist)."""
+  return not config.eval.base_model
+
+
 def evaluate(config, workdir, step=None):
   """Evaluator results of a checkpoint (or of the untrained model with eval.base_model) ->
-  `<workdir>/eval_<step>.json` (`eval_base.json`), example rationales included."""
+  `<workdir>/eval/eval_<step>.json` (`eval_base.json`), example rationales included."""
   base = config.eval.base_model
   b = build(config, with_weights=base)
   if base:
@@ -331,7 +336,7 @@ def evaluate(config, workdir, step=None):
     **loop.run_evaluators(b["evaluators"], params, b["mesh"]),
     "examples": evaluator.examples,
   }
-  path = os.path.join(workdir, f"eval_{got_step}.json")
+  path = eval_path(workdir, f"eval_{got_step}.json")
   write_json(path, results)
   if is_writer():
     print(json.dumps({k: v for k, v in results.items() if k != "examples"}))

@@ -7,14 +7,13 @@
   "sft"   supervised fine-tuning on the task's gold answers (token cross-entropy on the
           completion), so a character-level decoder can answer some problems before GRPO.
 Evaluation (in the loop and in `--mode eval`): greedy accuracy, Mean@k and Pass@k on the
-held-out problems (`evaluation.policy_eval`), written to `<workdir>/eval_<step>.json`.
+held-out problems (`evaluation.policy_eval`), written to `<workdir>/eval/eval_<step>.json`.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,7 @@ from contrastive_jax.data.pipeline import array_batches
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.lm import sequence_logprobs
 from contrastive_jax.train import loop, policy_pieces, sharding
-from contrastive_jax.train.metrics import is_writer, write_json
+from contrastive_jax.train.metrics import eval_path, is_writer, write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
 from experiments import policy_setup as setup
@@ -134,13 +133,16 @@ def train(config, workdir):
                     mesh=mesh, evaluators=b["evaluators"], jit_step=False)
 
 
+check_inputs = setup.check_inputs  # launch.py calls it before writing anything
+
+
 def evaluate(config, workdir, step=None):
-  """Held-out greedy accuracy, Mean@k, Pass@k of a checkpoint -> `<workdir>/eval_<step>.json`."""
+  """Held-out greedy accuracy, Mean@k, Pass@k of a checkpoint -> <workdir>/eval/eval_<step>.json."""
   b = build(config, with_weights=False)
   got_step, params = loop.load_params(config, workdir, b["init_state"], b["mesh"], ema=False,
                                       step=step)
   results = {"step": got_step, **loop.run_evaluators(b["evaluators"], params, b["mesh"])}
-  path = os.path.join(workdir, f"eval_{got_step}.json")
+  path = eval_path(workdir, f"eval_{got_step}.json")
   write_json(path, results)
   if is_writer():
     print(json.dumps(results))

@@ -107,6 +107,25 @@ def _init_params(dcfg: DecoderConfig, rng):
   return Decoder(dcfg).init(rng, tokens, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
 
 
+def sft_command(path: str) -> str:
+  """The command whose run a "checkpoint" model source starts from (the CPU presets' SFT)."""
+  return f"python launch.py --config configs/grpo.py:cpu_sft --workdir {path}"
+
+
+def check_inputs(config, mode: str):
+  """Before anything is written (launch.py): a "checkpoint" source needs `model.path` to hold
+  an earlier run's checkpoints/ (the GRPO cpu_g2 / cpu_g16 and DPO cpu presets start from the
+  SFT run `runs/grpo_cpu_sft`); the error names the command that makes it."""
+  m = config.model
+  if mode != "train" or m.source != "checkpoint":
+    return
+  if not m.path or not os.path.isdir(os.path.join(m.path, "checkpoints")):
+    raise FileNotFoundError(
+      f"model.path={m.path!r}: no checkpoints/ of the SFT run this preset starts from; make it "
+      f"with `{sft_command(m.path or 'runs/grpo_cpu_sft')}` or set --config.model.path"
+    )
+
+
 def pretrained_params(config, dcfg: DecoderConfig, mesh):
   """Unboxed pretrained parameters of `model.source`, or None for scratch."""
   m = config.model
@@ -119,7 +138,7 @@ def pretrained_params(config, dcfg: DecoderConfig, mesh):
   directory = os.path.join(m.path, "checkpoints")
   if not m.path or not os.path.isdir(directory):
     raise FileNotFoundError(f"model.path={m.path!r}: no checkpoints/ directory of an earlier run "
-                            "(run the SFT preset first, e.g. --config configs/grpo.py:cpu_sft)")
+                            f"(run the SFT preset first: `{sft_command(m.path or 'DIR')}`)")
   boxed = jax.eval_shape(lambda r: _init_params(dcfg, r), jax.random.PRNGKey(0))
   shardings = sharding.logical_shardings(boxed, mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

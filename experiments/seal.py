@@ -3,9 +3,10 @@
 The step encodes the queries and the B*G passages in each view the objective needs (tagged;
 tag-stripped for SAL; element-masked for EAL), pools and l2-normalises, and applies
 `losses.seal.seal_loss` under `jax.jit` on the globally sharded batch (negatives from every
-device), or inside `shard_map` with local negatives (`loss.negatives="local"`). Hard negatives
-are mined once with the base encoder (or read from the data file) and cached with the records in
-`<workdir>/seal_data.json`, so a resumed run trains on exactly the same data. Evaluation (in the
+device), or inside `shard_map` with local negatives (`loss.negatives="local"`). A pool of hard
+negatives per query is mined once with the base encoder (or read from the data file) and cached
+with the records in `<workdir>/seal_data.json`; each epoch draws G-1 of it per example
+(`data.negative_sampling`), so a resumed run trains on exactly the same data. Evaluation (in the
 loop and in `--mode eval`, also of the base model with `eval.zero_shot=True`) encodes the test
 corpus in sharded batches and ranks it exactly: MRR@10, HitRate@1/5/10, NDCG@10, Recall@100, on
 the tagged documents and on their tag-stripped text.
@@ -31,7 +32,7 @@ from contrastive_jax.evaluation.retrieval import embedding_retrieval_metrics, en
 from contrastive_jax.losses.seal import seal_loss
 from contrastive_jax.models.encoder import Encoder, pool
 from contrastive_jax.train import loop, sharding
-from contrastive_jax.train.metrics import is_writer, write_json
+from contrastive_jax.train.metrics import eval_path, is_writer, write_json
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.state import TrainState
 from contrastive_jax.weights import encoder as W
@@ -137,7 +138,13 @@ def encode_texts(embed, params, tokenizer, texts, *, max_length, batch_size, mes
 
 
 def _prepare_data(config, workdir, model, params, tokenizer, mesh):
-  """Train queries, documents and [Q, G] groups (positive first), cached in the workdir."""
+  """Train queries, documents and [Q, 1 + K] groups (positive, then its pool of K hard
+  negatives, -1 padded), cached in the workdir; `SealBatches` draws G-1 of the pool per epoch.
+
+  "mine": K = `data.negative_pool` negatives sampled from the base encoder's ranks
+  `data.mine_window` (FlagEmbedding hn_mine: 15 from [10, 210)). "file": the record's own "neg"
+  list, whole (FlagEmbedding's training files hold the mined 15); it must hold G-1 texts.
+  """
   path = os.path.join(workdir, "seal_data.json")
   if os.path.isfile(path):
     with open(path, encoding="utf-8") as f:
@@ -149,14 +156,18 @@ def _prepare_data(config, workdir, model, params, tokenizer, mesh):
     index = {doc: i for i, doc in enumerate(docs)}
     negs = []
     for r in train_records:  # the loader checked each has >= g - 1 negatives, naming file:line
-      texts = r["neg"][: g - 1]
+      texts = list(r["neg"])  # the whole list is the pool G - 1 are drawn from
       for text in texts:
         if text not in index:
           index[text] = len(docs)
           docs.append(text)
       negs.append([index[t] for t in texts])
-    negs = np.array(negs, np.int64)
+    width = max([g - 1, *map(len, negs)])
+    negs = np.array([n + [-1] * (width - len(n)) for n in negs], np.int64).reshape(-1, width)
   else:
+    pool = config.data.negative_pool
+    if pool < g - 1:
+      raise ValueError(f"data.negative_pool={pool} is smaller than group_size - 1 = {g - 1}")
     embed = make_embed(model, config, mesh)
     kw = {"batch_size": config.data.mine_batch_size, "mesh": mesh}
     q_emb = encode_texts(
@@ -169,7 +180,7 @@ def _prepare_data(config, workdir, model, params, tokenizer, mesh):
       q_emb,
       d_emb,
       positives[:, None],
-      num_negatives=g - 1,
+      num_negatives=pool,
       rank_window=tuple(config.data.mine_window),
       rng=config.seed,
     )
@@ -296,9 +307,13 @@ def train(config, workdir):
     tokenizer,
     batch_size=config.train.batch_size,
     seed=config.seed,
+    group_size=config.loss.group_size,
+    negative_sampling=d.negative_sampling,
     views=_views(config),
     mask_rate=d.mask_rate,
     mask_mode=d.mask_mode,
+    eal_unit=d.eal_unit,
+    sal_strip=d.sal_strip,
     query_max_length=d.query_max_length,
     passage_max_length=d.passage_max_length,
     length_buckets=tuple(d.length_buckets),
@@ -325,8 +340,14 @@ def train(config, workdir):
   )
 
 
+def eval_needs_checkpoint(config) -> bool:
+  """launch.py: a zero-shot evaluation reads no checkpoint, so its workdir may not exist yet."""
+  return not config.eval.zero_shot
+
+
 def evaluate(config, workdir, step=None):
-  """Metrics of a checkpoint (latest, or `step`), or of the base model with eval.zero_shot."""
+  """Metrics of a checkpoint (latest, or `step`), or of the base model with eval.zero_shot ->
+  `<workdir>/eval/eval_<step>.json` (`eval_zero_shot.json`)."""
   mesh, tx, _, model, enc_cfg, pretrained, tokenizer = _setup(config)
   start = time.perf_counter()
   if config.eval.zero_shot:
@@ -343,7 +364,7 @@ def evaluate(config, workdir, step=None):
   results["eval_seconds"] = time.perf_counter() - start
   name = "eval_zero_shot.json" if config.eval.zero_shot else f"eval_{got_step}.json"
   if jax.process_index() == 0:
-    write_json(os.path.join(workdir, name), results)
+    write_json(eval_path(workdir, name), results)
   if is_writer():
     print(json.dumps(results))
   return results

@@ -225,6 +225,7 @@ def test_microbatched_update_equals_one_shot(mesh8, aggregation, group):
       group_size=group,
       max_new_tokens=7,
       aggregation=aggregation,
+      advantage_scale="none" if aggregation == "dr_grpo" else "group",
       kl_beta=0.04,
       clip_high=0.28,
       update_microbatches=micro,

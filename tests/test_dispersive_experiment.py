@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import plot_checks
 import pytest
 
 from configs.dispersive import get_config
@@ -127,6 +128,10 @@ def test_train_resume_bitwise_then_evaluate_from_checkpoint(
   in_loop = [r for r in rows if "eval/samples/fd_digits" in r]
   assert in_loop[-1]["step"] == 6
   assert in_loop[-1]["eval/samples/fd_digits"] == pytest.approx(rec["fd_digits"], rel=1e-4)
+  panels = plot_checks.draw("dispersive", {"run": resumed}, tmp_path / "plots")
+  band = panels["dispersive_fd.png"]["steps"]["run"]
+  plot_checks.assert_curve(band, [resumed], "eval/samples/fd_digits")
+  assert band["steps"][-1] == 6
   from PIL import Image
 
   grid = np.asarray(Image.open(rec["grid"]))

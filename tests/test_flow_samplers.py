@@ -182,3 +182,50 @@ def test_classifier_free_guidance_equals_formula():
     0.5, x, jnp.zeros(3), y
   )
   np.testing.assert_allclose(out, x + step[..., :2], rtol=1e-6)
+
+
+def test_cfg_on_3_of_4_channels_equals_dit_forward_with_cfg():
+  """DiT/SiT `forward_with_cfg` (facebookresearch/DiT, willisma/SiT models.py), written out on a
+  hand-built NCHW output of 8 channels (4 latent + 4 variance) for a doubled batch [cond; uncond]:
+  eps, rest = out[:, :3], out[:, 3:]; half = u + w (c - u) on eps; rest stays as computed, and the
+  sampler keeps the conditional half."""
+  w, b = 1.5, 2
+  rng = np.random.default_rng(0)
+  cond_nchw = rng.normal(size=(b, 8, 2, 2)).astype(np.float32)
+  uncond_nchw = rng.normal(size=(b, 8, 2, 2)).astype(np.float32)
+  model_out = np.concatenate([cond_nchw, uncond_nchw])  # DiT's doubled batch
+  eps, rest = model_out[:, :3], model_out[:, 3:]
+  cond_eps, uncond_eps = np.split(eps, 2)
+  half_eps = uncond_eps + w * (cond_eps - uncond_eps)
+  dit = np.concatenate([np.concatenate([half_eps, half_eps]), rest], axis=1)[:b]
+  # Channel 3 of 8 (the 4th latent channel) is the conditional output, unguided.
+  np.testing.assert_array_equal(dit[:, 3], cond_nchw[:, 3])
+
+  null = 7
+  tables = {
+    int(y): jnp.asarray(o.transpose(0, 2, 3, 1)) for y, o in ((1, cond_nchw), (null, uncond_nchw))
+  }
+
+  def apply_fn(params, x, t, y):  # row-wise lookup: rows alternate (cond, null) per sample
+    rows = jnp.arange(x.shape[0]) // 2
+    return jnp.where((y == null)[:, None, None, None], tables[null][rows], tables[1][rows])
+
+  x = jnp.zeros((b, 2, 2, 4))  # NHWC latents, C = 4
+  y = jnp.ones((b,), jnp.int32)
+  t = jnp.zeros((b,))
+  ours = flow.classifier_free_guidance(apply_fn, cfg_scale=w, null_label=null, cfg_channels=3)
+  np.testing.assert_allclose(ours(None, x, t, y), dit.transpose(0, 2, 3, 1), rtol=1e-6)
+  # The default (0) guides all 4 latent channels, DiT's "standard approach" line.
+  every = flow.classifier_free_guidance(apply_fn, cfg_scale=w, null_label=null)(None, x, t, y)
+  mixed = uncond_nchw + w * (cond_nchw - uncond_nchw)
+  np.testing.assert_allclose(every[..., :4], mixed[:, :4].transpose(0, 2, 3, 1), rtol=1e-6)
+  np.testing.assert_allclose(every[..., 4:], cond_nchw[:, 4:].transpose(0, 2, 3, 1), rtol=1e-6)
+
+
+def test_imagenet_presets_guide_3_channels_and_digits_all():
+  from configs.dispersive import get_config
+
+  for preset in ("sit_b2_imagenet", "sit_xl2_imagenet", "dit_b2_imagenet", "sit_xl2_imagenet_repa"):
+    assert get_config(preset).eval.cfg_channels == 3, preset
+  for preset in ("cpu", "test", "cpu_repa"):
+    assert get_config(preset).eval.cfg_channels == 0, preset

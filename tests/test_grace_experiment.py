@@ -7,11 +7,13 @@ import os
 
 import jax
 import numpy as np
+import plot_checks
 import pytest
 
 from configs.grace import get_config
 from contrastive_jax.train import loop
 from experiments import grace
+from experiments.reports import plot
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,13 @@ def test_grace_raises_reward_resumes_bitwise_and_evaluates(tmp_path, cache_dir):
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
     np.testing.assert_array_equal(x, y)
 
+  # The report plot of the two runs as two seeds of one arm: the metrics rows, their mean, std.
+  panels = plot_checks.draw("grace", {"grace": str(tmp_path / "[rs]*")}, tmp_path / "plots")
+  for y in plot.GRACE_Y:
+    band = panels["grace_training.png"][y]["grace"]
+    assert band["seeds"] == 2 and band["steps"] == list(range(1, steps + 1)), band
+    plot_checks.assert_curve(band, [resumed, straight], y)
+
   rec = grace.evaluate(config, resumed)
   final = [r for r in rows if "eval/retrieval/lm_nll" in r][-1]
   for key in ("rationale/MRR@10", "no_rationale/NDCG@10", "rationale/spearman", "lm_nll"):
@@ -66,7 +75,7 @@ def test_grace_raises_reward_resumes_bitwise_and_evaluates(tmp_path, cache_dir):
     )
   assert 0.0 < rec["eval/retrieval/rationale/MRR@10"] <= 1.0
   assert 3.0 < rec["eval/retrieval/lm_nll"] < 6.0  # ~ln(100) for a near-uniform tiny model
-  with open(os.path.join(resumed, f"eval_{steps}.json")) as f:
+  with open(os.path.join(resumed, "eval", f"eval_{steps}.json")) as f:
     saved = json.load(f)
   assert saved["examples"] and isinstance(saved["examples"][0]["rationale"], str)
 

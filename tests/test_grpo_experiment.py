@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import plot_checks
 import pytest
 
 from configs.dpo import get_config as dpo_config
@@ -21,6 +22,7 @@ from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings,
 from contrastive_jax.train.sharding import make_mesh, to_host
 from contrastive_jax.train.state import CheckpointManager, TrainState
 from experiments import dpo, grpo
+from experiments.reports import plot
 
 
 def _rows(workdir):
@@ -70,6 +72,15 @@ def test_grpo_raises_reward_resumes_bitwise_and_evaluates(tmp_path):
     return [{k: r[k] for k in keep if k in r} for r in rows if r["step"] != 2]
 
   assert pick(_rows(straight)) == pick(_rows(resumed))
+
+  # The report plots of these two workdirs plot exactly their eval rows (steps 4; 2 and 4).
+  panels = plot_checks.draw("grpo", {"straight": straight, "resumed": resumed}, tmp_path / "p")
+  panels = panels["grpo_accuracy.png"]
+  for arm, workdir in (("straight", straight), ("resumed", resumed)):
+    for panel, x in plot.GRPO_X.items():
+      plot_checks.assert_curve(panels[panel][arm], [workdir], "eval/heldout/greedy_accuracy", x)
+  assert panels["rollouts"]["straight"]["x"] == [128.0]  # 4 steps x 8 prompts x 4 rollouts
+  assert panels["steps"]["resumed"]["steps"] == [2, 4]
 
   result = grpo.evaluate(_config(4), resumed)
   in_loop = [r for r in _rows(resumed) if "eval/heldout/greedy_accuracy" in r][-1]

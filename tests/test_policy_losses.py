@@ -320,3 +320,20 @@ def test_overlong_penalty_ramp():
   np.testing.assert_allclose(out, [0, 0, -0.25, -0.5, -1, -1], rtol=1e-6)
   with pytest.raises(ValueError, match="cache_len"):
     overlong_penalty(jnp.array([1]), max_len=4, cache_len=0)
+
+
+def test_dr_grpo_aggregation_refuses_std_scaled_advantages():
+  # Dr. GRPO (arXiv 2503.20783) is the length-unnormalised loss AND unscaled advantages: the
+  # aggregation with the default "group" scale would divide by the std (the footgun), so the
+  # settings refuse it; with "none" the advantages are r - mean(r) exactly.
+  from contrastive_jax.train.policy_opt import PolicyOptSettings
+
+  with pytest.raises(ValueError, match="aggregation='dr_grpo'.*advantage_scale='none'"):
+    PolicyOptSettings(aggregation="dr_grpo")
+  with pytest.raises(ValueError, match="got advantage_scale='batch'"):
+    PolicyOptSettings(aggregation="dr_grpo", advantage_scale="batch")
+  s = PolicyOptSettings(aggregation="dr_grpo", advantage_scale="none", group_size=4)
+  rewards = jnp.array([1.0, 0.0, 0.0, 0.0, 3.0, 1.0, 1.0, 1.0])
+  adv, _ = group_advantages(rewards, group_size=s.group_size, scale=s.advantage_scale)
+  # Group means 0.25 and 1.5: unscaled deviations; std scaling would give +-1.732 / -0.577.
+  np.testing.assert_allclose(adv, [0.75, -0.25, -0.25, -0.25, 1.5, -0.5, -0.5, -0.5], rtol=1e-6)

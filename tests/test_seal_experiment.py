@@ -8,6 +8,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import plot_checks
 import pytest
 
 from configs.seal import get_config
@@ -91,7 +92,7 @@ def test_train_resume_bitwise_and_evaluate_from_checkpoint(tiny_dir, tmp_path):
   config = _config(tiny_dir, 4)
   results = seal.evaluate(config, straight)
   assert results["step"] == 4
-  with open(os.path.join(straight, "eval_4.json")) as f:
+  with open(os.path.join(straight, "eval", "eval_4.json")) as f:
     assert json.load(f) == results
   queries, docs, positives = seal._pairs(seal._records(config, "test"))
   tok = load_tokenizer(tiny_dir)
@@ -110,6 +111,11 @@ def test_train_resume_bitwise_and_evaluate_from_checkpoint(tiny_dir, tmp_path):
   r = 1 + np.argmax(ranks == positives[:, None], axis=1)  # 1-based rank of each positive
   assert results["eval/test/MRR@10"] == pytest.approx(np.mean(np.where(r <= 10, 1 / r, 0)))
   assert "eval/test_untagged/NDCG@10" in results
+  # The report's bar plot reads the same record.
+  bars = plot_checks.draw("seal", {"full": straight}, tmp_path / "plots")["seal_retrieval.png"]
+  for metric in ("MRR@10", "NDCG@10"):
+    assert bars[metric]["full"]["per_seed"] == [results[f"eval/test/{metric}"]]
+    assert bars[metric]["full"]["steps"] == [4] and bars[metric]["full"]["std"] == 0.0
 
 
 def test_zero_shot_evaluates_base_model(tiny_dir, tmp_path):
@@ -118,8 +124,10 @@ def test_zero_shot_evaluates_base_model(tiny_dir, tmp_path):
   config.eval.zero_shot = True
   config.eval.untagged = False
   config.lock()
-  results = seal.evaluate(config, str(tmp_path))
-  assert results["step"] == 0 and os.path.isfile(tmp_path / "eval_zero_shot.json")
+  # A zero-shot evaluation needs no checkpoint, so launch.py lets it start a workdir.
+  assert not seal.eval_needs_checkpoint(config) and seal.eval_needs_checkpoint(_config(tiny_dir, 4))
+  results = seal.evaluate(config, str(tmp_path / "new"))
+  assert results["step"] == 0 and os.path.isfile(tmp_path / "new" / "eval" / "eval_zero_shot.json")
   assert 0 < results["eval/test/MRR@10"] <= 1
   assert results["eval/test/num_queries"] == len(seal._records(config, "test"))
 
@@ -176,6 +184,15 @@ def test_paper_preset_names_a_missing_data_file(tmp_path):
   config.lock()
   with pytest.raises(DataError, match=r"train\.jsonl:1: 1 'neg' texts, 7 needed \(group_size"):
     seal._prepare_data(config, str(tmp_path / "wd"), None, None, None, None)
+  # A longer list is the whole pool (G-1 of it redrawn each epoch), not its first G-1.
+  negs = [f"<p>n{i}</p>" for i in range(9)]
+  rows = [
+    {"query": "q", "content": "<p>d</p>", "neg": negs},
+    {"query": "r", "content": "<p>e</p>", "neg": negs[:7]},
+  ]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  data = seal._prepare_data(config, str(tmp_path / "wd2"), None, None, None, None)
+  assert data["groups"][0] == [0] + list(range(2, 11)) and data["groups"][1][8:] == [-1, -1]
 
 
 def test_local_and_global_negatives_in_the_step(tiny_dir):

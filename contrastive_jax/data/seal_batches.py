@@ -2,10 +2,15 @@
 
 Example stream: position j of the stream is example `perm_e[j mod Q]` of epoch `e = j // Q`, with
 `perm_e` a permutation drawn from (seed, e). Batch k holds positions [k*B, (k+1)*B). Each example
-brings its query and a group of G passages (positive first, then its G-1 hard negatives), and,
-when the objective needs them, the tag-stripped view (deterministic, cached per document) and the
-element-masked view drawn from `numpy.random.default_rng((seed, example, epoch, slot))`: fresh
-every epoch, identical on a resumed run. The iterator's state is the batch index alone.
+brings its query and a group of G passages: its positive, then G-1 hard negatives drawn without
+replacement from its pool of K mined (or file) negatives by
+`numpy.random.default_rng((seed, example, epoch, NEGATIVE_STREAM))`, as the released SEAL
+dataset's `random.sample(negs, G - 1)` on every access ("redraw"; "fixed" takes the pool's first
+G-1 every epoch, the rule before the switch). When the objective needs them it also brings the
+tag-stripped view (deterministic, cached per document: DOM rule or the released regex) and the
+element-masked view drawn from `numpy.random.default_rng((seed, example, epoch, slot))`. Both
+draws are fresh every epoch and identical on a resumed run. The iterator's state is the batch
+index alone.
 
 Tokenisation is host-side with a `transformers` fast tokenizer, truncating queries and passages
 to their maximum lengths. Padding is to the maximum length (one compiled shape), or, with
@@ -17,7 +22,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from contrastive_jax.data.structdoc import element_masked_view, regex_masked_view, tag_stripped_view
+from contrastive_jax.data.structdoc import (
+  EAL_UNITS,
+  element_masked_view,
+  regex_masked_view,
+  regex_tag_stripped_view,
+  tag_stripped_view,
+)
+
+NEGATIVE_STREAM = 2**31  # last entropy word of the negatives' draw; mask slots are < G
+NEGATIVE_SAMPLING = ("redraw", "fixed")
+SAL_STRIPS = ("dom", "regex")
 
 
 def tokenize(tokenizer, texts, *, max_length: int, length_buckets=()) -> dict[str, np.ndarray]:
@@ -45,13 +60,18 @@ class SealBatches:
   Args:
     queries: Q query strings.
     documents: N document strings (tagged HTML).
-    groups: int [Q, G] document indices per query, positive in column 0.
+    groups: int [Q, 1 + K] document indices per query: the positive in column 0, then its pool
+      of K hard negatives (-1 pads a short pool; each row needs at least one).
     tokenizer: a `transformers` tokenizer.
     batch_size: B queries per global batch; this process yields rows `row_slice` of it.
-    seed: seeds the epoch permutations and the masking.
+    seed: seeds the epoch permutations, the negatives' draws and the masking.
+    group_size: G passages per query (None: 1 + K). A pool shorter than G - 1 is repeated, as the
+      released dataset does (`random.sample(negs * ceil((G-1)/K), G-1)`).
+    negative_sampling: "redraw" (G-1 of the pool, fresh each epoch) | "fixed" (the first G-1).
     views: subset of ("untagged", "masked") to build besides the tagged passages.
-    mask_rate, mask_mode: element masking probability and "dom" (`element_masked_view`) or
-      "regex" (the released code's `regex_masked_view`).
+    mask_rate, mask_mode, eal_unit: element masking probability, "dom" (`element_masked_view`
+      with `unit=eal_unit`: "block" or "subtree") or "regex" (the released `regex_masked_view`).
+    sal_strip: "dom" (`tag_stripped_view`) | "regex" (the released `regex_tag_stripped_view`).
     query_max_length, passage_max_length, length_buckets: tokenisation (module docstring).
 
   Each batch: q_ids, q_mask [B', Lq]; p_ids, p_mask [B'*G, Lp]; u_* and m_* for the views, with
@@ -67,9 +87,13 @@ class SealBatches:
     *,
     batch_size: int,
     seed: int,
+    group_size: int | None = None,
+    negative_sampling: str = "redraw",
     views=(),
     mask_rate: float = 0.1,
     mask_mode: str = "dom",
+    eal_unit: str = "block",
+    sal_strip: str = "dom",
     query_max_length: int,
     passage_max_length: int,
     length_buckets=(),
@@ -84,8 +108,25 @@ class SealBatches:
     unknown = set(views) - {"untagged", "masked"}
     if unknown or mask_mode not in ("dom", "regex"):
       raise ValueError(f"SealBatches: unknown views {sorted(unknown)} or mask_mode {mask_mode!r}")
+    for name, value, allowed in (
+      ("negative_sampling", negative_sampling, NEGATIVE_SAMPLING),
+      ("eal_unit", eal_unit, EAL_UNITS),
+      ("sal_strip", sal_strip, SAL_STRIPS),
+    ):
+      if value not in allowed:
+        raise ValueError(f"SealBatches: {name}={value!r}; use one of {allowed}")
+    self.group_size = self.groups.shape[1] if group_size is None else int(group_size)
+    short = np.flatnonzero((self.groups[:, 1:] >= 0).sum(1) == 0)
+    short = short if self.group_size > 1 else short[:0]
+    if self.group_size < 1 or len(short):
+      raise ValueError(
+        f"SealBatches: group_size={self.group_size} needs >= 1 and every query a negative; "
+        f"queries {short[:5].tolist()} have an empty pool"
+      )
     self.tokenizer, self.batch_size, self.seed, self.views = tokenizer, batch_size, seed, views
-    self.mask_rate, self.mask_mode = mask_rate, mask_mode
+    self.negative_sampling = negative_sampling
+    self.mask_rate, self.mask_mode, self.eal_unit = mask_rate, mask_mode, eal_unit
+    self.sal_strip = sal_strip
     self.lengths = (query_max_length, passage_max_length, tuple(length_buckets))
     self.row_slice = row_slice
     self._untagged: dict[int, str] = {}
@@ -110,15 +151,30 @@ class SealBatches:
       out.append((int(perm[j % q]), epoch))
     return out
 
+  def group(self, example: int, epoch: int) -> list[int]:
+    """The G document indices of `example` in `epoch`: positive, then G-1 of its pool."""
+    row = self.groups[example]
+    pool = row[1:][row[1:] >= 0]
+    need = self.group_size - 1
+    if need == 0:
+      return [int(row[0])]
+    if self.negative_sampling == "fixed":
+      picked = np.resize(pool, need)  # the first G-1, the pool repeated if short
+    else:
+      rng = np.random.default_rng((self.seed, example, epoch, NEGATIVE_STREAM))
+      picked = rng.choice(np.tile(pool, -(-need // len(pool))), need, replace=False)
+    return [int(row[0]), *(int(d) for d in picked)]
+
   def masked(self, doc: int, example: int, epoch: int, slot: int) -> str:
     rng = np.random.default_rng((self.seed, example, epoch, slot))
     if self.mask_mode == "regex":
       return regex_masked_view(self.documents[doc], rng, rate=self.mask_rate)
-    return element_masked_view(self.documents[doc], rng, rate=self.mask_rate)
+    return element_masked_view(self.documents[doc], rng, rate=self.mask_rate, unit=self.eal_unit)
 
   def untagged(self, doc: int) -> str:
     if doc not in self._untagged:
-      self._untagged[doc] = tag_stripped_view(self.documents[doc])
+      strip = regex_tag_stripped_view if self.sal_strip == "regex" else tag_stripped_view
+      self._untagged[doc] = strip(self.documents[doc])
     return self._untagged[doc]
 
   def __next__(self):
@@ -131,7 +187,7 @@ class SealBatches:
     # global batch's texts (host work, no collective: the iterator may run ahead of the step)
     # and keeps its rows; without buckets the length is fixed and only its own rows are built.
     rows = global_rows if buckets else global_rows[self.row_slice]
-    docs = [(int(d), ex, ep, s) for ex, ep in rows for s, d in enumerate(self.groups[ex])]
+    docs = [(d, ex, ep, s) for ex, ep in rows for s, d in enumerate(self.group(ex, ep))]
     texts = {"q": [self.queries[ex] for ex, _ in rows], "p": [self.documents[d[0]] for d in docs]}
     if "untagged" in self.views:
       texts["u"] = [self.untagged(d[0]) for d in docs]

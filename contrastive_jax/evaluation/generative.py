@@ -5,7 +5,7 @@ The same `SampleEvaluator` runs inside the training loop (every `train.eval_ever
 0, 1, ..., num_classes - 1, 0, 1, ... from fixed noise (`eval.seed`), with the configured sampler,
 number of steps and guidance scale, then:
 
-  * writes `samples_<step>.png` into the workdir: rows of 10 samples (classes 0..9 on digits);
+  * writes `eval/samples_<step>.png` into the workdir: rows of 10 samples (classes 0..9 on digits);
   * with `eval.feature_network="digits_classifier"`, computes "FD-digits", the Frechet distance
     between classifier features of the samples and of the held-out digits test split, and the
     classifier's accuracy on the samples' conditioning labels and on the real test split;
@@ -42,7 +42,7 @@ from contrastive_jax.evaluation import digits_classifier, inception_fid
 from contrastive_jax.evaluation.fid import feature_statistics, frechet_distance
 from contrastive_jax.models.inception import InceptionV3
 from contrastive_jax.sampling import ddpm, flow, meanflow
-from contrastive_jax.train.metrics import write_json, write_npz, write_png
+from contrastive_jax.train.metrics import eval_path, write_json, write_npz, write_png
 from contrastive_jax.train.sharding import (
   batch_sharding,
   make_mesh,
@@ -135,6 +135,8 @@ def make_sampler(model, *, model_cfg, eval_cfg, path: str, mesh=None):
     ("cfg_scale", float(eval_cfg.cfg_scale)),
     ("null_label", int(model_cfg.num_classes)),
   )
+  if kind != "meanflow":
+    settings += (("cfg_channels", int(eval_cfg.cfg_channels)),)
   return functools.partial(_sample, model=model, name=name, path=path, settings=settings, mesh=mesh)
 
 
@@ -304,6 +306,7 @@ class SampleEvaluator:
       "sampler": ec.sampler,
       "steps": int(ec.steps),
       "cfg_scale": float(ec.cfg_scale),
+      "cfg_channels": int(ec.cfg_channels),
       "seed": int(ec.seed),
       "model_kind": m.kind,
       "path": self.config.diffusion.path if m.kind == "sit" else None,
@@ -321,13 +324,13 @@ class SampleEvaluator:
         "interval": [float(mf.t_start), float(mf.t_end)],
       }
     if images.shape[-1] in (1, 3):
-      rec["grid"] = os.path.join(self.workdir, f"samples_{step}.png")
+      rec["grid"] = eval_path(self.workdir, f"samples_{step}.png")
       save_grid(images, rec["grid"], rows=ec.grid_rows)
     if ec.feature_network == "digits_classifier":
       rec.update(self._fd_digits(images, labels, step))
     if ec.feature_network == "inception_v3":
       rec.update(self._fid(images, step))
-    write_json(os.path.join(self.workdir, "eval", f"eval_{step}.json"), rec)
+    write_json(eval_path(self.workdir, f"eval_{step}.json"), rec)
     return rec
 
   def _fd_digits(self, images, labels, step) -> dict:
@@ -340,7 +343,7 @@ class SampleEvaluator:
     _, train_feats = digits_classifier.classify(params, train["image"])
     fd = frechet_distance(*feature_statistics(feats), *feature_statistics(test_feats))
     floor = frechet_distance(*feature_statistics(train_feats), *feature_statistics(test_feats))
-    path = os.path.join(self.workdir, "eval", f"features_{step}.npz")
+    path = eval_path(self.workdir, f"features_{step}.npz")
     write_npz(path, samples=feats, real=test_feats, labels=labels)
     return {
       "fd_digits": fd,
@@ -363,7 +366,7 @@ class SampleEvaluator:
       model=self.inception,
     )
     mu, sigma = feature_statistics(feats)
-    path = os.path.join(self.workdir, "eval", f"inception_stats_{step}.npz")
+    path = eval_path(self.workdir, f"inception_stats_{step}.npz")
     inception_fid.save_stats(path, mu, sigma)
     return {
       "fid": frechet_distance(mu, sigma, ref_mu, ref_sigma),

@@ -1,9 +1,16 @@
 """GRACE evaluation (arXiv 2510.04506) of a decoder policy on held-out pydoc pages.
 
 `GraceEvaluator(params)`: retrieval (MRR@10, NDCG@10, HitRate@1/10) and Spearman on graded pairs
-(`data.grace.scored_pairs`), each with one greedy rationale per text and with none (the text
-alone), plus the held-out LM loss of the pages (`embedding_eval`), rationale length and
-truncation. The same object runs in the training loop and in `--mode eval`.
+(`data.grace.scored_pairs`), each with one rationale per text and with none (the text alone),
+plus the held-out LM loss of the pages (`embedding_eval`), rationale length and truncation. The
+same object runs in the training loop and in `--mode eval`.
+
+Rationale (`eval.rationale`): "sampled" (default) at `eval.temperature` 1.0 and `eval.top_p` 1.0,
+GRACE's released eval_mteb.py protocol (vLLM `SamplingParams(temperature=1.0, top_p=1.0)`),
+which its reported MTEB numbers come from; the draws are seeded (batch i of a call uses
+`fold_in(PRNGKey(eval.seed), i)`, every distinct text is one row of one call), so an evaluation
+is a pure function of the parameters, the same in the loop and in `--mode eval`, where vLLM's
+is unseeded. "greedy": argmax decoding, lower variance between checkpoints, not the paper's.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from contrastive_jax.evaluation.embedding_eval import heldout_lm_loss, retrieval
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
 from contrastive_jax.sampling.rationale import encode
 from contrastive_jax.train.sharding import place, round_to_batch_devices, to_host
+
+RATIONALE_MODES = ("sampled", "greedy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +53,11 @@ class GraceEvaluator:
   """Retrieval + Spearman on held-out pydoc pages with and without a rationale, and LM loss.
 
   Queries: the test split's module sentences (at most eval.max_docs, 0 = all); corpus: their
-  pages (tag-stripped, data.max_chars); pairs: `data.grace.scored_pairs`. Rationales are greedy,
-  eval.max_new_tokens long; `examples` keeps the last call's first rationales. With a `mesh`,
-  each encoding batch (eval.batch_size rounded up to a multiple of data x fsdp) is placed
-  batch-sharded on it, so every device decodes and embeds only its own rows.
+  pages (tag-stripped, data.max_chars); pairs: `data.grace.scored_pairs`. Rationales are
+  `eval.rationale` ("sampled" | "greedy", module docstring), eval.max_new_tokens long;
+  `examples` keeps the last call's first rationales. With a `mesh`, each encoding batch
+  (eval.batch_size rounded up to a multiple of data x fsdp) is placed batch-sharded on it, so
+  every device decodes and embeds only its own rows.
   """
 
   def __init__(self, config, tok, dcfg, records, *, mesh=None):
@@ -56,6 +66,8 @@ class GraceEvaluator:
     test = test[: e.max_docs] if e.max_docs else test
     if not test:
       raise ValueError("GraceEvaluator: no test-split documents (data.modules too few?)")
+    if e.rationale not in RATIONALE_MODES:
+      raise ValueError(f"eval.rationale={e.rationale!r}: use one of {RATIONALE_MODES}")
     self.cfg, self.tok = config, tok
     self.lm, self.hidden, self.eos = DecoderLM(dcfg), DecoderHidden(dcfg), eos_ids(tok, dcfg)
     self.queries = [r["query"] for r in test]
@@ -87,7 +99,9 @@ class GraceEvaluator:
           jax.random.fold_in(jax.random.PRNGKey(c.eval.seed), i),
           init_cache=self.lm.init_cache,
           max_new_tokens=max_new_tokens,
-          greedy=True,
+          greedy=c.eval.rationale == "greedy",
+          temperature=c.eval.temperature,
+          top_p=c.eval.top_p,
           eos_ids=self.eos,
           pad_id=self.tok.pad_token_id or 0,
           method=c.reward.pooling,

@@ -14,8 +14,11 @@ GRPO (DeepSeekMath, arXiv 2402.03300, Eq. 3), for G rollouts o_i of one prompt w
 
 2-GRPO ("It Takes Two", arXiv 2510.00977) is G = 2: with the population std a mixed pair gets
 advantages +1/-1 and a tie 0, which makes the pair an online DPO pair. The sample std (ddof=1,
-what trl's GRPOTrainer and tunix use) gives +-1/sqrt(2) = +-0.7071 instead: a constant factor that
-acts as a learning-rate change. Default here: population std.
+what trl's GRPOTrainer and tunix use) gives +-1/sqrt(2) = +-0.7071 instead: a constant factor on
+the loss and its gradient. With SGD that is a learning-rate change; with Adam (every preset here)
+the update m / (sqrt(v) + eps) is invariant to a constant gradient scale, so the factor cancels
+and only Adam's eps, gradient-norm clipping (`optim.grad_clip`, which sees the scaled norm) and
+the KL term's weight relative to the policy term notice it. Default here: population std.
 
 GSPO (arXiv 2507.18071) replaces the token ratio by the sequence ratio
 exp((1/|o_i|) sum_t log rho_i,t), shared by all tokens of o_i (`ratio="sequence"`).

@@ -82,10 +82,12 @@ def _schedule(num_steps: int) -> dict[str, np.ndarray]:
   return {k: np.asarray(v, np.float32) for k, v in table.items()}
 
 
-def _eps_fn(apply_fn, params, labels, cfg_scale, null_label):
+def _eps_fn(apply_fn, params, labels, cfg_scale, null_label, cfg_channels):
   if cfg_scale != 1.0 and null_label is None:
     raise ValueError(f"ddpm: cfg_scale={cfg_scale} needs null_label (the model's null class)")
-  fn = classifier_free_guidance(apply_fn, cfg_scale=cfg_scale, null_label=null_label)
+  fn = classifier_free_guidance(
+    apply_fn, cfg_scale=cfg_scale, null_label=null_label, cfg_channels=cfg_channels
+  )
   return lambda x, t: fn(params, x, jnp.full((x.shape[0],), t, jnp.float32), labels)
 
 
@@ -99,6 +101,7 @@ def sample_ancestral(
   num_steps: int = 250,
   cfg_scale: float = 1.0,
   null_label: int | None = None,
+  cfg_channels: int = 0,
 ) -> jax.Array:
   """Ancestral DDPM sampling (Ho et al. 2020, Alg. 2) on `num_steps` respaced steps, as DiT.
 
@@ -108,13 +111,14 @@ def sample_ancestral(
   frac = (v + 1) / 2 for a 2C-channel model.
 
   Args:
-    x_T: [B, ...] Gaussian noise; rng: key; labels: [B] int.
+    x_T: [B, ...] Gaussian noise; rng: key; labels: [B] int; cfg_scale, null_label,
+      cfg_channels: guidance (`flow.classifier_free_guidance`: 3 = DiT's rule).
 
   Returns:
     [B, ...] samples x_0.
   """
   table = {k: jnp.asarray(v) for k, v in _schedule(num_steps).items()}
-  eps_fn = _eps_fn(apply_fn, params, labels, cfg_scale, null_label)
+  eps_fn = _eps_fn(apply_fn, params, labels, cfg_scale, null_label, cfg_channels)
   c = x_T.shape[-1]
 
   def step(k, x):
@@ -144,6 +148,7 @@ def sample_ddim(
   num_steps: int = 50,
   cfg_scale: float = 1.0,
   null_label: int | None = None,
+  cfg_channels: int = 0,
 ) -> jax.Array:
   """DDIM with eta = 0 (Song et al. 2021, eq. 12) on `num_steps` respaced steps, deterministic.
 
@@ -158,7 +163,7 @@ def sample_ddim(
   """
   del rng
   table = {k: jnp.asarray(v) for k, v in _schedule(num_steps).items()}
-  eps_fn = _eps_fn(apply_fn, params, labels, cfg_scale, null_label)
+  eps_fn = _eps_fn(apply_fn, params, labels, cfg_scale, null_label, cfg_channels)
   c = x_T.shape[-1]
 
   def step(k, x):

@@ -85,19 +85,29 @@ def velocity_to_score(v: jax.Array, x: jax.Array, t: jax.Array, *, path: str = "
   return (ratio * v - x) / var
 
 
-def classifier_free_guidance(apply_fn: ApplyFn, *, cfg_scale: float, null_label: int) -> ApplyFn:
+def classifier_free_guidance(
+  apply_fn: ApplyFn, *, cfg_scale: float, null_label: int, cfg_channels: int = 0
+) -> ApplyFn:
   """Wraps `apply_fn` with classifier-free guidance (Ho & Salimans 2022), as DiT/SiT sample.
 
-  The batch is doubled with the null label; on the first C channels (C = x's last axis, the
-  velocity or epsilon) out = out_u + w (out_c - out_u); further channels (a learned variance) are
-  the conditional ones, as in DiT's `forward_with_cfg`. DiT guides only 3 of 4 latent channels by
-  default; here all C are guided. w = 1 returns `apply_fn` itself (no doubling).
+  The batch is doubled with the null label; on the guided channels out = out_u + w (out_c -
+  out_u), every other output channel is the conditional one, as in DiT's `forward_with_cfg`.
+  Guided channels (`cfg_channels`):
+    0 (default): the first C, C = x's last axis (the whole velocity or epsilon), "the standard
+      approach" in DiT's own comment; a learned variance after them stays conditional.
+    3: the first 3 output channels, what DiT (facebookresearch/DiT models.py) and SiT
+      (willisma/SiT models.py) run "for exact reproducibility reasons": on SD-VAE latents
+      (C = 4) the 4th latent channel is left unguided. The ImageNet presets use it so FIDs at
+      cfg > 1 compare with the papers'; on pixels (the digits presets, C = 1) it has no meaning.
+  w = 1 returns `apply_fn` itself (no doubling).
 
   Returns:
     guided(params, x, t, y) -> out with apply_fn's output shape.
   """
   if cfg_scale == 1.0:
     return apply_fn
+  if cfg_channels < 0:
+    raise ValueError(f"classifier_free_guidance: cfg_channels={cfg_channels} must be >= 0")
 
   def pair(a, b):
     # Row i's conditional and null copies side by side ([2B] = [B, 2] flattened), not the two
@@ -106,20 +116,25 @@ def classifier_free_guidance(apply_fn: ApplyFn, *, cfg_scale: float, null_label:
     return jnp.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
 
   def guided(params, x, t, y):
-    b, c = x.shape[0], x.shape[-1]
+    b = x.shape[0]
     out = apply_fn(params, pair(x, x), pair(t, t), pair(y, jnp.full_like(y, null_label)))
     out = out.reshape(b, 2, *out.shape[1:])
     cond, uncond = out[:, 0], out[:, 1]
+    c = cfg_channels or x.shape[-1]
+    if c > out.shape[-1]:
+      raise ValueError(f"cfg_channels={c}: the model outputs only {out.shape[-1]} channels")
     mix = uncond[..., :c] + cfg_scale * (cond[..., :c] - uncond[..., :c])
     return jnp.concatenate([mix, cond[..., c:]], axis=-1)
 
   return guided
 
 
-def _velocity_fn(apply_fn, params, labels, cfg_scale, null_label):
+def _velocity_fn(apply_fn, params, labels, cfg_scale, null_label, cfg_channels=0):
   if cfg_scale != 1.0 and null_label is None:
     raise ValueError(f"flow: cfg_scale={cfg_scale} needs null_label (the model's null class)")
-  fn = classifier_free_guidance(apply_fn, cfg_scale=cfg_scale, null_label=null_label)
+  fn = classifier_free_guidance(
+    apply_fn, cfg_scale=cfg_scale, null_label=null_label, cfg_channels=cfg_channels
+  )
 
   def velocity(x, t):
     out = fn(params, x, jnp.full((x.shape[0],), t, jnp.float32), labels)
@@ -139,6 +154,7 @@ def sample_ode(
   method: str = "heun",
   cfg_scale: float = 1.0,
   null_label: int | None = None,
+  cfg_channels: int = 0,
 ) -> jax.Array:
   """Probability-flow ODE dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data), fixed grid.
 
@@ -147,7 +163,8 @@ def sample_ode(
 
   Args:
     x0: [B, ...] noise; rng: unused (deterministic), kept for the common sampler signature;
-    labels: [B] int; method: "euler" | "heun"; cfg_scale / null_label: guidance.
+    labels: [B] int; method: "euler" | "heun"; cfg_scale / null_label / cfg_channels: guidance
+      (`classifier_free_guidance`).
 
   Returns:
     [B, ...] samples at t = 1.
@@ -155,7 +172,7 @@ def sample_ode(
   del rng
   if method not in ("euler", "heun"):
     raise ValueError(f"sample_ode: method {method!r} is not 'euler' or 'heun'")
-  velocity = _velocity_fn(apply_fn, params, labels, cfg_scale, null_label)
+  velocity = _velocity_fn(apply_fn, params, labels, cfg_scale, null_label, cfg_channels)
   dt = 1.0 / num_steps
 
   def step(i, x):
@@ -180,6 +197,7 @@ def sample_sde(
   path: str = "linear",
   cfg_scale: float = 1.0,
   null_label: int | None = None,
+  cfg_channels: int = 0,
   diffusion_norm: float = 1.0,
   last_step_size: float = 0.04,
 ) -> jax.Array:
@@ -198,7 +216,7 @@ def sample_sde(
   """
   if not 0.0 < last_step_size < 1.0:
     raise ValueError(f"sample_sde: last_step_size must be in (0, 1), got {last_step_size}")
-  velocity = _velocity_fn(apply_fn, params, labels, cfg_scale, null_label)
+  velocity = _velocity_fn(apply_fn, params, labels, cfg_scale, null_label, cfg_channels)
   t_end = 1.0 - last_step_size
   dt = t_end / num_steps
 

@@ -10,7 +10,8 @@ Each step draws a candidate pool uniformly without replacement, samples p ~ Beta
 candidate (Thompson sampling) and keeps the batch whose p is closest to the target (0.5: a G=2
 pair carries signal with probability 2p(1-p), highest at 0.5).
 
-Against the released code (volcengine/verl recipe/mopps/mopps.py):
+Against the released code (github thu-rllab/MoPPS, recipe/ours/mopps.py `train`, a verl recipe;
+config recipe/ours/config/our_trainer.yaml):
   * The released config's default `bandit_decay_ratio` is 1.0 (no forgetting); METHODS.md and
     this module default to lam = 0.5.
   * The released update writes `... + s * n if n > 1 else 8`; the conditional binds to the whole

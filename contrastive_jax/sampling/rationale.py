@@ -154,6 +154,7 @@ def encode(
   init_cache: Callable,
   max_new_tokens: int,
   temperature: float = 1.0,
+  top_p: float = 1.0,
   greedy: bool = True,
   eos_ids: Sequence[int] | int = (),
   pad_id: int = 0,
@@ -161,7 +162,8 @@ def encode(
   segments: tuple[int, ...] = POOLED_SEGMENTS,
   embed_batch: int = 0,
 ) -> tuple[jax.Array, Completions | None]:
-  """GRACE's inference: one rationale per input (greedy or at `temperature`), then `embed`.
+  """GRACE's inference: one rationale per input (greedy, or sampled at `temperature` and
+  `top_p`), then `embed`.
 
   `max_new_tokens=0` embeds the prompt alone (the "no rationale" baseline) and returns None for
   the completions. Both pieces are jitted (`generate`, `embed`); shapes are static.
@@ -195,6 +197,7 @@ def encode(
     init_cache=init_cache,
     max_new_tokens=max_new_tokens,
     temperature=temperature,
+    top_p=top_p,
     greedy=greedy,
     eos_ids=tuple(eos_ids) if isinstance(eos_ids, Sequence) else eos_ids,
     pad_id=pad_id,

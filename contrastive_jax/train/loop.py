@@ -174,6 +174,23 @@ def run_evaluators(evaluators: Mapping[str, Evaluator], params, mesh=None) -> di
   return out
 
 
+def progress_label(config) -> str:
+  """The progress bar's label: the experiment, and the algorithm where it differs ("grpo sft")."""
+  algorithm = config.get("algorithm")
+  return config.experiment if algorithm in (None, config.experiment) else (
+    f"{config.experiment} {algorithm}"
+  )
+
+
+def restart_rate_clock(bar):
+  """Restarts a tqdm bar's clock at its current count: the first step of a run compiles (seconds
+  to minutes), and a rate that includes it puts the ETA far off for the rest of the run."""
+  done = bar.n
+  bar.reset(total=bar.total)
+  bar.n = bar.last_print_n = bar.initial = done
+  bar.refresh()
+
+
 def train(
   config,
   workdir: str,
@@ -244,7 +261,7 @@ def train(
   bar = tqdm(
     total=tc.steps,
     initial=start,
-    desc=config.experiment,
+    desc=progress_label(config),
     dynamic_ncols=True,
     disable=jax.process_index() != 0,
   )
@@ -262,6 +279,8 @@ def train(
     for hook in hooks:
       hook(step, state, metrics)
     bar.update(1)
+    if step == start + 1:
+      restart_rate_clock(bar)
     bar.set_postfix(loss=f"{loss:.4f}")
     if _due(step, tc.log_every) or step == tc.steps:
       now = time.perf_counter()

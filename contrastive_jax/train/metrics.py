@@ -51,6 +51,14 @@ def write_bytes(path, data: bytes | str) -> bool:
   return True
 
 
+EVAL_DIR = "eval"  # every experiment's evaluation records: <workdir>/eval/eval_<step>.json
+
+
+def eval_path(workdir, name: str) -> str:
+  """`<workdir>/eval/<name>`: the one place evaluation records, features and statistics go."""
+  return str(epath.Path(workdir) / EVAL_DIR / name)
+
+
 def write_json(path, obj, *, indent: int | None = 2) -> bool:
   """`obj` as JSON through `write_bytes` (atomic, process 0 only)."""
   return write_bytes(path, json.dumps(obj, indent=indent))

@@ -74,7 +74,8 @@ class PolicyOptSettings:
   group_size: G rollouts per prompt. max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id:
   the rollout sampler (training uses T = 1). epochs, minibatches: PPO passes and mini-batches per
   pass. clip_low, clip_high, aggregation ("grpo" | "dapo" | "dr_grpo"), kl_beta (k3 KL to the
-  reference): `policy_loss`. advantage_scale, advantage_std: `group_advantages`.
+  reference): `policy_loss`. advantage_scale, advantage_std: `group_advantages`; "dr_grpo"
+  requires advantage_scale "none" (Dr. GRPO is both; the mix raises a ValueError naming it).
   dynamic_sampling, max_refills: DAPO's filter of all-equal groups. overlong_penalty,
   overlong_cache: DAPO's soft length penalty (L_cache tokens of ramp before max_new_tokens).
   success_threshold: a rollout with reward >= it counts as correct (accuracy, posteriors).
@@ -111,6 +112,18 @@ class PolicyOptSettings:
   logprob_chunk: int = 0
   logprob_batch: int = 0
   update_microbatches: int = 1
+
+  def __post_init__(self):
+    # Dr. GRPO (arXiv 2503.20783, Sec. 3.1) removes both biases together: the 1/|o_i| length
+    # normalisation (aggregation "dr_grpo") and the std division (advantage_scale "none"). The
+    # loss alone with std scaling is neither method; refused rather than silently rewritten, so
+    # a config never runs something other than what it says.
+    if self.aggregation == "dr_grpo" and self.advantage_scale != "none":
+      raise ValueError(
+        f"aggregation='dr_grpo' is Dr. GRPO, which divides advantages by no std: set "
+        f"advantage_scale='none' (--config.policy.advantage_scale=none), got "
+        f"advantage_scale={self.advantage_scale!r}"
+      )
 
   @property
   def updates_per_step(self) -> int:
