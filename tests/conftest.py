@@ -47,3 +47,25 @@ def mesh8():
   from contrastive_jax.train.sharding import make_mesh
 
   return make_mesh({"data": 8})
+
+
+# Tests that take a minute or more on 2 cores (multi-process runs, experiment runs that train,
+# resume and evaluate) start first, so that `-n 2` does not end on one of them with the other
+# worker idle.
+_SLOW_FIRST = (
+  "test_multihost.py",
+  "test_eval_multihost.py",
+  "test_seal_experiment.py::test_train_resume",
+  "test_grace_experiment.py::test_grace_raises",
+  "test_dispersive_experiment.py::test_train_resume",
+  "test_chunked_logprobs.py::test_grpo_run",
+  "test_state.py::test_resume_after_kill",
+  "test_launch_scripts.py::test_slurm",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  def rank(item):
+    return next((i for i, key in enumerate(_SLOW_FIRST) if key in item.nodeid), len(_SLOW_FIRST))
+
+  items.sort(key=rank)  # stable: the rest keep their order

@@ -21,18 +21,16 @@ import multiprocess as mp
 
 # Training only (`eval_at_end=False`): the evaluation paths on two processes are
 # tests/test_eval_multihost.py's; a few steps are enough to catch a misplaced row or key.
-_NO_EVAL = ["--config.train.eval_every=0", "--config.train.eval_at_end=False",
-            "--config.train.log_every=1"]
+# Dispersive and GRACE training run the paths covered here by contrastive_digits (the loop and
+# its per-process data blocks) and GRPO (the policy step: rollouts, rewards, updates); they are
+# left out to keep the suite within its time budget on 2 cores.
 _TRAIN = {
   "contrastive_digits": ["--config=configs/contrastive_digits.py:test", "--config.train.steps=4",
                          *_NO_EVAL],
-  "dispersive": ["--config=configs/dispersive.py:test", "--config.train.steps=3",
-                 "--config.eval.classifier_steps=20", *_NO_EVAL],
   "grpo": ["--config=configs/grpo.py:test", "--config.policy.dynamic_sampling=True",
            "--config.train.steps=3", *_NO_EVAL],
-  "seal": ["--config=configs/seal.py:test", "--config.data.length_buckets=(8,16,24)",
+  "seal": ["--config=configs/seal.py:test", "--config.data.length_buckets=(12,24)",
            "--config.train.steps=3", *_NO_EVAL],
-  "grace": ["--config=configs/grace.py:test", "--config.train.steps=3", *_NO_EVAL],
 }
 
 
@@ -53,8 +51,6 @@ _RTOL = {"seal": 2e-3}
 @pytest.mark.parametrize("name", sorted(_TRAIN))
 def test_two_processes_give_the_metrics_of_one(name, tmp_path):
   args = _TRAIN[name]
-  if name == "dispersive":
-    args = [*args, f"--config.eval.classifier_cache={tmp_path / 'classifier'}"]
   two, one = tmp_path / "two", tmp_path / "one"
   (tmp_path / "logs2").mkdir()
   (tmp_path / "logs1").mkdir()
