@@ -24,6 +24,8 @@ import multiprocess as mp
 # Dispersive and GRACE training run the paths covered here by contrastive_digits (the loop and
 # its per-process data blocks) and GRPO (the policy step: rollouts, rewards, updates); they are
 # left out to keep the suite within its time budget on 2 cores.
+_NO_EVAL = ["--config.train.eval_every=0", "--config.train.eval_at_end=False",
+            "--config.train.log_every=1"]
 _TRAIN = {
   "contrastive_digits": ["--config=configs/contrastive_digits.py:test", "--config.train.steps=4",
                          *_NO_EVAL],

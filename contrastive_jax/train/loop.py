@@ -208,13 +208,15 @@ def train(
 
   Args:
     config: uses `seed`, `sharding_rules` and `train.{steps, log_every, eval_every,
-      eval_at_start, eval_at_end, checkpoint_every, keep_checkpoints, async_checkpoint, eval_with_ema}`.
+      eval_at_start, eval_at_end, checkpoint_every, keep_checkpoints, async_checkpoint,
+      eval_with_ema}`.
     init_state: rng -> TrainState whose params are `nn.LogicallyPartitioned` boxes.
     train_step: jitted here with the state's shardings and the state donated (`jit_step`), or
       called as given when the experiment compiles its own pieces (GRPO's rollout + updates).
     data: iterator of host batches (this process's rows) with grain's `get_state/set_state`.
     evaluators: name -> fn(params) -> metrics; run every `eval_every` steps and at the end
-      (unless `eval_at_end` is False), and on the initial parameters as step 0 with `eval_at_start` (not again on resume).
+      (unless `eval_at_end` is False), and on the initial parameters as step 0 with
+      `eval_at_start` (not again on resume).
     hooks: called as `hook(step, state, metrics)` after every step (profiling, tests).
     data_summary: what the data loaders read and skipped (e.g. `{file: {"kept": n, "skipped":
       {reason: n}}}`), written into this launch's record in `run_info.json`.
