@@ -20,16 +20,7 @@ from contrastive_jax.train.preflight import PreflightError
 from contrastive_jax.train.sharding import MeshError
 from contrastive_jax.train.state import CheckpointManager, CheckpointMismatchError, TrainState
 from contrastive_jax.weights.hf import WeightsError
-
-
-def _snapshot(path):
-  out = {}
-  for root, _, files in os.walk(path):
-    for name in files:
-      p = os.path.join(root, name)
-      with open(p, "rb") as f:
-        out[os.path.relpath(p, path)] = f.read()
-  return out
+from test_launch import _snapshot
 
 
 def _config(**train):
