@@ -32,7 +32,10 @@ def process_env(devices: int, extra: dict | None = None) -> dict:
   if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # the session's cache (tests/conftest.py)
     env["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
   env.update(
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=" ".join(
+      [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+      + [f"--xla_force_host_platform_device_count={devices}"]
+    ),
     JAX_PLATFORMS="cpu",
     PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
     TF_CPP_MIN_LOG_LEVEL="3",

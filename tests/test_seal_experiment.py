@@ -6,7 +6,6 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import plot_checks
 import pytest
@@ -17,7 +16,7 @@ from contrastive_jax.data.jsonl import DataError
 from contrastive_jax.data.seal_batches import SealBatches
 from contrastive_jax.evaluation.retrieval import retrieval_metrics
 from contrastive_jax.losses.seal import seal_loss
-from contrastive_jax.models.encoder import Encoder, EncoderConfig, pool
+from contrastive_jax.models.encoder import Encoder, pool
 from contrastive_jax.train import loop
 from contrastive_jax.train.sharding import host_to_global
 from contrastive_jax.train.state import CheckpointManager
@@ -26,28 +25,11 @@ from contrastive_jax.weights.hf import load_tokenizer
 from experiments import seal
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-  """A random 2-layer BERT (width 32) with all-MiniLM-L6-v2's tokenizer."""
-  path = tmp_path_factory.mktemp("tiny_bert")
-  cfg = EncoderConfig(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=64,
-  )
-  ids = jnp.zeros((1, 4), jnp.int32)
-  params = Encoder(cfg).init(jax.random.key(0), ids, jnp.ones_like(ids))
-  W.save_encoder(path, params, cfg, copy_from=W.minilm_model_dir())
-  return str(path)
-
-
-def _config(tiny_dir, steps, **loss):
+def _config(tiny_bert_dir, steps, **loss):
   config = get_config("test")
   config.unlock()
-  config.model.path = tiny_dir
-  config.data.records_cache = os.path.join(tiny_dir, "records.json")
+  config.model.path = tiny_bert_dir
+  config.data.records_cache = os.path.join(tiny_bert_dir, "records.json")
   config.train.steps = steps
   config.loss.update(loss)
   config.lock()
@@ -64,19 +46,19 @@ def _params(config, workdir):
   return jax.device_get(state.params), data_state
 
 
-def test_train_resume_bitwise_and_evaluate_from_checkpoint(tiny_dir, tmp_path):
+def test_train_resume_bitwise_and_evaluate_from_checkpoint(tiny_bert_dir, tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  seal.train(_config(tiny_dir, 4), straight)
+  seal.train(_config(tiny_bert_dir, 4), straight)
   os.makedirs(resumed)  # same mined negatives (mined once per workdir): copy instead of mining
   shutil.copy(os.path.join(straight, "seal_data.json"), resumed)
-  seal.train(_config(tiny_dir, 2), resumed)  # stops after the step-2 checkpoint
-  seal.train(_config(tiny_dir, 4), resumed)  # resumes at step 2
-  a, state_a = _params(_config(tiny_dir, 4), straight)
-  b, state_b = _params(_config(tiny_dir, 4), resumed)
+  seal.train(_config(tiny_bert_dir, 2), resumed)  # stops after the step-2 checkpoint
+  seal.train(_config(tiny_bert_dir, 4), resumed)  # resumes at step 2
+  a, state_a = _params(_config(tiny_bert_dir, 4), straight)
+  b, state_b = _params(_config(tiny_bert_dir, 4), resumed)
   assert state_a == state_b == {"position": 4}
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
-  base = W.load_encoder(tiny_dir)[1]
+  base = W.load_encoder(tiny_bert_dir)[1]
   moved = max(
     float(np.abs(np.asarray(x) - y).max())
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(base))
@@ -89,14 +71,14 @@ def test_train_resume_bitwise_and_evaluate_from_checkpoint(tiny_dir, tmp_path):
   assert {"dense_loss", "sal_loss", "eal_loss", "grad_norm", "lr"} <= set(rows[0])
 
   # Evaluate the checkpoint and recompute the metrics from embeddings by brute force.
-  config = _config(tiny_dir, 4)
+  config = _config(tiny_bert_dir, 4)
   results = seal.evaluate(config, straight)
   assert results["step"] == 4
   with open(os.path.join(straight, "eval", "eval_4.json")) as f:
     assert json.load(f) == results
   queries, docs, positives = seal._pairs(seal._records(config, "test"))
-  tok = load_tokenizer(tiny_dir)
-  enc_cfg = W.load_encoder(tiny_dir)[0]
+  tok = load_tokenizer(tiny_bert_dir)
+  enc_cfg = W.load_encoder(tiny_bert_dir)[0]
 
   def embed(texts, length):
     t = tok(texts, truncation=True, max_length=length, padding="max_length", return_tensors="np")
@@ -118,22 +100,22 @@ def test_train_resume_bitwise_and_evaluate_from_checkpoint(tiny_dir, tmp_path):
     assert bars[metric]["full"]["steps"] == [4] and bars[metric]["full"]["std"] == 0.0
 
 
-def test_zero_shot_evaluates_base_model(tiny_dir, tmp_path):
-  config = _config(tiny_dir, 4)
+def test_zero_shot_evaluates_base_model(tiny_bert_dir, tmp_path):
+  config = _config(tiny_bert_dir, 4)
   config.unlock()
   config.eval.zero_shot = True
   config.eval.untagged = False
   config.lock()
   # A zero-shot evaluation needs no checkpoint, so launch.py lets it start a workdir.
-  assert not seal.eval_needs_checkpoint(config) and seal.eval_needs_checkpoint(_config(tiny_dir, 4))
+  assert not seal.eval_needs_checkpoint(config) and seal.eval_needs_checkpoint(_config(tiny_bert_dir, 4))
   results = seal.evaluate(config, str(tmp_path / "new"))
   assert results["step"] == 0 and os.path.isfile(tmp_path / "new" / "eval" / "eval_zero_shot.json")
   assert 0 < results["eval/test/MRR@10"] <= 1
   assert results["eval/test/num_queries"] == len(seal._records(config, "test"))
 
 
-def test_views_are_pure_functions_of_seed_example_epoch(tiny_dir):
-  tok = load_tokenizer(tiny_dir)
+def test_views_are_pure_functions_of_seed_example_epoch(tiny_bert_dir):
+  tok = load_tokenizer(tiny_bert_dir)
   docs = [
     f"<div><p>doc {i}</p><ul><li>a {i}</li><li>b</li><li>c</li></ul><p>end</p></div>"
     for i in range(6)
@@ -195,11 +177,11 @@ def test_paper_preset_names_a_missing_data_file(tmp_path):
   assert data["groups"][0] == [0] + list(range(2, 11)) and data["groups"][1][8:] == [-1, -1]
 
 
-def test_local_and_global_negatives_in_the_step(tiny_dir):
+def test_local_and_global_negatives_in_the_step(tiny_bert_dir):
   """loss.negatives: "global" = InfoNCE of all 8 queries against all 16 passages; "local"
   (shard_map, gather=False) = the mean over the 8 devices of each device's 1 query against its
   own 2 passages. Dense term only, to keep the compile small."""
-  config = _config(tiny_dir, 4, sal_weight=0.0, eal_weight=0.0)
+  config = _config(tiny_bert_dir, 4, sal_weight=0.0, eal_weight=0.0)
   mesh, _, _, model, _, pretrained, _ = seal._setup(config)
   rng = np.random.default_rng(0)
   batch = {"q_ids": rng.integers(1000, 2000, (8, 10)), "p_ids": rng.integers(1000, 2000, (16, 10))}

@@ -158,9 +158,9 @@ def latent_source(data_cfg):
 
 def latent_batches(data_cfg, *, batch_size: int, seed: int):
   """Resumable iterator of {"image" [b, 32, 32, 4], "label" [b]} batches (this process's rows)."""
-  from contrastive_jax.data.pipeline import batched
+  from contrastive_jax.data.pipeline import batched, iterate
 
-  return iter(batched(latent_source(data_cfg), batch_size=batch_size, seed=seed).to_iter_dataset())
+  return iterate(batched(latent_source(data_cfg), batch_size=batch_size, seed=seed))
 
 
 def main():

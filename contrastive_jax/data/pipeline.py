@@ -53,8 +53,20 @@ def batched(source, *, batch_size: int, seed: int, shuffle: bool = True) -> grai
   return ds[i::n] if n > 1 else ds
 
 
+# grain's default ReadOptions run 16 threads that fill a buffer of 500 batches: on a laptop's two
+# cores those threads, contending for the GIL, took the CPU from the training step (a GRACE test
+# run spent 15% of its samples in `ShuffleMapDataset._shuffled_index` on prefetch threads). The
+# loop needs one batch per step and places the next one on the mesh itself (train/loop.py), so
+# a few batches ahead are enough.
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+
+def iterate(ds: grain.MapDataset):
+  """A resumable iterator over `ds` (grain's IterDataset; its state is the position)."""
+  return iter(ds.to_iter_dataset(READ_OPTIONS))
+
+
 def array_batches(arrays: Mapping[str, np.ndarray], *, batch_size: int, seed: int,
                   shuffle: bool = True):
   """A resumable iterator of batches (dicts of numpy arrays) from in-memory arrays."""
-  return iter(batched(_ArraySource(arrays), batch_size=batch_size, seed=seed,
-                      shuffle=shuffle).to_iter_dataset())
+  return iterate(batched(_ArraySource(arrays), batch_size=batch_size, seed=seed, shuffle=shuffle))
