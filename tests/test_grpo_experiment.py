@@ -135,8 +135,10 @@ def test_sharded_update_equals_single_device(mesh8):
     results.append((jax.device_get(state.params), jax.device_get(metrics)))
   (p1, m1), (p8, m8) = results
   assert 0 < m1["clip_fraction"] < 1
+  # Two Adam steps turn float32 reduction-order differences (1 vs 8 devices) into parameter
+  # differences of ~2e-6 (measured); a misplaced row or a missing all-reduce moves them by ~lr.
   for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
   for k in ("loss", "clip_fraction", "grad_norm"):
     np.testing.assert_allclose(m1[k], m8[k], rtol=1e-5, atol=1e-7)
 

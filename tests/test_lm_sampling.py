@@ -135,5 +135,6 @@ def test_sharded_generate_equals_single_device(tiny, mesh8):
   sharded = run(lm, params, jax.device_put(tokens, rows), jax.device_put(mask, rows), **settings)
   assert sharded.tokens.sharding.spec[0] == "data"
   np.testing.assert_array_equal(sharded.tokens, single.tokens)
-  np.testing.assert_allclose(sharded.logprobs, single.logprobs, atol=1e-6)
+  # float32 reduction order differs between 1 and 8 devices: up to 2.6e-6 measured.
+  np.testing.assert_allclose(sharded.logprobs, single.logprobs, atol=1e-5)
   np.testing.assert_array_equal(sharded.lengths, single.lengths)

@@ -47,7 +47,9 @@ def _assert_rows_close(a, b, rtol=1e-4):
 # SEAL's InfoNCE at temperature 0.05 multiplies similarities by 20 and Adam at lr 1e-3 follows
 # the sign of tiny gradients: its step-3 EAL loss moved by 3.9e-4 relative between the two runs
 # (steps 1-2 agree to 1e-4), so it gets 2e-3; a misaligned row would move it by percents.
-_RTOL = {"seal": 2e-3}
+# GRPO's step-3 loss moved by 2.3e-4 relative (the policy loss is a small difference of
+# clipped ratios, 0.0247), so it gets 1e-3.
+_RTOL = {"seal": 2e-3, "grpo": 1e-3}
 
 
 @pytest.mark.parametrize("name", sorted(_TRAIN))
