@@ -138,7 +138,10 @@ def get_config(preset: str = "cpu"):
                    remat="full", scan_layers=True, attention_impl="auto")  # as configs/grpo.py
     c.data.update(
       source="jsonl", train_file="data/e5/triplets.jsonl", max_text_tokens=512, train_size=0,
-      prompt_len=576,  # 512 text tokens + the chat template and system prompt (~46 tokens)
+      # 512 text tokens + the chat template and system prompt (~46 tokens), padded to 640:
+      # prompt 640 = 5 x 128 and prompt + 2048 = 2688 = 21 x 128, lengths splash attention takes
+      # on TPU (models/attention.py; else the XLA path).
+      prompt_len=640,
     )
     c.rollout.update(group_size=8, max_new_tokens=2048)
     c.policy.update(minibatches=4)  # 64 triplets per rollout batch, 16 per update
@@ -148,8 +151,9 @@ def get_config(preset: str = "cpu"):
     # (8 rows per device each), logits 256 positions at a time: 8 x 256 x V x (2 B bf16 + 4 B
     # float32) = 1.9 GB per device.
     c.policy.update(logprob_chunk=256, logprob_batch=64, update_microbatches=2)
-    # The reward embeds 512 d+ rationales x 2624 tokens: in one pass 53.2 GB per chip on a v5p-8
-    # (128 rows per chip); 64 rows per pass 8.6 GB (preflight --pieces reward_embed).
+    # The reward embeds 512 d+ rationales x 2688 tokens: in one pass 53.2 GB per chip on a v5p-8
+    # (128 rows per chip, measured at 2624 tokens, before the 640-token prompt); 64 rows per pass
+    # 8.6 GB (preflight --pieces reward_embed).
     c.reward.update(embed_batch=64)
     c.eval.update(max_docs=0, max_new_tokens=2048, batch_size=64, lm_tokens=512)
     # bf16 compute (model.dtype and train.compute_dtype), float32 master weights: the released

@@ -88,7 +88,10 @@ def get_config(preset: str = "cpu"):
     c.task.update(name="math_jsonl", style="chat", dataset="math",
                   train_file="data/math/train.jsonl", test_file="data/math/test500.jsonl",
                   train_size=0, test_size=0,
-                  max_prompt_len=1024)  # prompts padded to 1024 tokens (fixed shapes; preflight)
+                  # Prompts padded to 1096 tokens: fixed shapes (preflight), and 1096 + 3000 =
+                  # 4096 = 32 x 128, so the log-prob and update passes run splash attention on
+                  # TPU (models/attention.py: lengths multiples of 128; else the XLA path).
+                  max_prompt_len=1096)
     c.rollout.update(group_size=group, max_new_tokens=3000)
     c.policy.update(epochs=1, minibatches=1, clip_low=0.2, clip_high=0.28, kl_beta=0.0)
     # 512 rollouts of S ~ 0.5K prompt + 3000 tokens, V = 151936, rows over 8 devices. Whole
