@@ -50,7 +50,9 @@ Presets:
         10%, 2 epochs, temperature 0.02, group size 8, CLS pooling, normalised embeddings,
         cross-device negatives; the paper's global batch is not stated in what we could check, 16
         queries here (2 epochs of 23,816 queries = 2,977 steps). BGE-M3 passages up to 8192
-        tokens with dot_product_attention (flash attention on GPU) and remat.
+        tokens with fused attention ("auto": cuDNN on GPU, splash on TPU), so without
+        attention-probability dropout (FlagEmbedding keeps 0.1; `model.attention_dropout`), and
+        remat.
 """
 
 from configs.common import base_config, select_preset
@@ -66,6 +68,9 @@ def get_config(preset: str = "cpu"):
     # while attention-probability dropout is active (training with dropout=True), since no fused
     # kernel applies it; "cudnn" | "splash" | "xla" force a kernel (and skip that dropout).
     "attention_impl": "auto",
+    # Attention-probability dropout in training (config.json's rate, as FlagEmbedding's model
+    # in train mode); False keeps hidden dropout only, so "auto" can take a fused kernel.
+    "attention_dropout": True,
     "remat": "none",  # "none" | "full" | a policy of models/layers.py REMAT_POLICIES
     "scan_layers": False,
   }
@@ -153,8 +158,15 @@ def get_config(preset: str = "cpu"):
 
   def structdoc(c):
     c.model.update(
-      pooling="cls", dropout=True, attention_impl="dot_product_attention", remat="full",
+      pooling="cls", dropout=True, remat="full",
       scan_layers=True,  # one compiled layer (compile time and program size)
+      # Fused attention, so no attention-probability dropout: at 8192 tokens the materialised
+      # [rows, heads, L, L] scores of the XLA or einsum path took 371 GB per chip in the
+      # bge_m3 train step and 284 GB in mining on a v5p-8 (preflight, experiments/reports/
+      # scale.md); Pallas splash and cuDNN apply no dropout. FlagEmbedding trains XLM-R with
+      # attention_probs_dropout_prob 0.1 (HF sdpa passes dropout_p in train mode): a deviation,
+      # named; hidden dropout 0.1 stays. --config.model.attention_dropout=True restores it.
+      attention_impl="auto", attention_dropout=False,
     )
     c.loss.update(group_size=8, temperature=0.02)
     c.data.update(

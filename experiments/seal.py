@@ -42,8 +42,8 @@ from contrastive_jax.weights.hf import load_tokenizer
 def _encoder_overrides(config) -> dict:
   """EncoderConfig fields the config sets over the model's config.json."""
   m = config.model
-  return {"attention_impl": m.attention_impl, "remat": m.remat,
-          "scan_layers": m.get("scan_layers", False)}
+  return {"attention_impl": m.attention_impl, "attention_dropout": m.attention_dropout,
+          "remat": m.remat, "scan_layers": m.get("scan_layers", False)}
 
 
 def load_model(config):

@@ -1,5 +1,7 @@
 """Flax BERT / XLM-R encoder against `transformers` and sentence-transformers (PyTorch, CPU)."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -175,3 +177,31 @@ def test_dropout_switch_and_bfloat16_compute(tiny):
   assert half.dtype == jnp.bfloat16
   # Post-LN outputs have unit scale; bf16 keeps ~3 significant digits through 2 layers.
   assert np.abs(np.asarray(half, np.float32) - np.asarray(ref)).max() < 0.1
+
+
+def test_attention_dropout_switch_keeps_hidden_dropout_and_the_export(tiny, tmp_path):
+  config, params = W.load_encoder(tiny["bert"][1])
+  ids, mask, _ = _batch(config.pad_token_id)
+  rngs = {"dropout": jax.random.key(3)}
+  no_hidden = {**config.__dict__, "hidden_dropout_prob": 0.0}
+  ref = Encoder(config).apply(params, ids, mask)
+  # Hidden dropout off: with the switch off training mode is the deterministic output exactly,
+  # with it on attention dropout alone moves it.
+  off = Encoder(EncoderConfig(**{**no_hidden, "attention_dropout": False}))
+  np.testing.assert_allclose(off.apply(params, ids, mask, deterministic=False, rngs=rngs), ref,
+                             atol=1e-6)
+  on = Encoder(EncoderConfig(**no_hidden)).apply(params, ids, mask, deterministic=False, rngs=rngs)
+  assert np.abs(np.asarray(on - ref)).mean() > 1e-3  # 1.9e-3 measured; 0 when off
+  # The hidden dropout draw is the same with and without attention dropout's switch: with the
+  # attention rate at 0 the two configs give one output.
+  zero_attn = {**config.__dict__, "attention_probs_dropout_prob": 0.0}
+  a = Encoder(EncoderConfig(**{**config.__dict__, "attention_dropout": False}))
+  b = Encoder(EncoderConfig(**zero_attn))
+  np.testing.assert_array_equal(a.apply(params, ids, mask, deterministic=False, rngs=rngs),
+                                b.apply(params, ids, mask, deterministic=False, rngs=rngs))
+  # A switch of this code, not of the model: the exported config.json keeps the HF rate.
+  W.save_encoder(tmp_path / "out", params, a.config)
+  with open(tmp_path / "out" / "config.json") as f:
+    hf = json.load(f)
+  assert hf["attention_probs_dropout_prob"] == config.attention_probs_dropout_prob
+  assert "attention_dropout" not in hf

@@ -13,7 +13,8 @@ dtype. Sequence length is bounded only by the position table: a longer input rai
 
 Memory switches (not part of the HF format): `attention_impl` (`models.attention`: "auto" runs
 cuDNN flash attention on GPU, Pallas splash on TPU, XLA's O(L^2) path on CPU, and the einsum path
-whenever attention-probability dropout is active, since no fused kernel applies it); `remat`
+whenever attention-probability dropout is active, since no fused kernel applies it;
+`attention_dropout=False` turns that dropout off and keeps the fused kernel); `remat`
 ("none" | "full" | a `models.layers.REMAT_POLICIES` name; a bool means "none"/"full");
 `scan_layers` (layers under `nn.scan`, parameters stacked on a leading "layers" axis).
 """
@@ -61,6 +62,9 @@ class EncoderConfig:
   # is what jax.nn.dot_product_attention's default implementation runs. Only "einsum" (and
   # "auto", by choosing it) applies attention-probability dropout in training.
   attention_impl: str = "auto"
+  # False: no attention-probability dropout in training (hidden dropout stays), so "auto" can
+  # take a fused kernel; `attention_probs_dropout_prob` is kept for export.
+  attention_dropout: bool = True
   remat: str = "none"  # rematerialise each layer in the backward pass (long documents).
   scan_layers: bool = False
 
@@ -120,7 +124,7 @@ class EncoderConfig:
     out = {
       k: v
       for k, v in dataclasses.asdict(self).items()
-      if k not in ("attention_impl", "remat", "scan_layers")
+      if k not in ("attention_impl", "attention_dropout", "remat", "scan_layers")
     }
     return {**out, "architectures": [arch[self.model_type]], "position_embedding_type": "absolute"}
 
@@ -161,7 +165,7 @@ class EncoderLayer(nn.Module):
     k = _dense(heads, ("embed", "heads", "kv"), "key", dtype=dt)(x)
     v = _dense(heads, ("embed", "heads", "kv"), "value", dtype=dt)(x)
     probs_dropout = None
-    if not deterministic and cfg.attention_probs_dropout_prob > 0:
+    if not deterministic and cfg.attention_dropout and cfg.attention_probs_dropout_prob > 0:
       drop = nn.Dropout(cfg.attention_probs_dropout_prob)
       probs_dropout = lambda p: drop(p, deterministic=False)
     ctx = attention(
