@@ -4,6 +4,9 @@ at a time and renders the rows as the Markdown table of experiments/reports/scal
   nice -n 10 python benchmarks/preflight_scale.py run --out runs/scale/after \\
       --rows qwen25_math_g2@v5p-8 qwen25_math_g2@v5p-64 ...
   python benchmarks/preflight_scale.py table --out runs/scale/after [--before runs/scale/before]
+  python benchmarks/preflight_scale.py run --out runs/scale/mesh16x2 --rows bge_m3_structdoc@v5p-64 \
+      --override=--config.mesh.data=1 --override=--config.mesh.fsdp=16 \
+      --override=--config.mesh.tensor=2
 
 A row is PRESET@TOPOLOGY; each writes <out>/<preset>@<topology>/preflight.json and a log beside
 it. `table` reads whatever JSON is there (a row still compiling is listed as missing) and, with
@@ -145,7 +148,10 @@ def main():
   p_run = sub.add_parser("run")
   p_run.add_argument("--out", required=True)
   p_run.add_argument("--rows", nargs="+", required=True, help="PRESET@TOPOLOGY ...")
-  p_run.add_argument("--override", nargs="*", default=[], help="--config.x=y flags for all rows")
+  # One flag per use, `=` attached (argparse reads a bare "--config..." as an option of its own):
+  #   --override=--config.mesh.fsdp=16 --override=--config.mesh.tensor=2
+  p_run.add_argument("--override", action="append", default=[],
+                     help="a --config.x=y flag for all rows, as --override=--config.x=y")
   p_run.add_argument("--pieces", default="", help="comma list: compile only these pieces")
   p_table = sub.add_parser("table")
   p_table.add_argument("--out", required=True)
