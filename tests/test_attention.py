@@ -154,6 +154,26 @@ def test_splash_under_a_context_mesh_runs_per_device():
   np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref)[real], atol=2e-5)
 
 
+def test_auto_on_cpu_under_a_mesh_at_splash_lengths_equals_einsum_for_every_call():
+  """CPU, "auto", a context mesh and lengths splash takes: platform_dependent traces the TPU
+  branch too, and the cached kernel must not carry one trace's arrays into the next (it did:
+  UnexpectedTracerError on a 2-layer encoder at 128 tokens)."""
+  q, k, v = _qkv(2, 128, 128, h=2, kv=2, seed=6)
+  mask, _, real = _masks("encoder", 2, 128, 128)
+  ref = attention(q, k, v, key_mask=mask, implementation="einsum")
+
+  def two_layers(q, k, v, m):  # two calls in one trace, as two encoder layers
+    out = attention(q, k, v, key_mask=m)
+    return attention(out, k, v, key_mask=m)
+
+  with jax.set_mesh(make_mesh({"data": 1}, jax.devices()[:1])):
+    once = jax.jit(lambda q, k, v, m: attention(q, k, v, key_mask=m))(q, k, v, mask)
+    twice = jax.jit(two_layers)(q, k, v, mask)
+  np.testing.assert_allclose(np.asarray(once)[real], np.asarray(ref)[real], atol=2e-5)
+  want = attention(ref, k, v, key_mask=mask, implementation="einsum")
+  np.testing.assert_allclose(np.asarray(twice)[real], np.asarray(want)[real], atol=2e-5)
+
+
 def test_auto_lowers_to_the_splash_kernel_for_a_tpu_topology():
   """AOT compile for a 4-chip TPU v5e mesh (no TPU present): auto picks the Mosaic splash kernel,
   per device under the context mesh, forward and backward."""

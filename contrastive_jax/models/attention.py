@@ -130,13 +130,18 @@ def _splash_kernel(heads, q_len, kv_len, causal, offset, interpret):
     block_q_dq=bq,
     block_kv_dq=bkv,
   )
-  return sa.make_splash_mha(
-    sa.MultiHeadMask([one] * heads),
-    block_sizes=blocks,
-    head_shards=1,
-    q_seq_shards=1,
-    interpret=interpret,
-  )
+  # The kernel's mask tables are arrays: built under a trace they would be that trace's
+  # tracers, and this cache would hand them to the next trace (UnexpectedTracerError, e.g. when
+  # "auto"'s platform_dependent traces the TPU branch of a CPU program twice). Built eagerly
+  # they are constants every trace can close over.
+  with jax.ensure_compile_time_eval():
+    return sa.make_splash_mha(
+      sa.MultiHeadMask([one] * heads),
+      block_sizes=blocks,
+      head_shards=1,
+      q_seq_shards=1,
+      interpret=interpret,
+    )
 
 
 def _splash_local(q, k, v, key_mask, *, causal, query_offset, interpret):
