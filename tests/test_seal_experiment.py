@@ -108,7 +108,7 @@ def test_train_resume_bitwise_and_evaluate_from_checkpoint(tiny_bert_dir, tmp_pa
   assert "eval/test_untagged/page/NDCG@10" in results
   # The report's bar plot reads the same record.
   bars = plot_checks.draw("seal", {"full": straight}, tmp_path / "plots")["seal_retrieval.png"]
-  for metric in ("MRR@10", "NDCG@10"):
+  for metric in ("MRR@10", "NDCG@10", "page/NDCG@10"):
     assert bars[metric]["full"]["per_seed"] == [results[f"eval/test/{metric}"]]
     assert bars[metric]["full"]["steps"] == [4] and bars[metric]["full"]["std"] == 0.0
 
