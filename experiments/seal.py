@@ -9,7 +9,10 @@ with the records in `<workdir>/seal_data.json`; each epoch draws G-1 of it per e
 (`data.negative_sampling`), so a resumed run trains on exactly the same data. Evaluation (in the
 loop and in `--mode eval`, also of the base model with `eval.zero_shot=True`) encodes the test
 corpus in sharded batches and ranks it exactly: MRR@10, HitRate@1/5/10, NDCG@10, Recall@100, on
-the tagged documents and on their tag-stripped text.
+the tagged documents and on their tag-stripped text, each document truncated to
+`data.passage_max_length` tokens. With `eval.page_chunks = N > 0` each document (page) is also
+cut into up to N consecutive passages of that length and ranked by its best passage
+(`max_chunk_top_k`): the same metrics under `eval/<corpus>/page/...`.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from contrastive_jax.data import offline_docs, structdoc
-from contrastive_jax.data.seal_batches import SealBatches, tokenize
-from contrastive_jax.evaluation.retrieval import embedding_retrieval_metrics, encode_corpus
+from contrastive_jax.data.seal_batches import SealBatches, tokenize, tokenize_chunks
+from contrastive_jax.evaluation.retrieval import (
+  embedding_retrieval_metrics,
+  encode_corpus,
+  page_retrieval_metrics,
+)
 from contrastive_jax.losses.seal import seal_loss
 from contrastive_jax.models.encoder import Encoder, pool
 from contrastive_jax.train import loop, sharding
@@ -135,6 +142,19 @@ def encode_texts(embed, params, tokenizer, texts, *, max_length, batch_size, mes
     return sharding.to_host(embed(params, ids, mask))
 
   return encode_corpus(fn, texts, batch_size=batch_size)
+
+
+def encode_token_rows(embed, params, ids, mask, *, batch_size, mesh):
+  """[len(ids), D] embeddings of already tokenised rows (int [N, L] ids and mask), batched and
+  fed per process as `encode_texts`."""
+  batch_size = sharding.round_to_batch_devices(batch_size, mesh)
+
+  def fn(rows):
+    rows = np.asarray(rows)[sharding.process_slice(len(rows), mesh)]
+    batch = sharding.host_to_global((ids[rows], mask[rows]), mesh)
+    return sharding.to_host(embed(params, *batch))
+
+  return encode_corpus(fn, list(range(len(ids))), batch_size=batch_size, sort_by_length=False)
 
 
 def _prepare_data(config, workdir, model, params, tokenizer, mesh):
@@ -279,15 +299,30 @@ def make_evaluators(config, model, tokenizer, mesh):
   if config.eval.untagged:
     corpora["test_untagged"] = [structdoc.tag_stripped_view(d) for d in docs]
 
+  page_chunks = config.eval.page_chunks
+  if page_chunks < 0:
+    raise ValueError(f"eval.page_chunks={page_chunks}: 0 (off) or the most chunks per page")
+
   def evaluator(texts):
+    length = config.data.passage_max_length
+    # Chunk 0 of a page is its truncated passage, so one encoding serves both rankings.
+    chunks = (
+      tokenize_chunks(tokenizer, texts, max_length=length, max_chunks=page_chunks)
+      if page_chunks
+      else None
+    )
+
     def run(params):
       q = encode_texts(
         embed, params, tokenizer, queries, max_length=config.data.query_max_length, **kw
       )
-      d = encode_texts(
-        embed, params, tokenizer, texts, max_length=config.data.passage_max_length, **kw
-      )
-      return embedding_retrieval_metrics(q, d, positives)
+      if chunks is None:
+        d = encode_texts(embed, params, tokenizer, texts, max_length=length, **kw)
+        return embedding_retrieval_metrics(q, d, positives)
+      c = encode_token_rows(embed, params, chunks["ids"], chunks["mask"], **kw)
+      out = embedding_retrieval_metrics(q, c[chunks["first"]], positives)
+      page = page_retrieval_metrics(q, c, chunks["owner"], positives, num_pages=len(texts))
+      return out | {f"page/{k}": v for k, v in page.items()} | {"page/chunks": float(len(c))}
 
     return run
 

@@ -13,7 +13,7 @@ import pytest
 from configs.seal import get_config
 from contrastive_jax.data import offline_docs, structdoc
 from contrastive_jax.data.jsonl import DataError
-from contrastive_jax.data.seal_batches import SealBatches
+from contrastive_jax.data.seal_batches import SealBatches, tokenize_chunks
 from contrastive_jax.evaluation.retrieval import retrieval_metrics
 from contrastive_jax.losses.seal import seal_loss
 from contrastive_jax.models.encoder import Encoder, pool
@@ -93,9 +93,22 @@ def test_train_resume_bitwise_and_evaluate_from_checkpoint(tiny_bert_dir, tmp_pa
   r = 1 + np.argmax(ranks == positives[:, None], axis=1)  # 1-based rank of each positive
   assert results["eval/test/MRR@10"] == pytest.approx(np.mean(np.where(r <= 10, 1 / r, 0)))
   assert "eval/test_untagged/NDCG@10" in results
+  # Pages (eval.page_chunks=3 on the test preset): each page scored by its best chunk.
+  chunks = tokenize_chunks(tok, docs, max_length=24, max_chunks=3)
+  h = Encoder(enc_cfg).apply(a, chunks["ids"], chunks["mask"])
+  c = np.asarray(pool(h, chunks["mask"], kind="mean"))
+  assert results["eval/test/page/chunks"] == len(c) > len(docs)
+  chunk_scores = embed(queries, 12) @ c.T
+  page_scores = np.stack(
+    [chunk_scores[:, chunks["owner"] == p].max(1) for p in range(len(docs))], axis=1
+  )
+  expected = retrieval_metrics(np.argsort(-page_scores, axis=1, kind="stable"), positives)
+  for k in ("MRR@10", "HitRate@1", "NDCG@10"):
+    assert results[f"eval/test/page/{k}"] == pytest.approx(expected[k], abs=1e-6), k
+  assert "eval/test_untagged/page/NDCG@10" in results
   # The report's bar plot reads the same record.
   bars = plot_checks.draw("seal", {"full": straight}, tmp_path / "plots")["seal_retrieval.png"]
-  for metric in ("MRR@10", "NDCG@10"):
+  for metric in ("MRR@10", "NDCG@10", "page/NDCG@10"):
     assert bars[metric]["full"]["per_seed"] == [results[f"eval/test/{metric}"]]
     assert bars[metric]["full"]["steps"] == [4] and bars[metric]["full"]["std"] == 0.0
 

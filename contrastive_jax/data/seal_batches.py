@@ -54,6 +54,60 @@ def tokenize(tokenizer, texts, *, max_length: int, length_buckets=()) -> dict[st
   return {"ids": out_ids, "mask": out_mask}
 
 
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+  """(prefix, suffix) special-token ids a single sequence gets ([CLS] / [SEP], <s> / </s>)."""
+  content = tokenizer("a", add_special_tokens=False)["input_ids"]
+  full = tokenizer("a")["input_ids"]
+  for i in range(len(full) - len(content) + 1):
+    if full[i : i + len(content)] == content:
+      return full[:i], full[i + len(content) :]
+  raise ValueError(f"tokenizer puts no plain copy of {content} in {full}: cannot chunk")
+
+
+def tokenize_chunks(tokenizer, texts, *, max_length: int, max_chunks: int) -> dict[str, np.ndarray]:
+  """Each text as consecutive passages of `max_length` tokens, for page-level evaluation.
+
+  A text's content tokens (no truncation) are cut into windows of `max_length - s` tokens (s =
+  special tokens per sequence), each wrapped in the special tokens as `tokenize` wraps one text;
+  at most `max_chunks` windows per text, from its start. Chunk 0 of a text therefore equals
+  `tokenize(tokenizer, [text], max_length=max_length)` (its truncated passage), and the chunks
+  of a text read together give its first `max_chunks * (max_length - s)` tokens. A text with no
+  content token still gets one chunk (the special tokens alone).
+
+  Returns:
+    {"ids", "mask"} int32 [C, max_length] (padded), "owner" int32 [C] (the text of each chunk,
+    ascending), "first" int32 [len(texts)] (each text's chunk 0).
+  """
+  if max_chunks < 1:
+    raise ValueError(f"tokenize_chunks: max_chunks={max_chunks} must be >= 1")
+  prefix, suffix = _special_tokens(tokenizer)
+  width = max_length - len(prefix) - len(suffix)
+  if width < 1:
+    raise ValueError(
+      f"tokenize_chunks: max_length={max_length} leaves no room beside "
+      f"{len(prefix) + len(suffix)} special tokens"
+    )
+  # verbose=False: the page is longer than the model's maximum on purpose.
+  content = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+  rows, owner, first = [], [], []
+  for t, ids in enumerate(content):
+    first.append(len(rows))
+    for start in range(0, max(len(ids), 1), width)[:max_chunks]:
+      rows.append(prefix + list(ids[start : start + width]) + suffix)
+      owner.append(t)
+  out_ids = np.full((len(rows), max_length), tokenizer.pad_token_id, np.int32)
+  out_mask = np.zeros((len(rows), max_length), np.int32)
+  for i, row in enumerate(rows):
+    out_ids[i, : len(row)] = row
+    out_mask[i, : len(row)] = 1
+  return {
+    "ids": out_ids,
+    "mask": out_mask,
+    "owner": np.array(owner, np.int32),
+    "first": np.array(first, np.int32),
+  }
+
+
 class SealBatches:
   """Iterator of host batches for SEAL; `get_state()/set_state()` make resume exact.
 

@@ -208,6 +208,64 @@ def retrieval_metrics(rankings, relevant) -> dict[str, float]:
   }
 
 
+@functools.partial(jax.jit, static_argnames=("num_pages", "k"))
+def _page_top_k(query_emb, chunk_emb, chunk_page, num_pages, k):
+  scores = jnp.einsum("qd,cd->cq", query_emb, chunk_emb, preferred_element_type=jnp.float32)
+  # A page without chunks gets the identity of max, -inf, and ranks last.
+  pages = jax.ops.segment_max(scores, chunk_page, num_segments=num_pages).T
+  return jax.lax.top_k(pages, k)  # equal scores in position order: ascending page index
+
+
+def max_chunk_top_k(
+  query_emb, chunk_emb, chunk_page, num_pages: int, k: int, *, query_batch: int = 256
+):
+  """Pages ranked by their best chunk: score(q, page) = max over its chunks c of <q, c>.
+
+  The MaxP aggregation of Dai & Callan (SIGIR 2019, "Deeper Text Understanding for IR with
+  Contextual Neural Language Modeling"): a page longer than the encoder's window is split into
+  passages, and a page is as relevant as its most relevant passage.
+
+  Args:
+    query_emb: [Q, D]; chunk_emb: [C, D]; chunk_page: int [C], the page of each chunk, in
+      [0, num_pages).
+    k: number of pages returned, 1 <= k <= num_pages.
+    query_batch: queries scored at once (memory O(query_batch * (C + num_pages))).
+
+  Returns:
+    (scores float32 [Q, k], page indices int32 [Q, k]), best first, ties by ascending index.
+  """
+  chunk_page = np.asarray(chunk_page)
+  if chunk_page.shape != (chunk_emb.shape[0],):
+    raise ValueError(
+      f"max_chunk_top_k: chunk_page {chunk_page.shape} for chunk_emb "
+      f"{chunk_emb.shape}: one page index per chunk"
+    )
+  if chunk_page.size and not 0 <= chunk_page.min() <= chunk_page.max() < num_pages:
+    raise ValueError(
+      f"max_chunk_top_k: page indices in [{chunk_page.min()}, "
+      f"{chunk_page.max()}], outside [0, {num_pages})"
+    )
+  if not 1 <= k <= num_pages:
+    raise ValueError(f"max_chunk_top_k: k={k} must be in [1, {num_pages}] (pages)")
+  q = np.asarray(query_emb)
+  n = q.shape[0]
+  block = min(query_batch, n)
+  q = np.pad(q, ((0, (-n) % block), (0, 0)))  # one compiled shape for every block
+  out = [
+    _page_top_k(q[i : i + block], chunk_emb, chunk_page, num_pages, k)
+    for i in range(0, q.shape[0], block)
+  ]
+  scores, ids = (np.concatenate([np.asarray(o[j]) for o in out])[:n] for j in (0, 1))
+  return scores, ids
+
+
+def page_retrieval_metrics(query_emb, chunk_emb, chunk_page, relevant, *, num_pages: int):
+  """`retrieval_metrics` of the pages ranked by their best chunk (`max_chunk_top_k`);
+  `relevant` names pages, in any form `retrieval_metrics` takes."""
+  _, ids = max_chunk_top_k(query_emb, chunk_emb, chunk_page, num_pages, min(100, num_pages))
+  return retrieval_metrics(ids, relevant)
+
+
 def embedding_retrieval_metrics(
   query_emb, doc_emb, relevant, *, batch_size: int = 4096, mesh=None, corpus_axis=None
 ) -> dict[str, float]:

@@ -11,7 +11,8 @@ Each `--arm NAME=GLOB` is one curve (or bar); the workdirs its glob matches are 
 is drawn, per kind:
   grpo        held-out greedy accuracy (`eval/*/greedy_accuracy` rows) against steps, rollouts
               (`rollouts_total` of the step's training row) and wall-clock (`time/elapsed_s`)
-  seal        MRR@10 and NDCG@10 of each seed's latest evaluation record, bars by arm
+  seal        MRR@10 and NDCG@10 of each seed's latest evaluation record, bars by arm (and
+              the page-level NDCG@10 when the records have it)
   grace       training reward, rationale length and truncated share against steps
   dispersive  FD-digits or FID (`eval/*/fd_digits`, `eval/*/fid` rows) against steps
 A curve is the mean over seeds at the steps every seed logged, the band mean +- the sample std
@@ -33,6 +34,7 @@ KINDS = ("grpo", "seal", "grace", "dispersive")
 GRPO_X = {"steps": "step", "rollouts": "rollouts_total", "wall-clock s": "time/elapsed_s"}
 GRACE_Y = ("reward", "response_length_mean", "truncated_fraction")
 SEAL_Y = ("MRR@10", "NDCG@10")
+SEAL_PAGE_Y = ("page/NDCG@10",)
 
 
 def read_rows(workdir: str) -> list[dict]:
@@ -178,23 +180,28 @@ def plot(kind: str, arms: dict[str, list[str]], out: str) -> dict:
 
 def seal_bars(arms) -> dict:
   """{metric: {arm: {"mean", "std", "seeds", "per_seed", "steps"}}} from each seed's latest
-  evaluation record (the zero-shot record is step 0), tagged test corpus."""
-  out = {m: {} for m in SEAL_Y}
+  evaluation record (the zero-shot record is step 0), tagged test corpus; also the page-level
+  NDCG@10 (`eval.page_chunks`) when every record has it."""
+  latest = {}
   for arm, workdirs in arms.items():
-    latest = []
+    latest[arm] = []
     for w in workdirs:
       records = read_eval_records(w)
       if not records:
         raise FileNotFoundError(f"{w}: no eval/eval_*.json record")
-      latest.append(records[-1])
-    for m in SEAL_Y:
-      values = np.array([r[f"eval/test/{m}"] for r in latest], np.float64)
+      latest[arm].append(records[-1])
+  every = [r for rs in latest.values() for r in rs]
+  metrics = SEAL_Y + tuple(m for m in SEAL_PAGE_Y if all(f"eval/test/{m}" in r for r in every))
+  out = {m: {} for m in metrics}
+  for arm, records in latest.items():
+    for m in metrics:
+      values = np.array([r[f"eval/test/{m}"] for r in records], np.float64)
       out[m][arm] = {
         "mean": float(values.mean()),
         "seeds": len(values),
         "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
         "per_seed": values.tolist(),
-        "steps": [r["step"] for r in latest],
+        "steps": [r["step"] for r in records],
       }
   return out
 
