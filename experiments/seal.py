@@ -125,6 +125,18 @@ def make_embed(model, config, mesh):
   return embed
 
 
+def _encode_rows(embed, params, items, arrays, *, batch_size, mesh, sort_by_length):
+  """Embeddings of `items` in sharded calls: each process turns only its own rows of a batch
+  into (ids, mask) with `arrays(rows)` and feeds them (`host_to_global`); see `encode_texts`."""
+  batch_size = sharding.round_to_batch_devices(batch_size, mesh)
+
+  def fn(batch):
+    ids, mask = arrays(batch[sharding.process_slice(len(batch), mesh)])
+    return sharding.to_host(embed(params, *sharding.host_to_global((ids, mask), mesh)))
+
+  return encode_corpus(fn, items, batch_size=batch_size, sort_by_length=sort_by_length)
+
+
 def encode_texts(embed, params, tokenizer, texts, *, max_length, batch_size, mesh):
   """[len(texts), D] embeddings (whole on every process), sharded calls of `batch_size` texts.
 
@@ -133,28 +145,22 @@ def encode_texts(embed, params, tokenizer, texts, *, max_length, batch_size, mes
   and feeds only its own rows of each batch (`host_to_global`); every process passes the same
   `texts`. The length is fixed (`max_length`), so every process builds the same shape.
   """
-  batch_size = sharding.round_to_batch_devices(batch_size, mesh)
 
-  def fn(batch):
-    rows = batch[sharding.process_slice(len(batch), mesh)]
+  def arrays(rows):
     enc = tokenize(tokenizer, rows, max_length=max_length)
-    ids, mask = sharding.host_to_global((enc["ids"], enc["mask"]), mesh)
-    return sharding.to_host(embed(params, ids, mask))
+    return enc["ids"], enc["mask"]
 
-  return encode_corpus(fn, texts, batch_size=batch_size)
+  return _encode_rows(embed, params, texts, arrays, batch_size=batch_size, mesh=mesh,
+                      sort_by_length=True)
 
 
 def encode_token_rows(embed, params, ids, mask, *, batch_size, mesh):
   """[len(ids), D] embeddings of already tokenised rows (int [N, L] ids and mask), batched and
   fed per process as `encode_texts`."""
-  batch_size = sharding.round_to_batch_devices(batch_size, mesh)
-
-  def fn(rows):
-    rows = np.asarray(rows)[sharding.process_slice(len(rows), mesh)]
-    batch = sharding.host_to_global((ids[rows], mask[rows]), mesh)
-    return sharding.to_host(embed(params, *batch))
-
-  return encode_corpus(fn, list(range(len(ids))), batch_size=batch_size, sort_by_length=False)
+  return _encode_rows(
+    embed, params, list(range(len(ids))), lambda rows: (ids[rows], mask[rows]),
+    batch_size=batch_size, mesh=mesh, sort_by_length=False,
+  )
 
 
 def _prepare_data(config, workdir, model, params, tokenizer, mesh):
