@@ -86,6 +86,7 @@ def make_model(config):
     num_classes=m.num_classes,
     learn_sigma=m.learn_sigma,
     remat=m.get("remat", "none"),
+    scan_layers=m.get("scan_layers", False),
     interval_embedding=m.kind == "meanflow",
   )
   if not uses_repa(config):

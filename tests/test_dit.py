@@ -116,6 +116,45 @@ def test_sharded_forward_and_grad_equal_single_device(params):
     np.testing.assert_allclose(g, e, rtol=2e-4, atol=1e-6)
 
 
+def test_scanned_blocks_equal_the_python_loop_in_value_blocks_and_gradient(params):
+  # remat "full" under the scan too: both switches together are what the ImageNet presets run.
+  from contrastive_jax.models.layers import stack_layers, unstack_layers
+
+  x, t, y = _inputs()
+  target = jax.random.normal(jax.random.key(4), (8, 8, 8, 8))
+  plain, scanned = DiT(**TINY), DiT(**{**TINY, "scan_layers": True, "remat": "full"})
+  stacked = {"params": stack_layers(params["params"], 2, prefix="block_", name="blocks")}
+  abstract = jax.eval_shape(lambda: scanned.init(jax.random.key(0), x, t, y, train=False))
+  assert jax.tree.structure(nn.unbox(abstract)) == jax.tree.structure(stacked)
+
+  def loss_fn(model):
+    def f(p, x, t, y):
+      out, blocks = model.apply(p, x, t, y, train=False, return_blocks=(0, 1))
+      return jnp.mean((out - target) ** 2) + jnp.mean(blocks[0] ** 2), (out, blocks)
+
+    return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+  (v0, (out0, b0)), g0 = loss_fn(plain)(params, x, t, y)
+  (v1, (out1, b1)), g1 = loss_fn(scanned)(stacked, x, t, y)
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  np.testing.assert_allclose(out1, out0, rtol=1e-5, atol=1e-6)
+  for i in (0, 1):
+    np.testing.assert_allclose(b1[i], b0[i], rtol=1e-5, atol=1e-6)
+  g1 = {"params": unstack_layers(g1["params"], 2, prefix="block_", name="blocks")}
+  for a, e in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-6)
+  # Sharded over (data 2, fsdp 2, tensor 2): the stacked axis is replicated, the rest split.
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  shardings = logical_shardings(abstract, mesh)
+  qkv = shardings["params"]["blocks"]["attn"]["qkv"]["kernel"].spec
+  assert tuple(qkv) == (None, "fsdp", None, "tensor", None)
+  batch = (batch_sharding(mesh, 4), batch_sharding(mesh, 1), batch_sharding(mesh, 1))
+  out2, _ = jax.jit(
+    lambda p, x, t, y: scanned.apply(p, x, t, y, train=False), in_shardings=(shardings, *batch)
+  )(jax.device_put(stacked, shardings), x, t, y)
+  np.testing.assert_allclose(out2, out0, rtol=1e-5, atol=1e-6)
+
+
 def test_s2_parameter_count_matches_dit_paper():
   model = DiT(**dit_config("S/2"))
   abstract = jax.eval_shape(

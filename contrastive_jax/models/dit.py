@@ -111,11 +111,17 @@ class Attention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-  """adaLN-Zero block: x += gate * f(modulate(LN(x))), for f = attention then MLP (DiT Fig. 3)."""
+  """adaLN-Zero block: x += gate * f(modulate(LN(x))), for f = attention then MLP (DiT Fig. 3).
+
+  `scan_ys` None: `__call__(x, c) -> x`. True/False: the body of an `nn.scan` over blocks,
+  `(x, c) -> (x, x)` when the scan must stack every block's output (some were asked for), else
+  `(x, None)`.
+  """
 
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
+  scan_ys: bool | None = None
 
   @nn.compact
   def __call__(self, x, c):
@@ -129,7 +135,10 @@ class DiTBlock(nn.Module):
     h = _modulate(_layer_norm(self.dtype)(x), shift_mlp, scale_mlp)
     h = _dense(int(width * self.mlp_ratio), ("embed", "mlp"), dtype=self.dtype, name="fc1")(h)
     h = _dense(width, ("mlp", "embed"), dtype=self.dtype, name="fc2")(nn.gelu(h, approximate=True))
-    return x + gate_mlp[:, None] * h
+    x = x + gate_mlp[:, None] * h
+    if self.scan_ys is None:
+      return x
+    return x, (x if self.scan_ys else None)
 
 
 class DiT(nn.Module):
@@ -146,7 +155,12 @@ class DiT(nn.Module):
   with that probability using the "dropout" rng. `return_blocks` lists block indices (0-based,
   activation = that block's output) or is "all"; they come from the same forward pass.
   `remat` ("none" | "full" | a `models.layers.REMAT_POLICIES` name) rematerialises each block
-  in the backward pass; the returned block activations are unaffected.
+  in the backward pass; the returned block activations are unaffected. `scan_layers` runs the
+  blocks under `nn.scan` (one compiled block whatever the depth, as MaxText's `scan_layers`;
+  parameters under "blocks", stacked on a leading "layers" axis: `models.layers.stack_layers(
+  params, depth, prefix="block_", name="blocks")` converts a Python-loop checkpoint). With
+  `return_blocks` the scan keeps every block's output, [depth, B, T, D] in the compute dtype
+  (1.1 GB per chip for XL/2 at 64 bf16 images), then picks the asked ones.
   """
 
   input_size: int = 32
@@ -162,6 +176,7 @@ class DiT(nn.Module):
   interval_embedding: bool = False
   dtype: jnp.dtype = jnp.float32
   remat: str = "none"
+  scan_layers: bool = False
 
   @property
   def out_channels(self) -> int:
@@ -244,11 +259,24 @@ class DiT(nn.Module):
     c = temb + table(self._labels(y, train, force_drop))
 
     blocks = {}
-    block_cls = remat_block(DiTBlock, remat_name(self.remat, "DiT"))
-    for i in range(self.depth):
-      h = block_cls(self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(h, c)
-      if i in return_blocks:
-        blocks[i] = h
+    remat = remat_name(self.remat, "DiT")
+    if self.scan_layers:
+      collect = bool(return_blocks)
+      h, ys = nn.scan(
+        remat_block(DiTBlock, remat, scanned=True),
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=nn.broadcast,
+        length=self.depth,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )(self.num_heads, self.mlp_ratio, self.dtype, collect, name="blocks")(h, c)
+      blocks = {i: ys[i] for i in return_blocks}
+    else:
+      block_cls = remat_block(DiTBlock, remat)
+      for i in range(self.depth):
+        h = block_cls(self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(h, c)
+        if i in return_blocks:
+          blocks[i] = h
 
     mod = _dense(
       (2, width),
