@@ -161,7 +161,12 @@ def get_config(preset: str = "cpu"):
       num_classes=1000,
       learn_sigma=True,
       mlp_ratio=4.0,
+      # One scanned block (XL/2's TPU compile here: 6152 s unrolled, about 200 s scanned). A
+      # scanned backward keeps every residual of every block, so dots_saveable (matmul outputs
+      # kept, elementwise recomputed) comes with it: XL/2 at 64 images per v5p chip takes
+      # 51.6 GB (40.0 GB unrolled without remat); experiments/reports/scale.md.
       scan_layers=True,
+      remat="dots_saveable",
       **dit_config(size),
     )
     c.data.update(name="imagenet_latents")

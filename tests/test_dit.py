@@ -117,12 +117,12 @@ def test_sharded_forward_and_grad_equal_single_device(params):
 
 
 def test_scanned_blocks_equal_the_python_loop_in_value_blocks_and_gradient(params):
-  # remat "full" under the scan too: both switches together are what the ImageNet presets run.
+  # remat under the scan too: both switches together are what the ImageNet presets run.
   from contrastive_jax.models.layers import stack_layers, unstack_layers
 
   x, t, y = _inputs()
   target = jax.random.normal(jax.random.key(4), (8, 8, 8, 8))
-  plain, scanned = DiT(**TINY), DiT(**{**TINY, "scan_layers": True, "remat": "full"})
+  plain, scanned = DiT(**TINY), DiT(**{**TINY, "scan_layers": True, "remat": "dots_saveable"})
   stacked = {"params": stack_layers(params["params"], 2, prefix="block_", name="blocks")}
   abstract = jax.eval_shape(lambda: scanned.init(jax.random.key(0), x, t, y, train=False))
   assert jax.tree.structure(nn.unbox(abstract)) == jax.tree.structure(stacked)
