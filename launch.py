@@ -48,6 +48,10 @@ from contrastive_jax.train import hosts, run_info
 STRUCTURAL_KEYS = ("model", "optim.name")
 # Model keys that change memory and speed but not the parameters: free to change on resume.
 RUNTIME_MODEL_KEYS = ("model.remat", "model.attention_impl")
+# Keys added to the configs after runs were saved without them, with the value such a run had
+# (the experiments' `m.get(key, default)`): a saved config lacking one reads as that value, so a
+# run saved by an older version resumes and evaluates unless the key really changes.
+ABSENT_MEANS = {"model.scan_layers": False}
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "FILE:PRESET of an ml_collections config.",
@@ -111,6 +115,19 @@ def _lookup(d: dict, dotted: str):
       return None
     d = d[part]
   return d
+
+
+def _with_absent(saved, new, prefix: str):
+  """`saved` (the saved config's entry at `prefix`) with the `ABSENT_MEANS` keys it lacks and
+  the new config (`new`, the same entry) has."""
+  if not isinstance(saved, dict) or not isinstance(new, dict):
+    return saved
+  saved = dict(saved)
+  for key, value in ABSENT_MEANS.items():
+    head, _, leaf = key.rpartition(".")
+    if head == prefix and leaf not in saved and leaf in new:
+      saved[leaf] = value
+  return saved
 
 
 def _diff(old, new, prefix=""):
@@ -177,7 +194,8 @@ def check_workdir(config, workdir, *, resuming: bool = True) -> None:
     )
   changed = []
   for key in STRUCTURAL_KEYS:
-    changed += _diff(_lookup(saved, key), _lookup(new, key), key)
+    new_entry = _lookup(new, key)
+    changed += _diff(_with_absent(_lookup(saved, key), new_entry, key), new_entry, key)
   changed = [c for c in changed if c.split(":")[0] not in RUNTIME_MODEL_KEYS]
   if changed:
     raise WorkdirError(

@@ -209,6 +209,19 @@ def test_resume_with_another_batch_size_is_refused(trained_workdir):
   )
 
 
+def test_a_run_saved_before_model_scan_layers_existed_resumes_unless_it_changes(tmp_path):
+  from configs.dispersive import get_config as dispersive_config
+
+  saved = json.loads(dispersive_config("test").to_json_best_effort())
+  del saved["model"]["scan_layers"]  # a config.json written before the key was added
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  launch.check_workdir(dispersive_config("test"), str(tmp_path))  # False: what that run had
+  scanned = dispersive_config("test")
+  scanned.model.scan_layers = True
+  with pytest.raises(launch.WorkdirError, match=r"changed: model\.scan_layers: False -> True\."):
+    launch.check_workdir(scanned, str(tmp_path))
+
+
 def test_config_json_without_checkpoints_allows_new_sizes(tmp_path):
   (tmp_path / "config.json").write_text(get_config("test").to_json_best_effort())
   launch.check_workdir(_config(steps=40, batch_size=64), str(tmp_path))  # nothing to resume
