@@ -31,6 +31,7 @@ the workdir is created for its records.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib
 import importlib.util
@@ -117,16 +118,14 @@ def _lookup(d: dict, dotted: str):
   return d
 
 
-def _with_absent(saved, new, prefix: str):
-  """`saved` (the saved config's entry at `prefix`) with the `ABSENT_MEANS` keys it lacks and
-  the new config (`new`, the same entry) has."""
-  if not isinstance(saved, dict) or not isinstance(new, dict):
-    return saved
-  saved = dict(saved)
+def _with_absent(saved: dict, new: dict) -> dict:
+  """A copy of `saved` with each `ABSENT_MEANS` key it lacks and `new` has set to its value."""
+  saved = copy.deepcopy(saved)
   for key, value in ABSENT_MEANS.items():
     head, _, leaf = key.rpartition(".")
-    if head == prefix and leaf not in saved and leaf in new:
-      saved[leaf] = value
+    parent = _lookup(saved, head)
+    if isinstance(parent, dict) and leaf not in parent and _lookup(new, key) is not None:
+      parent[leaf] = value
   return saved
 
 
@@ -193,9 +192,9 @@ def check_workdir(config, workdir, *, resuming: bool = True) -> None:
       f"{new['experiment']!r}; use another --workdir"
     )
   changed = []
+  filled = _with_absent(saved, new)
   for key in STRUCTURAL_KEYS:
-    new_entry = _lookup(new, key)
-    changed += _diff(_with_absent(_lookup(saved, key), new_entry, key), new_entry, key)
+    changed += _diff(_lookup(filled, key), _lookup(new, key), key)
   changed = [c for c in changed if c.split(":")[0] not in RUNTIME_MODEL_KEYS]
   if changed:
     raise WorkdirError(

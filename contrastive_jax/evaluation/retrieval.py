@@ -251,6 +251,7 @@ def max_chunk_top_k(
   n = q.shape[0]
   block = min(query_batch, n)
   q = np.pad(q, ((0, (-n) % block), (0, 0)))  # one compiled shape for every block
+  chunk_emb, chunk_page = jnp.asarray(chunk_emb), jnp.asarray(chunk_page)  # one transfer
   out = [
     _page_top_k(q[i : i + block], chunk_emb, chunk_page, num_pages, k)
     for i in range(0, q.shape[0], block)

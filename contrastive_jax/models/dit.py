@@ -258,7 +258,6 @@ class DiT(nn.Module):
     )
     c = temb + table(self._labels(y, train, force_drop))
 
-    blocks = {}
     remat = remat_name(self.remat, "DiT")
     if self.scan_layers:
       collect = bool(return_blocks)
@@ -272,6 +271,7 @@ class DiT(nn.Module):
       )(self.num_heads, self.mlp_ratio, self.dtype, collect, name="blocks")(h, c)
       blocks = {i: ys[i] for i in return_blocks}
     else:
+      blocks = {}
       block_cls = remat_block(DiTBlock, remat)
       for i in range(self.depth):
         h = block_cls(self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(h, c)
