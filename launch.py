@@ -43,7 +43,9 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from contrastive_jax.train import hosts, run_info
+from contrastive_jax import hosts
+from contrastive_jax.io import workdir_path
+from contrastive_jax.train import run_info
 
 # Keys whose change makes a checkpoint in the workdir unusable (besides `experiment`).
 STRUCTURAL_KEYS = ("model", "optim.name")
@@ -140,7 +142,7 @@ def _diff(old, new, prefix=""):
 
 def checkpoint_steps(workdir) -> list[int]:
   """Committed checkpoint steps in `workdir/checkpoints` (Orbax names them by the step)."""
-  directory = hosts.workdir_path(workdir) / "checkpoints"
+  directory = workdir_path(workdir) / "checkpoints"
   if not directory.is_dir():
     return []
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
@@ -150,7 +152,7 @@ def saved_config(workdir) -> dict | None:
   """The config of the run in `workdir`: the newest checkpoint's own copy, else `config.json`;
   None for a fresh workdir. The checkpoint's copy is what its state was trained with, and it is
   there even when `config.json` was lost."""
-  root = hosts.workdir_path(workdir)
+  root = workdir_path(workdir)
   for step in reversed(checkpoint_steps(root)):
     path = root / "checkpoints" / str(step) / "config" / "metadata"  # Orbax's JSON item file
     try:
@@ -257,7 +259,7 @@ def main(argv):
   if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   hosts.start()
-  config, workdir = FLAGS.config, hosts.workdir_path(FLAGS.workdir)
+  config, workdir = FLAGS.config, workdir_path(FLAGS.workdir)
   # Same config and device count on every process: each reaches the same verdict.
   validate_config(config, num_devices=jax.device_count(), training=FLAGS.mode == "train")
   module, error = None, None

@@ -47,7 +47,8 @@ from contrastive_jax.losses.meanflow import guided_velocity, meanflow_loss
 from contrastive_jax.models.dit import DiT, dit_config, sincos_pos_embed_2d
 from contrastive_jax.sampling.flow import flow_matching_batch
 from contrastive_jax.sampling.meanflow import meanflow_batch
-from contrastive_jax.train.preflight import compiled_flops, mfu_text
+from contrastive_jax.train.chips import mfu_text
+from contrastive_jax.train.preflight import compiled_flops
 
 NUM_CLASSES = 1000
 

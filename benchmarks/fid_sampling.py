@@ -37,7 +37,7 @@ def worker(args):
   sys.path.insert(0, ROOT)
   from configs.dispersive import get_config
   from contrastive_jax.evaluation import generative
-  from contrastive_jax.train.sharding import make_mesh
+  from contrastive_jax.sharding import make_mesh
   from experiments.dispersive import make_model
 
   c = get_config("cpu")

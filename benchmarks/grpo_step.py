@@ -26,10 +26,11 @@ import optax
 from _peer import add_torch_device_arg, smollm2_shaped_hf_dir, sync, torch_device
 
 from contrastive_jax.models.decoder import DecoderLM
+from contrastive_jax.sharding import make_mesh
+from contrastive_jax.train.chips import mfu_text
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
 from contrastive_jax.train.policy_pieces import policy_pieces
-from contrastive_jax.train.preflight import _cost, compile_piece, mfu_text
-from contrastive_jax.train.sharding import make_mesh
+from contrastive_jax.train.preflight import _cost, compile_piece
 from contrastive_jax.train.state import TrainState
 from contrastive_jax.weights.decoder import load_decoder
 from contrastive_jax.weights.gguf import gguf_to_hf_dir

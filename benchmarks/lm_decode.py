@@ -26,7 +26,8 @@ from _peer import TINY_LLAMA, add_torch_device_arg, smollm2_shaped_hf_dir, sync,
 
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.lm import generate
-from contrastive_jax.train.preflight import compiled_flops, mfu_text
+from contrastive_jax.train.chips import mfu_text
+from contrastive_jax.train.preflight import compiled_flops
 from contrastive_jax.weights.decoder import load_decoder
 from contrastive_jax.weights.gguf import gguf_to_hf_dir
 

@@ -25,8 +25,8 @@ import numpy as np
 
 from configs.dispersive import get_config
 from contrastive_jax.models.dit import dit_config
+from contrastive_jax.sharding import host_to_global
 from contrastive_jax.train import loop
-from contrastive_jax.train.sharding import host_to_global
 from experiments import dispersive
 
 

@@ -85,9 +85,12 @@ def main():
   from sentence_transformers import SentenceTransformer, losses
 
   from configs.seal import get_config
+  from contrastive_jax import sharding
   from contrastive_jax.data.seal_batches import tokenize
-  from contrastive_jax.train import loop, sharding
-  from contrastive_jax.train.preflight import compiled_flops, mfu_text
+  from contrastive_jax.train import loop
+  from contrastive_jax.train import step as step_lib
+  from contrastive_jax.train.chips import mfu_text
+  from contrastive_jax.train.preflight import compiled_flops
   from experiments import seal
 
   if args.single_thread:
@@ -107,7 +110,7 @@ def main():
   _, tx, schedule, model, enc_cfg, pretrained, tokenizer = seal._setup(config)
   state = loop.initialize_state(seal._init_fn(enc_cfg, pretrained, tx), jax.random.PRNGKey(0), mesh)
   step = jax.jit(
-    loop.make_train_step(
+    step_lib.make_train_step(
       functools.partial(seal.loss_fn, model=model, config=config, mesh=mesh), lr_schedule=schedule
     ),
     donate_argnums=0,

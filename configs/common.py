@@ -24,7 +24,7 @@ def base_config(experiment: str) -> ml_collections.ConfigDict:
   # how many TPU slices (DCN-linked) that axis spans, the rest of it within a slice (ICI); their
   # product is the slice count, e.g. dcn_data=2 on two v5p-128 slices; all 1 on one slice.
   c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
-  # (logical axis, mesh axes) pairs; empty means contrastive_jax.train.sharding.DEFAULT_RULES.
+  # (logical axis, mesh axes) pairs; empty means contrastive_jax.sharding.DEFAULT_RULES.
   c.sharding_rules = ()
   c.train = dict(
     # On resume, a changed `steps` is accepted only under optim.schedule="constant" (cosine and
@@ -153,7 +153,7 @@ def validate_config(config, *, num_devices: int | None = None, training: bool = 
     )
   if num_devices is None:
     return
-  from contrastive_jax.train.sharding import (
+  from contrastive_jax.sharding import (
     MESH_AXES,
     MeshError,
     check_batch_divides,

@@ -8,12 +8,14 @@ import json
 import jax
 import jax.numpy as jnp
 
+from contrastive_jax import sharding
 from contrastive_jax.data.digits import load_digits
 from contrastive_jax.data.pipeline import array_batches
+from contrastive_jax.io import eval_path, is_writer, write_json
 from contrastive_jax.losses.contrastive import info_nce
 from contrastive_jax.models.mlp import MLPEncoder
-from contrastive_jax.train import loop, sharding
-from contrastive_jax.train.metrics import eval_path, is_writer, write_json
+from contrastive_jax.train import loop
+from contrastive_jax.train import step as step_lib
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.state import TrainState
 
@@ -84,7 +86,7 @@ def train(config, workdir):
 
 
 def _train_step(config, model, schedule):
-  return loop.make_train_step(
+  return step_lib.make_train_step(
     functools.partial(loss_fn, model=model, config=config),
     lr_schedule=schedule,
     grad_accum_steps=config.train.grad_accum_steps,

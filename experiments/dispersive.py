@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from contrastive_jax import sharding
 from contrastive_jax.evaluation import generative
+from contrastive_jax.io import is_writer
 from contrastive_jax.losses.dispersive import dispersive_loss
 from contrastive_jax.losses.meanflow import guided_velocity, meanflow_loss
 from contrastive_jax.losses.repa import repa_loss
@@ -36,8 +38,8 @@ from contrastive_jax.models.projector import MLPProjector, WithProjector
 from contrastive_jax.sampling.ddpm import ddpm_training_batch
 from contrastive_jax.sampling.flow import flow_matching_batch
 from contrastive_jax.sampling.meanflow import meanflow_batch
-from contrastive_jax.train import loop, sharding
-from contrastive_jax.train.metrics import is_writer
+from contrastive_jax.train import loop
+from contrastive_jax.train import step as step_lib
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.state import TrainState
 
@@ -300,7 +302,7 @@ def make_train_step(config, model, mesh, schedule, *, workdir=None):
 
     encode, name = repa_encoder(config, workdir)
     print(f"REPA: lambda {config.repa.weight}, block {config.repa.block}, encoder {name}")
-  return loop.make_train_step(
+  return step_lib.make_train_step(
     functools.partial(loss_fn, model=model, config=config, mesh=mesh, encode=encode),
     lr_schedule=schedule,
     grad_accum_steps=config.train.grad_accum_steps,

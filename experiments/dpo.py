@@ -20,16 +20,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contrastive_jax import sharding
 from contrastive_jax.data.char_vocab import left_pad, right_pad
 from contrastive_jax.data.pipeline import array_batches
 from contrastive_jax.data.reasoning import load_preference_jsonl
+from contrastive_jax.io import eval_path, is_writer, write_json
 from contrastive_jax.losses.policy import dpo_loss
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.lm import sequence_logprobs
-from contrastive_jax.train import loop, sharding
-from contrastive_jax.train.metrics import eval_path, is_writer, write_json
+from contrastive_jax.sharding import place
+from contrastive_jax.train import loop
+from contrastive_jax.train import step as step_lib
 from contrastive_jax.train.optim import make_optimizer
-from contrastive_jax.train.sharding import place
 from experiments import policy_setup as setup
 
 
@@ -165,7 +167,7 @@ def make_step(config, lm, schedule=None):
   loss_fn = lambda params, batch, rng: dpo_pair_loss(
     lm, params, batch, beta=lc.beta, loss_type=lc.loss_type, label_smoothing=lc.label_smoothing,
     length_normalize=lc.length_normalize, chunk=lc.logprob_chunk)
-  return loop.make_train_step(loss_fn, lr_schedule=schedule,
+  return step_lib.make_train_step(loss_fn, lr_schedule=schedule,
                               grad_accum_steps=config.train.grad_accum_steps,
                               compute_dtype=config.train.compute_dtype)
 

@@ -26,16 +26,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contrastive_jax import sharding
 from contrastive_jax.data import grace as grace_data
 from contrastive_jax.data.offline_docs import pydoc_documents
 from contrastive_jax.data.pipeline import array_batches
 from contrastive_jax.evaluation.grace_eval import DecoderHidden, GraceEvaluator, eos_ids
+from contrastive_jax.evaluation.retrieval import exact_top_k
+from contrastive_jax.io import eval_path, is_writer, write_json
 from contrastive_jax.losses.contrastive import info_nce
 from contrastive_jax.losses.grace import grace_reward, grace_unsupervised_reward
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.rationale import SEGMENT_TEXT, embed, encode
-from contrastive_jax.train import loop, sharding
-from contrastive_jax.train.metrics import eval_path, is_writer, write_json
+from contrastive_jax.train import loop
+from contrastive_jax.train import step as step_lib
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
 from contrastive_jax.weights import gguf as gguf_lib
@@ -75,7 +78,9 @@ def train_triplets(config, records):
     triplets = grace_data.load_triplets_jsonl(d.train_file)
   elif d.source == "offline":
     train = [r for r in records if r["split"] == "train"]
-    triplets, _ = grace_data.offline_triplets(train, max_chars=d.max_chars, seed=d.seed)
+    triplets, _ = grace_data.offline_triplets(
+      train, top_k=exact_top_k, max_chars=d.max_chars, seed=d.seed
+    )
   else:
     raise ValueError(f"data.source={d.source!r}; expected 'offline' or 'jsonl'")
   return triplets[: d.train_size] if d.train_size else triplets
@@ -291,7 +296,7 @@ def train(config, workdir):
   arrays = {
     f"{k}_{f}": v[f] for k, v in b["prompts"].items() for f in ("tokens", "mask", "segments")
   }
-  step = loop.make_train_step(
+  step = step_lib.make_train_step(
     functools.partial(
       infonce_loss, hidden=DecoderHidden(b["dcfg"]), temperature=config.infonce.temperature
     ),
@@ -385,7 +390,7 @@ def preflight_pieces(config, mesh):
   if config.algorithm == "infonce":
     batch = {f"{name}_{f}": ((bsz, p), jnp.int32) for name in ("q", "pos", "neg")
              for f in ("tokens", "mask", "segments")}
-    step = loop.make_train_step(
+    step = step_lib.make_train_step(
       functools.partial(infonce_loss, hidden=DecoderHidden(dcfg),
                         temperature=config.infonce.temperature),
       grad_accum_steps=config.train.grad_accum_steps, compute_dtype=config.train.compute_dtype,

@@ -20,12 +20,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from contrastive_jax import sharding
 from contrastive_jax.data.char_vocab import right_pad
 from contrastive_jax.data.pipeline import array_batches
+from contrastive_jax.io import eval_path, is_writer, write_json
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.lm import sequence_logprobs
-from contrastive_jax.train import loop, policy_pieces, sharding
-from contrastive_jax.train.metrics import eval_path, is_writer, write_json
+from contrastive_jax.train import loop, policy_pieces
+from contrastive_jax.train import step as step_lib
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
 from experiments import policy_setup as setup
@@ -98,7 +100,7 @@ def train(config, workdir):
   lm = DecoderLM(b["dcfg"])
   if config.algorithm == "sft":
     loss = functools.partial(sft_loss, lm=lm, chunk=config.policy.logprob_chunk)
-    step = loop.make_train_step(loss, lr_schedule=b["schedule"],
+    step = step_lib.make_train_step(loss, lr_schedule=b["schedule"],
                                 grad_accum_steps=config.train.grad_accum_steps,
                                 compute_dtype=config.train.compute_dtype)
     return loop.train(config, workdir, init_state=b["init_state"], train_step=step,
@@ -180,7 +182,7 @@ def preflight_pieces(config, mesh):
     sft = _sft_data(config, codec)
     b, first = config.train.batch_size, next(iter(sft))
     batch = {k: ((b, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in first.items()}
-    step = loop.make_train_step(functools.partial(sft_loss, lm=lm),
+    step = step_lib.make_train_step(functools.partial(sft_loss, lm=lm),
                                 grad_accum_steps=config.train.grad_accum_steps,
                                 compute_dtype=config.train.compute_dtype)
     return {"train_step": preflight.train_step_piece(

@@ -18,11 +18,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from contrastive_jax import sharding
 from contrastive_jax.data import policy_tasks
 from contrastive_jax.data.char_vocab import CharVocab
 from contrastive_jax.evaluation.policy_eval import policy_evaluator
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
-from contrastive_jax.train import loop, sharding
+from contrastive_jax.train import loop
 from contrastive_jax.train.state import CheckpointManager, TrainState
 from contrastive_jax.weights import gguf as gguf_lib
 from contrastive_jax.weights import published_configs

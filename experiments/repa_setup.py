@@ -55,7 +55,7 @@ def repa_encoder(config, workdir: str | None):
     )
     return encode, name
 
-  from contrastive_jax.evaluation.generative import load_callable
+  from contrastive_jax.callables import load_callable
   from contrastive_jax.models.vit import DinoV2, dinov2_inputs
   from contrastive_jax.weights.dinov2 import load_dinov2
 

@@ -29,17 +29,20 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from contrastive_jax.data import offline_docs, structdoc
+from contrastive_jax import sharding
+from contrastive_jax.data import html_views, mining, offline_docs, structdoc
 from contrastive_jax.data.seal_batches import SealBatches, tokenize, tokenize_chunks
 from contrastive_jax.evaluation.retrieval import (
   embedding_retrieval_metrics,
   encode_corpus,
+  exact_top_k,
   page_retrieval_metrics,
 )
+from contrastive_jax.io import eval_path, is_writer, write_json
 from contrastive_jax.losses.seal import seal_loss
 from contrastive_jax.models.encoder import Encoder, pool
-from contrastive_jax.train import loop, sharding
-from contrastive_jax.train.metrics import eval_path, is_writer, write_json
+from contrastive_jax.train import loop
+from contrastive_jax.train import step as step_lib
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.state import TrainState
 from contrastive_jax.weights import encoder as W
@@ -81,7 +84,7 @@ def _offline_records(config):
       names=list(d.modules) or None, max_chars=d.max_doc_chars, test_fraction=d.test_fraction
     )
   elif d.source == "packages":
-    records, _ = structdoc.package_documents(test_fraction=d.test_fraction)
+    records, _ = offline_docs.package_documents(test_fraction=d.test_fraction)
   else:
     raise ValueError(f"data.source={d.source!r}: use 'pydoc', 'packages' or 'jsonl'")
   if d.records_cache and jax.process_index() == 0:
@@ -202,10 +205,11 @@ def _prepare_data(config, workdir, model, params, tokenizer, mesh):
     d_emb = encode_texts(
       embed, params, tokenizer, docs, max_length=config.data.passage_max_length, **kw
     )
-    negs, _ = structdoc.mine_hard_negatives(
+    negs, _ = mining.mine_hard_negatives(
       q_emb,
       d_emb,
       positives[:, None],
+      top_k=exact_top_k,
       num_negatives=pool,
       rank_window=tuple(config.data.mine_window),
       rng=config.seed,
@@ -303,7 +307,7 @@ def make_evaluators(config, model, tokenizer, mesh):
   kw = {"batch_size": config.eval.batch_size, "mesh": mesh}
   corpora = {"test": docs}
   if config.eval.untagged:
-    corpora["test_untagged"] = [structdoc.tag_stripped_view(d) for d in docs]
+    corpora["test_untagged"] = [html_views.tag_stripped_view(d) for d in docs]
 
   page_chunks = config.eval.page_chunks
   if page_chunks < 0:
@@ -360,7 +364,7 @@ def train(config, workdir):
     length_buckets=tuple(d.length_buckets),
     row_slice=sharding.process_slice(config.train.batch_size),
   )
-  step = loop.make_train_step(
+  step = step_lib.make_train_step(
     functools.partial(loss_fn, model=model, config=config, mesh=mesh),
     lr_schedule=schedule,
     grad_accum_steps=config.train.grad_accum_steps,
@@ -441,7 +445,7 @@ def preflight_pieces(config, mesh):
   for key in ("p", *(v[0] for v in _views(config))):
     batch |= {f"{key}_ids": ((b * g, d.passage_max_length), jnp.int32),
               f"{key}_mask": ((b * g, d.passage_max_length), jnp.int32)}
-  step = loop.make_train_step(
+  step = step_lib.make_train_step(
     functools.partial(loss_fn, model=model, config=config, mesh=mesh),
     lr_schedule=schedule,
     grad_accum_steps=config.train.grad_accum_steps,

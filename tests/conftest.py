@@ -48,7 +48,7 @@ _load_benchmarks_peer()
 @pytest.fixture(scope="session")
 def mesh8():
   """The 8 fake devices as a (data=8, fsdp=1, tensor=1) mesh."""
-  from contrastive_jax.train.sharding import make_mesh
+  from contrastive_jax.sharding import make_mesh
 
   return make_mesh({"data": 8})
 

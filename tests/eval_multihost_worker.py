@@ -1,7 +1,7 @@
 """One process of `test_eval_multihost.py`: the evaluation paths on a mesh spanning processes.
 
 Started N times with JAX's variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-JAX_PROCESS_ID) and D CPU devices each; joins with `train.hosts.start` (gloo), then runs, on the
+JAX_PROCESS_ID) and D CPU devices each; joins with `hosts.start` (gloo), then runs, on the
 (data = N * D) mesh: sharded sampling (`generative.generate`), SEAL corpus encoding
 (`experiments.seal.encode_texts`, each process tokenising its own rows), a SEAL batch with
 length buckets placed with `host_to_global`, an HF export of parameters sharded over both
@@ -17,9 +17,11 @@ import sys
 
 import numpy as np
 
+from contrastive_jax import io as cj_io
+
 
 def main(out: str):
-  from contrastive_jax.train import hosts
+  from contrastive_jax import hosts
 
   hosts.start()
   import eval_multihost_inputs as inputs
@@ -28,10 +30,10 @@ def main(out: str):
 
   from configs.dispersive import get_config as dispersive_config
   from configs.seal import get_config as seal_config
+  from contrastive_jax import sharding
   from contrastive_jax.data.seal_batches import SealBatches
   from contrastive_jax.evaluation import generative
   from contrastive_jax.models.encoder import Encoder, EncoderConfig
-  from contrastive_jax.train import metrics, sharding
   from contrastive_jax.weights import encoder as W
   from contrastive_jax.weights.hf import load_tokenizer
   from experiments import seal
@@ -56,7 +58,7 @@ def main(out: str):
     model, model_cfg=c.model, eval_cfg=c.eval, path="linear", mesh=mesh
   )
   images, _ = generative.generate(sample, params, mesh=mesh, **inputs.GENERATE)
-  metrics.write_npz(os.path.join(out, "samples.npz"), images=images)
+  cj_io.write_npz(os.path.join(out, "samples.npz"), images=images)
   seen["samples_checksum"] = float(np.abs(images).sum())
 
   # SEAL encoding: each process tokenises and feeds its own rows of every batch.
@@ -75,7 +77,7 @@ def main(out: str):
     recording, replicated(enc_params), tok, inputs.TEXTS, max_length=16,
     batch_size=5, mesh=mesh,
   )  # fmt: skip
-  metrics.write_npz(os.path.join(out, "seal_embeddings.npz"), emb=emb)
+  cj_io.write_npz(os.path.join(out, "seal_embeddings.npz"), emb=emb)
   seen["seal_fed_shards"] = fed
 
   # SEAL batches with length buckets: this process's rows only, one global shape.
@@ -107,7 +109,7 @@ def main(out: str):
 
   # Every process writes the same eval record many times: only process 0's writes land.
   for i in range(50):
-    metrics.write_json(
+    cj_io.write_json(
       os.path.join(out, "eval", "eval_3.json"), {"i": i, "by": jax.process_index()}
     )
 

@@ -1,4 +1,4 @@
-"""The one atomic writer (`train.metrics.write_bytes` and its JSON / npz / PNG forms)."""
+"""The one atomic writer (`io.write_bytes` and its JSON / npz / PNG forms)."""
 
 import io
 import json
@@ -9,14 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from contrastive_jax.train import metrics
+from contrastive_jax import io as cj_io
 
 
 def _hammer(path: str, writer: int, times: int, barrier) -> None:
   # Same payload size from both writers, so a torn or interleaved file would fail to parse.
   barrier.wait()
   for i in range(times):
-    metrics.write_json(path, {"writer": writer, "i": i, "pad": "x" * 4096})
+    cj_io.write_json(path, {"writer": writer, "i": i, "pad": "x" * 4096})
 
 
 def test_two_processes_racing_on_one_path_leave_one_valid_file(tmp_path):
@@ -42,22 +42,22 @@ def test_npz_and_png_round_trip(tmp_path):
   from PIL import Image
 
   a, b = np.arange(12, dtype=np.float32).reshape(3, 4), np.array([1, 2, 3], np.int32)
-  assert metrics.write_npz(tmp_path / "f.npz", samples=a, labels=b)
+  assert cj_io.write_npz(tmp_path / "f.npz", samples=a, labels=b)
   with np.load(tmp_path / "f.npz") as f:
     np.testing.assert_array_equal(f["samples"], a)
     np.testing.assert_array_equal(f["labels"], b)
   img = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-  metrics.write_png(str(tmp_path / "g.png"), img)
+  cj_io.write_png(str(tmp_path / "g.png"), img)
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "g.png")), img)
-  metrics.write_bytes(tmp_path / "g.png", b"over")  # replaces an existing file
+  cj_io.write_bytes(tmp_path / "g.png", b"over")  # replaces an existing file
   assert (tmp_path / "g.png").read_bytes() == b"over"
   with pytest.raises(ValueError, match="uint8"):
-    metrics.write_png(tmp_path / "h.png", img.astype(np.float32))
+    cj_io.write_png(tmp_path / "h.png", img.astype(np.float32))
   assert sorted(os.listdir(tmp_path)) == ["f.npz", "g.png"]
   assert io.BytesIO((tmp_path / "f.npz").read_bytes()).read(2) == b"PK"  # np.savez's zip
 
 
 def test_only_process_zero_writes(tmp_path, monkeypatch):
   monkeypatch.setattr(jax, "process_index", lambda: 1)
-  assert not metrics.write_json(tmp_path / "x.json", {"a": 1})
+  assert not cj_io.write_json(tmp_path / "x.json", {"a": 1})
   assert not os.path.exists(tmp_path / "x.json")

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from contrastive_jax.models.attention import attention, splash_unsupported
-from contrastive_jax.train.sharding import make_mesh
+from contrastive_jax.sharding import make_mesh
 
 
 def _qkv(b, length, s, h=4, kv=2, dh=32, seed=0, dtype=jnp.float32):

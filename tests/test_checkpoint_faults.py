@@ -27,9 +27,10 @@ from test_launch import _snapshot
 from test_state import ROOT, _mlp_state, _subprocess_env
 
 from contrastive_jax.models.mlp import MLPEncoder
+from contrastive_jax.sharding import make_mesh
 from contrastive_jax.train import loop
+from contrastive_jax.train import step as step_lib
 from contrastive_jax.train.metrics import MetricsWriter
-from contrastive_jax.train.sharding import make_mesh
 from contrastive_jax.train.state import (
   LATEST_READABLE,
   CheckpointManager,
@@ -299,7 +300,7 @@ def _tiny_train(workdir, mesh, *, steps=6, hooks=()):
     config,
     str(workdir),
     init_state=_tiny_init,
-    train_step=loop.make_train_step(loss_fn),
+    train_step=step_lib.make_train_step(loss_fn),
     data=_Rows(),
     mesh=mesh,
     hooks=hooks,
@@ -386,7 +387,7 @@ UNWRITABLE_RUN = textwrap.dedent("""
   import jax, jax.numpy as jnp, optax
   from contrastive_jax.models.mlp import MLPEncoder
   from contrastive_jax.train import loop
-  from contrastive_jax.train.sharding import make_mesh
+  from contrastive_jax.sharding import make_mesh
   from contrastive_jax.train.state import CheckpointManager, TrainState
   model, tx = MLPEncoder(hidden=(8,), out_dim=4), optax.sgd(0.1)
   init = lambda rng: TrainState.create(params=model.init(rng, jnp.zeros((1, 64))), tx=tx, rng=rng)

@@ -17,13 +17,13 @@ from contrastive_jax.losses.policy import aggregation_weight, policy_loss
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
 from contrastive_jax.sampling.lm import sequence_logprobs
 from contrastive_jax.sampling.logprobs import hidden_logprobs
+from contrastive_jax.sharding import batch_sharding, place
 from contrastive_jax.train.policy_opt import (
   PolicyOptimizer,
   PolicyOptSettings,
   Rollouts,
   make_update,
 )
-from contrastive_jax.train.sharding import batch_sharding, place
 from contrastive_jax.train.state import TrainState
 from experiments import grpo
 

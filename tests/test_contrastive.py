@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from contrastive_jax.losses.contrastive import info_nce
-from contrastive_jax.train.sharding import batch_sharding
+from contrastive_jax.sharding import batch_sharding
 
 B, G, D, TAU = 16, 4, 8, 0.05
 

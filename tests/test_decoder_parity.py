@@ -188,7 +188,7 @@ def test_every_parameter_has_logical_axis_names():
   import flax.linen as nn
   from jax.sharding import PartitionSpec as P
 
-  from contrastive_jax.train.sharding import logical_shardings, make_mesh
+  from contrastive_jax.sharding import logical_shardings, make_mesh
 
   config = DecoderConfig(
     vocab_size=64,

@@ -17,9 +17,9 @@ from contrastive_jax.evaluation import generative
 from contrastive_jax.evaluation.fid import feature_statistics, frechet_distance
 from contrastive_jax.losses.dispersive import dispersive_loss
 from contrastive_jax.models.dit import DiTBlock
+from contrastive_jax.sharding import host_to_global, make_mesh
 from contrastive_jax.train import loop
 from contrastive_jax.train.optim import make_optimizer
-from contrastive_jax.train.sharding import host_to_global, make_mesh
 from contrastive_jax.train.state import CheckpointManager
 from experiments import dispersive
 

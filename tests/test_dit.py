@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from contrastive_jax.models.dit import DiT, dit_config, sincos_pos_embed_2d
-from contrastive_jax.train.sharding import batch_sharding, logical_shardings, make_mesh
+from contrastive_jax.sharding import batch_sharding, logical_shardings, make_mesh
 
 # "T/2" (width 64, 4 heads) cut to 2 blocks: compile time dominates these tests.
 TINY = {**dit_config("T/2"), "depth": 2, "input_size": 8, "in_channels": 4, "num_classes": 10}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from contrastive_jax.models.encoder import Encoder, EncoderConfig, pool
-from contrastive_jax.train.sharding import logical_shardings, make_mesh
+from contrastive_jax.sharding import logical_shardings, make_mesh
 from contrastive_jax.weights import encoder as W
 from contrastive_jax.weights.hf import WeightsError
 

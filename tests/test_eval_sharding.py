@@ -78,7 +78,7 @@ def test_grace_encode_on_mesh_placed_prompts_equals_one_device(mesh8):
   from contrastive_jax.evaluation.grace_eval import DecoderHidden
   from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
   from contrastive_jax.sampling.rationale import encode
-  from contrastive_jax.train.sharding import place
+  from contrastive_jax.sharding import place
 
   cfg = DecoderConfig(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
@@ -122,7 +122,7 @@ def test_grace_encode_on_mesh_placed_prompts_equals_one_device(mesh8):
 def test_seal_encoding_feeds_sharded_batches_equal_to_one_device(mesh8):
   from configs.seal import get_config as seal_config
   from contrastive_jax.models.encoder import Encoder, EncoderConfig
-  from contrastive_jax.train.sharding import make_mesh
+  from contrastive_jax.sharding import make_mesh
   from contrastive_jax.weights import encoder as W
   from contrastive_jax.weights.hf import load_tokenizer
   from experiments import seal

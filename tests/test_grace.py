@@ -20,7 +20,7 @@ from contrastive_jax.sampling.rationale import (
   embedding_inputs,
   pool_embeddings,
 )
-from contrastive_jax.train.sharding import batch_sharding
+from contrastive_jax.sharding import batch_sharding
 
 
 def _unit(x):

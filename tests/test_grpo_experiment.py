@@ -17,9 +17,10 @@ from configs.dpo import get_config as dpo_config
 from configs.grpo import get_config
 from contrastive_jax.losses.policy import dpo_loss
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
+from contrastive_jax.sharding import make_mesh, to_host
 from contrastive_jax.train import loop
+from contrastive_jax.train import step as step_lib
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra, place
-from contrastive_jax.train.sharding import make_mesh, to_host
 from contrastive_jax.train.state import CheckpointManager, TrainState
 from experiments import dpo, grpo
 from experiments.reports import plot
@@ -229,7 +230,7 @@ def test_dpo_step_equals_dpo_loss_on_hand_computed_logprobs():
                     beta=0.1)
   np.testing.assert_allclose(got, ref, rtol=1e-6)
   # One SGD step of the loop's train step moves the table by -lr * grad of that loss.
-  step = loop.make_train_step(lambda p, b, r: dpo.dpo_pair_loss(apply_fn, p, b, beta=0.1,
+  step = step_lib.make_train_step(lambda p, b, r: dpo.dpo_pair_loss(apply_fn, p, b, beta=0.1,
                                                                 loss_type="sigmoid"))
   state = TrainState.create(params=params, tx=optax.sgd(0.5), rng=jax.random.PRNGKey(0))
   new, m = step(state, batch)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from contrastive_jax.models.encoder import Encoder, EncoderConfig
-from contrastive_jax.train.sharding import logical_shardings, make_mesh
+from contrastive_jax.sharding import logical_shardings, make_mesh
 from contrastive_jax.weights import encoder as W
 from contrastive_jax.weights.hf import load_tensors
 

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from contrastive_jax.train import hosts
+from contrastive_jax import hosts
+from contrastive_jax import io as cj_io
 
 
 @pytest.mark.parametrize(
@@ -41,8 +42,8 @@ def test_a_bad_explicit_start_is_named_before_connecting(env, message):
 
 def test_workdir_paths_are_absolute_locally_and_urls_stay_urls(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  assert str(hosts.workdir_path("runs/a")) == os.path.join(str(tmp_path), "runs/a")
-  assert str(hosts.workdir_path("gs://bucket/run")) == "gs://bucket/run"
+  assert str(cj_io.workdir_path("runs/a")) == os.path.join(str(tmp_path), "runs/a")
+  assert str(cj_io.workdir_path("gs://bucket/run")) == "gs://bucket/run"
 
 
 def test_agreement_with_one_process_is_the_local_result():

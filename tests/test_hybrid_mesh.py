@@ -12,7 +12,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import contrastive_digits
-from contrastive_jax.train.sharding import (
+from contrastive_jax.sharding import (
   batch_sharding,
   make_mesh,
   process_rows,

@@ -9,18 +9,19 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from test_launch import _snapshot
 
 import launch
 from configs.common import ConfigError, base_config, select_preset, validate_config
 from configs.contrastive_digits import get_config
+from contrastive_jax import hosts
 from contrastive_jax.data.jsonl import DataError
-from contrastive_jax.train import hosts, run_info
+from contrastive_jax.sharding import MeshError
+from contrastive_jax.train import run_info
 from contrastive_jax.train.loop import NonFiniteLossError
 from contrastive_jax.train.preflight import PreflightError
-from contrastive_jax.train.sharding import MeshError
 from contrastive_jax.train.state import CheckpointManager, CheckpointMismatchError, TrainState
 from contrastive_jax.weights.hf import WeightsError
-from test_launch import _snapshot
 
 
 def _config(**train):

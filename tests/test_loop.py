@@ -3,8 +3,8 @@
 import json
 import os
 
-import jax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -14,8 +14,9 @@ from jax.sharding import PartitionSpec as P
 from configs.common import base_config
 from contrastive_jax.data.pipeline import array_batches
 from contrastive_jax.models.mlp import MLPEncoder
+from contrastive_jax.sharding import host_to_global, logical_shardings, make_mesh
 from contrastive_jax.train import loop
-from contrastive_jax.train.sharding import host_to_global, logical_shardings, make_mesh
+from contrastive_jax.train import step as step_lib
 from contrastive_jax.train.state import TrainState
 
 
@@ -64,7 +65,7 @@ def test_logical_names_map_to_pinned_partition_specs():
 @pytest.mark.parametrize("mesh_shape", [{"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2}])
 def test_sharded_train_step_equals_single_device(mesh_shape):
   init, loss_fn = _setup()
-  step = loop.make_train_step(loss_fn)
+  step = step_lib.make_train_step(loss_fn)
   batch = _regression()
   one = make_mesh({"data": 1}, jax.devices()[:1])
   s1 = loop.initialize_state(init, jax.random.PRNGKey(0), one)
@@ -89,8 +90,8 @@ def test_gradient_accumulation_equals_full_batch():
   state = state.replace(
     params=jax.tree.map(lambda x: x.value, state.params, is_leaf=lambda x: hasattr(x, "value"))
   )
-  full, m_full = jax.jit(loop.make_train_step(loss_fn))(state, batch)
-  acc, m_acc = jax.jit(loop.make_train_step(loss_fn, grad_accum_steps=4))(state, batch)
+  full, m_full = jax.jit(step_lib.make_train_step(loss_fn))(state, batch)
+  acc, m_acc = jax.jit(step_lib.make_train_step(loss_fn, grad_accum_steps=4))(state, batch)
   np.testing.assert_allclose(m_acc["loss"], m_full["loss"], rtol=1e-6)
   np.testing.assert_allclose(m_acc["grad_norm"], m_full["grad_norm"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(full.params)):
@@ -106,8 +107,8 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
     lambda x: x,
     loop.initialize_state(init, jax.random.PRNGKey(0), make_mesh({"data": 1}, jax.devices()[:1])),
   )
-  f32, m32 = jax.jit(loop.make_train_step(loss_fn))(state, batch)
-  b16, m16 = jax.jit(loop.make_train_step(loss_fn, compute_dtype="bfloat16"))(state, batch)
+  f32, m32 = jax.jit(step_lib.make_train_step(loss_fn))(state, batch)
+  b16, m16 = jax.jit(step_lib.make_train_step(loss_fn, compute_dtype="bfloat16"))(state, batch)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(b16.params))
   # bf16 has an 8-bit mantissa: the loss agrees to ~1e-2 relative, not bitwise.
   np.testing.assert_allclose(m16["loss"], m32["loss"], rtol=3e-2)
@@ -144,7 +145,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tm
       _loop_config(10, 2),
       str(tmp_path),
       init_state=init,
-      train_step=loop.make_train_step(exploding),
+      train_step=step_lib.make_train_step(exploding),
       data=it,
       mesh=mesh,
     )
@@ -195,7 +196,7 @@ def test_eval_at_start_records_the_initial_parameters_once(tmp_path):
   def run(steps):
     config.train.steps = steps
     return loop.train(config, str(tmp_path), init_state=init,
-                      train_step=loop.make_train_step(loss_fn),
+                      train_step=step_lib.make_train_step(loss_fn),
                       data=array_batches(data, batch_size=16, seed=0), mesh=mesh,
                       evaluators={"probe": norm})
 

@@ -16,7 +16,7 @@ from contrastive_jax.models.dit import DiT
 from contrastive_jax.models.encoder import Encoder, EncoderConfig
 from contrastive_jax.models.layers import stack_layers, unstack_layers
 from contrastive_jax.sampling.lm import generate, left_pad_positions
-from contrastive_jax.train.sharding import logical_shardings, make_mesh
+from contrastive_jax.sharding import logical_shardings, make_mesh
 
 DEC = DecoderConfig(
   vocab_size=61,

@@ -14,10 +14,9 @@ import os
 import signal
 import time
 
+import multiprocess as mp
 import numpy as np
 import pytest
-
-import multiprocess as mp
 
 # Training only (`eval_at_end=False`): the evaluation paths on two processes are
 # tests/test_eval_multihost.py's; a few steps are enough to catch a misplaced row or key.

@@ -12,7 +12,7 @@ import jax
 import pytest
 
 from configs import dispersive as dispersive_config
-from contrastive_jax.train import preflight
+from contrastive_jax.train import chips, preflight
 from experiments import dispersive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +83,7 @@ def test_tpu_topology_preflight_projects_the_roofline(tmp_path):
   result = preflight.run(_config(), str(tmp_path), "v5litepod-8", log=lambda *_: None)
   assert result["device_kind"] == "TPU v5 lite" and result["device_count"] == 8
   assert result["topology_name"] == "v5e:2x4" and result["fits"]
-  chip = preflight.CHIPS["v5e"]
+  chip = chips.CHIPS["v5e"]
   rec = result["pieces"]["train_step"]
   assert 0 < rec["total_bytes"] < chip.hbm_bytes and rec["flops"] > 0
   # Roofline: max(flops / 197 TFLOP/s, bytes / 819 GB/s), and the MFU that time implies.
@@ -188,7 +188,7 @@ def _policy_config(name):
 def test_policy_preflight_bytes_equal_the_compiled_executable(tmp_path, name, piece_name):
   # The `test` presets on cpu:8: the JSON holds what the compiled CPU executable reports for
   # the piece, compiled here again outside preflight (under the same context mesh).
-  from contrastive_jax.train import sharding
+  from contrastive_jax import sharding
 
   config = _policy_config(name)
   result = preflight.run(config, str(tmp_path), "cpu:8", only=[piece_name], log=lambda *_: None)
@@ -224,7 +224,7 @@ def test_policy_preflight_bytes_equal_the_compiled_executable(tmp_path, name, pi
 def test_batch_that_does_not_divide_names_a_mesh_that_fits():
   # bge_m3_structdoc's case at 1/4 scale: 4 queries per step, 8 devices of fsdp. The suggested
   # mesh keeps every device (rows over 4, tensor 2) and its rows divide.
-  from contrastive_jax.train import sharding
+  from contrastive_jax import sharding
 
   mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8])
   with pytest.raises(ValueError, match=r"train.batch_size=4 rows .* = 8 devices") as e:

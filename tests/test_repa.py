@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from configs.dispersive import get_config
 from contrastive_jax.losses.repa import repa_loss
 from contrastive_jax.models.projector import MLPProjector
-from contrastive_jax.train.sharding import batch_sharding
+from contrastive_jax.sharding import batch_sharding
 
 
 def _brute(z, f):

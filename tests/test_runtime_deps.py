@@ -75,7 +75,7 @@ WORKER = textwrap.dedent(
     for m in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
       importlib.import_module(m.name)
 
-  from contrastive_jax.train import sharding
+  from contrastive_jax import sharding
   def first(batches):
     batch = next(iter(batches))
     return sorted(batch)

@@ -17,8 +17,8 @@ from contrastive_jax.data.seal_batches import SealBatches, tokenize_chunks
 from contrastive_jax.evaluation.retrieval import retrieval_metrics
 from contrastive_jax.losses.seal import seal_loss
 from contrastive_jax.models.encoder import Encoder, pool
+from contrastive_jax.sharding import host_to_global
 from contrastive_jax.train import loop
-from contrastive_jax.train.sharding import host_to_global
 from contrastive_jax.train.state import CheckpointManager
 from contrastive_jax.weights import encoder as W
 from contrastive_jax.weights.hf import load_tokenizer

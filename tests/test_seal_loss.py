@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from contrastive_jax.losses.seal import seal_loss
-from contrastive_jax.train.sharding import batch_sharding
+from contrastive_jax.sharding import batch_sharding
 
 B, G, D, TAU = 16, 2, 8, 0.02
 ALL_TERMS = {

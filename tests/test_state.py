@@ -16,8 +16,8 @@ import pytest
 
 from configs.contrastive_digits import get_config
 from contrastive_jax.models.mlp import MLPEncoder
+from contrastive_jax.sharding import make_mesh
 from contrastive_jax.train import loop
-from contrastive_jax.train.sharding import make_mesh
 from contrastive_jax.train.state import CheckpointManager, CheckpointMismatchError, TrainState
 from experiments import contrastive_digits
 

@@ -1,4 +1,5 @@
-"""SEAL document views, loaders, batching and hard-negative mining (data/structdoc.py)."""
+"""SEAL document views (data/html_views.py), loaders (data/structdoc.py), batching and
+hard-negative mining (data/mining.py)."""
 
 import hashlib
 import json
@@ -7,7 +8,9 @@ import numpy as np
 import pytest
 from bs4 import BeautifulSoup
 
-from contrastive_jax.data import structdoc as sd
+from contrastive_jax.data import html_views as sd
+from contrastive_jax.data import mining, offline_docs, seal_batches, structdoc
+from contrastive_jax.evaluation.retrieval import exact_top_k
 
 DOC = (
   '<div id="a"><h1>Title</h1><p>Hello <b>bold</b>text &amp; more<br>line&nbsp;two</p>'
@@ -191,7 +194,7 @@ def test_structdoc_jsonl_loader_counts_bad_lines(tmp_path):
     json.dumps({"query": "q5", "content": "<p>doc one</p>"}),
   ]
   path.write_text("\n".join(lines) + "\n")
-  records, stats = sd.load_structdoc_jsonl(path)
+  records, stats = structdoc.load_structdoc_jsonl(path)
   assert [r["query"] for r in records] == ["q1", "q4", "q5"]
   assert stats == {
     "lines": 9,
@@ -202,7 +205,7 @@ def test_structdoc_jsonl_loader_counts_bad_lines(tmp_path):
     "unbalanced_markup": 1,
     "kept": 3,
   }
-  queries, docs, relevant = sd.structdoc_retrieval_set(records)
+  queries, docs, relevant = structdoc.structdoc_retrieval_set(records)
   assert queries == ["q1", "q4", "q5"]
   assert docs == ["<p>doc one</p>", "<div><p>unclosed</div>"]
   assert [r.tolist() for r in relevant] == [[0], [1], [0]]
@@ -219,7 +222,7 @@ def test_beir_loader(tmp_path):
   (tmp_path / "qrels" / "test.tsv").write_text(
     "query-id\tcorpus-id\tscore\nq1\td2\t1\nq1\td1\t2\nq2\td1\t0\nq3\tdX\t1\nq3\n"
   )
-  (qids, qtexts, dids, dtexts, relevant), stats = sd.load_beir(tmp_path)
+  (qids, qtexts, dids, dtexts, relevant), stats = structdoc.load_beir(tmp_path)
   assert qids == ["q1"] and qtexts == ["a"] and dids == ["d1", "d2"] and dtexts == ["T one", "two"]
   assert [r.tolist() for r in relevant] == [[0, 1]]
   assert stats["malformed_json"] == 1 and stats["qrels_unknown_id"] == 1
@@ -228,7 +231,7 @@ def test_beir_loader(tmp_path):
 
 def test_length_bucketed_batches_cover_every_item_once():
   lengths = np.random.default_rng(0).integers(1, 3000, 103)
-  batches = sd.length_bucketed_batches(
+  batches = seal_batches.length_bucketed_batches(
     lengths, batch_size=8, bucket_bounds=(512, 1024, 2048), rng=0
   )
   seen = np.concatenate([b for b, _ in batches])
@@ -237,7 +240,7 @@ def test_length_bucketed_batches_cover_every_item_once():
     assert len(idx) <= 8
     assert bound == 2048 or np.all(lengths[idx] <= bound)
     assert bound == 512 or np.all(lengths[idx] > {1024: 512, 2048: 1024}[bound])
-  dropped = sd.length_bucketed_batches(
+  dropped = seal_batches.length_bucketed_batches(
     lengths, batch_size=8, bucket_bounds=(512, 1024, 2048), rng=0, drop_remainder=True
   )
   assert all(len(b) == 8 for b, _ in dropped)
@@ -248,13 +251,17 @@ def test_mine_hard_negatives_window_and_positives():
   q, d = rng.normal(size=(12, 8)).astype(np.float32), rng.normal(size=(60, 8)).astype(np.float32)
   order = np.argsort(-(q @ d.T), axis=1, kind="stable")
   positives = [[int(order[i, 3]), int(order[i, 30])] for i in range(12)]  # one inside the window
-  neg, stats = sd.mine_hard_negatives(q, d, positives, num_negatives=4, rank_window=(2, 10), rng=0)
+  neg, stats = mining.mine_hard_negatives(
+    q, d, positives, top_k=exact_top_k, num_negatives=4, rank_window=(2, 10), rng=0
+  )
   for i in range(12):
     window = set(order[i, 2:10].tolist()) - set(positives[i])
     assert len(set(neg[i].tolist())) == 4 and set(neg[i].tolist()) <= window
   assert stats == {"filled_randomly": 0, "short_rows": 0}
   # A window too small: all of it is used, the rest filled with random non-positives.
-  neg, stats = sd.mine_hard_negatives(q, d, positives, num_negatives=5, rank_window=(0, 3), rng=0)
+  neg, stats = mining.mine_hard_negatives(
+    q, d, positives, top_k=exact_top_k, num_negatives=5, rank_window=(0, 3), rng=0
+  )
   for i in range(12):
     window = set(order[i, 0:3].tolist()) - set(positives[i])
     assert window <= set(neg[i].tolist()) and not set(neg[i].tolist()) & set(positives[i])
@@ -263,14 +270,14 @@ def test_mine_hard_negatives_window_and_positives():
     len(set(order[i, :3].tolist()) - set(positives[i])) for i in range(12)
   )
   # A corpus smaller than the request: -1 slots, counted.
-  neg, stats = sd.mine_hard_negatives(
-    q[:1], d[:3], [[0]], num_negatives=4, rank_window=(0, 3), rng=0
+  neg, stats = mining.mine_hard_negatives(
+    q[:1], d[:3], [[0]], top_k=exact_top_k, num_negatives=4, rank_window=(0, 3), rng=0
   )
   assert sorted(neg[0].tolist()) == [-1, -1, 1, 2] and stats["short_rows"] == 1
 
 
 def test_package_documents_are_real_html_with_a_stable_split():
-  records, stats = sd.package_documents(min_chars=1000)
+  records, stats = offline_docs.package_documents(min_chars=1000)
   assert stats["kept"] == len(records) >= 10
   for r in records:  # the split is a function of the name alone.
     bucket = int(hashlib.sha256(r["name"].encode()).hexdigest(), 16) % 10_000

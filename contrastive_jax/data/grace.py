@@ -12,7 +12,7 @@
 - `offline_triplets`: a triplet set with nothing downloaded, from pydoc pages of installed modules
   (`offline_docs.pydoc_documents`): query = the module docstring's first sentence, positive =
   the page's text (tags stripped, cut to `max_chars`), negative = a hard negative mined with
-  TF-IDF vectors and `structdoc.mine_hard_negatives` (ranks [0, 10), own page excluded).
+  TF-IDF vectors and `data.mining.mine_hard_negatives` (ranks [0, 10), own page excluded).
   `scored_pairs`: graded query-page pairs for Spearman correlation (2 own page, 1 a page of the
   same top-level package, 0 an unrelated page).
 - `tiny_chat_tokenizer`: a character-level tokenizer with a ChatML template, for tests.
@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from contrastive_jax.data.html_views import tag_stripped_view
 from contrastive_jax.data.jsonl import DataError, read_jsonl
+from contrastive_jax.data.mining import mine_hard_negatives
 from contrastive_jax.sampling.rationale import SEGMENT_SYSTEM, SEGMENT_TEXT
 
 # GasolSun36/GRACE process_data.py `PROMPT` (also `PROMPT2` of its hidden reward manager).
@@ -129,17 +131,16 @@ def _tfidf(texts_fit, *groups):
   return [np.asarray(vec.transform(g).todense(), np.float32) for g in groups]
 
 
-def offline_triplets(records, *, max_chars: int = 600, seed: int = 0):
+def offline_triplets(records, *, top_k, max_chars: int = 600, seed: int = 0):
   """Triplets from retrieval records ({"name", "query", "content"}, e.g. `pydoc_documents`).
 
   Positive = `tag_stripped_view(content)[:max_chars]`; negative = one page mined among the
-  records' pages from TF-IDF scores (ranks 0-9 of the query, its own page excluded).
+  records' pages from TF-IDF scores (ranks 0-9 of the query, its own page excluded), ranked by
+  `top_k` (`data.mining.mine_hard_negatives`).
 
   Returns:
     (triplets [{"query", "positive", "negative", "name", "negative_name"}], stats).
   """
-  from contrastive_jax.data.structdoc import mine_hard_negatives, tag_stripped_view
-
   docs = [tag_stripped_view(r["content"])[:max_chars] for r in records]
   queries = [r["query"] for r in records]
   q_emb, d_emb = _tfidf(docs + queries, queries, docs)
@@ -147,6 +148,7 @@ def offline_triplets(records, *, max_chars: int = 600, seed: int = 0):
     q_emb,
     d_emb,
     [[i] for i in range(len(docs))],
+    top_k=top_k,
     num_negatives=1,
     rank_window=(0, 10),
     rng=seed,
@@ -174,8 +176,6 @@ def scored_pairs(records, *, max_chars: int = 600, seed: int = 0):
   Returns:
     (queries [M], pages [M], scores float [M]).
   """
-  from contrastive_jax.data.structdoc import tag_stripped_view
-
   gen = np.random.default_rng(seed)
   pages = [tag_stripped_view(r["content"])[:max_chars] for r in records]
   top = [r["name"].split(".")[0] for r in records]

@@ -102,7 +102,7 @@ class ImagenetLatents(tfds.core.GeneratorBasedBuilder):
     return {s: self._generate_examples(s) for s in ("train", "validation")}
 
   def _generate_examples(self, split):
-    from contrastive_jax.evaluation.generative import load_callable
+    from contrastive_jax.callables import load_callable
 
     if not self._encoder_spec:
       raise ValueError(f"{TFDS_NAME}: building needs encoder='module:function'")

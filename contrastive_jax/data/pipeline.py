@@ -70,3 +70,8 @@ def array_batches(arrays: Mapping[str, np.ndarray], *, batch_size: int, seed: in
                   shuffle: bool = True):
   """A resumable iterator of batches (dicts of numpy arrays) from in-memory arrays."""
   return iterate(batched(_ArraySource(arrays), batch_size=batch_size, seed=seed, shuffle=shuffle))
+
+
+def as_generator(rng) -> np.random.Generator:
+  """A numpy Generator from a Generator or a seed: the data side's one source of randomness."""
+  return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)

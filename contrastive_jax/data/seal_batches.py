@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from contrastive_jax.data.structdoc import (
+from contrastive_jax.data.html_views import (
   EAL_UNITS,
   element_masked_view,
   regex_masked_view,
   regex_tag_stripped_view,
   tag_stripped_view,
 )
+from contrastive_jax.data.pipeline import as_generator
 
 NEGATIVE_STREAM = 2**31  # last entropy word of the negatives' draw; mask slots are < G
 NEGATIVE_SAMPLING = ("redraw", "fixed")
@@ -258,3 +259,28 @@ class SealBatches:
           x = x.reshape(len(rows), -1, x.shape[-1])[self.row_slice].reshape(-1, x.shape[-1])
         batch[f"{key}_{name}"] = x
     return batch
+
+
+def length_bucketed_batches(
+  lengths, *, batch_size: int, bucket_bounds, rng, drop_remainder: bool = False
+):
+  """Batches of similar length, so long documents pad to few static shapes (one jit each).
+
+  Item i goes to the first bound >= lengths[i]; longer items go to the last bound (the tokenizer
+  truncates them there). Items are shuffled within buckets and the batches shuffled.
+
+  Returns:
+    list of (indices int array [<= batch_size], pad_length = the bucket's bound).
+  """
+  bounds = np.sort(np.asarray(bucket_bounds))
+  lengths = np.asarray(lengths)
+  bucket = np.minimum(np.searchsorted(bounds, lengths, side="left"), len(bounds) - 1)
+  gen = as_generator(rng)
+  batches = []
+  for b, bound in enumerate(bounds):
+    members = gen.permutation(np.flatnonzero(bucket == b))
+    for start in range(0, len(members), batch_size):
+      chunk = members[start : start + batch_size]
+      if len(chunk) == batch_size or not drop_remainder:
+        batches.append((chunk, int(bound)))
+  return [batches[i] for i in gen.permutation(len(batches))]

@@ -27,7 +27,7 @@ from etils import epath
 from flax import traverse_util
 
 from contrastive_jax.data.digits import IMAGE_SHAPE, NUM_CLASSES, load_digits
-from contrastive_jax.train.metrics import write_npz
+from contrastive_jax.io import write_npz
 
 
 class DigitsClassifier(nn.Module):

@@ -17,7 +17,7 @@ import numpy as np
 
 from contrastive_jax.evaluation.retrieval import embedding_retrieval_metrics
 from contrastive_jax.sampling.lm import sequence_logprobs
-from contrastive_jax.train.sharding import place, round_to_batch_devices, to_host
+from contrastive_jax.sharding import place, round_to_batch_devices, to_host
 
 
 def unique_embeddings(encode_fn: Callable[[list[str]], np.ndarray], texts: Sequence[str]):

@@ -31,19 +31,19 @@ config key and the file when the evaluator is built, before any training or samp
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contrastive_jax.callables import load_callable
 from contrastive_jax.evaluation import digits_classifier, inception_fid
 from contrastive_jax.evaluation.fid import feature_statistics, frechet_distance
+from contrastive_jax.io import eval_path, write_json, write_npz, write_png
 from contrastive_jax.models.inception import InceptionV3
 from contrastive_jax.sampling import ddpm, flow, meanflow
-from contrastive_jax.train.metrics import eval_path, write_json, write_npz, write_png
-from contrastive_jax.train.sharding import (
+from contrastive_jax.sharding import (
   batch_sharding,
   make_mesh,
   place,
@@ -58,17 +58,6 @@ SAMPLERS = {
 }
 FEATURE_NETWORKS = ("digits_classifier", "inception_v3", "none")
 GRID_COLUMNS = 10
-
-
-def load_callable(spec: str, *, key: str):
-  """The python callable named "package.module:function" (a user-supplied encoder/decoder)."""
-  module, _, name = spec.partition(":")
-  if not module or not name:
-    raise ValueError(f"{key}={spec!r}: expected 'module:function'")
-  try:
-    return getattr(importlib.import_module(module), name)
-  except (ImportError, AttributeError) as e:
-    raise ValueError(f"{key}={spec!r}: cannot import it ({e})") from e
 
 
 @functools.partial(jax.jit, static_argnames=("model", "name", "path", "settings", "mesh"))

@@ -21,11 +21,11 @@ import jax
 import numpy as np
 
 from contrastive_jax.data import grace as grace_data
-from contrastive_jax.data.structdoc import tag_stripped_view
+from contrastive_jax.data.html_views import tag_stripped_view
 from contrastive_jax.evaluation.embedding_eval import heldout_lm_loss, retrieval_and_sts
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
 from contrastive_jax.sampling.rationale import encode
-from contrastive_jax.train.sharding import place, round_to_batch_devices, to_host
+from contrastive_jax.sharding import place, round_to_batch_devices, to_host
 
 RATIONALE_MODES = ("sampled", "greedy")
 

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from contrastive_jax.io import write_npz
 from contrastive_jax.models.inception import FEATURES, InceptionV3
-from contrastive_jax.train.metrics import write_npz
-from contrastive_jax.train.sharding import batch_sharding, logical_shardings, place
+from contrastive_jax.sharding import batch_sharding, logical_shardings, place
 
 
 def quantize_images(images) -> np.ndarray:
@@ -102,5 +102,5 @@ def load_reference_stats(path: str, *, key: str = "eval.reference_stats"):
 
 def save_stats(path: str, mu, sigma) -> None:
   """Writes `mu`, `sigma` in pytorch-fid's npz format (usable as `eval.reference_stats`);
-  atomic, process 0 only (`train.metrics.write_npz`)."""
+  atomic, process 0 only (`io.write_npz`)."""
   write_npz(path, mu=mu, sigma=sigma)

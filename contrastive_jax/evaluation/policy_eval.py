@@ -14,7 +14,7 @@ import numpy as np
 
 from contrastive_jax.evaluation.pass_at_k import mean_at_k, pass_at_k
 from contrastive_jax.sampling.lm import generate
-from contrastive_jax.train.sharding import place, to_host
+from contrastive_jax.sharding import place, to_host
 
 
 def sample_completions(apply_fn, init_cache, params, prompt_tokens, prompt_mask, rng, *, mesh,

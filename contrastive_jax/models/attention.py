@@ -170,7 +170,7 @@ def context_mesh():
 def _splash(q, k, v, key_mask, *, causal, query_offset, interpret):
   """Splash attention; under a context mesh, per device through `shard_map` (Mosaic kernels
   cannot be partitioned by the compiler): rows over the mesh axes of the logical "batch" axis,
-  heads over those of "heads" where they divide, as `train.sharding.DEFAULT_RULES` map them."""
+  heads over those of "heads" where they divide, as `sharding.DEFAULT_RULES` map them."""
   local = functools.partial(
     _splash_local, causal=causal, query_offset=query_offset, interpret=interpret
   )
@@ -179,7 +179,7 @@ def _splash(q, k, v, key_mask, *, causal, query_offset, interpret):
     return local(q, k, v, key_mask)
   from jax.sharding import PartitionSpec as P
 
-  from contrastive_jax.train.sharding import DEFAULT_RULES
+  from contrastive_jax.sharding import DEFAULT_RULES
 
   def axes(logical, size):
     names = dict(DEFAULT_RULES).get(logical)

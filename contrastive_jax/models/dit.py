@@ -8,7 +8,7 @@ NHWC ([B, H, W, C], e.g. SD-VAE latents [B, 32, 32, 4]).
 Initialisation follows DiT: Xavier-uniform linears with zero biases, N(0, 0.02) for the
 timestep MLP and the class table, and zeros for every adaLN modulation and for the final linear,
 so a freshly initialised model outputs exactly zero and every block starts as the identity.
-Parameters are float32 with logical axis names (`train/sharding.py`); `dtype` is the compute dtype.
+Parameters are float32 with logical axis names (`sharding.py`); `dtype` is the compute dtype.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ start at `padding_idx + 1`, padding tokens sit at `padding_idx`), as in
 `create_position_ids_from_input_ids`. The BERT pooler (dense + tanh) is not built: SEAL (CLS) and
 sentence-transformers (mean) pool the last hidden state.
 
-Parameters are float32 and carry logical axis names (train/sharding.py); `dtype` is the compute
+Parameters are float32 and carry logical axis names (sharding.py); `dtype` is the compute
 dtype. Sequence length is bounded only by the position table: a longer input raises ValueError.
 
 Memory switches (not part of the HF format): `attention_impl` (`models.attention`: "auto" runs

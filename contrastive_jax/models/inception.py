@@ -9,7 +9,7 @@ so every layer here is conv + bias + ReLU.
 
 Parameter names follow the torch modules (`Mixed_5b/branch1x1/kernel`), which keeps the
 state-dict mapping a path join. Kernels carry logical names (None, None, embed, mlp), biases
-(mlp,), the classifier (embed, vocab), so `train/sharding.py` can place them on a mesh.
+(mlp,), the classifier (embed, vocab), so `sharding.py` can place them on a mesh.
 """
 
 from __future__ import annotations

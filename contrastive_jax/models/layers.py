@@ -20,7 +20,7 @@ def logical_dense(
   axis: int | Sequence[int] = -1,
   name: str | None = None,
 ) -> nn.DenseGeneral:
-  """`nn.DenseGeneral` with float32 parameters and logical axis names for `train/sharding.py`.
+  """`nn.DenseGeneral` with float32 parameters and logical axis names for `sharding.py`.
 
   `names` names every kernel axis (input axes then output axes); the bias takes the output ones.
   """

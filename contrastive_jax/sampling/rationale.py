@@ -90,7 +90,7 @@ def embedding_inputs(
 
 def _row_chunks(x, chunks: int):
   """[B, ...] -> [chunks, B / chunks, ...] with row r in chunk r mod chunks: a batch-sharded
-  array keeps an even share of every chunk on each device (as `train.loop.split_microbatches`)."""
+  array keeps an even share of every chunk on each device (as `train.step.split_microbatches`)."""
   return jnp.swapaxes(x.reshape(x.shape[0] // chunks, chunks, *x.shape[1:]), 0, 1)
 
 

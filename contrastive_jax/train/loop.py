@@ -16,93 +16,23 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm import tqdm
 
-from contrastive_jax.train import hosts, run_info
-from contrastive_jax.train import sharding as sharding_lib
+from contrastive_jax import hosts
+from contrastive_jax import sharding as sharding_lib
+from contrastive_jax.io import workdir_path
+from contrastive_jax.train import run_info
 from contrastive_jax.train.metrics import MetricsWriter
 from contrastive_jax.train.state import CheckpointManager, CheckpointNotFoundError, TrainState
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
 Evaluator = Callable[[Any], Mapping[str, float]]
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or inf; the message names the step. No checkpoint of it is written."""
-
-
-def _cast_floats(tree, dtype):
-  return jax.tree.map(
-    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-  )
-
-
-def split_microbatches(tree, m: int, *, what: str = "micro-batches"):
-  """[m, n / m, ...] per leaf: row r goes to micro-batch r mod m, so each device keeps an even
-  share of every micro-batch of a batch-sharded array."""
-
-  def split(x):
-    if x.shape[0] % m:
-      raise ValueError(f"batch leading dim {x.shape[0]} not divisible by {what}={m}")
-    return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
-
-  return jax.tree.map(split, tree)
-
-
-def make_train_step(
-  loss_fn: LossFn,
-  *,
-  lr_schedule: optax.Schedule | None = None,
-  grad_accum_steps: int = 1,
-  compute_dtype: str = "float32",
-) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
-  """`train_step(state, batch)` from `loss_fn(params, batch, rng) -> (loss, metrics)`.
-
-  Parameters stay float32; with `compute_dtype="bfloat16"` the loss sees a bf16 copy and the
-  gradients flow back to the float32 master parameters. With `grad_accum_steps = A`, the batch
-  is split into A micro-batches (row r goes to micro-batch r mod A, so each device keeps an even
-  share of every micro-batch) whose gradients and metrics are averaged; a loss that uses the
-  batch as negatives then sees B/A rows at a time. The step's randomness is
-  `fold_in(state.rng, state.step)` (and micro-batch k folds in k).
-  """
-  dtype = jnp.dtype(compute_dtype)
-
-  def grads_of(params, batch, rng):
-    def f(p):
-      loss, metrics = loss_fn(_cast_floats(p, dtype), batch, rng)
-      return loss.astype(jnp.float32), metrics
-
-    (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
-    return grads, {**metrics, "loss": loss}
-
-  def train_step(state: TrainState, batch):
-    rng = state.step_rng()
-    if grad_accum_steps == 1:
-      grads, metrics = grads_of(state.params, batch, rng)
-    else:
-      a = grad_accum_steps
-      micro = split_microbatches(batch, a, what="grad_accum_steps")
-
-      def body(carry, xs):
-        k, mb = xs
-        g, m = grads_of(state.params, mb, jax.random.fold_in(rng, k))
-        return jax.tree.map(jnp.add, carry, (g, m)), None
-
-      zeros = jax.eval_shape(grads_of, state.params, jax.tree.map(lambda x: x[0], micro), rng)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-      (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(a), micro))
-      grads, metrics = jax.tree.map(lambda x: x / a, (grads, metrics))
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    if lr_schedule is not None:
-      metrics["lr"] = lr_schedule(state.step)
-    return state.apply_gradients(grads), metrics
-
-  return train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +160,7 @@ def train(
   rules = config.get("sharding_rules", None)
   abstract, shardings = state_shardings(init_state, mesh, rules)
   manager = CheckpointManager(
-    hosts.workdir_path(workdir) / "checkpoints",
+    workdir_path(workdir) / "checkpoints",
     save_every=tc.checkpoint_every,
     keep=tc.keep_checkpoints,
     async_save=tc.get("async_checkpoint", True),
@@ -356,7 +286,7 @@ def load_params(config, workdir, init_state, mesh, *, ema: bool, step: int | str
   (`CheckpointNotFoundError` names the steps that do); or `state.LATEST_READABLE` for the
   newest readable one. Nothing in the workdir is moved or written.
   """
-  directory = hosts.workdir_path(workdir) / "checkpoints"
+  directory = workdir_path(workdir) / "checkpoints"
   missing = None
   if not directory.is_dir():  # before the manager, which would create it
     missing = CheckpointNotFoundError(f"{directory}: no checkpoint to evaluate; train first")

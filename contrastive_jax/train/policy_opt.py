@@ -63,8 +63,8 @@ from contrastive_jax.losses.policy import (
 )
 from contrastive_jax.sampling.lm import generate, sequence_logprobs
 from contrastive_jax.sampling.prompts import select_prompts, update_prompt_state
-from contrastive_jax.train.loop import split_microbatches
-from contrastive_jax.train.sharding import place, to_host
+from contrastive_jax.sharding import place, to_host
+from contrastive_jax.train.step import split_microbatches
 
 
 @dataclasses.dataclass(frozen=True)

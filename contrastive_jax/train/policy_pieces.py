@@ -27,7 +27,7 @@ def _row_sharded(struct, rows: int, mesh):
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from contrastive_jax.train.sharding import place_sharding
+  from contrastive_jax.sharding import place_sharding
 
   row_spec = place_sharding((rows,), mesh).spec
   spec = [None] * len(struct.shape)
@@ -49,8 +49,8 @@ def policy_pieces(*, apply_fn, init_cache, settings: PolicyOptSettings, mesh, st
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
+  from contrastive_jax.sharding import place_sharding
   from contrastive_jax.train.preflight import Piece
-  from contrastive_jax.train.sharding import place_sharding
 
   s, n, p, t = settings, rows, prompt_len, settings.max_new_tokens
 

@@ -20,8 +20,8 @@ from importlib import metadata
 
 import jax
 
-from contrastive_jax.train import hosts
-from contrastive_jax.train.metrics import write_json
+from contrastive_jax import hosts
+from contrastive_jax.io import workdir_path, write_json
 
 PACKAGES = (
   "jax",
@@ -80,7 +80,7 @@ def read_history(workdir) -> list[dict]:
   Raises ValueError naming the file when it exists but is not a JSON object or list of objects
   (the launcher checks this before anything is written, so a history is never replaced).
   """
-  path = hosts.workdir_path(workdir) / "run_info.json"
+  path = workdir_path(workdir) / "run_info.json"
   if not path.exists():
     return []
   try:
@@ -96,7 +96,7 @@ def read_history(workdir) -> list[dict]:
 
 def record_launch(workdir, config, *, mesh=None, start_step: int = 0, data=None) -> None:
   """Writes `config.json` and appends this launch to `run_info.json` (process 0, atomically)."""
-  root = hosts.workdir_path(workdir)
+  root = workdir_path(workdir)
   history = read_history(root)
   record = launch_record(mesh=mesh, start_step=start_step, data=data)
   if hasattr(config, "to_json_best_effort"):

@@ -49,7 +49,8 @@ import orbax.checkpoint as ocp
 from flax import struct
 from jax.experimental import multihost_utils
 
-from contrastive_jax.train import hosts
+from contrastive_jax import hosts
+from contrastive_jax.io import workdir_path
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class CheckpointManager:
   """
 
   def __init__(self, directory, *, save_every: int = 1000, keep: int = 3, async_save=True):
-    self.directory = hosts.workdir_path(directory)  # Orbax requires absolute paths
+    self.directory = workdir_path(directory)  # Orbax requires absolute paths
     self.save_every = save_every
     handlers = {k: ocp.StandardCheckpointHandler() for k in _ARRAY_ITEMS}
     handlers.update({k: ocp.JsonCheckpointHandler() for k in _JSON_ITEMS})

@@ -17,7 +17,7 @@ import numpy as np
 
 from contrastive_jax.models.decoder import DecoderConfig
 from contrastive_jax.models.layers import stack_layers, unstack_layers
-from contrastive_jax.train.sharding import to_host
+from contrastive_jax.sharding import to_host
 from contrastive_jax.weights import hf
 from contrastive_jax.weights.hf import WeightsError
 

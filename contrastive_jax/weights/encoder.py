@@ -25,7 +25,7 @@ from flax import traverse_util
 
 from contrastive_jax.models.encoder import Encoder, EncoderConfig
 from contrastive_jax.models.layers import stack_layers, unstack_layers
-from contrastive_jax.train.sharding import to_host
+from contrastive_jax.sharding import to_host
 from contrastive_jax.weights.hf import WeightsError, load_config, load_tensors, save_model_dir
 
 # Tensors that belong to heads beside the encoder, or to buffers; skipped when loading.

@@ -94,12 +94,12 @@ def save_model_dir(
 
   Tokenizer and generation files are copied from `copy_from` when given. The directory is
   assembled in a temporary sibling and renamed into place, so a crash never leaves half a model.
-  Only process 0 writes (`train.metrics.is_writer`); `tensors` must already be whole on it
-  (callers gather with `train.sharding.to_host`, as `save_decoder` / `save_encoder` do).
+  Only process 0 writes (`io.is_writer`); `tensors` must already be whole on it
+  (callers gather with `sharding.to_host`, as `save_decoder` / `save_encoder` do).
   """
   from safetensors.numpy import save_file
 
-  from contrastive_jax.train.metrics import is_writer
+  from contrastive_jax.io import is_writer
 
   if not is_writer():
     return

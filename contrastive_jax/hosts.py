@@ -16,7 +16,6 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
-from etils import epath
 
 # JAX's own variables for an explicit start (jax.distributed.initialize reads only the first and
 # the last of them from the environment by itself).
@@ -38,14 +37,6 @@ class AgreedError(RuntimeError):
   def __init__(self, message: str, origin_types: tuple[str, ...] = ()):
     super().__init__(message)
     self.origin_types = tuple(origin_types)
-
-
-def workdir_path(workdir: str | os.PathLike) -> epath.Path:
-  """The workdir as an epath: URLs (`gs://...`) as given, local paths absolute."""
-  text = os.fspath(workdir)
-  if "://" in text:
-    return epath.Path(text)
-  return epath.Path(os.path.abspath(text))
 
 
 def _int_var(env: Mapping[str, str], name: str) -> int:
