@@ -48,7 +48,9 @@ def get_config(preset: str = "cpu"):
     cache_dir="runs/cache",
     seed=0,
   )
-  c.rollout = dict(group_size=4, max_new_tokens=32, temperature=1.0, aux_temperature=0.5)
+  c.rollout = dict(group_size=4, max_new_tokens=32, temperature=1.0, aux_temperature=0.5,
+                   # the rollout engine, as configs/grpo.py (also decodes the q / d- rationales)
+                   engine="continuous", slots=0, block_size=16, pool_blocks=0)
   c.policy = dict(
     epochs=1,
     minibatches=2,
@@ -143,7 +145,7 @@ def get_config(preset: str = "cpu"):
       # on TPU (models/attention.py; else the XLA path).
       prompt_len=640,
     )
-    c.rollout.update(group_size=8, max_new_tokens=2048)
+    c.rollout.update(group_size=8, max_new_tokens=2048, block_size=128)  # as configs/grpo.py
     c.policy.update(minibatches=4)  # 64 triplets per rollout batch, 16 per update
     # 64 x 8 = 512 rollouts of S ~ 0.6K prompt + 2048 tokens, V = 151936, rows over 8 devices.
     # Whole logits: 64 rows/device x 2.7K x V x 4 B = 100 GB per device (old log-probs), 25 GB

@@ -36,7 +36,12 @@ def get_config(preset: str = "cpu"):
   c.task = dict(name="arithmetic", style="compact", digits=1, num_operands=3, operators="+-",
                 seed=0, train_size=4096, test_size=256, train_file="", test_file="",
                 dataset="math", target="", max_prompt_len=0, chat_system="")
-  c.rollout = dict(group_size=16, max_new_tokens=5, temperature=1.0, top_k=0, top_p=1.0)
+  c.rollout = dict(group_size=16, max_new_tokens=5, temperature=1.0, top_k=0, top_p=1.0,
+                   # sampling/engine.py: "continuous" (one prefill per prompt, `slots` decode
+                   # slots fed from a queue, paged KV cache; 0 slots: every rollout of a step at
+                   # once) or "static" (sampling.lm.generate); the same tokens either way.
+                   # pool_blocks 0: room for every slot at full length (no preemption).
+                   engine="continuous", slots=0, block_size=16, pool_blocks=0)
   c.policy = dict(epochs=1, minibatches=2, clip_low=0.2, clip_high=0.28, aggregation="grpo",
                   kl_beta=0.0, reference=False, advantage_scale="group",
                   advantage_std="population", dynamic_sampling=False, max_refills=4,
@@ -92,7 +97,9 @@ def get_config(preset: str = "cpu"):
                   # 4096 = 32 x 128, so the log-prob and update passes run splash attention on
                   # TPU (models/attention.py: lengths multiples of 128; else the XLA path).
                   max_prompt_len=1096)
-    c.rollout.update(group_size=group, max_new_tokens=3000)
+    # KV blocks of 128 positions: the Pallas ragged paged attention kernel's tuned page size
+    # on TPU (fewer, larger DMAs per row).
+    c.rollout.update(group_size=group, max_new_tokens=3000, block_size=128)
     c.policy.update(epochs=1, minibatches=1, clip_low=0.2, clip_high=0.28, kl_beta=0.0)
     # 512 rollouts of S ~ 0.5K prompt + 3000 tokens, V = 151936, rows over 8 devices. Whole
     # logits: 64 rows/device x 3.5K x V x 4 B = 137 GB per device. Old log-probs 64 rows per call

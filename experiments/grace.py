@@ -159,6 +159,9 @@ def make_reward_fn(config, b):
       pad_id=pad,
       method=rw.pooling,
       embed_batch=rw.embed_batch,
+      engine=r.engine,
+      mesh=b["mesh"],
+      block_size=r.block_size,
     )
     emb, done_lengths = sharding.to_host((emb, done.lengths))
     lengths.append(done_lengths)
@@ -224,6 +227,10 @@ def policy_settings(config, tok, dcfg) -> PolicyOptSettings:
     logprob_chunk=p.logprob_chunk,
     logprob_batch=p.logprob_batch,
     update_microbatches=p.update_microbatches,
+    engine=r.engine,
+    slots=r.slots,
+    block_size=r.block_size,
+    pool_blocks=r.pool_blocks,
   )
 
 

@@ -45,6 +45,7 @@ def settings_from_config(config, codec) -> PolicyOptSettings:
     overlong_cache=p.overlong_cache, selection=s.selection, selection_pool=s.pool_factor,
     selection_lam=s.lam, selection_target=s.target, logprob_chunk=p.logprob_chunk,
     logprob_batch=p.logprob_batch, update_microbatches=p.update_microbatches,
+    engine=r.engine, slots=r.slots, block_size=r.block_size, pool_blocks=r.pool_blocks,
   )
 
 

@@ -105,6 +105,7 @@ class GraceEvaluator:
           eos_ids=self.eos,
           pad_id=self.tok.pad_token_id or 0,
           method=c.reward.pooling,
+          mesh=self.mesh,
         )
         emb, done = to_host((emb, done))  # whole on every process (several hosts)
         out.append(emb[: len(rows)])
