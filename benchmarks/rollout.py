@@ -212,7 +212,7 @@ def main():
     model = None
     if not args.no_transformers:
       model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, torch_dtype=getattr(torch, args.dtype)).eval().to(device)
+        path, dtype=getattr(torch, args.dtype)).eval().to(device)
   lm = DecoderLM(config)
   params = jax.device_put(lm.inference_params(params))
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))

@@ -308,12 +308,16 @@ def attention(
 
 # -- paged KV cache (continuous-batching decode, `sampling/engine.py`) ----------------------------
 #
-# A block pool per layer holds the keys and values of many sequences: [num_blocks, block_size,
+# A block pool holds the keys and values of many sequences: [num_blocks, block_size,
 # 2 * kv_heads, head_dim], keys and values of head i interleaved at 2i and 2i + 1 (the layout
 # of the Pallas ragged paged attention kernel's `kv_pages`, so the kernel reads the pool as it is
 # stored). A sequence's position p lives in block `table[p // block_size]` at offset
-# `p % block_size`. Under a context mesh the pool's block axis is split over the batch axes
-# like the rows: each device holds its rows' blocks, and block ids are local to a device.
+# `p % block_size`. A model with stacked layers keeps one [num_layers, num_blocks, ...] pool and
+# passes `layer`: layer i's blocks are then blocks i * num_blocks + b of the pool seen as
+# [num_layers * num_blocks, ...] (a free reshape), so a layer scan carries the whole pool and
+# updates it in place, and the kernel reads it without a per-layer copy. Under a context mesh
+# the block axis is split over the batch axes like the rows: each device holds its rows' blocks,
+# and block ids are local to a device.
 
 PAGED_CHUNK_TOKENS = 256  # keys per step of the XLA decode loop (a multiple of the block size)
 
@@ -336,38 +340,55 @@ def _per_device(fn, mesh, rows: int, heads: tuple[int, ...], args, specs, out_sp
     return fn(*args)
   from jax.sharding import PartitionSpec as P
 
-  r = _local_axes(mesh, "batch", (rows,))
-  h = _local_axes(mesh, "kv_heads", heads)
-  fill = {"rows": r, "heads": h}
-  in_specs = tuple(P(*(fill.get(a, a) for a in spec)) for spec in specs)
-  out = tuple(P(*(fill.get(a, a) for a in spec)) for spec in out_specs)
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out if len(out) > 1 else out[0],
-                       check_vma=False)(*args)
+  fill = {"rows": _local_axes(mesh, "batch", (rows,)),
+          "heads": _local_axes(mesh, "kv_heads", heads)}
+
+  def spec(names):
+    return P(*(fill.get(a, a) for a in names))
+
+  out = tuple(spec(o) for o in out_specs)
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(x) for x in specs),
+                       out_specs=out if len(out) > 1 else out[0], check_vma=False)(*args)
 
 
-def paged_write(pool, k, v, slots):
-  """Writes new keys/values into the pool: pool [NB, bs, 2K, Dh]; k, v [B, L, K, Dh];
-  slots [B, L, C] int32 flat pool slots (block * bs + offset; < 0 writes nothing), C copies of
-  each token (a prompt's partial last block is written once per sample that extends it).
-  Returns the pool (updated in place when donated)."""
+def _pool_spec(pool):
+  return (None,) * (pool.ndim - 4) + ("rows", None, "heads", None)
+
+
+def _flat_pool(pool, layer):
+  """(pool as [blocks, bs, 2K, Dh], block offset of `layer`) of a [NB, ...] or
+  [num_layers, NB, ...] pool."""
+  if pool.ndim == 4:
+    return pool, 0
+  return pool.reshape(-1, *pool.shape[2:]), layer * pool.shape[1]
+
+
+def paged_write(pool, k, v, slots, layer=None):
+  """Writes new keys/values into the pool: pool [NB, bs, 2K, Dh] (or [num_layers, NB, ...]
+  with `layer`); k, v [B, L, K, Dh]; slots [B, L, C] int32 flat slots of the layer's blocks
+  (block * bs + offset; < 0 writes nothing), C copies of each token (a prompt's partial last
+  block is written once per sample that extends it). Returns the pool (in place when donated)."""
   b, length, kv, dh = k.shape
-  if pool.shape[2:] != (2 * kv, dh) or slots.shape[:2] != (b, length):
+  if pool.shape[-2:] != (2 * kv, dh) or slots.shape[:2] != (b, length):
     raise ValueError(f"paged_write: pool {pool.shape}, k {k.shape}, slots {slots.shape} do not "
-                     f"fit [NB, bs, 2K, Dh], [B, L, K, Dh], [B, L, C]")
+                     f"fit [(layers,) NB, bs, 2K, Dh], [B, L, K, Dh], [B, L, C]")
 
-  def local(pool, k, v, slots):
-    nb, bs = pool.shape[:2]
+  def local(pool, k, v, slots, layer):
+    flat, offset = _flat_pool(pool, layer)
+    n, bs = flat.shape[:2]
     new = jnp.stack([k, v], axis=3).reshape(k.shape[0], length, -1, dh).astype(pool.dtype)
-    flat = pool.reshape(nb * bs, *pool.shape[2:])
+    flat = flat.reshape(n * bs, *flat.shape[2:])
     for c in range(slots.shape[-1]):
-      idx = jnp.where(slots[..., c] < 0, nb * bs, slots[..., c])  # negatives would wrap around
+      # Negative slots would wrap around: send them past the end, where "drop" discards them.
+      idx = jnp.where(slots[..., c] < 0, n * bs, slots[..., c] + offset * bs)
       flat = flat.at[idx].set(new, mode="drop")
     return flat.reshape(pool.shape)
 
-  spec_pool = ("rows", None, "heads", None)
-  return _per_device(local, context_mesh(), b, (kv,), (pool, k, v, slots),
-                     (spec_pool, ("rows", None, "heads", None), ("rows", None, "heads", None),
-                      ("rows", None, None)), (spec_pool,))
+  layer = jnp.int32(0) if layer is None else jnp.asarray(layer, jnp.int32)
+  return _per_device(local, context_mesh(), b, (kv,), (pool, k, v, slots, layer),
+                     (_pool_spec(pool), ("rows", None, "heads", None),
+                      ("rows", None, "heads", None), ("rows", None, None), ()),
+                     (_pool_spec(pool),))
 
 
 def _paged_xla(q, pool, table, kv_lens):
@@ -438,10 +459,11 @@ def _paged_kernel(q, pool, table, kv_lens):
   )
 
 
-def paged_attention(q, pool, table, kv_lens, *, implementation: str = "auto"):
-  """One query token per row against its pages: q [B, H, Dh], pool [NB, bs, 2K, Dh] (the new
-  token's key/value already written), table [B, M] int32 block ids, kv_lens [B] int32 >= 1
-  (positions 0 .. kv_lens - 1 are attended; the query sits at kv_lens - 1) -> [B, H, Dh].
+def paged_attention(q, pool, table, kv_lens, *, layer=None, implementation: str = "auto"):
+  """One query token per row against its pages: q [B, H, Dh], pool [NB, bs, 2K, Dh] (or
+  [num_layers, NB, ...] with `layer`; the new token's key/value already written), table [B, M]
+  int32 block ids, kv_lens [B] int32 >= 1 (positions 0 .. kv_lens - 1 are attended; the query
+  sits at kv_lens - 1) -> [B, H, Dh].
 
   Paths: on TPU ("auto", when `ragged_unsupported` names no reason) the Pallas ragged paged
   attention kernel (vLLM / tpu-inference's design, `jax.experimental.pallas.ops.tpu`), which
@@ -452,21 +474,27 @@ def paged_attention(q, pool, table, kv_lens, *, implementation: str = "auto"):
   """
   check_implementation(implementation)
   b, h, dh = q.shape
-  kv = pool.shape[2] // 2
-  if pool.shape[3] != dh or table.shape[0] != b or kv_lens.shape != (b,) or h % kv:
+  kv = pool.shape[-2] // 2
+  if pool.shape[-1] != dh or table.shape[0] != b or kv_lens.shape != (b,) or h % kv:
     raise ValueError(f"paged_attention: q {q.shape}, pool {pool.shape}, table {table.shape}, "
-                     f"kv_lens {kv_lens.shape} do not fit [B, H, Dh], [NB, bs, 2K, Dh], [B, M], [B]")
+                     f"kv_lens {kv_lens.shape} do not fit [B, H, Dh], [(layers,) NB, bs, 2K, "
+                     f"Dh], [B, M], [B]")
   mesh = context_mesh()
   if implementation != "auto" or _on_gpu() or (mesh is None and jax.device_count() > 1):
-    local = _paged_xla
-  elif ragged_unsupported(h, kv, dh, pool.shape[1], q.dtype) is not None:
-    local = _paged_xla
+    attend = _paged_xla
+  elif ragged_unsupported(h, kv, dh, pool.shape[-3], q.dtype) is not None:
+    attend = _paged_xla
   else:
 
-    def local(q, pool, table, kv_lens):
+    def attend(q, pool, table, kv_lens):
       return jax.lax.platform_dependent(q, pool, table, kv_lens, tpu=_paged_kernel,
                                         default=_paged_xla)
 
-  return _per_device(local, mesh, b, (h, kv), (q, pool, table, kv_lens),
-                     (("rows", "heads", None), ("rows", None, "heads", None), ("rows", None),
-                      ("rows",)), (("rows", "heads", None),))
+  def local(q, pool, table, kv_lens, layer):
+    flat, offset = _flat_pool(pool, layer)
+    return attend(q, flat, table + offset, kv_lens)
+
+  layer = jnp.int32(0) if layer is None else jnp.asarray(layer, jnp.int32)
+  return _per_device(local, mesh, b, (h, kv), (q, pool, table, kv_lens, layer),
+                     (("rows", "heads", None), _pool_spec(pool), ("rows", None), ("rows",), ()),
+                     (("rows", "heads", None),))

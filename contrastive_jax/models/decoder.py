@@ -16,7 +16,9 @@ left-padded row starts at position 0 on its first real token.
 Paged KV cache (continuous batching, `sampling/engine.py`): `init_pool` preallocates a block
 pool shared by many sequences, and a call with `pages` writes the new keys/values to given pool
 slots and attends each row's blocks through its block table, only as far as the row is filled
-(`models.attention.paged_attention`: the Pallas ragged paged attention kernel on TPU).
+(`models.attention.paged_attention`: the Pallas ragged paged attention kernel on TPU). With
+`scan_layers` the pool is one stacked array carried through the layer scan and updated in place
+(the static cache, scanned in and out, is copied by every call).
 
 Memory switches (not part of the checkpoint format): `remat` rematerialises each block in the
 backward pass with a named `jax.checkpoint` policy (`models.layers.REMAT_POLICIES`);
@@ -46,7 +48,7 @@ from contrastive_jax.models.attention import (
   paged_attention,
   paged_write,
 )
-from contrastive_jax.models.layers import remat_block, remat_name, unstack_layers
+from contrastive_jax.models.layers import remat_block, remat_name
 
 ARCHITECTURES = {
   "llama": "LlamaForCausalLM",
@@ -325,9 +327,10 @@ def _paged(q, k, v, key_mask, pool, pages, implementation):
   """Attention with a block-pool cache (`models.attention` paged section): the new keys/values
   go to `pages["write"]`; one new token per row attends its pages (`paged_attention`), several
   (a prefill of fresh sequences) attend each other under `key_mask` [B, L]."""
-  pool = {"kv": paged_write(pool["kv"], k, v, pages["write"])}
+  layer = pages.get("layer")
+  pool = {"kv": paged_write(pool["kv"], k, v, pages["write"], layer)}
   if q.shape[1] == 1:
-    out = paged_attention(q[:, 0], pool["kv"], pages["table"], pages["lengths"],
+    out = paged_attention(q[:, 0], pool["kv"], pages["table"], pages["lengths"], layer=layer,
                           implementation=implementation)[:, None]
   else:
     out = attention(q, k, v, key_mask=key_mask, causal=True, implementation=implementation)
@@ -363,6 +366,21 @@ class Block(nn.Module):
     x = x + a
     x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, dt, name="mlp_norm")(x))
     return x, cache
+
+
+class _PagedLayer(nn.Module):
+  """One block of a layer scan over a paged cache: the whole [num_layers, ...] pool rides in
+  the scan's carry and this layer's writes and reads address it at `layer` (so it is updated in
+  place; as scanned input and output it would be copied every call)."""
+
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, carry, layer, positions, key_mask, pages):
+    x, pool = carry
+    x, pool = Block(self.config, name="block")(x, positions, key_mask, pool, 0,
+                                               {**pages, "layer": layer})
+    return (x, pool), None
 
 
 class Decoder(nn.Module):
@@ -402,7 +420,16 @@ class Decoder(nn.Module):
     embedding = _param(self, "embedding", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
     x = jnp.take(embedding, tokens, axis=0).astype(dt)
     block = remat_block(Block, c.remat, scanned=c.scan_layers)
-    if c.scan_layers:
+    if c.scan_layers and pages is not None:
+      (x, new_cache), _ = nn.scan(
+        _PagedLayer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=c.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )(c, name="paged_layers")((x, cache), jnp.arange(c.num_layers), positions, key_mask, pages)
+    elif c.scan_layers:
       x, new_cache = nn.scan(
         block,
         variable_axes={"params": 0},
@@ -452,9 +479,11 @@ def init_cache(config: DecoderConfig, batch: int, max_len: int, dtype=None):
 def init_pool(config: DecoderConfig, num_blocks: int, block_size: int, dtype=None):
   """Zero block pool of the paged cache (`models.attention`, paged section): a tuple over
   layers of {"kv": [num_blocks, block_size, 2 * kv_heads, head_dim]} (keys and values
-  interleaved by head), also with `scan_layers` (`DecoderLM.__call__`)."""
+  interleaved by head), or with `scan_layers` one {"kv": [num_layers, num_blocks, ...]}."""
   dtype = jnp.dtype(dtype or config.dtype)
   shape = (num_blocks, block_size, 2 * config.num_kv_heads, config.head_dim)
+  if config.scan_layers:
+    return {"kv": jnp.zeros((config.num_layers, *shape), dtype)}
   return tuple({"kv": jnp.zeros(shape, dtype)} for _ in range(config.num_layers))
 
 
@@ -474,15 +503,11 @@ class DecoderLM:
     self, params, tokens, *, positions, key_mask, cache=None, cache_index=0, last_only=False,
     pages=None,
   ):
-    config = self.config
-    if pages is not None and config.scan_layers:
-      # A layer scan carries its cache as scanned input and output, which copies the whole
-      # cache every call (the static decode step's temp bytes in preflight). The paged path
-      # runs the layers unrolled on one pool per layer, so a decode step writes its new
-      # positions in place; stacked weights are sliced per layer (loop-invariant).
-      config = dataclasses.replace(config, scan_layers=False)
-      params = {**params, "params": unstack_layers(params["params"], config.num_layers)}
-    out = Decoder(config).apply(
+    if pages is not None and self.config.scan_layers:  # the stacked layers, as `_PagedLayer`s
+      p = dict(params["params"])
+      p["paged_layers"] = {"block": p.pop("layers")}
+      params = {**params, "params": p}
+    out = Decoder(self.config).apply(
       params, tokens, positions, key_mask, cache, cache_index, last_only=last_only, pages=pages
     )
     return out["logits"], out["cache"]

@@ -5,8 +5,12 @@ One call of `PolicyOptimizer.step(state, batch)` is one rollout batch (DeepSeekM
 
   1. prompts: the batch's ids, or Thompson-sampled from the Beta posteriors in `state.extra`
      (MoPPS, arXiv 2507.04632) when `settings.selection`;
-  2. rollout: G completions per prompt from the current (= old) policy with
-     `sampling.lm.generate` (compiled once per shape);
+  2. rollout: G completions per prompt from the current (= old) policy on the continuous-
+     batching engine (`sampling.engine`: each prompt prefilled once, `slots` decode slots fed
+     from a queue, paged KV cache read as far as each row is filled; the weights cast to the
+     compute dtype and gathered over the batch axes once per step), or with `engine="static"`
+     on `sampling.lm.generate`; request r of a step draws with fold_in(key, r), so both engines
+     give the same tokens;
   3. rewards: the caller's `reward_fn(params, rollouts, rng) -> (rewards [N], metrics)`, host
      python on numpy arrays or a jittable function (`jit_reward=True`); `rng` is one key per
      refill attempt from the step key (a reward that samples, as GRACE's, resumes exactly); its
@@ -14,7 +18,9 @@ One call of `PolicyOptimizer.step(state, batch)` is one rollout batch (DeepSeekM
      DAPO's overlong penalty is added when switched on; with `dynamic_sampling`, groups whose
      rewards are all equal are dropped and new prompts rolled out until the batch is full (at
      most `max_refills` times; a batch still short is topped up with dropped groups, whose
-     advantage is 0);
+     advantage is 0). The refills are a queue: attempt a + 1's groups are queued behind
+     attempt a's and fill the slots its last rows leave (not with MoPPS selection, whose next
+     draw needs this attempt's rewards);
   4. log-probs: pi_old recomputed in float32 with `sampling.lm.sequence_logprobs` from the
      rollout parameters, and pi_ref from frozen `ref_params` when given, `logprob_batch` rows
      per call, `logprob_chunk` positions of logits at a time;
@@ -28,7 +34,12 @@ Memory: `logprob_chunk`, `logprob_batch` and `update_microbatches` bound what a 
 rows with whole-sequence logits.
 
 Each phase is timed separately (`block_until_ready`); metrics carry tokens/s, reward, accuracy,
-the share of groups without signal, clip fractions, KL, entropy and response lengths. All
+the share of groups without signal, clip fractions, KL, entropy and response lengths; the
+rollout's useful tokens/s (`throughput/rollout_tokens_per_s`: the completions' tokens over the
+rollout seconds), prefill and decode seconds, slot occupancy, decode steps, preemptions, the mean
+live kv length, MBU on an accelerator of `train.chips`, and the mean |rollout log-prob -
+recomputed old log-prob| over the completion tokens (`rollout/logprob_mismatch`, with top-k and
+top-p off: the same distribution, apart only by kernels and batch shapes). All
 randomness comes from `state.step_rng()`, so a resumed run repeats an uninterrupted one exactly.
 `state.step` counts rollout batches (what `train/loop.py` counts), not optimizer updates; the
 optimizer's schedule counts updates (`updates_per_step` of them per step). For the same reason
