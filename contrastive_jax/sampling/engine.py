@@ -68,9 +68,7 @@ class EngineSpec:
   slot at full length, so nothing is ever preempted). prompt_len: P, the padded prompt length.
   max_new_tokens: N. group_size: G requests per prompt. wave_prompts: prompts per `submit`
   (all shards). waves: waves held at once (2: the next wave's requests fill the slots the
-  current wave's last rows leave). buckets: decode batch sizes S, S/2, ..., S/2^(buckets-1) per
-  shard; a step runs the smallest holding the live rows (for compute-bound hosts, where a
-  step's cost follows its rows; each size compiles the model once more). temperature, top_k, top_p, greedy, eos_ids, pad_id: as
+  current wave's last rows leave). temperature, top_k, top_p, greedy, eos_ids, pad_id: as
   `sampling.lm.generate`.
   """
 
@@ -83,7 +81,6 @@ class EngineSpec:
   shards: int = 1
   pool_blocks: int = 0
   waves: int = 2
-  buckets: int = 1
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
@@ -134,7 +131,7 @@ class EngineSpec:
         raise EngineError(f"engine: {name}={value} does not divide over the mesh's batch axes "
                           f"({d} devices: data x fsdp)")
     if min(self.block_size, self.prompt_len, self.max_new_tokens, self.group_size,
-           self.waves, self.buckets) < 1:
+           self.waves) < 1:
       raise EngineError(f"engine: sizes must be >= 1: {self}")
     if self.pool_size % d:
       raise EngineError(f"engine: pool_blocks={self.pool_size} does not divide over the mesh's "
@@ -383,48 +380,20 @@ def submit(apply_fn, spec: EngineSpec, params, state, pool, rng, prompt_tokens, 
   return state, pool
 
 
-def _decode_rows(apply_fn, spec: EngineSpec, params, pool, rng, rows, inputs):
-  """Decodes `rows` [D, k] slots of each shard (inputs [D, S, ...]); returns the sampled
-  (tokens, log-probs) scattered back to [D, S] (other slots: 0) and the pool."""
-  token, pos, write, lengths, table, ids, t = (
-    _flat(jax.vmap(lambda x, r: x[r])(x, rows)) for x in inputs)
+def _decode_step(apply_fn, spec: EngineSpec, params, state, pool, rng):
+  """One engine iteration: admit, allocate (maybe preempt), decode one token per slot, record.
+  Every slot runs (static shapes); an idle slot writes nothing and reads one key."""
+  state = jax.vmap(partial(_admit, spec))(state)
+  state = jax.vmap(partial(_allocate, spec))(state)
+  token, pos, write, lengths, table = (_flat(x) for x in jax.vmap(partial(_pages, spec))(state))
   logits, pool = apply_fn(params, token[:, None], positions=pos[:, None], key_mask=None,
                           cache=pool, pages={"write": write[:, None, None], "table": table,
                                              "lengths": lengths}, last_only=True)
-  token, logp = sample_rows(logits[:, -1], row_keys(rng, ids), t, temperature=spec.temperature,
-                            top_k=spec.top_k, top_p=spec.top_p, greedy=spec.greedy)
-
-  def back(x):
-    return jax.vmap(lambda r, v: jnp.zeros(inputs[0].shape[1], v.dtype).at[r].set(v))(
-      rows, _shards(spec, x))
-
-  return back(token), back(logp), pool
-
-
-def _decode_step(apply_fn, spec: EngineSpec, params, state, pool, rng):
-  """One engine iteration: admit, allocate (maybe preempt), decode one token per live slot,
-  record. With `spec.buckets` > 1 the model runs on the smallest of S, S/2, ... slots per shard
-  that holds every shard's live rows (live slots first): a compute-bound host then pays for the
-  live rows of a wave's tail, not for S."""
-  state = jax.vmap(partial(_admit, spec))(state)
-  state = jax.vmap(partial(_allocate, spec))(state)
-  live = state["s_req"] >= 0
-  ids = jnp.take_along_axis(state["r_id"], jnp.maximum(state["s_req"], 0), axis=1)
-  inputs = (*jax.vmap(partial(_pages, spec))(state), ids, state["s_t"])
-  s = live.shape[1]
-  sizes = [max(1, s >> i) for i in range(spec.buckets)]
-  order = jnp.argsort(~live, axis=1, stable=True)  # live slots first, in slot order
-
-  def branch(k):
-    return lambda pool: _decode_rows(apply_fn, spec, params, pool, rng, order[:, :k], inputs)
-
-  if len(sizes) == 1:
-    token, logp, pool = branch(s)(pool)
-  else:
-    n_live = live.sum(1).max()
-    pick = sum((n_live <= k).astype(jnp.int32) for k in sizes[1:])
-    token, logp, pool = jax.lax.switch(pick, [branch(k) for k in sizes], pool)
-  state = jax.vmap(partial(_record, spec))(state, token, logp)
+  ids = _flat(jnp.take_along_axis(state["r_id"], jnp.maximum(state["s_req"], 0), axis=1))
+  token, logp = sample_rows(logits[:, -1], row_keys(rng, ids), _flat(state["s_t"]),
+                            temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
+                            greedy=spec.greedy)
+  state = jax.vmap(partial(_record, spec))(state, _shards(spec, token), _shards(spec, logp))
   return state, pool
 
 

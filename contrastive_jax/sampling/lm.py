@@ -23,6 +23,7 @@ its first real token.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -84,15 +85,29 @@ def row_keys(rng, row_ids):
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(row_ids, jnp.int32))
 
 
+def categorical(key, logp):
+  """One draw from softmax(logp) ([V], -inf allowed) in two exact stages: a chunk of ~sqrt(V)
+  tokens by its total probability (logsumexp), then a token within it (the chain rule, so the
+  draw has exactly softmax(logp)'s law). Gumbel-max over all V would draw V random numbers per
+  token (for a 49K vocabulary a third of a CPU decode step); this draws 2 sqrt(V)."""
+  v = logp.shape[-1]
+  c = math.isqrt(v - 1) + 1
+  n = -(-v // c)
+  chunks = jnp.pad(logp, (0, n * c - v), constant_values=-jnp.inf).reshape(n, c)
+  k_chunk, k_token = jax.random.split(key)
+  chunk = jax.random.categorical(k_chunk, jax.nn.logsumexp(chunks, axis=-1))
+  return chunk * c + jax.random.categorical(k_token, chunks[chunk])
+
+
 def sample_rows(logits, keys, steps, *, temperature=1.0, top_k=0, top_p=1.0, greedy=False):
   """One token per row: logits [B, V], keys [B] (`row_keys`), steps [B] (the token's index in
   its completion) -> (tokens [B] int32, log-probs [B] of them under `processed_logprobs`).
-  `greedy` takes the argmax of the raw logits."""
+  `greedy` takes the argmax of the raw logits; sampling uses `categorical`."""
   logp = processed_logprobs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
   if greedy:
     token = jnp.argmax(logits, axis=-1)
   else:
-    token = jax.vmap(lambda k, t, lp: jax.random.categorical(jax.random.fold_in(k, t), lp))(
+    token = jax.vmap(lambda k, t, lp: categorical(jax.random.fold_in(k, t), lp))(
       keys, jnp.broadcast_to(steps, keys.shape[:1]), logp)
   token = token.astype(jnp.int32)
   return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
