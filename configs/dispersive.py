@@ -118,7 +118,8 @@ def get_config(preset: str = "cpu"):
     data_dir="",
     split="train",
   )
-  c.eval = dict(
+  c.eval.update(
+    params="ema",  # DiT/SiT evaluate the EMA weights (0.9999 at ImageNet scale)
     num_samples=1000,
     batch_size=500,
     sampler="ode_heun",  # SiT: ode_euler | ode_heun | sde; DiT: ddpm | ddim

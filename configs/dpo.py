@@ -29,10 +29,9 @@ def get_config(preset: str = "cpu"):
   # train.grad_accum_steps (exact for DPO: a mean over equal-size micro-batches of pairs).
   c.loss = dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, length_normalize=False,
                 logprob_chunk=0, logprob_batch=0)
-  c.eval = dict(k=0, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=5, batch_size=512,
+  c.eval.update(k=0, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=5, batch_size=512,
                 seed=1234)
-  c.train.update(steps=300, batch_size=64, log_every=25, eval_every=100, checkpoint_every=100,
-                 eval_with_ema=False)
+  c.train.update(steps=300, batch_size=64, log_every=25, eval_every=100, checkpoint_every=100)
   c.optim.update(name="adam", lr=1e-4, schedule="constant", grad_clip=1.0)
 
   def cpu(c):

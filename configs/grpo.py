@@ -7,7 +7,7 @@ CPU pipeline on generated one-digit three-operand sums ("3+5-7=" -> "1"), charac
   python launch.py --config configs/grpo.py:cpu_sft --workdir runs/grpo_cpu_sft    # SFT start
   python launch.py --config configs/grpo.py:cpu_g16 --workdir runs/grpo_g16        # 8 x 16
   python launch.py --config configs/grpo.py:cpu_g2  --workdir runs/grpo_g2          # 64 x 2
-  python launch.py --config configs/grpo.py:cpu_g2 --config.prompts.selection=True --workdir ...
+  python launch.py --config configs/grpo.py:cpu_g2 --config.policy.selection=True --workdir ...
   python launch.py --config configs/grpo.py:cpu_g2 --workdir runs/grpo_g2 --mode eval
 
 `cpu` is `cpu_sft`. The GRPO presets start from the SFT run named by `model.path`. Both
@@ -21,7 +21,8 @@ Pass@32 at T 0.7, top-p 0.8, top-k 20; set model.path and task.train_file/test_f
 (seconds: a trivially learnable first-token reward, used by the tests).
 """
 
-from configs.common import base_config, select_preset
+from configs.common import base_config, select_preset, settings_section
+from contrastive_jax.train.policy_opt import PolicyOptSettings
 
 
 def get_config(preset: str = "cpu"):
@@ -36,20 +37,14 @@ def get_config(preset: str = "cpu"):
   c.task = dict(name="arithmetic", style="compact", digits=1, num_operands=3, operators="+-",
                 seed=0, train_size=4096, test_size=256, train_file="", test_file="",
                 dataset="math", target="", max_prompt_len=0, chat_system="")
-  c.rollout = dict(group_size=16, max_new_tokens=5, temperature=1.0, top_k=0, top_p=1.0)
-  c.policy = dict(epochs=1, minibatches=2, clip_low=0.2, clip_high=0.28, aggregation="grpo",
-                  kl_beta=0.0, reference=False, advantage_scale="group",
-                  advantage_std="population", dynamic_sampling=False, max_refills=4,
-                  overlong_penalty=False, overlong_cache=2,
-                  # Memory bounds (train.policy_opt): positions of logits at a time (0: whole
-                  # sequences), rows per old/ref log-prob call (0: all), micro-batches per update.
-                  logprob_chunk=0, logprob_batch=0, update_microbatches=1)
-  c.prompts = dict(selection=False, pool_factor=8, lam=0.5, target=0.5)
-  c.eval = dict(k=4, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=5, batch_size=512,
+  # Rollout, advantage, loss and prompt-selection settings: the fields of
+  # `train.policy_opt.PolicyOptSettings` (documented there with the papers' symbols).
+  c.policy = settings_section(PolicyOptSettings, omit=("eos_ids", "pad_id"), group_size=16,
+                              max_new_tokens=5, minibatches=2, clip_high=0.28, overlong_cache=2)
+  c.eval.update(k=4, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=5, batch_size=512,
                 seed=1234)
   c.sft = dict(examples=20_000)
-  c.train.update(steps=80, batch_size=8, log_every=1, eval_every=20, checkpoint_every=40,
-                 eval_with_ema=False)
+  c.train.update(steps=80, batch_size=8, log_every=1, eval_every=20, checkpoint_every=40)
   c.optim.update(name="adam", lr=2.5e-6, schedule="constant", grad_clip=1.0)
 
   def cpu_sft(c):
@@ -60,11 +55,11 @@ def get_config(preset: str = "cpu"):
     c.eval.k = 0
 
   def cpu_g16(c):
-    c.rollout.group_size = 16
+    c.policy.group_size = 16
     c.train.batch_size = 8
 
   def cpu_g2(c):
-    c.rollout.group_size = 2
+    c.policy.group_size = 2
     c.train.batch_size = 64
     c.optim.lr = 2e-5
 
@@ -75,7 +70,7 @@ def get_config(preset: str = "cpu"):
     c.task.update(style="chat", digits=1, num_operands=2, operators="+-", train_size=2048,
                   test_size=64, chat_system="You are a calculator. Reply with only the result "
                   "in \\boxed{}, for example \\boxed{7}.")
-    c.rollout.update(group_size=8, max_new_tokens=32)
+    c.policy.update(group_size=8, max_new_tokens=32)
     c.eval.update(k=4, max_new_tokens=32, batch_size=64)
     c.train.update(steps=12, batch_size=8, eval_every=6, checkpoint_every=6, eval_at_start=True)
     c.optim.update(lr=1e-5)
@@ -92,7 +87,7 @@ def get_config(preset: str = "cpu"):
                   # 4096 = 32 x 128, so the log-prob and update passes run splash attention on
                   # TPU (models/attention.py: lengths multiples of 128; else the XLA path).
                   max_prompt_len=1096)
-    c.rollout.update(group_size=group, max_new_tokens=3000)
+    c.policy.update(group_size=group, max_new_tokens=3000)
     c.policy.update(epochs=1, minibatches=1, clip_low=0.2, clip_high=0.28, kl_beta=0.0)
     # 512 rollouts of S ~ 0.5K prompt + 3000 tokens, V = 151936, rows over 8 devices. Whole
     # logits: 64 rows/device x 3.5K x V x 4 B = 137 GB per device. Old log-probs 64 rows per call
@@ -115,7 +110,7 @@ def get_config(preset: str = "cpu"):
   def test(c):
     c.model.update(source="scratch", path="", hidden=32, layers=1, heads=2, kv_heads=1, mlp=64)
     c.task.update(name="first_token", target="7", train_size=64, test_size=16)
-    c.rollout.update(group_size=4, max_new_tokens=3)
+    c.policy.update(group_size=4, max_new_tokens=3)
     c.eval.update(k=4, max_new_tokens=3, batch_size=16)
     c.train.update(steps=6, batch_size=8, log_every=1, eval_every=3, checkpoint_every=3)
     c.optim.update(lr=3e-2)

@@ -12,7 +12,7 @@ tag-stripped (SAL) and element-masked (EAL, p = 0.1, fresh each step). Arms by l
 
   python launch.py --config configs/seal.py:cpu --workdir /tmp/seal
   python launch.py --config configs/seal.py:cpu --workdir /tmp/seal --mode eval
-  python launch.py --config configs/seal.py:cpu --config.eval.zero_shot=True --workdir /tmp/zs \
+  python launch.py --config configs/seal.py:cpu --config.eval.params=base --workdir /tmp/zs \
       --mode eval
 
 Data switches (defaults first; each names the rule it reproduces):
@@ -115,13 +115,11 @@ def get_config(preset: str = "cpu"):
     "mine_window": (2, 30),
     "mine_batch_size": 32,
   }
-  c.eval = {
-    "zero_shot": False,
-    "batch_size": 32,
-    "untagged": True,
-    "during_training": True,
-    "page_chunks": 0,  # 0: documents only; N: also pages ranked by the best of N passages
-  }
+  c.eval.update(
+    batch_size=32,
+    untagged=True,
+    page_chunks=0,  # 0: documents only; N: also pages ranked by the best of N passages
+  )
   c.train.update(steps=30, batch_size=8, log_every=5, eval_every=0, checkpoint_every=30)
   c.optim.update(lr=5e-5, schedule="linear", warmup_steps=3, weight_decay=0.0, grad_clip=0.0)
 
@@ -165,7 +163,8 @@ def get_config(preset: str = "cpu"):
       max_doc_chars=3000,
     )
     # The test evaluates the checkpoint; its pages are far longer than 3 chunks of 24 tokens.
-    c.eval.update(batch_size=8, during_training=False, page_chunks=3)
+    c.eval.update(batch_size=8, page_chunks=3)
+    c.train.eval_at_end = False
     c.train.update(
       steps=4, batch_size=8, log_every=1, eval_every=0, checkpoint_every=2, async_checkpoint=False
     )

@@ -66,18 +66,46 @@ def cluster_kind(env: Mapping[str, str] | None = None) -> str | None:
   return "tpu_vm" if running_in_cloud_tpu_vm else None
 
 
+def quiet_platforms() -> str | None:
+  """Keeps JAX from starting its TPU backend on a machine without TPU chips; returns the
+  platforms it set, or None when it left JAX's choice alone.
+
+  With libtpu installed (the `[tpu]` extra, which CPU machines have for preflight compiles),
+  JAX tries the TPU backend first, and libtpu logs TPU_WORKER_HOSTNAMES / INVALID_ARGUMENT
+  errors before falling back to the CPU. Without TPU (PCI) chips and without an NVIDIA GPU,
+  "cpu" is the only platform there is, so it is named up front. `JAX_PLATFORMS` or an earlier
+  `jax_platforms` setting wins; machines with accelerators keep JAX's own detection.
+  """
+  if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+    return None
+  from jax._src import hardware_utils  # JAX's PCI probes; no public name
+
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0] or (
+    hardware_utils.has_visible_nvidia_gpu()
+  ):
+    return None
+  jax.config.update("jax_platforms", "cpu")
+  return "cpu"
+
+
 def _use_gloo_on_cpu():
   # Only the CPU backend reads it (GPU and TPU runs keep NCCL / ICI); it must be set before the
   # first computation creates the CPU client.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
-def start(env: Mapping[str, str] | None = None) -> str | None:
+def start(env: Mapping[str, str] | None = None, *, heartbeat_timeout_seconds: int = 100
+          ) -> str | None:
   """Joins the multi-process run the environment describes; returns its kind (see above).
 
   The JAX_* variables are passed explicitly (JAX itself reads only the coordinator address and
   the local device ids), and SLURM, Open MPI and TPU VMs keep JAX's auto-detection. On CPU the
   collectives go through gloo, so a laptop runs the same path with several processes.
+
+  `heartbeat_timeout_seconds` (JAX's `jax.distributed.initialize` option, `cluster.
+  heartbeat_timeout_seconds` in the configs) is how long the coordination service waits for a
+  silent process before declaring it lost: the bound on how long a survivor takes to name it
+  (`lost_processes`).
   """
   env = os.environ if env is None else env
   kind = cluster_kind(env)
@@ -85,7 +113,7 @@ def start(env: Mapping[str, str] | None = None) -> str | None:
     return None
   if kind != "env":
     _use_gloo_on_cpu()
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     return kind
   missing = [v for v in _EXPLICIT_VARS if not env.get(v)]
   if missing:
@@ -106,8 +134,30 @@ def start(env: Mapping[str, str] | None = None) -> str | None:
     num_processes=num,
     process_id=index,
     local_device_ids=local_ids,
+    heartbeat_timeout_seconds=heartbeat_timeout_seconds,
   )
   return kind
+
+
+def lost_processes() -> list[int]:
+  """The processes of this run that are gone (killed, crashed, preempted), [] when all answer.
+
+  Asks JAX's coordination service which processes are alive. A process that died stays alive
+  for the service until its heartbeat times out (`start`'s `heartbeat_timeout_seconds`), so this
+  waits at most that long. When the service itself is unreachable, its host, process 0, is the
+  one that is gone.
+  """
+  from jax._src import distributed  # the client JAX started; jax.distributed has no public name
+
+  client = distributed.global_state.client
+  if client is None or jax.process_count() == 1:
+    return []
+  everyone = list(range(jax.process_count()))
+  try:
+    alive = client.get_live_nodes(everyone)
+  except Exception:  # noqa: BLE001  the coordinator (process 0) does not answer
+    return [0]
+  return [i for i in everyone if i not in alive]
 
 
 def process_devices() -> dict[str, list[str]]:

@@ -21,7 +21,6 @@ configs/dispersive.py for `loss.blocks` and `loss.gather`.
 from __future__ import annotations
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,6 @@ from jax.sharding import PartitionSpec as P
 
 from contrastive_jax import sharding
 from contrastive_jax.evaluation import generative
-from contrastive_jax.io import is_writer
 from contrastive_jax.losses.dispersive import dispersive_loss
 from contrastive_jax.losses.meanflow import guided_velocity, meanflow_loss
 from contrastive_jax.losses.repa import repa_loss
@@ -38,9 +36,10 @@ from contrastive_jax.models.projector import MLPProjector, WithProjector
 from contrastive_jax.sampling.ddpm import ddpm_training_batch
 from contrastive_jax.sampling.flow import flow_matching_batch
 from contrastive_jax.sampling.meanflow import meanflow_batch
-from contrastive_jax.train import loop
 from contrastive_jax.train import step as step_lib
+from contrastive_jax.train.experiment import Experiment
 from contrastive_jax.train.optim import make_optimizer
+from contrastive_jax.train.preflight import Piece, abstract
 from contrastive_jax.train.state import TrainState
 
 KINDS = ("sit", "dit", "meanflow")
@@ -271,12 +270,6 @@ def init_fn(config, tx, model):
   return init_state
 
 
-def _setup(config, mesh=None):
-  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-  tx, schedule = make_optimizer(config.optim, config.train.steps)
-  return mesh, tx, schedule, make_model(config)
-
-
 def _data(config):
   if config.data.name == "digits":
     from contrastive_jax.data.digits import load_digits
@@ -310,77 +303,39 @@ def make_train_step(config, model, mesh, schedule, *, workdir=None):
   )
 
 
-def train(config, workdir):
-  """Trains (or resumes) to `train.steps`; evaluates every `train.eval_every` and at the end."""
-  mesh, tx, schedule, model = _setup(config)
-  current = {"step": 0}
-  evaluator = generative.SampleEvaluator(
-    config, workdir, model, step_of=lambda: current["step"], ema=_uses_ema(config), mesh=mesh
-  )
-  return loop.train(
-    config,
-    workdir,
-    init_state=init_fn(config, tx, model),
-    train_step=make_train_step(config, model, mesh, schedule, workdir=workdir),
-    data=_data(config),
-    mesh=mesh,
-    evaluators={"samples": evaluator},
-    hooks=[lambda step, *_: current.update(step=step)],
-  )
-
-
-def _uses_ema(config) -> bool:
-  return config.optim.ema > 0 and config.train.eval_with_ema
-
-
-def evaluate(config, workdir, step=None):
-  """Samples with the (EMA) parameters of a checkpoint, writes the PNG grid and the JSON record."""
-  mesh, tx, _, model = _setup(config)
-  use_ema = _uses_ema(config)
-  got = {}
-  # Built first, so a bad eval setting is reported before a checkpoint is read.
-  evaluator = generative.SampleEvaluator(
-    config, workdir, model, step_of=lambda: got["step"], ema=use_ema, mesh=mesh
-  )
-  got["step"], params = loop.load_params(
-    config, workdir, init_fn(config, tx, model), mesh, ema=use_ema, step=step
-  )
-  with sharding.tracing_mesh(mesh):  # traced under the mesh, as `loop.run_evaluators`
-    results = evaluator.record(params)
-  if is_writer():
-    print(json.dumps(results))
-  return results
-
-
-def preflight_pieces(config, mesh):
-  """`train/preflight.py`'s pieces: the train step at `train.batch_size` and the evaluation
-  sampler at `eval.batch_size` (its fori_loop over `eval.steps` is counted once by XLA: the
-  piece's flops are one sampler step's)."""
-  from contrastive_jax.train import preflight
-
-  mesh, tx, schedule, model = _setup(config, mesh)
+def build(config, *, mode, workdir, devices=None) -> Experiment:
+  """DiT / SiT / MeanFlow training with the dispersive (and REPA) terms, and the sampling
+  evaluator (`train/experiment.py` has the protocol). REPA's frozen encoder is built with the
+  step (the digits stand-in is trained once and cached under the workdir)."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  tx, schedule = make_optimizer(config.optim, config.train.steps)
+  model = make_model(config)
+  init_state = init_fn(config, tx, model)
+  # Built first, so a bad eval setting is reported before anything is read or trained.
+  evaluators = {} if mode == "preflight" else {
+    "samples": generative.SampleEvaluator(config, workdir, model, mesh=mesh)}
   m, b = config.model, config.train.batch_size
   image = (m.input_size, m.input_size, m.in_channels)
-  init_state = init_fn(config, tx, model)
-  step = preflight.train_step_piece(
-    make_train_step(config, model, mesh, schedule), init_state, mesh, config,
-    {"image": ((b, *image), jnp.float32), "label": ((b,), jnp.int32)},
+  step = None
+  if mode != "eval":
+    step = make_train_step(config, model, mesh, schedule,
+                           workdir=None if mode == "preflight" else workdir)
+  sample = generative.make_sampler(model, model_cfg=m, eval_cfg=config.eval,
+                                   path=config.diffusion.path)
+
+  def pieces(state):
+    # The evaluator passes unplaced noise and labels: replicated beside the sharded parameters.
+    # Its fori_loop over `eval.steps` is counted once by XLA: the flops are one sampler step's.
+    rep = jax.sharding.NamedSharding(mesh, P())
+    e = config.eval.batch_size
+    params = state.ema_params if config.eval.params == "ema" else state.params
+    args = (params, abstract((e, *image), jnp.float32, rep), abstract((2,), jnp.uint32, rep),
+            abstract((e,), jnp.int32, rep))
+    return {"sampler": Piece(sample, args, per_step=0.0,
+                             note=f"{config.eval.sampler}, {config.eval.steps} steps")}
+
+  return Experiment(
+    mesh=mesh, init_state=init_state, train_step=step,
+    batch={"image": ((b, *image), jnp.float32), "label": ((b,), jnp.int32)},
+    data=lambda: _data(config), evaluators=evaluators, pieces=pieces,
   )
-  state = preflight.abstract_state(init_state, mesh, config)
-  params = state.ema_params if _uses_ema(config) else state.params
-  sample = generative.make_sampler(
-    model, model_cfg=config.model, eval_cfg=config.eval, path=config.diffusion.path
-  )
-  # The evaluator passes unplaced noise and labels: replicated beside the sharded parameters.
-  rep = jax.sharding.NamedSharding(mesh, P())
-  e = config.eval.batch_size
-  args = (
-    params,
-    preflight.abstract((e, *image), jnp.float32, rep),
-    preflight.abstract((2,), jnp.uint32, rep),
-    preflight.abstract((e,), jnp.int32, rep),
-  )
-  sampler = preflight.Piece(
-    sample, args, per_step=0.0, note=f"{config.eval.sampler}, {config.eval.steps} steps"
-  )
-  return {"train_step": step, "sampler": sampler}

@@ -23,7 +23,7 @@ from contrastive_jax.data import policy_tasks
 from contrastive_jax.data.char_vocab import CharVocab
 from contrastive_jax.evaluation.policy_eval import policy_evaluator
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
-from contrastive_jax.train import loop
+from contrastive_jax.train.init import Pretrained
 from contrastive_jax.train.state import CheckpointManager, TrainState
 from contrastive_jax.weights import gguf as gguf_lib
 from contrastive_jax.weights import published_configs
@@ -114,9 +114,10 @@ def sft_command(path: str) -> str:
 
 
 def check_inputs(config, mode: str):
-  """Before anything is written (launch.py): a "checkpoint" source needs `model.path` to hold
-  an earlier run's checkpoints/ (the GRPO cpu_g2 / cpu_g16 and DPO cpu presets start from the
-  SFT run `runs/grpo_cpu_sft`); the error names the command that makes it."""
+  """Before anything is written (launch.py runs `Experiment.checks`): a "checkpoint" source needs
+  `model.path` to hold an earlier run's checkpoints/ (the GRPO cpu_g2 / cpu_g16 and DPO cpu
+  presets start from the SFT run `runs/grpo_cpu_sft`); the error names the command that makes
+  it."""
   m = config.model
   if mode != "train" or m.source != "checkpoint":
     return
@@ -125,6 +126,14 @@ def check_inputs(config, mode: str):
       f"model.path={m.path!r}: no checkpoints/ of the SFT run this preset starts from; make it "
       f"with `{sft_command(m.path or 'runs/grpo_cpu_sft')}` or set --config.model.path"
     )
+
+
+def pretrained_loader(config, dcfg: DecoderConfig, mesh):
+  """`() -> unboxed pretrained parameters` of `model.source` (`init.Pretrained`'s `load`), or
+  None for scratch."""
+  if config.model.source == "scratch":
+    return None
+  return lambda: pretrained_params(config, dcfg, mesh)
 
 
 def pretrained_params(config, dcfg: DecoderConfig, mesh):
@@ -154,18 +163,19 @@ def pretrained_params(config, dcfg: DecoderConfig, mesh):
   return params
 
 
-def init_fn(dcfg: DecoderConfig, tx, pretrained, *, extra=None):
-  """`init_state(rng)` with logically partitioned params (pretrained values when given)."""
+def init_fn(dcfg: DecoderConfig, tx, load=None, *, ema=0.0, extra=None):
+  """`init_state(rng)` with logically partitioned params (and their EMA at decay `ema` > 0); with
+  `load` (`pretrained_loader`) an `init.Pretrained` whose values are loaded only when a state is
+  built from scratch."""
 
   def init_state(rng, values=None):
     boxed = _init_params(dcfg, jax.random.fold_in(rng, 1))
     if values is not None:
       boxed = jax.tree.map(lambda b, v: b.replace_boxed(jnp.asarray(v, jnp.float32)), boxed,
                            values, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    return TrainState.create(params=boxed, tx=tx, rng=rng, extra=extra)
+    return TrainState.create(params=boxed, tx=tx, rng=rng, ema_decay=ema, extra=extra)
 
-  # Pretrained weights enter the compiled initialiser as arguments, not as constants.
-  return init_state if pretrained is None else loop.Pretrained(init_state, pretrained)
+  return init_state if load is None else Pretrained(init_state, load)
 
 
 def heldout_evaluator(config, dcfg, codec, test_task, mesh):
@@ -179,6 +189,17 @@ def heldout_evaluator(config, dcfg, codec, test_task, mesh):
     max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
     eos_ids=codec.eos_ids, pad_id=codec.pad_id, batch_size=e.batch_size, seed=e.seed,
   )
+
+
+def codec_and_model(config, mode: str):
+  """(codec, DecoderConfig) of the policy. Preflight reads no tokenizer or weight file when the
+  model comes from a file: the architecture from its (published) config, the codec's vocabulary
+  and stop ids from that config when the tokenizer is absent (`shape_codec`)."""
+  if mode != "preflight" or config.model.source in ("scratch", "checkpoint"):
+    codec = make_codec(config)
+    return codec, decoder_config(config, codec)
+  dcfg = decoder_config(config, None, shapes_only=True)
+  return shape_codec(config, dcfg), dcfg
 
 
 def shape_codec(config, dcfg: DecoderConfig):

@@ -3,8 +3,6 @@ included), evaluation from a checkpoint repeats the in-loop numbers; the sharded
 the one-device update; dynamic sampling drops all-equal groups; a DPO step equals dpo_loss on
 hand-computed log-probs."""
 
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -12,83 +10,58 @@ import numpy as np
 import optax
 import plot_checks
 import pytest
+import runs
 
 from configs.dpo import get_config as dpo_config
 from configs.grpo import get_config
 from contrastive_jax.losses.policy import dpo_loss
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
 from contrastive_jax.sharding import make_mesh, to_host
-from contrastive_jax.train import loop
 from contrastive_jax.train import step as step_lib
+from contrastive_jax.train.init import initialize_state
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra, place
-from contrastive_jax.train.state import CheckpointManager, TrainState
-from experiments import dpo, grpo
+from contrastive_jax.train.state import TrainState
+from experiments import dpo
 from experiments.reports import plot
-
-
-def _rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def _restore(config, workdir):
-  b = grpo.build(config, with_weights=False)
-  abstract, _ = loop.state_shardings(b["init_state"], b["mesh"])
-  manager = CheckpointManager(os.path.join(workdir, "checkpoints"), async_save=False)
-  state, data_state = manager.restore(abstract)
-  manager.close()
-  return state, data_state
 
 
 def _config(steps):
   c = get_config("test")  # first-token reward ("7"), 8 prompts x 4, a 1-layer char decoder
-  c.prompts.selection = True
+  c.policy.selection = True
+  c.optim.ema = 0.5  # evaluated with the EMA: in-loop and --mode eval must see the same params
+  c.eval.params = "ema"
   c.train.update(steps=steps, eval_every=0, checkpoint_every=2)  # eval at the end of a run
   return c
 
 
-def test_grpo_raises_reward_resumes_bitwise_and_evaluates(tmp_path):
-  straight = str(tmp_path / "straight")
-  grpo.train(_config(4), straight)
-  rewards = [r["reward"] for r in _rows(straight) if "reward" in r]
+def test_grpo_raises_reward_and_evaluates_as_in_loop(tmp_path):
+  """One GRPO run (the loop's resume is tested once, tests/test_loop.py): the reward rises, the
+  prompt posteriors count every rollout, the report plots its eval rows, and `--mode eval` of
+  the checkpoint writes the record the loop wrote at that step (EMA parameters)."""
+  workdir = str(tmp_path / "grpo")
+  runs.train(_config(4), workdir)
+  rows = runs.rows(workdir)
+  rewards = [r["reward"] for r in rows if "reward" in r]
   # 1/14 characters start with "7" by chance; the fixed seed gives 0.0625 at step 1 and the
   # policy learns to emit "7" first within 4 steps (lr 3e-2).
   assert rewards[0] < 0.2 and np.mean(rewards[-2:]) > rewards[0] + 0.3, rewards
-
-  resumed = str(tmp_path / "resumed")
-  grpo.train(_config(2), resumed)
-  grpo.train(_config(4), resumed)
-  a, data_a = _restore(_config(4), straight)
-  b, data_b = _restore(_config(4), resumed)
-  assert int(a.step) == int(b.step) == 4 and data_a == data_b
-  for x, y in zip(jax.tree.leaves((a.params, a.opt_state, a.rng, a.extra)),
-                  jax.tree.leaves((b.params, b.opt_state, b.rng, b.extra))):
-    np.testing.assert_array_equal(x, y)
+  state, data_state = runs.restore(_config(4), workdir)
+  assert int(state.step) == 4 and data_state == {"next_index": 4}
   # Posteriors were updated (and restored): 4 steps x 8 prompts x 4 rollouts = 128 counted.
-  assert int(b.extra["rollouts"]) == 128
-  assert float(jnp.sum(b.extra["a"] + b.extra["b"])) > 64 * 2.0
-  keep = ("reward", "loss", "no_signal_fraction", "eval/heldout/greedy_accuracy")
-  # (the interrupted run also evaluated at its last step, 2)
-  def pick(rows):
-    return [{k: r[k] for k in keep if k in r} for r in rows if r["step"] != 2]
+  assert int(state.extra["rollouts"]) == 128
+  assert float(jnp.sum(state.extra["a"] + state.extra["b"])) > 64 * 2.0
 
-  assert pick(_rows(straight)) == pick(_rows(resumed))
+  panels = plot_checks.draw("grpo", {"run": workdir}, tmp_path / "p")["grpo_accuracy.png"]
+  for panel, x in plot.GRPO_X.items():
+    plot_checks.assert_curve(panels[panel]["run"], [workdir], "eval/heldout/greedy_accuracy", x)
+  assert panels["rollouts"]["run"]["x"] == [128.0]  # 4 steps x 8 prompts x 4 rollouts
 
-  # The report plots of these two workdirs plot exactly their eval rows (steps 4; 2 and 4).
-  panels = plot_checks.draw("grpo", {"straight": straight, "resumed": resumed}, tmp_path / "p")
-  panels = panels["grpo_accuracy.png"]
-  for arm, workdir in (("straight", straight), ("resumed", resumed)):
-    for panel, x in plot.GRPO_X.items():
-      plot_checks.assert_curve(panels[panel][arm], [workdir], "eval/heldout/greedy_accuracy", x)
-  assert panels["rollouts"]["straight"]["x"] == [128.0]  # 4 steps x 8 prompts x 4 rollouts
-  assert panels["steps"]["resumed"]["steps"] == [2, 4]
-
-  result = grpo.evaluate(_config(4), resumed)
-  in_loop = [r for r in _rows(resumed) if "eval/heldout/greedy_accuracy" in r][-1]
-  assert result["step"] == 4
-  for key in ("greedy_accuracy", "mean@4", "pass@4"):
-    assert result[f"eval/heldout/{key}"] == in_loop[f"eval/heldout/{key}"], key
-  assert result["eval/heldout/pass@4"] >= result["eval/heldout/mean@4"]
+  in_loop = runs.eval_record(workdir, 4)
+  result = runs.evaluate(_config(4), workdir)
+  assert runs.without_timing(result) == runs.without_timing(in_loop)
+  assert result["params"] == "ema" and result["eval/heldout/pass@4"] >= result[
+    "eval/heldout/mean@4"]
+  assert {k: v for k, v in rows[-1].items() if k.startswith("eval/")} == runs.metrics_of(result)
 
 
 def _tiny_policy(mesh, settings, reward_fn, *, prompts=16, lr=1e-2, jit_reward=False):
@@ -108,7 +81,7 @@ def _tiny_policy(mesh, settings, reward_fn, *, prompts=16, lr=1e-2, jit_reward=F
                                jnp.ones((1, 3), jnp.int32))
     return TrainState.create(params=params, tx=tx, rng=r, extra=init_extra(prompts))
 
-  return opt, loop.initialize_state(init, jax.random.PRNGKey(0), mesh)
+  return opt, initialize_state(init, jax.random.PRNGKey(0), mesh)
 
 
 def test_sharded_update_equals_single_device(mesh8):
@@ -243,15 +216,16 @@ def test_dpo_step_equals_dpo_loss_on_hand_computed_logprobs():
 
 def test_dpo_experiment_trains_and_evaluates(tmp_path):
   c = dpo_config("test")  # scratch char decoder, generated arithmetic pairs, 4 steps
+  c.optim.ema = 0.5  # evaluated with the EMA, in the loop and by --mode eval alike
+  c.eval.params = "ema"
   workdir = str(tmp_path / "dpo")
-  dpo.train(c, workdir)
-  rows = _rows(workdir)
+  runs.train(c, workdir)
+  rows = runs.rows(workdir)
   losses = [r["loss"] for r in rows if "loss" in r]
   # The policy starts as the frozen reference: h = 0 for every pair, so the loss is log 2.
   np.testing.assert_allclose(losses[0], np.log(2.0), rtol=1e-6)
   assert abs(losses[1] - np.log(2.0)) > 1e-6  # and it moved
-  result = dpo.evaluate(c, workdir)
-  in_loop = [r for r in rows if "eval/pairs/reward_accuracy" in r][-1]
-  assert result["step"] == 4
-  for key in ("pairs/reward_accuracy", "pairs/reward_margin", "heldout/greedy_accuracy"):
-    assert result[f"eval/{key}"] == in_loop[f"eval/{key}"], key
+  in_loop = runs.eval_record(workdir, 4)
+  result = runs.evaluate(c, workdir)
+  assert runs.without_timing(result) == runs.without_timing(in_loop)
+  assert {"eval/pairs/reward_accuracy", "eval/heldout/greedy_accuracy"} <= set(result)

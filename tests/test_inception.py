@@ -203,7 +203,7 @@ def test_evaluator_config_errors_name_key_and_file(tmp_path, weights_npz):
   from experiments.dispersive import make_model
 
   def build(config):
-    return SampleEvaluator(config, str(tmp_path), make_model(config), step_of=lambda: 0, ema=False)
+    return SampleEvaluator(config, str(tmp_path), make_model(config))
 
   with pytest.raises(ValueError, match="needs eval.inception_weights.*pt_inception-2015-12-05"):
     build(_fid_config("", ""))
@@ -219,7 +219,7 @@ def test_evaluator_config_errors_name_key_and_file(tmp_path, weights_npz):
   imagenet = get_config("sit_b2_imagenet")
   assert imagenet.eval.feature_network == "inception_v3"
   with pytest.raises(ValueError, match="4-channel latents: set eval.decoder"):
-    SampleEvaluator(imagenet, str(tmp_path), None, step_of=lambda: 0, ema=False)
+    SampleEvaluator(imagenet, str(tmp_path), None)
 
 
 def test_evaluator_fid_is_zero_against_its_sets_own_statistics(tmp_path, weights_npz):
@@ -257,10 +257,9 @@ def test_evaluator_fid_is_zero_against_its_sets_own_statistics(tmp_path, weights
   mu, sigma = feature_statistics(feats)
   inception_fid.save_stats(str(tmp_path / "own.npz"), mu, sigma)
 
-  evaluator = generative.SampleEvaluator(
-    config, str(tmp_path), model, step_of=lambda: 3, ema=False, inception=SMALL
-  )
-  rec = evaluator.record(params)
+  evaluator = generative.SampleEvaluator(config, str(tmp_path), model, inception=SMALL)
+  out = evaluator(params, step=3)
+  rec = {**out["protocol"], **{k: v for k, v in out.items() if k != "protocol"}}
   assert {k: rec[k] for k in ("feature_network", "num_samples", "sampler", "steps")} == {
     "feature_network": "inception_v3",
     "num_samples": 8,

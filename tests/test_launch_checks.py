@@ -18,9 +18,15 @@ from contrastive_jax import hosts
 from contrastive_jax.data.jsonl import DataError
 from contrastive_jax.sharding import MeshError
 from contrastive_jax.train import run_info
+from contrastive_jax.train import workdir as workdir_lib
 from contrastive_jax.train.loop import NonFiniteLossError
 from contrastive_jax.train.preflight import PreflightError
-from contrastive_jax.train.state import CheckpointManager, CheckpointMismatchError, TrainState
+from contrastive_jax.train.state import (
+  CheckpointManager,
+  CheckpointMismatchError,
+  TrainState,
+  checkpoint_steps,
+)
 from contrastive_jax.weights.hf import WeightsError
 
 
@@ -160,18 +166,17 @@ def trained_workdir(tmp_path_factory):
 
 
 def test_the_checkpoints_own_config_is_read_when_config_json_is_missing(trained_workdir):
-  assert launch.checkpoint_steps(trained_workdir) == [10]
-  assert launch.saved_config(trained_workdir) == json.loads(
-    get_config("test").to_json_best_effort()
-  )
+  assert checkpoint_steps(os.path.join(trained_workdir, "checkpoints")) == [10]
+  current = json.loads(get_config("test").to_json_best_effort())
+  assert workdir_lib.saved_config(trained_workdir, current) == current
 
 
 def test_another_experiment_on_a_workdir_without_config_json_is_refused_untouched(trained_workdir):
   from configs.dispersive import get_config as dispersive_config
 
   before = _snapshot(trained_workdir)
-  with pytest.raises(launch.WorkdirError) as e:
-    launch.check_workdir(dispersive_config("test"), trained_workdir)
+  with pytest.raises(workdir_lib.WorkdirError) as e:
+    workdir_lib.check(dispersive_config("test"), trained_workdir)
   assert str(e.value) == (
     f"{trained_workdir} holds a run of experiment 'contrastive_digits', but the config is for "
     "'dispersive'; use another --workdir"
@@ -181,14 +186,14 @@ def test_another_experiment_on_a_workdir_without_config_json_is_refused_untouche
 
 def test_resume_with_other_steps_under_a_cosine_schedule_is_refused(trained_workdir):
   before = _snapshot(trained_workdir)
-  with pytest.raises(launch.WorkdirError) as e:
-    launch.check_workdir(_config(steps=40), trained_workdir)
+  with pytest.raises(workdir_lib.WorkdirError) as e:
+    workdir_lib.check(_config(steps=40), trained_workdir)
   assert str(e.value) == (
     f"{trained_workdir}: resuming with train.steps=40, but the run was trained with "
     "train.steps=20 and optim.schedule='cosine' depends on it (the learning rate would jump); "
     "pass --config.train.steps=20 or use another --workdir"
   )
-  launch.check_workdir(_config(steps=40), trained_workdir, resuming=False)  # eval: fine
+  workdir_lib.check(_config(steps=40), trained_workdir, resuming=False)  # eval: fine
   assert _snapshot(trained_workdir) == before
 
 
@@ -197,12 +202,12 @@ def test_resume_with_other_steps_under_a_constant_schedule_is_accepted(tmp_path)
   config.optim.update(schedule="constant", warmup_steps=0)
   _save_checkpoint(str(tmp_path), config)
   config.train.steps = 40  # the lr does not depend on the total: extending is exact
-  launch.check_workdir(config, str(tmp_path))
+  workdir_lib.check(config, str(tmp_path))
 
 
 def test_resume_with_another_batch_size_is_refused(trained_workdir):
-  with pytest.raises(launch.WorkdirError) as e:
-    launch.check_workdir(_config(batch_size=64), trained_workdir)
+  with pytest.raises(workdir_lib.WorkdirError) as e:
+    workdir_lib.check(_config(batch_size=64), trained_workdir)
   assert str(e.value) == (
     f"{trained_workdir}: resuming with train.batch_size=64, but the run was trained with "
     "train.batch_size=32 (its data position counts batches, so other examples would come next); "
@@ -216,16 +221,59 @@ def test_a_run_saved_before_model_scan_layers_existed_resumes_unless_it_changes(
   saved = json.loads(dispersive_config("test").to_json_best_effort())
   del saved["model"]["scan_layers"]  # a config.json written before the key was added
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  launch.check_workdir(dispersive_config("test"), str(tmp_path))  # False: what that run had
+  workdir_lib.check(dispersive_config("test"), str(tmp_path))  # False: what that run had
   scanned = dispersive_config("test")
   scanned.model.scan_layers = True
-  with pytest.raises(launch.WorkdirError, match=r"changed: model\.scan_layers: False -> True\."):
-    launch.check_workdir(scanned, str(tmp_path))
+  with pytest.raises(workdir_lib.WorkdirError, match=r"changed: model\.scan_layers: False -> True\."):
+    workdir_lib.check(scanned, str(tmp_path))
+
+
+def _as_saved_before_the_protocol(config) -> dict:
+  """`config` as the version before `build()`/`eval.params` saved it (its exact key set)."""
+  old = json.loads(config.to_json_best_effort())
+  params = old.pop("eval")["params"]
+  old["eval"] = {}
+  old["train"]["eval_with_ema"] = params == "ema"
+  for key in ("b1", "b2", "eps", "momentum"):
+    del old["optim"][key]
+  return old
+
+
+def test_runs_saved_before_the_protocol_change_are_migrated(tmp_path):
+  """`workdir.migrate` is the one reader of older formats: keys that became `eval.params`,
+  `train.eval_every`/`eval_at_end`, and runtime switches that changed spelling."""
+  from configs.grace import get_config as grace_config
+  from configs.seal import get_config as seal_config
+
+  digits = get_config("test")
+  old = _as_saved_before_the_protocol(digits)
+  current = json.loads(digits.to_json_best_effort())
+  assert workdir_lib.migrate(old, current) == current  # EMA evaluated: eval.params "ema"
+  old["train"]["eval_with_ema"] = False
+  assert workdir_lib.migrate(old, current)["eval"]["params"] == "raw"
+  # SEAL: `eval.zero_shot` (a base-model evaluation) and `eval.during_training`; a bool remat
+  # and the encoder's old attention alias.
+  seal = seal_config("cpu")
+  old = _as_saved_before_the_protocol(seal)
+  old["eval"].update(zero_shot=True, during_training=False)
+  old["model"].update(remat=True, attention_impl="dot_product_attention")
+  new = workdir_lib.migrate(old, json.loads(seal.to_json_best_effort()))
+  assert new["eval"]["params"] == "base" and new["model"]["remat"] == "full"
+  assert new["model"]["attention_impl"] == "xla"
+  assert (new["train"]["eval_every"], new["train"]["eval_at_end"]) == (0, False)
+  assert new["optim"]["b2"] == 0.999 and new["optim"]["eps"] == 1e-8
+  grace = _as_saved_before_the_protocol(grace_config("cpu"))
+  grace["eval"]["base_model"] = True
+  assert workdir_lib.migrate(grace, {})["eval"]["params"] == "base"
+  # A workdir holding such a run: the launcher reads it through the migration and resumes it.
+  _save_checkpoint(str(tmp_path), digits)
+  (tmp_path / "config.json").write_text(json.dumps(_as_saved_before_the_protocol(digits)))
+  workdir_lib.check(digits, str(tmp_path))
 
 
 def test_config_json_without_checkpoints_allows_new_sizes(tmp_path):
   (tmp_path / "config.json").write_text(get_config("test").to_json_best_effort())
-  launch.check_workdir(_config(steps=40, batch_size=64), str(tmp_path))  # nothing to resume
+  workdir_lib.check(_config(steps=40, batch_size=64), str(tmp_path))  # nothing to resume
 
 
 # -- run_info.json: one record per launch ------------------------------------------------------
@@ -248,8 +296,8 @@ def test_run_info_appends_one_record_per_launch_and_reads_old_single_records(tmp
 
 def test_an_unreadable_run_info_refuses_the_launch_and_is_kept(tmp_path):
   (tmp_path / "run_info.json").write_text('{"argv": ["launch.py"')
-  with pytest.raises(launch.WorkdirError, match=r"run_info\.json: cannot be read .* move it aside"):
-    launch.check_workdir(get_config("test"), str(tmp_path))
+  with pytest.raises(workdir_lib.WorkdirError, match=r"run_info\.json: cannot be read .* move it aside"):
+    workdir_lib.check(get_config("test"), str(tmp_path))
   assert (tmp_path / "run_info.json").read_text() == '{"argv": ["launch.py"'
 
 
@@ -260,7 +308,7 @@ def test_an_unreadable_run_info_refuses_the_launch_and_is_kept(tmp_path):
   "error,status",
   [
     (ConfigError("x"), 2),
-    (launch.WorkdirError("x"), 3),
+    (workdir_lib.WorkdirError("x"), 3),
     (WeightsError("x"), 4),
     (DataError("x"), 5),
     (FileNotFoundError("x"), 5),

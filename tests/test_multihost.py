@@ -119,6 +119,35 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path):
   _assert_rows_close(resumed, mp.metrics(tmp_path / "straight"))
 
 
+def test_a_killed_process_is_named_by_the_survivor_in_one_line(tmp_path):
+  """kill -9 of process 1 mid-run: process 0's next collective fails, the coordination service
+  confirms process 1 is gone within cluster.heartbeat_timeout_seconds (5 s here), and process 0
+  exits with ClusterError's status and one line naming the lost process and how to resume,
+  instead of JAX's shutdown waiting for the dead peer and aborting with a C++ stack dump."""
+  args = ["--config=configs/contrastive_digits.py:test", "--config.train.steps=100000",
+          "--config.train.checkpoint_every=5", "--config.train.log_every=1",
+          "--config.train.eval_every=0", "--config.train.eval_at_end=False",
+          "--config.cluster.heartbeat_timeout_seconds=5", f"--workdir={tmp_path / 'run'}"]
+  (tmp_path / "logs").mkdir()
+  run = mp.start(args, processes=2, devices=4, logdir=tmp_path / "logs")
+  deadline = time.monotonic() + 300
+  while not _checkpoints(tmp_path / "run"):  # wait until a checkpoint is there to resume from
+    assert run.procs[0].poll() is None and run.procs[1].poll() is None, run.tail()
+    assert time.monotonic() < deadline, run.tail()
+    time.sleep(0.2)
+  run.procs[1].kill()
+  t0 = time.monotonic()
+  code = run.procs[0].wait(timeout=120)
+  stopped_after = time.monotonic() - t0
+  log = open(run.logs[0]).read()
+  last = log.strip().splitlines()[-1]
+  assert code == 9, run.tail()
+  assert last.startswith("error: process 1 of 2 is gone (killed, crashed or preempted;"), last
+  assert "Relaunch the same command on every host: it resumes from checkpoint" in last, last
+  assert "Traceback" not in log and "Check failure stack trace" not in log, run.tail()
+  assert stopped_after < 60, stopped_after  # seconds (heartbeat 5 s), not JAX's 100 s default
+
+
 def test_a_refused_workdir_stops_every_process(tmp_path):
   # process 0 and 1 both see the other experiment's config.json and exit with the one-line error.
   workdir = tmp_path / "run"

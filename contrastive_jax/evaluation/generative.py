@@ -17,10 +17,10 @@ number of steps and guidance scale, then:
     samples' own `mu`/`sigma` go to `eval/inception_stats_<step>.npz` in the same format.
     N is `eval.num_samples` (FID-50K needs 50_000). Real-image statistics are not computed
     here: the ImageNet pipeline holds latents, not the real images a reference comes from.
-  * writes `eval/eval_<step>.json` naming the feature network, N, sampler, steps and guidance
-    scale beside every figure, and the file its "features" entry names
-    (`eval/features_<step>.npz` with both feature sets, or the FID statistics above), from which
-    the figure can be recomputed.
+  * returns the record, which the loop and `--mode eval` write to `eval/eval_<step>.json`
+    (`train/evaluate.py`): the feature network, N, sampler, steps and guidance scale beside
+    every figure, and the file its "features" entry names (`eval/features_<step>.npz` with both
+    feature sets, or the FID statistics above), from which the figure can be recomputed.
 
 Latent models need a decoder the user supplies (`eval.decoder="module:function"`, latents
 [N, h, w, c] -> images [N, H, W, 3] in [-1, 1]); this codebase has no VAE. Settings that cannot
@@ -40,7 +40,7 @@ import numpy as np
 from contrastive_jax.callables import load_callable
 from contrastive_jax.evaluation import digits_classifier, inception_fid
 from contrastive_jax.evaluation.fid import feature_statistics, frechet_distance
-from contrastive_jax.io import eval_path, write_json, write_npz, write_png
+from contrastive_jax.io import eval_path, write_npz, write_png
 from contrastive_jax.models.inception import InceptionV3
 from contrastive_jax.sampling import ddpm, flow, meanflow
 from contrastive_jax.sharding import (
@@ -202,13 +202,14 @@ def save_grid(images, path: str, *, rows: int, min_side: int = 32):
 
 
 class SampleEvaluator:
-  """`evaluator(params) -> {"fid" or "fd_digits", ...}` for the loop; `record(params)` returns
-  (and writes) the full JSON record. `step_of()` names the step for file names. `inception` is
-  the Inception-v3 module for "inception_v3" (default `InceptionV3()`, the FID network at 299;
+  """`evaluator(params, *, step) -> record`: FID or FD-digits with the protocol that gives it
+  (feature network, N, sampler, steps, guidance), the sample grid and feature files it wrote
+  (named by `step`). The loop and `--mode eval` write the record (`train/evaluate.py`).
+  `inception` is the Inception-v3 module for "inception_v3" (default `InceptionV3()`, the FID network at 299;
   tests pass a smaller `image_size` to run in seconds). `mesh` (default: one built from
   `config.mesh`) is where sampling and feature extraction are sharded over the batch axes."""
 
-  def __init__(self, config, workdir: str, model, *, step_of, ema: bool, inception=None, mesh=None):
+  def __init__(self, config, workdir: str, model, *, inception=None, mesh=None):
     ec = config.eval
     if ec.feature_network not in FEATURE_NETWORKS:
       raise ValueError(
@@ -220,7 +221,7 @@ class SampleEvaluator:
         f"eval.feature_network='digits_classifier' needs 8x8x1 digits, the model "
         f"makes {m.input_size}x{m.input_size}x{m.in_channels}"
       )
-    self.config, self.workdir, self.step_of, self.ema = config, workdir, step_of, ema
+    self.config, self.workdir = config, workdir
     self.decoder = load_callable(ec.decoder, key="eval.decoder") if ec.decoder else None
     self.mesh = make_mesh(config.mesh) if mesh is None else mesh
     self.sample = make_sampler(
@@ -268,13 +269,8 @@ class SampleEvaluator:
       self._classifier = digits_classifier.load_or_train(cache, steps=ec.classifier_steps)
     return self._classifier
 
-  def __call__(self, params) -> dict[str, float]:
-    rec = self.record(params)
-    keys = ("fid", "fd_digits", "accuracy_samples", "accuracy_test")
-    return {k: rec[k] for k in keys if k in rec}
-
-  def record(self, params) -> dict:
-    ec, m, step = self.config.eval, self.config.model, int(self.step_of())
+  def __call__(self, params, *, step) -> dict:
+    ec, m = self.config.eval, self.config.model
     images, labels = generate(
       self.sample,
       params,
@@ -288,8 +284,6 @@ class SampleEvaluator:
     if self.decoder is not None:
       images = np.asarray(self.decoder(images))
     rec = {
-      "step": step,
-      "ema": self.ema,
       "feature_network": ec.feature_network,
       "num_samples": int(ec.num_samples),
       "sampler": ec.sampler,
@@ -319,8 +313,11 @@ class SampleEvaluator:
       rec.update(self._fd_digits(images, labels, step))
     if ec.feature_network == "inception_v3":
       rec.update(self._fid(images, step))
-    write_json(eval_path(self.workdir, f"eval_{step}.json"), rec)
-    return rec
+    # The figures are the metrics; everything that says how they were made is the protocol
+    # (numbers such as N or the seed are not metrics to plot).
+    figures = ("fid", "fd_digits", "fd_digits_train_vs_test", "accuracy_samples", "accuracy_test")
+    return {**{k: rec[k] for k in figures if k in rec},
+            "protocol": {k: v for k, v in rec.items() if k not in figures}}
 
   def _fd_digits(self, images, labels, step) -> dict:
     from contrastive_jax.data.digits import load_digits

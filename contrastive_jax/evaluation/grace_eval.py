@@ -55,8 +55,8 @@ class GraceEvaluator:
   Queries: the test split's module sentences (at most eval.max_docs, 0 = all); corpus: their
   pages (tag-stripped, data.max_chars); pairs: `data.grace.scored_pairs`. Rationales are
   `eval.rationale` ("sampled" | "greedy", module docstring), eval.max_new_tokens long;
-  `examples` keeps the last call's first rationales. With a `mesh`, each encoding batch
-  (eval.batch_size rounded up to a multiple of data x fsdp) is placed batch-sharded on it, so
+  the result's "examples" are the last encoding's first rationales. With a `mesh`, each encoding
+  batch (eval.batch_size rounded up to a multiple of data x fsdp) is placed batch-sharded on it, so
   every device decodes and embeds only its own rows.
   """
 
@@ -134,7 +134,9 @@ class GraceEvaluator:
     # Every process holds the same prompts; `place` fills only its own devices' rows.
     return x if self.mesh is None else place(x, self.mesh)
 
-  def __call__(self, params):
+  def __call__(self, params, *, step=None):
+    """Metrics, and "examples": the first rationales of the last encoding (the record only)."""
+    del step
     relevant = np.arange(len(self.queries))  # query i's page is corpus row i
     results = {}
     for name, n_new in (("rationale", self.cfg.eval.max_new_tokens), ("no_rationale", 0)):
@@ -152,4 +154,5 @@ class GraceEvaluator:
       chunk=self.cfg.policy.logprob_chunk,
       mesh=self.mesh,
     )
+    results["examples"] = self.examples
     return results

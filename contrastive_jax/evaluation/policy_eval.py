@@ -43,7 +43,8 @@ def policy_evaluator(*, apply_fn, init_cache, prompt_tokens, prompt_mask,
                      score_fn: Callable, mesh, k: int, max_new_tokens: int, temperature: float,
                      top_k: int, top_p: float, eos_ids, pad_id: int, batch_size: int, seed: int,
                      success_threshold: float = 1.0):
-  """`evaluate(params) -> {"greedy_accuracy", "mean@k", "pass@k", "pass@1"}` on P prompts.
+  """`evaluate(params, *, step=None) -> {"greedy_accuracy", "mean@k", "pass@k", "pass@1"}` on P
+  prompts (the step only labels the record: sampling uses the fixed key).
 
   Args:
     prompt_tokens, prompt_mask: [P, Lp] held-out prompts, left-padded (numpy).
@@ -58,7 +59,8 @@ def policy_evaluator(*, apply_fn, init_cache, prompt_tokens, prompt_mask,
                 eos_ids=tuple(eos_ids), pad_id=pad_id)
   p = prompt_tokens.shape[0]
 
-  def evaluate(params):
+  def evaluate(params, *, step=None):
+    del step
     tokens, mask = sample_completions(apply_fn, init_cache, params, prompt_tokens, prompt_mask,
                                       jax.random.PRNGKey(seed), greedy=True, **common)
     ids = np.arange(p)

@@ -75,7 +75,9 @@ class TrainState(struct.PyTreeNode):
 
   @classmethod
   def create(cls, *, params, tx, rng, ema_decay=None, extra=None) -> TrainState:
-    """A step-0 state; `rng` is a raw uint32 key (`jax.random.PRNGKey`) so it checkpoints as data."""
+    """A step-0 state; `rng` is a raw uint32 key (`jax.random.PRNGKey`) so it checkpoints as data.
+    `ema_decay` (`config.optim.ema`): 0 or None keeps no EMA parameters."""
+    ema_decay = float(ema_decay) if ema_decay else None
     return cls(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -205,9 +207,12 @@ class CheckpointManager:
     save_every: save when `step % save_every == 0` (and whenever `force=True`).
     keep: how many of the latest checkpoints to keep.
     async_save: write in a background thread while training goes on.
+    read_only: only read: nothing is created or cleaned, and `save` must not be called (the
+      checks before a launch writes anything).
   """
 
-  def __init__(self, directory, *, save_every: int = 1000, keep: int = 3, async_save=True):
+  def __init__(self, directory, *, save_every: int = 1000, keep: int = 3, async_save=True,
+               read_only: bool = False):
     self.directory = workdir_path(directory)  # Orbax requires absolute paths
     self.save_every = save_every
     handlers = {k: ocp.StandardCheckpointHandler() for k in _ARRAY_ITEMS}
@@ -216,9 +221,11 @@ class CheckpointManager:
       self.directory,
       options=ocp.CheckpointManagerOptions(
         max_to_keep=keep,
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True,
+        enable_async_checkpointing=async_save and not read_only,
+        # Read-only: nothing created or cleaned (Orbax's own read_only mode logs two warnings
+        # per use; this manager simply never saves).
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
         # The step's temporary directory is made in the main thread, so a directory that cannot
         # be written raises there. Made in the background, its failure leaves Orbax's other
         # threads waiting 300 s for a "directory created" signal that never comes, and the
@@ -231,7 +238,7 @@ class CheckpointManager:
     # at its next save; waiting here makes "opened" mean "cleaned", so a second manager on the
     # directory (an evaluation, a check) does not race this one's removal.
     wait_for_cleanup = getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", None)
-    if wait_for_cleanup is not None:
+    if wait_for_cleanup is not None and not read_only:
       wait_for_cleanup()
     self.stop_requested = threading.Event()
     self._previous_handlers: dict[int, Any] = {}
@@ -586,6 +593,38 @@ class CheckpointManager:
     for sig, h in self._previous_handlers.items():
       signal.signal(sig, h)
     self._previous_handlers.clear()
+
+
+def checkpoint_steps(directory) -> list[int]:
+  """The committed steps in `directory`, read without creating or cleaning anything."""
+  directory = workdir_path(directory)
+  if not directory.is_dir():
+    return []
+  manager = CheckpointManager(directory, read_only=True)
+  try:
+    return manager.all_steps()
+  finally:
+    manager.close()
+
+
+def saved_config(directory) -> dict | None:
+  """The config stored with the newest checkpoint in `directory` whose copy reads (None when no
+  checkpoint holds one); nothing is created, moved or cleaned."""
+  directory = workdir_path(directory)
+  if not directory.is_dir():
+    return None
+  manager = CheckpointManager(directory, read_only=True)
+  try:
+    for step in reversed(manager.all_steps()):
+      try:
+        saved = manager.restore_config(step)
+      except Exception:  # noqa: BLE001  unreadable: the restore decides what to do with it
+        continue
+      if isinstance(saved, dict) and saved:
+        return saved
+    return None
+  finally:
+    manager.close()
 
 
 def _config_dict(config) -> dict:
