@@ -123,7 +123,8 @@ def _build(config, *, with_weights=True):
   codec = setup.make_codec(config)
   _, test_task = setup.make_tasks(config)
   dcfg = setup.decoder_config(config, codec)
-  tx, schedule = make_optimizer(config.optim, config.train.steps)
+  tx, schedule = make_optimizer(config.optim, config.train.steps,
+                              trainable=setup.trainable(config))
   pretrained = setup.pretrained_params(config, dcfg, mesh) if with_weights else None
   init_state = setup.init_fn(dcfg, tx, pretrained)
   lm = DecoderLM(dcfg)
@@ -218,7 +219,8 @@ def preflight_pieces(config, mesh):
       f"preflight needs the preference pairs for their lengths (pairs.source="
       f"{config.pairs.source!r}, pairs.file={config.pairs.file!r}) and the tokenizer: {e}"
     ) from e
-  tx, _ = make_optimizer(config.optim, config.train.steps)
+  tx, _ = make_optimizer(config.optim, config.train.steps,
+                              trainable=setup.trainable(config))
   lm = DecoderLM(dcfg)
   b, kw = config.train.batch_size, _reference_kwargs(config)
   shapes = {k: (v.shape[1:], v.dtype) for k, v in pairs.items()}

@@ -93,7 +93,7 @@ def build(config, *, with_weights: bool = True):
   dcfg = setup.decoder_config(config, types.SimpleNamespace(vocab_size=len(tok)))
   per_step = config.policy.epochs * config.policy.minibatches
   total = config.train.steps * (per_step if config.algorithm == "grace" else 1)
-  tx, schedule = make_optimizer(config.optim, total)
+  tx, schedule = make_optimizer(config.optim, total, trainable=setup.trainable(config))
   pretrained = setup.pretrained_params(config, dcfg, mesh) if with_weights else None
   records = offline_records(config)
   extra = None
@@ -385,7 +385,7 @@ def preflight_pieces(config, mesh):
     raise preflight.PreflightError(str(e)) from e
   per_step = config.policy.epochs * config.policy.minibatches
   total = config.train.steps * (per_step if config.algorithm == "grace" else 1)
-  tx, _ = make_optimizer(config.optim, total)
+  tx, _ = make_optimizer(config.optim, total, trainable=setup.trainable(config))
   bsz, k = config.train.batch_size, r.group_size
   if config.algorithm == "infonce":
     batch = {f"{name}_{f}": ((bsz, p), jnp.int32) for name in ("q", "pos", "neg")

@@ -24,6 +24,7 @@ from contrastive_jax import sharding
 from contrastive_jax.data.char_vocab import right_pad
 from contrastive_jax.data.pipeline import array_batches
 from contrastive_jax.io import eval_path, is_writer, write_json
+from contrastive_jax.models import lora as lora_lib
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.lm import sequence_logprobs
 from contrastive_jax.train import loop, policy_pieces
@@ -55,9 +56,10 @@ def _total_updates(config) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _optimizer(optim_json: str, total_updates: int):
+def _optimizer(optim_json: str, total_updates: int, lora: bool = False):
   # One optax object per optimizer config: compiled updates are keyed on it (resume in-process).
-  return make_optimizer(ml_collections.ConfigDict(json.loads(optim_json)), total_updates)
+  return make_optimizer(ml_collections.ConfigDict(json.loads(optim_json)), total_updates,
+                        trainable=lora_lib.trainable_mask if lora else None)
 
 
 def build(config, *, with_weights: bool = True):
@@ -66,7 +68,8 @@ def build(config, *, with_weights: bool = True):
   codec = setup.make_codec(config)
   train_task, test_task = setup.make_tasks(config)
   dcfg = setup.decoder_config(config, codec)
-  tx, schedule = _optimizer(config.optim.to_json(), _total_updates(config))
+  tx, schedule = _optimizer(config.optim.to_json(), _total_updates(config),
+                     setup.trainable(config) is not None)
   pretrained = setup.pretrained_params(config, dcfg, mesh) if with_weights else None
   extra = init_extra(len(train_task)) if config.algorithm == "grpo" else None
   init_state = setup.init_fn(dcfg, tx, pretrained, extra=extra)
@@ -164,7 +167,8 @@ def preflight_pieces(config, mesh):
   else:
     dcfg = setup.decoder_config(config, None, shapes_only=True)
     codec = setup.shape_codec(config, dcfg)
-  tx, _ = _optimizer(config.optim.to_json(), _total_updates(config))
+  tx, _ = _optimizer(config.optim.to_json(), _total_updates(config),
+                     setup.trainable(config) is not None)
   p = config.task.max_prompt_len
   num_prompts = config.task.train_size or 1
   if not p or config.algorithm == "sft":

@@ -51,6 +51,7 @@ from jax.experimental import multihost_utils
 
 from contrastive_jax import hosts
 from contrastive_jax.io import workdir_path
+from contrastive_jax.models.lora import trainable_mask
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,9 @@ class TrainState(struct.PyTreeNode):
     ema = self.ema_params
     if self.ema_decay is not None:
       d = self.ema_decay
-      ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+      # Frozen leaves (LoRA's base, QLoRA's integer codes) are their own average.
+      ema = jax.tree.map(lambda e, p, m: d * e + (1.0 - d) * p if m else e, ema, params,
+                         trainable_mask(params))
     return self.replace(
       step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema, **changes
     )
