@@ -70,8 +70,8 @@ def _loss(cfg):
   return loss_fn
 
 
-def _state(cfg, params, *, weight_decay=0.1):
-  optim = ml_collections.ConfigDict(dict(name="adamw", lr=1e-2, weight_decay=weight_decay))
+def _state(cfg, params, *, weight_decay=0.1, name="adamw"):
+  optim = ml_collections.ConfigDict(dict(name=name, lr=1e-2, weight_decay=weight_decay))
   tx, _ = make_optimizer(optim, 10, trainable=trainable_mask)
   return TrainState.create(params=params, tx=tx, rng=jax.random.PRNGKey(0))
 
@@ -160,14 +160,17 @@ def test_sharded_lora_and_qlora_equal_unsharded():
     boxed = jax.eval_shape(lambda c=cfg: Decoder(c).init(jax.random.key(0), *_batch()))
     shardings = logical_shardings(boxed, mesh)
     q = shardings["params"]["layer_0"]["attn"]["q"]
-    assert q["lora_a"].spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    # A [embed, r] and B [r, heads, kv] shard as the kernel [embed, heads, kv] does.
+    assert q["lora_a"].spec == jax.sharding.PartitionSpec("fsdp", None)
     assert q["lora_b"].spec == jax.sharding.PartitionSpec(None, "tensor", None)
     params = _init(cfg)
     placed = jax.device_put(params, nn.unbox(shardings))
     np.testing.assert_allclose(_logits(cfg, placed), _logits(cfg, params), atol=1e-5)
-    one, _ = _steps(cfg, _state(cfg, params), 2)
+    # SGD: the update is linear in the gradient (Adam's m / sqrt(v) would magnify the other
+    # summation order of sharded reductions on entries whose gradient is near zero).
+    one, _ = _steps(cfg, _state(cfg, params, name="sgd"), 2)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      many, _ = _steps(cfg, _state(cfg, placed), 2)
+      many, _ = _steps(cfg, _state(cfg, placed, name="sgd"), 2)
     for x, y in zip(jax.tree.leaves(one.params), jax.tree.leaves(many.params)):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
     lora_b = many.params["params"]["layer_0"]["mlp"]["up"]["lora_b"]
@@ -177,15 +180,15 @@ def test_sharded_lora_and_qlora_equal_unsharded():
 def test_qlora_logits_stay_near_lora():
   """The same float weights (N(0, 0.02) kernels; adapters trained 3 steps, so B is non-zero)
   with the frozen kernels stored int8 (per-channel absmax) or NF4 (blocks of 64): the logits
-  move by at most 1.5e-3 (int8) and 2.5e-2 (NF4) against a logit spread (std) of ~0.1.
-  Measured: int8 4.3e-4, NF4 9.6e-3; the quantisation error of NF4 is ~15x that of int8 (4 bits
-  against 8), and both are far below the logits' spread."""
+  move by at most 5e-3 (int8) and 7.5e-2 (NF4), on average by 1e-3 and 2e-2, against a logit
+  spread (std) of 0.195. Measured: int8 max 3.3e-3, mean 7.2e-4; NF4 max 4.8e-2, mean 1.2e-2
+  (NF4's error is ~15x int8's: 4 bits against 8)."""
   lora_cfg = _lora()
   state, _ = _steps(lora_cfg, _state(lora_cfg, _init(lora_cfg), weight_decay=0.0), 3)
   reference = _logits(lora_cfg, state.params)
   spread = float(jnp.std(reference))
   base = _without_adapters(state.params)
-  for quantize, tol in (("int8", 1.5e-3), ("nf4", 2.5e-2)):
+  for quantize, tol, mean_tol in (("int8", 5e-3, 1e-3), ("nf4", 7.5e-2, 2e-2)):
     cfg = _lora(quantize)
     abstract = jax.eval_shape(lambda c=cfg: nn.unbox(Decoder(c).init(jax.random.key(0),
                                                                      *_batch())))
@@ -197,9 +200,10 @@ def test_qlora_logits_stay_near_lora():
     flat_v = dict(jax.tree_util.tree_leaves_with_path(values))
     params = jax.tree_util.tree_map_with_path(
       lambda p, x: flat_v[p] if p in flat_v else x, params)
-    diff = float(jnp.max(jnp.abs(_logits(cfg, params) - reference)))
-    assert diff < tol, (quantize, diff, spread)
-    assert spread > 0.05
+    diff = jnp.abs(_logits(cfg, params) - reference)
+    assert float(jnp.max(diff)) < tol and float(jnp.mean(diff)) < mean_tol, (quantize, diff)
+    assert float(jnp.max(diff)) > 1e-5  # the base really was quantised
+  assert 0.15 < spread < 0.25
 
 
 def _without_adapters(params):
