@@ -20,7 +20,9 @@ same model fine-tuned with InfoNCE on the same triplets, no rationale: the paper
 test (tiny random decoder, character tokenizer, seconds: used by the tests); qwen25_15b_e5 and
 qwen25_15b_e5_infonce (the paper's Qwen2.5-1.5B-Instruct on E5 triplets: K 8, 64 triplets per
 rollout batch, 16 per update, lr 1e-6, rationales up to 2048 tokens, tau 0.1, lambda 0.2/0.2;
-set model.path and data.train_file). Evaluation: retrieval (MRR@10, NDCG@10, HitRate@1/10) and
+set model.path and data.train_file); qwen25_15b_e5_lora / _qlora (rank-32 LoRA on every
+projection at 10x the learning rate; NF4 base kernels for qlora); test_lora (test with LoRA).
+Evaluation: retrieval (MRR@10, NDCG@10, HitRate@1/10) and
 Spearman on graded pairs of held-out pydoc pages, with and without a rationale, plus the held-out
 LM loss; evaluation rationales sampled at T 1.0, top-p 1.0 and seeded (eval.rationale="sampled",
 the released eval_mteb.py) or greedy (eval.rationale="greedy", the rule before the switch);
@@ -38,6 +40,12 @@ def get_config(preset: str = "cpu"):
     source="gguf", path="", dtype="float32", hidden=64, layers=2, heads=4, kv_heads=2, mlp=128,
     remat="none", scan_layers=False, attention_impl="auto",  # memory switches, as configs/grpo.py
   )
+  # LoRA (models/lora.py; Hu et al. 2021): rank 0 is off; the update is (alpha / rank) B A x on
+  # the named projections, only the adapters train (and hold optimizer state); quantize "int8" |
+  # "nf4" stores the frozen base kernels so (QLoRA, Dettmers et al. 2023). dropout must stay 0:
+  # these steps call the policy deterministically (rollouts, rewards and updates alike).
+  c.model.lora = dict(rank=0, alpha=16.0, targets=("q", "k", "v", "o", "gate", "up", "down"),
+                      dropout=0.0, quantize="none")
   c.data = dict(
     source="offline",
     train_file="",
@@ -158,10 +166,24 @@ def get_config(preset: str = "cpu"):
       c.infonce.temperature = 0.02
       c.optim.update(lr=1e-5)
 
+  def lora(c, rank, alpha, lr_factor, quantize="none"):
+    # Every projection adapted, ~10x the full fine-tuning learning rate ("LoRA Without Regret",
+    # Schulman et al. 2025); the embedding (mean-pooled hidden states) is the adapted policy's.
+    c.model.lora.update(rank=rank, alpha=alpha, quantize=quantize)
+    c.optim.lr = c.optim.lr * lr_factor
+
+  def qwen25_15b_e5_lora(c, quantize="none"):
+    qwen25_15b_e5(c)
+    lora(c, 32, 64.0, 10.0, quantize)
+    c.optim.weight_decay = 0.0
+
   presets = {
     "cpu": cpu,
     "cpu_infonce": cpu_infonce,
     "test": test,
+    "test_lora": lambda c: (test(c), lora(c, 4, 8.0, 1.0)),
+    "qwen25_15b_e5_lora": qwen25_15b_e5_lora,
+    "qwen25_15b_e5_qlora": lambda c: qwen25_15b_e5_lora(c, "nf4"),
     "qwen25_15b_e5": qwen25_15b_e5,
     "qwen25_15b_e5_infonce": lambda c: qwen25_15b_e5(c, "infonce"),
   }

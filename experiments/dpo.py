@@ -160,7 +160,8 @@ def build(config, *, mode, workdir, devices=None) -> Experiment:
   del workdir  # nothing cached
   mesh = sharding.make_mesh(config.mesh, devices)
   codec, dcfg = setup.codec_and_model(config, mode)
-  tx, schedule = make_optimizer(config.optim, config.train.steps)
+  tx, schedule = make_optimizer(config.optim, config.train.steps,
+                                trainable=setup.trainable(config))
   lm = DecoderLM(dcfg)
   init_state = setup.init_fn(dcfg, tx, setup.pretrained_loader(config, dcfg, mesh),
                               ema=config.optim.ema)

@@ -307,7 +307,7 @@ def build(config, *, mode, workdir, devices=None) -> Experiment:
   tok, dcfg = _model(config, mode)
   per_step = config.policy.epochs * config.policy.minibatches
   total = config.train.steps * (per_step if config.algorithm == "grace" else 1)
-  tx, schedule = make_optimizer(config.optim, total)
+  tx, schedule = make_optimizer(config.optim, total, trainable=setup.trainable(config))
   load = setup.pretrained_loader(config, dcfg, mesh)
   preflight = mode == "preflight"
   records = None if preflight else offline_records(config)

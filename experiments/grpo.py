@@ -23,6 +23,7 @@ import numpy as np
 from contrastive_jax import sharding
 from contrastive_jax.data.char_vocab import right_pad
 from contrastive_jax.data.pipeline import array_batches
+from contrastive_jax.models import lora as lora_lib
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.lm import sequence_logprobs
 from contrastive_jax.train import policy_pieces
@@ -46,9 +47,10 @@ def _total_updates(config) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _optimizer(optim_json: str, total_updates: int):
+def _optimizer(optim_json: str, total_updates: int, lora: bool = False):
   # One optax object per optimizer config: compiled updates are keyed on it (resume in-process).
-  return make_optimizer(ml_collections.ConfigDict(json.loads(optim_json)), total_updates)
+  return make_optimizer(ml_collections.ConfigDict(json.loads(optim_json)), total_updates,
+                        trainable=lora_lib.trainable_mask if lora else None)
 
 
 def sft_loss(params, batch, rng, *, lm, chunk=0):
@@ -115,7 +117,8 @@ def build(config, *, mode, workdir, devices=None) -> Experiment:
   del workdir  # nothing cached
   mesh = sharding.make_mesh(config.mesh, devices)
   codec, dcfg = setup.codec_and_model(config, mode)
-  tx, schedule = _optimizer(config.optim.to_json(), _total_updates(config))
+  tx, schedule = _optimizer(config.optim.to_json(), _total_updates(config),
+                            setup.trainable(config) is not None)
   lm = DecoderLM(dcfg)
   load = setup.pretrained_loader(config, dcfg, mesh)
   checks = (lambda: setup.check_inputs(config, mode),)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from pathlib import Path
@@ -22,7 +23,9 @@ from contrastive_jax import sharding
 from contrastive_jax.data import policy_tasks
 from contrastive_jax.data.char_vocab import CharVocab
 from contrastive_jax.evaluation.policy_eval import policy_evaluator
+from contrastive_jax.models import lora as lora_lib
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
+from contrastive_jax.models.lora import LoraConfig
 from contrastive_jax.train.init import Pretrained
 from contrastive_jax.train.state import CheckpointManager, TrainState
 from contrastive_jax.weights import gguf as gguf_lib
@@ -81,9 +84,16 @@ def make_tasks(config, *, train_size=None):
 
 
 def _model_overrides(m) -> dict:
-  """DecoderConfig fields `model.*` sets whatever the source: compute dtype, memory switches."""
+  """DecoderConfig fields `model.*` sets whatever the source: compute dtype, memory switches,
+  LoRA (`model.lora`; rank 0 is off)."""
+  lora = LoraConfig.from_config(m.get("lora"))
+  if lora.dropout:
+    raise ValueError(
+      f"model.lora.dropout={lora.dropout}: the policy steps (rollouts, log-probs, updates) call "
+      "the model deterministically, so adapter dropout would never apply; set it to 0"
+    )
   return dict(dtype=m.dtype, remat=m.get("remat", "none"), scan_layers=m.get("scan_layers", False),
-              attention_impl=m.get("attention_impl", "auto"))
+              attention_impl=m.get("attention_impl", "auto"), lora=lora)
 
 
 def decoder_config(config, codec, *, shapes_only: bool = False) -> DecoderConfig:
@@ -101,6 +111,12 @@ def decoder_config(config, codec, *, shapes_only: bool = False) -> DecoderConfig
     num_layers=m.layers, num_heads=m.heads, num_kv_heads=m.kv_heads,
     head_dim=m.hidden // m.heads, max_position_embeddings=512, **_model_overrides(m),
   )
+
+
+def trainable(config):
+  """`make_optimizer`'s mask: the LoRA adapters alone when `model.lora.rank` > 0, else None
+  (every parameter trains)."""
+  return lora_lib.trainable_mask if LoraConfig.from_config(config.model.lora).rank else None
 
 
 def _init_params(dcfg: DecoderConfig, rng):
@@ -137,7 +153,17 @@ def pretrained_loader(config, dcfg: DecoderConfig, mesh):
 
 
 def pretrained_params(config, dcfg: DecoderConfig, mesh):
-  """Unboxed pretrained parameters of `model.source`, or None for scratch."""
+  """Unboxed pretrained parameters of `model.source`, or None for scratch. With QLoRA the
+  targeted kernels come quantised (on the host for files), in the layout `Decoder(dcfg)` has;
+  LoRA's adapters are not among them (`init_fn` draws them)."""
+  values = _pretrained_base(config, dcfg, mesh)
+  if values is None or dcfg.lora.quantize == "none":
+    return values
+  abstract = jax.eval_shape(lambda r: _init_params(dcfg, r), jax.random.PRNGKey(0))
+  return lora_lib.quantize_base(values, nn.unbox(abstract))
+
+
+def _pretrained_base(config, dcfg: DecoderConfig, mesh):
   m = config.model
   if m.source == "scratch":
     return None
@@ -145,6 +171,8 @@ def pretrained_params(config, dcfg: DecoderConfig, mesh):
     return gguf_lib.load_gguf(_gguf_path(config), **_model_overrides(m))[1]
   if m.source == "hf":
     return load_decoder(m.path, **_model_overrides(m))[1]
+  # An earlier run's policy: its plain (LoRA-free) parameters.
+  dcfg = dataclasses.replace(dcfg, lora=LoraConfig())
   directory = os.path.join(m.path, "checkpoints")
   if not m.path or not os.path.isdir(directory):
     raise FileNotFoundError(f"model.path={m.path!r}: no checkpoints/ directory of an earlier run "
@@ -171,8 +199,7 @@ def init_fn(dcfg: DecoderConfig, tx, load=None, *, ema=0.0, extra=None):
   def init_state(rng, values=None):
     boxed = _init_params(dcfg, jax.random.fold_in(rng, 1))
     if values is not None:
-      boxed = jax.tree.map(lambda b, v: b.replace_boxed(jnp.asarray(v, jnp.float32)), boxed,
-                           values, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+      boxed = lora_lib.with_pretrained(boxed, values)
     return TrainState.create(params=boxed, tx=tx, rng=rng, ema_decay=ema, extra=extra)
 
   return init_state if load is None else Pretrained(init_state, load)

@@ -7,6 +7,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from test_launch import _snapshot
@@ -17,7 +18,7 @@ from configs.contrastive_digits import get_config
 from contrastive_jax import hosts
 from contrastive_jax.data.jsonl import DataError
 from contrastive_jax.sharding import MeshError
-from contrastive_jax.train import run_info
+from contrastive_jax.train import migrate, run_info
 from contrastive_jax.train import workdir as workdir_lib
 from contrastive_jax.train.loop import NonFiniteLossError
 from contrastive_jax.train.preflight import PreflightError
@@ -240,7 +241,7 @@ def _as_saved_before_the_protocol(config) -> dict:
 
 
 def test_runs_saved_before_the_protocol_change_are_migrated(tmp_path):
-  """`workdir.migrate` is the one reader of older formats: keys that became `eval.params`,
+  """`train/migrate.py` is the one reader of older formats: keys that became `eval.params`,
   `train.eval_every`/`eval_at_end`, and runtime switches that changed spelling."""
   from configs.grace import get_config as grace_config
   from configs.seal import get_config as seal_config
@@ -248,23 +249,26 @@ def test_runs_saved_before_the_protocol_change_are_migrated(tmp_path):
   digits = get_config("test")
   old = _as_saved_before_the_protocol(digits)
   current = json.loads(digits.to_json_best_effort())
-  assert workdir_lib.migrate(old, current) == current  # EMA evaluated: eval.params "ema"
+  assert migrate.config(old, current) == current  # EMA evaluated: eval.params "ema"
   old["train"]["eval_with_ema"] = False
-  assert workdir_lib.migrate(old, current)["eval"]["params"] == "raw"
+  assert migrate.config(old, current)["eval"]["params"] == "raw"
   # SEAL: `eval.zero_shot` (a base-model evaluation) and `eval.during_training`; a bool remat
   # and the encoder's old attention alias.
   seal = seal_config("cpu")
   old = _as_saved_before_the_protocol(seal)
   old["eval"].update(zero_shot=True, during_training=False)
   old["model"].update(remat=True, attention_impl="dot_product_attention")
-  new = workdir_lib.migrate(old, json.loads(seal.to_json_best_effort()))
+  new = migrate.config(old, json.loads(seal.to_json_best_effort()))
   assert new["eval"]["params"] == "base" and new["model"]["remat"] == "full"
   assert new["model"]["attention_impl"] == "xla"
   assert (new["train"]["eval_every"], new["train"]["eval_at_end"]) == (0, False)
   assert new["optim"]["b2"] == 0.999 and new["optim"]["eps"] == 1e-8
   grace = _as_saved_before_the_protocol(grace_config("cpu"))
   grace["eval"]["base_model"] = True
-  assert workdir_lib.migrate(grace, {})["eval"]["params"] == "base"
+  del grace["model"]["lora"]  # added with LoRA: such a run had none
+  current = json.loads(grace_config("cpu").to_json_best_effort())
+  migrated = migrate.config(grace, current)
+  assert migrated["eval"]["params"] == "base" and migrated["model"] == current["model"]
   # A workdir holding such a run: the launcher reads it through the migration and resumes it.
   _save_checkpoint(str(tmp_path), digits)
   (tmp_path / "config.json").write_text(json.dumps(_as_saved_before_the_protocol(digits)))
@@ -338,3 +342,35 @@ def test_exit_statuses_are_distinct_and_documented_in_the_readme():
 def test_a_multi_line_message_becomes_one_line():
   error = CheckpointMismatchError("checkpoint /w/10 does not fit:\n  item 'params': a\n  b")
   assert launch.one_line(error) == "checkpoint /w/10 does not fit: | item 'params': a | b"
+
+
+def test_a_decoder_checkpoint_of_the_earlier_layout_restores(tmp_path):
+  """A GRPO checkpoint saved before the decoder's projections became `Dense` submodules
+  (`attn/q`, `attn/q_bias`, `mlp/gate`, `lm_head` leaves) restores onto today's state, optimizer
+  moments and EMA included, through `train/migrate.py`; params alone too."""
+  import experiments
+  from configs.grpo import get_config as grpo_config
+  from contrastive_jax.train.init import initialize_state, state_shardings
+
+  config = grpo_config("test")
+  config.optim.ema = 0.9
+  experiment = experiments.build(config, mode="eval", workdir=str(tmp_path))
+  state = initialize_state(experiment.init_state, jax.random.PRNGKey(0), experiment.mesh)
+  state = state.replace(params=jax.tree.map(lambda x: x + 1.0, state.params))
+  layer = state.params["params"]["layer_0"]
+  assert set(layer["attn"]["q"]) == {"kernel"} and "kernel" in layer["mlp"]["gate"]
+  old = state.replace(params=migrate.legacy_layout(state.params),
+                      opt_state=migrate.legacy_layout(state.opt_state),
+                      ema_params=migrate.legacy_layout(state.ema_params))
+  assert old.params["params"]["layer_0"]["attn"]["q"].shape == layer["attn"]["q"]["kernel"].shape
+  manager = CheckpointManager(tmp_path / "checkpoints", async_save=False)
+  manager.save(old, config=config, force=True)
+  abstract, _ = state_shardings(experiment.init_state, experiment.mesh)
+  restored, _ = manager.restore(abstract)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+  assert jax.tree.structure(restored.params) == jax.tree.structure(state.params)
+  _, ema = manager.restore_params(abstract.ema_params, ema=True)
+  for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(ema)):
+    np.testing.assert_array_equal(a, b)
+  manager.close()

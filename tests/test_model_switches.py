@@ -105,12 +105,14 @@ def test_scanned_decoder_generates_the_same_and_shards_layers_replicated():
   np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
 
   boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), tokens, positions, mask))
-  q = boxed["params"]["layers"]["attn"]["q"]
+  q = boxed["params"]["layers"]["attn"]["q"]["kernel"]
   assert q.names == ("layers", "embed", "heads", "kv") and q.value.shape == (2, 32, 4, 8)
   shardings = logical_shardings(boxed, make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
-  assert shardings["params"]["layers"]["attn"]["q"].spec == P(None, "fsdp", "tensor", None)
+  q_spec = shardings["params"]["layers"]["attn"]["q"]["kernel"].spec
+  assert q_spec == P(None, "fsdp", "tensor", None)
   sharded = jax.device_put(stacked, nn.unbox(shardings))
-  assert sharded["params"]["layers"]["attn"]["q"].addressable_shards[0].data.shape == (2, 16, 2, 8)
+  shard = sharded["params"]["layers"]["attn"]["q"]["kernel"].addressable_shards[0]
+  assert shard.data.shape == (2, 16, 2, 8)
 
 
 @pytest.mark.parametrize(

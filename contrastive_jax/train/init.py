@@ -67,6 +67,10 @@ def initialize_state(init_state, rng, mesh, rules=None) -> TrainState:
   if not isinstance(init_state, Pretrained):
     return jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=shardings)(rng)
   values = init_state.load()
-  if jax.tree.structure(values) == jax.tree.structure(shardings.params):
-    values = jax.device_put(values, shardings.params)
+  # Each value lands in the sharding of the parameter at its path: the values may be a subset
+  # of the parameters (pretrained bases without the LoRA adapters the initialiser adds).
+  where = dict(jax.tree_util.tree_leaves_with_path(shardings.params))
+  values = jax.tree_util.tree_map_with_path(
+    lambda path, v: jax.device_put(v, where[path]) if path in where else v, values
+  )
   return jax.jit(lambda r, v: nn.unbox(init_state.fn(r, v)), out_shardings=shardings)(rng, values)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import jax
 import optax
 
 
@@ -23,8 +27,17 @@ def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """`optim.name` in adamw | adam | sgd, with optional global-norm clipping (`optim.grad_clip`)."""
+def make_optimizer(
+  optim, total_steps: int, *, trainable: Callable[[Any], Any] | None = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`optim.name` in adamw | adam | sgd, with optional global-norm clipping (`optim.grad_clip`).
+
+  `trainable`: params -> bool tree (e.g. `models.lora.trainable_mask`). The optimizer then runs
+  on the True leaves only (`optax.multi_transform`): the others get a zero update, no weight
+  decay and no optimizer state (optax's `MaskedNode`, which holds no array), so a LoRA run keeps
+  Adam moments for its adapters alone. None: every leaf is trained (the state's tree is then
+  that of the plain optimizer, as in runs saved before the mask existed).
+  """
   schedule = learning_rate_schedule(optim, total_steps)
   name = optim.name
   if name == "adamw":
@@ -39,4 +52,10 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
   clip = optim.grad_clip
   if clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
+  if trainable is not None:
+
+    def labels(params):
+      return jax.tree.map(lambda m: "train" if m else "frozen", trainable(params))
+
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   return tx, schedule

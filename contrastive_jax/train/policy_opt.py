@@ -64,7 +64,11 @@ from contrastive_jax.losses.policy import (
 from contrastive_jax.sampling.lm import generate, sequence_logprobs
 from contrastive_jax.sampling.prompts import select_prompts, update_prompt_state
 from contrastive_jax.sharding import place, to_host
-from contrastive_jax.train.step import split_microbatches
+from contrastive_jax.train.step import (
+  split_microbatches,
+  trainable_value_and_grad,
+  with_frozen_zeros,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,15 +247,16 @@ def make_update(apply_fn: Callable, settings: PolicyOptSettings):
         loss, metrics = loss_fn(p, micro)
         return loss * aggregation_weight(micro["mask"], aggregation=s.aggregation) / total, metrics
 
-      (loss, metrics), grads = jax.value_and_grad(share, has_aux=True)(params)
+      (loss, metrics), grads = trainable_value_and_grad(share, params)
       # Every metric of policy_loss but "tokens" is a masked token mean: carry (sum, count).
       sums = {k: v if k == "tokens" else v * metrics["tokens"] for k, v in metrics.items()}
       return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
 
     micro = split_microbatches(mb, s.update_microbatches, what="update_microbatches")
     first = jax.tree.map(lambda x: x[0], micro)
-    (loss, metrics), grads = jax.eval_shape(jax.value_and_grad(loss_fn, has_aux=True), params,
-                                            first)
+    (loss, metrics), grads = jax.eval_shape(
+      lambda p, m: trainable_value_and_grad(loss_fn, p, m), params, first
+    )
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (loss, metrics, grads))
     (loss, sums, grads), _ = jax.lax.scan(body, zeros, micro)
     count = jnp.maximum(sums["tokens"], 1.0)
@@ -260,12 +265,14 @@ def make_update(apply_fn: Callable, settings: PolicyOptSettings):
 
   def update(state, mb):
     if s.update_microbatches == 1:
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb)
+      (loss, metrics), grads = trainable_value_and_grad(loss_fn, state.params, mb)
     else:
       (loss, metrics), grads = accumulated(state.params, mb)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    # Only trainable leaves are differentiated (LoRA: the adapters; `train.step`).
+    grads = with_frozen_zeros(grads, state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
     return state.replace(params=params, opt_state=opt_state), metrics
 
   return update

@@ -51,6 +51,8 @@ from jax.experimental import multihost_utils
 
 from contrastive_jax import hosts
 from contrastive_jax.io import workdir_path
+from contrastive_jax.models.lora import trainable_mask
+from contrastive_jax.train import migrate
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,9 @@ class TrainState(struct.PyTreeNode):
     ema = self.ema_params
     if self.ema_decay is not None:
       d = self.ema_decay
-      ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+      # Frozen leaves (LoRA's base, QLoRA's integer codes) are their own average.
+      ema = jax.tree.map(lambda e, p, m: d * e + (1.0 - d) * p if m else e, ema, params,
+                         trainable_mask(params))
     return self.replace(
       step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema, **changes
     )
@@ -399,6 +403,26 @@ class CheckpointManager:
         f"{where} does not fit the current state:\n  " + "\n  ".join(problems)
       )
 
+  def _saved_layout(self, step: int, wanted: Mapping[str, Any]):
+    """(`wanted` as the step holds it, the map back to `wanted`'s layout): `wanted` itself, or
+    its trees in an earlier version's layout (`migrate.legacy_layout`: a decoder saved before
+    its projections became `Dense` submodules) when that is what the checkpoint holds."""
+    try:
+      self._check_structure(step, wanted)
+      return wanted, lambda out: out
+    except CheckpointMismatchError as mismatch:
+      legacy = {k: v if k in _JSON_ITEMS else migrate.legacy_layout(v) for k, v in wanted.items()}
+      if jax.tree.structure(legacy) == jax.tree.structure(wanted):
+        raise
+      try:
+        self._check_structure(step, legacy)
+      except CheckpointMismatchError:
+        raise mismatch from None
+      log.warning("checkpoint %s/%d holds an earlier version's decoder layout: read through "
+                  "train/migrate.py", self.directory, step)
+      return legacy, lambda out: {k: v if k in _JSON_ITEMS else migrate.current_layout(v)
+                                  for k, v in out.items()}
+
   def _restore_step(self, step: int, target: TrainState):
     wanted = {
       "params": target.params,
@@ -408,10 +432,10 @@ class CheckpointManager:
     }
     if target.ema_params is not None:
       wanted["ema_params"] = target.ema_params
-    self._check_structure(step, wanted)
+    wanted, current = self._saved_layout(step, wanted)
     args = {k: ocp.args.StandardRestore(_abstract(v)) for k, v in wanted.items() if k != "data"}
     args["data"] = ocp.args.JsonRestore()
-    out = self._mngr.restore(step, args=ocp.args.Composite(**args))
+    out = current(dict(self._mngr.restore(step, args=ocp.args.Composite(**args))))
     train = out["train"]
     state = target.replace(
       step=train["step"],
@@ -539,11 +563,11 @@ class CheckpointManager:
     item = "ema_params" if ema else "params"
 
     def one(s):
-      self._check_structure(s, {item: target_params})
+      wanted, current = self._saved_layout(s, {item: target_params})
       out = self._mngr.restore(
-        s, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(_abstract(target_params))})
+        s, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(_abstract(wanted[item]))})
       )
-      return out[item]
+      return current(dict(out))[item]
 
     if step is not None and not isinstance(step, int) and step != LATEST_READABLE:
       raise ValueError(f"step={step!r}: expected None, an int or {LATEST_READABLE!r}")

@@ -2,17 +2,16 @@
 
 The saved run's config is read through the checkpoint manager (the newest checkpoint's own copy,
 which is what its state was trained with and survives a lost `config.json`), else from
-`config.json`. Runs saved by earlier versions of this code are read here, the one place that
-knows older formats (`migrate` for configs, `read_history` for run_info.json); nothing else
-keeps a compatibility shim.
+`config.json`. Runs saved by earlier versions of this code are read through `train/migrate.py`,
+the one place that knows older formats; nothing else keeps a compatibility shim.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 
 from contrastive_jax.io import workdir_path
+from contrastive_jax.train import migrate
 from contrastive_jax.train.state import checkpoint_steps
 from contrastive_jax.train.state import saved_config as checkpoint_config
 
@@ -34,42 +33,6 @@ def _lookup(d: dict, dotted: str):
   return d
 
 
-def migrate(saved: dict, current: dict) -> dict:
-  """A config saved by an earlier version, in today's keys (a copy; today's configs pass through).
-  A key added since is filled with the value a run without it had, where `current` (the config
-  being launched) has that key.
-
-  Each step names what changed:
-    - `train.eval_with_ema` (bool) and SEAL's `eval.zero_shot` / GRACE's `eval.base_model` became
-      `eval.params` ("ema" | "raw" | "base");
-    - SEAL's `eval.during_training=False` became `train.eval_every=0, train.eval_at_end=False`;
-    - `model.scan_layers` was added (absent: False); `model.remat` was a bool (True: "full");
-      `model.attention_impl="dot_product_attention"` is "xla";
-    - `optim.b1/b2/eps/momentum` were added (absent: optax's defaults, 0.9 / 0.999 / 1e-8 / 0).
-  """
-  c = copy.deepcopy(saved)
-  train, evals, optim = c.setdefault("train", {}), c.setdefault("eval", {}), c.get("optim", {})
-  with_ema = train.pop("eval_with_ema", None)
-  base = bool(evals.pop("zero_shot", False)) | bool(evals.pop("base_model", False))
-  if "params" not in evals:
-    ema = with_ema is not False and float(optim.get("ema", 0) or 0) > 0
-    evals["params"] = "base" if base else "ema" if ema else "raw"
-  if evals.pop("during_training", True) is False:
-    train.update(eval_every=0, eval_at_end=False)
-  model = c.get("model")
-  if isinstance(model, dict):
-    if "scan_layers" in current.get("model", {}):
-      model.setdefault("scan_layers", False)
-    if isinstance(model.get("remat"), bool):
-      model["remat"] = "full" if model["remat"] else "none"
-    if model.get("attention_impl") == "dot_product_attention":
-      model["attention_impl"] = "xla"
-  if isinstance(c.get("optim"), dict):
-    for key, value in (("b1", 0.9), ("b2", 0.999), ("eps", 1e-8), ("momentum", 0.0)):
-      optim.setdefault(key, value)
-  return c
-
-
 def read_history(workdir) -> list[dict]:
   """The launches recorded in `workdir/run_info.json` ([] when there is none).
 
@@ -83,8 +46,7 @@ def read_history(workdir) -> list[dict]:
     history = json.loads(path.read_text())
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(f"{path}: cannot be read ({e}); move it aside to keep its history") from e
-  if isinstance(history, dict):  # an earlier version kept only the latest launch
-    history = [history]
+  history = migrate.history(history)
   if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
     raise ValueError(f"{path}: expected a list of launch records, got {type(history).__name__}")
   return history
@@ -103,7 +65,7 @@ def saved_config(workdir, current: dict) -> dict | None:
       saved = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
       raise WorkdirError(f"{path}: cannot be read ({e}); use a fresh --workdir") from e
-  return migrate(saved, current)
+  return migrate.config(saved, current)
 
 
 def _diff(old, new, prefix=""):
