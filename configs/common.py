@@ -82,6 +82,25 @@ def settings_section(cls, *, omit=(), **values) -> dict:
   return {**fields, **values}
 
 
+def lora_section(**values) -> dict:
+  """`model.lora` of the decoder experiments (GRPO, DPO, GRACE): `models.lora.LoraConfig`'s
+  fields (Hu et al. 2021; rank 0 is off): the update is (alpha / rank) B A x on the named
+  projections, only the adapters train (and hold optimizer state); quantize "int8" | "nf4"
+  stores the frozen base kernels so (QLoRA, Dettmers et al. 2023). dropout must stay 0: these
+  steps call the policy deterministically (rollouts, log-probs, rewards, updates)."""
+  from contrastive_jax.models.lora import LoraConfig
+
+  targets = ("q", "k", "v", "o", "gate", "up", "down")  # every decoder projection
+  return settings_section(LoraConfig, **{"targets": targets, **values})
+
+
+def use_lora(c, *, rank: int, alpha: float, lr_factor: float, quantize: str = "none"):
+  """A preset with LoRA on every projection at `lr_factor` x the full fine-tuning learning rate
+  ("LoRA Without Regret", Schulman et al. 2025: ~10x), QLoRA with `quantize`."""
+  c.model.lora.update(rank=rank, alpha=alpha, quantize=quantize)
+  c.optim.lr = c.optim.lr * lr_factor
+
+
 def select_preset(preset: str, presets: dict, config: ml_collections.ConfigDict):
   """Applies `presets[preset](config)` and locks the config; unknown presets name the choices."""
   preset = preset or "cpu"

@@ -12,7 +12,7 @@ policy (char vocab), beta 0.1, sigmoid loss; a few minutes on 2 cores. jsonl: Sm
 Instruct (GGUF) on {"prompt", "chosen", "rejected"} lines with its chat template. test: seconds.
 """
 
-from configs.common import base_config, select_preset
+from configs.common import base_config, lora_section, select_preset
 
 
 def get_config(preset: str = "cpu"):
@@ -20,12 +20,7 @@ def get_config(preset: str = "cpu"):
   c.model = dict(source="checkpoint", path="runs/grpo_cpu_sft", hidden=64, layers=2, heads=4,
                  remat="none", scan_layers=False, attention_impl="auto",  # as configs/grpo.py
                  kv_heads=2, mlp=192, dtype="float32")
-  # LoRA (models/lora.py; Hu et al. 2021): rank 0 is off; the update is (alpha / rank) B A x on
-  # the named projections, only the adapters train (and hold optimizer state); quantize "int8" |
-  # "nf4" stores the frozen base kernels so (QLoRA, Dettmers et al. 2023). dropout must stay 0:
-  # these steps call the policy deterministically (reference log-probs and updates alike).
-  c.model.lora = dict(rank=0, alpha=16.0, targets=("q", "k", "v", "o", "gate", "up", "down"),
-                      dropout=0.0, quantize="none")
+  c.model.lora = lora_section()  # rank 0: off (configs.common.lora_section)
   c.task = dict(name="arithmetic", style="compact", digits=1, num_operands=3, operators="+-",
                 seed=0, train_size=4096, test_size=256, train_file="", test_file="",
                 dataset="math", target="", max_prompt_len=0, chat_system="")

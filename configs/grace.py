@@ -29,7 +29,7 @@ the released eval_mteb.py) or greedy (eval.rationale="greedy", the rule before t
 results in <workdir>/eval_<step>.json. Results: experiments/reports/grace.md.
 """
 
-from configs.common import base_config, select_preset, settings_section
+from configs.common import base_config, lora_section, select_preset, settings_section, use_lora
 from contrastive_jax.train.policy_opt import PolicyOptSettings
 
 
@@ -40,12 +40,7 @@ def get_config(preset: str = "cpu"):
     source="gguf", path="", dtype="float32", hidden=64, layers=2, heads=4, kv_heads=2, mlp=128,
     remat="none", scan_layers=False, attention_impl="auto",  # memory switches, as configs/grpo.py
   )
-  # LoRA (models/lora.py; Hu et al. 2021): rank 0 is off; the update is (alpha / rank) B A x on
-  # the named projections, only the adapters train (and hold optimizer state); quantize "int8" |
-  # "nf4" stores the frozen base kernels so (QLoRA, Dettmers et al. 2023). dropout must stay 0:
-  # these steps call the policy deterministically (rollouts, rewards and updates alike).
-  c.model.lora = dict(rank=0, alpha=16.0, targets=("q", "k", "v", "o", "gate", "up", "down"),
-                      dropout=0.0, quantize="none")
+  c.model.lora = lora_section()  # rank 0: off (configs.common.lora_section)
   c.data = dict(
     source="offline",
     train_file="",
@@ -166,22 +161,16 @@ def get_config(preset: str = "cpu"):
       c.infonce.temperature = 0.02
       c.optim.update(lr=1e-5)
 
-  def lora(c, rank, alpha, lr_factor, quantize="none"):
-    # Every projection adapted, ~10x the full fine-tuning learning rate ("LoRA Without Regret",
-    # Schulman et al. 2025); the embedding (mean-pooled hidden states) is the adapted policy's.
-    c.model.lora.update(rank=rank, alpha=alpha, quantize=quantize)
-    c.optim.lr = c.optim.lr * lr_factor
-
   def qwen25_15b_e5_lora(c, quantize="none"):
     qwen25_15b_e5(c)
-    lora(c, 32, 64.0, 10.0, quantize)
+    use_lora(c, rank=32, alpha=64.0, lr_factor=10.0, quantize=quantize)
     c.optim.weight_decay = 0.0
 
   presets = {
     "cpu": cpu,
     "cpu_infonce": cpu_infonce,
     "test": test,
-    "test_lora": lambda c: (test(c), lora(c, 4, 8.0, 1.0)),
+    "test_lora": lambda c: (test(c), use_lora(c, rank=4, alpha=8.0, lr_factor=1.0)),
     "qwen25_15b_e5_lora": qwen25_15b_e5_lora,
     "qwen25_15b_e5_qlora": lambda c: qwen25_15b_e5_lora(c, "nf4"),
     "qwen25_15b_e5": qwen25_15b_e5,

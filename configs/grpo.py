@@ -23,7 +23,7 @@ projection at 10x the learning rate; the qlora one with NF4 base kernels); test 
 (seconds: a trivially learnable first-token reward, used by the tests).
 """
 
-from configs.common import base_config, select_preset, settings_section
+from configs.common import base_config, lora_section, select_preset, settings_section, use_lora
 from contrastive_jax.train.policy_opt import PolicyOptSettings
 
 
@@ -36,12 +36,7 @@ def get_config(preset: str = "cpu"):
                  # (models/layers.py REMAT_POLICIES); attention "auto" | "einsum" | "xla" |
                  # "cudnn" | "splash" (models/attention.py)
                  remat="none", scan_layers=False, attention_impl="auto")
-  # LoRA (models/lora.py; Hu et al. 2021): rank 0 is off; the update is (alpha / rank) B A x on
-  # the named projections, only the adapters train (and hold optimizer state); quantize "int8" |
-  # "nf4" stores the frozen base kernels so (QLoRA, Dettmers et al. 2023). dropout must stay 0:
-  # these steps call the policy deterministically (rollouts, log-probs and updates alike).
-  c.model.lora = dict(rank=0, alpha=16.0, targets=("q", "k", "v", "o", "gate", "up", "down"),
-                      dropout=0.0, quantize="none")
+  c.model.lora = lora_section()  # rank 0: off (configs.common.lora_section)
   c.task = dict(name="arithmetic", style="compact", digits=1, num_operands=3, operators="+-",
                 seed=0, train_size=4096, test_size=256, train_file="", test_file="",
                 dataset="math", target="", max_prompt_len=0, chat_system="")
@@ -123,15 +118,9 @@ def get_config(preset: str = "cpu"):
     c.train.update(steps=6, batch_size=8, log_every=1, eval_every=3, checkpoint_every=3)
     c.optim.update(lr=3e-2)
 
-  def lora(c, rank, alpha, lr_factor, quantize="none"):
-    # "LoRA Without Regret" (Schulman et al., Thinking Machines 2025): for RL even small ranks
-    # match full fine-tuning when every linear layer is adapted and the learning rate is ~10x.
-    c.model.lora.update(rank=rank, alpha=alpha, quantize=quantize)
-    c.optim.lr = c.optim.lr * lr_factor
-
   def qwen25_math_lora(c, quantize="none"):
     qwen25_math(c, 2, 256, 8e-6)
-    lora(c, 32, 64.0, 10.0, quantize)
+    use_lora(c, rank=32, alpha=64.0, lr_factor=10.0, quantize=quantize)
     c.optim.weight_decay = 0.0  # no decay on adapters (PEFT/TRL default)
 
   presets = {
@@ -145,6 +134,6 @@ def get_config(preset: str = "cpu"):
     "qwen25_math_g2_lora": qwen25_math_lora,
     "qwen25_math_g2_qlora": lambda c: qwen25_math_lora(c, "nf4"),
     "test": test,
-    "test_lora": lambda c: (test(c), lora(c, 4, 8.0, 1.0)),
+    "test_lora": lambda c: (test(c), use_lora(c, rank=4, alpha=8.0, lr_factor=1.0)),
   }
   return select_preset(preset, presets, c)

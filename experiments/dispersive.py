@@ -86,8 +86,8 @@ def make_model(config):
     class_dropout_prob=m.class_dropout_prob,
     num_classes=m.num_classes,
     learn_sigma=m.learn_sigma,
-    remat=m.get("remat", "none"),
-    scan_layers=m.get("scan_layers", False),
+    remat=m.remat,
+    scan_layers=m.scan_layers,
     interval_embedding=m.kind == "meanflow",
   )
   if not uses_repa(config):

@@ -86,14 +86,14 @@ def make_tasks(config, *, train_size=None):
 def _model_overrides(m) -> dict:
   """DecoderConfig fields `model.*` sets whatever the source: compute dtype, memory switches,
   LoRA (`model.lora`; rank 0 is off)."""
-  lora = LoraConfig.from_config(m.get("lora"))
+  lora = LoraConfig.from_config(m.lora)
   if lora.dropout:
     raise ValueError(
       f"model.lora.dropout={lora.dropout}: the policy steps (rollouts, log-probs, updates) call "
       "the model deterministically, so adapter dropout would never apply; set it to 0"
     )
-  return dict(dtype=m.dtype, remat=m.get("remat", "none"), scan_layers=m.get("scan_layers", False),
-              attention_impl=m.get("attention_impl", "auto"), lora=lora)
+  return dict(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers,
+              attention_impl=m.attention_impl, lora=lora)
 
 
 def decoder_config(config, codec, *, shapes_only: bool = False) -> DecoderConfig:

@@ -55,7 +55,7 @@ def _encoder_overrides(config) -> dict:
   """EncoderConfig fields the config sets over the model's config.json."""
   m = config.model
   return {"attention_impl": m.attention_impl, "attention_dropout": m.attention_dropout,
-          "remat": m.remat, "scan_layers": m.get("scan_layers", False)}
+          "remat": m.remat, "scan_layers": m.scan_layers}
 
 
 def model_path(config) -> str:

@@ -58,18 +58,13 @@ def tiny_bert_dir(tmp_path_factory):
   """A random 2-layer BERT (width 32) saved as an HF directory with all-MiniLM-L6-v2's tokenizer:
   the SEAL runs' model where the test is about the loop, not the weights."""
   import jax.numpy as jnp
+  import tiny
 
-  from contrastive_jax.models.encoder import Encoder, EncoderConfig
+  from contrastive_jax.models.encoder import Encoder
   from contrastive_jax.weights import encoder as W
 
   path = tmp_path_factory.mktemp("tiny_bert")
-  cfg = EncoderConfig(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=64,
-  )
+  cfg = tiny.encoder(num_hidden_layers=2)
   ids = jnp.zeros((1, 4), jnp.int32)
   params = Encoder(cfg).init(jax.random.key(0), ids, jnp.ones_like(ids))
   W.save_encoder(path, params, cfg, copy_from=W.minilm_model_dir())
@@ -82,9 +77,11 @@ def tiny_bert_dir(tmp_path_factory):
 _SLOW_FIRST = (
   "test_multihost.py",
   "test_eval_multihost.py",
-  "test_seal_experiment.py::test_train_resume",
+  "test_seal_experiment.py::test_train_then_evaluate",
   "test_grace_experiment.py::test_grace_raises",
-  "test_dispersive_experiment.py::test_train_resume",
+  "test_dispersive_experiment.py::test_train_then_evaluate",
+  "test_lora.py::test_grpo_lora_preset",
+  "test_lora.py::test_grace_lora_preset",
   "test_chunked_logprobs.py::test_grpo_run",
   "test_state.py::test_resume_after_kill",
   "test_launch_scripts.py::test_slurm",

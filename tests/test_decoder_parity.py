@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, init_cache
 from contrastive_jax.weights.decoder import load_decoder, save_decoder
@@ -190,19 +191,8 @@ def test_every_parameter_has_logical_axis_names():
 
   from contrastive_jax.sharding import logical_shardings, make_mesh
 
-  config = DecoderConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=1,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    model_type="qwen3",
-    qkv_bias=True,
-    o_bias=True,
-    qk_norm=True,
-  )
+  config = tiny.decoder(intermediate_size=48, model_type="qwen3", qkv_bias=True, o_bias=True,
+                        qk_norm=True)
   tokens = np.zeros((1, 4), np.int32)
   boxed = jax.eval_shape(lambda: Decoder(config).init(jax.random.key(0), tokens, tokens, tokens))
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

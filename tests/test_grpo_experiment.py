@@ -11,11 +11,12 @@ import optax
 import plot_checks
 import pytest
 import runs
+import tiny
 
 from configs.dpo import get_config as dpo_config
 from configs.grpo import get_config
 from contrastive_jax.losses.policy import dpo_loss
-from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
+from contrastive_jax.models.decoder import Decoder, DecoderLM
 from contrastive_jax.sharding import make_mesh, to_host
 from contrastive_jax.train import step as step_lib
 from contrastive_jax.train.init import initialize_state
@@ -65,8 +66,8 @@ def test_grpo_raises_reward_and_evaluates_as_in_loop(tmp_path):
 
 
 def _tiny_policy(mesh, settings, reward_fn, *, prompts=16, lr=1e-2, jit_reward=False):
-  cfg = DecoderConfig(vocab_size=11, hidden_size=16, intermediate_size=32, num_layers=1,
-                      num_heads=2, num_kv_heads=1, head_dim=8)
+  cfg = tiny.decoder(vocab_size=11, hidden_size=16, intermediate_size=32, num_heads=2,
+                     num_kv_heads=1)
   lm = DecoderLM(cfg)
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, 11, size=(prompts, 3)).astype(np.int32)

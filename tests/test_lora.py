@@ -13,13 +13,14 @@ import numpy as np
 import optax
 import pytest
 import runs
+import tiny
 from flax import traverse_util
 
 import experiments
 from configs.common import base_config
 from configs.grace import get_config as grace_config
 from configs.grpo import get_config as grpo_config
-from contrastive_jax.models.decoder import Decoder, DecoderConfig
+from contrastive_jax.models.decoder import Decoder
 from contrastive_jax.models.lora import (
   LoraConfig,
   dequantize_nf4,
@@ -36,8 +37,8 @@ from contrastive_jax.train.state import TrainState
 from contrastive_jax.weights.decoder import load_decoder, save_decoder
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-BASE = DecoderConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_layers=2,
-                     num_heads=4, num_kv_heads=2, head_dim=16, model_type="qwen2", qkv_bias=True)
+BASE = tiny.decoder(vocab_size=61, hidden_size=64, intermediate_size=128, num_layers=2,
+                    head_dim=16, model_type="qwen2", qkv_bias=True)
 
 
 def _lora(quantize="none", **kw):

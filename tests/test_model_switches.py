@@ -9,35 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 from jax.sharding import PartitionSpec as P
 
-from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
+from contrastive_jax.models.decoder import Decoder, DecoderLM
 from contrastive_jax.models.dit import DiT
-from contrastive_jax.models.encoder import Encoder, EncoderConfig
+from contrastive_jax.models.encoder import Encoder
 from contrastive_jax.models.layers import stack_layers, unstack_layers
 from contrastive_jax.sampling.lm import generate, left_pad_positions
 from contrastive_jax.sharding import logical_shardings, make_mesh
 
-DEC = DecoderConfig(
-  vocab_size=61,
-  hidden_size=32,
-  intermediate_size=48,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  qkv_bias=True,
-)
-ENC = EncoderConfig(
-  vocab_size=50,
-  hidden_size=32,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  intermediate_size=40,
-  max_position_embeddings=32,
-  hidden_dropout_prob=0.1,
-  attention_probs_dropout_prob=0.1,
-)
+DEC = tiny.decoder(vocab_size=61, intermediate_size=48, num_layers=2, qkv_bias=True)
+ENC = tiny.encoder(vocab_size=50, num_hidden_layers=2, intermediate_size=40,
+                   max_position_embeddings=32, hidden_dropout_prob=0.1,
+                   attention_probs_dropout_prob=0.1)
 
 
 def _tokens(vocab, b=3, length=10, seed=0):

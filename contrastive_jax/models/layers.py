@@ -159,11 +159,10 @@ REMAT_CHOICES = ("none", *REMAT_POLICIES)
 
 
 def remat_name(value, where: str) -> str:
-  """Normalises a `remat` setting: a name of REMAT_CHOICES, or a bool (False "none", True "full")."""
-  if isinstance(value, bool):
-    return "full" if value else "none"
+  """Checks a `remat` setting: a name of REMAT_CHOICES (saved configs whose remat was a bool
+  are read through `train/migrate.py`)."""
   if value not in REMAT_CHOICES:
-    raise ValueError(f"{where}: remat {value!r} is not one of {REMAT_CHOICES} (or a bool)")
+    raise ValueError(f"{where}: remat {value!r} is not one of {REMAT_CHOICES}")
   return value
 
 
