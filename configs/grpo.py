@@ -35,7 +35,11 @@ def get_config(preset: str = "cpu"):
                  remat="none", scan_layers=False, attention_impl="auto")
   c.task = dict(name="arithmetic", style="compact", digits=1, num_operands=3, operators="+-",
                 seed=0, train_size=4096, test_size=256, train_file="", test_file="",
-                dataset="math", target="", max_prompt_len=0, chat_system="")
+                dataset="math", target="", max_prompt_len=0, chat_system="",
+                # The math reward (data/math_answers.py, math-verify): the answer is the last
+                # \\boxed{} ("boxed"), or the library's extraction ("open_r1" | "any"); graded
+                # in grader_workers processes (0: in-process), grader_timeout s per parse/compare.
+                extraction="boxed", grader_workers=2, grader_timeout=5)
   c.rollout = dict(group_size=16, max_new_tokens=5, temperature=1.0, top_k=0, top_p=1.0)
   c.policy = dict(epochs=1, minibatches=2, clip_low=0.2, clip_high=0.28, aggregation="grpo",
                   kl_beta=0.0, reference=False, advantage_scale="group",

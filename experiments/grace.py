@@ -46,6 +46,11 @@ from contrastive_jax.weights.hf import WeightsError, load_tokenizer
 from experiments import policy_setup as setup
 
 
+def _model_dir(config):
+  """The HF directory whose generation_config.json lists stop ids (None for other sources)."""
+  return config.model.path if config.model.source == "hf" else None
+
+
 def make_tokenizer(config):
   """The tokenizer of `model.source`: GGUF metadata, an HF directory, or the tiny char one."""
   m = config.model
@@ -134,7 +139,7 @@ def make_reward_fn(config, b):
   """
   r, rw = config.rollout, config.reward
   lm, hidden, tok, prompts = DecoderLM(b["dcfg"]), DecoderHidden(b["dcfg"]), b["tok"], b["prompts"]
-  eos, pad = eos_ids(tok, b["dcfg"]), tok.pad_token_id or 0
+  eos, pad = eos_ids(tok, b["dcfg"], _model_dir(config)), tok.pad_token_id or 0
   k = r.group_size
 
   def placed(*xs):
@@ -211,7 +216,7 @@ def policy_settings(config, tok, dcfg) -> PolicyOptSettings:
     group_size=r.group_size,
     max_new_tokens=r.max_new_tokens,
     temperature=r.temperature,
-    eos_ids=eos_ids(tok, dcfg),
+    eos_ids=eos_ids(tok, dcfg, _model_dir(config)),
     pad_id=tok.pad_token_id or 0,
     epochs=p.epochs,
     minibatches=p.minibatches,

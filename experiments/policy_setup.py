@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from contrastive_jax import sharding
 from contrastive_jax.data import policy_tasks
 from contrastive_jax.data.char_vocab import CharVocab
+from contrastive_jax.data.math_answers import MathGrader
 from contrastive_jax.evaluation.policy_eval import policy_evaluator
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
 from contrastive_jax.train import loop
@@ -29,6 +30,7 @@ from contrastive_jax.weights import gguf as gguf_lib
 from contrastive_jax.weights import published_configs
 from contrastive_jax.weights.decoder import load_decoder
 from contrastive_jax.weights.hf import WeightsError, load_config, load_tokenizer
+from contrastive_jax.weights.stop_tokens import stop_token_ids
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCES = ("scratch", "checkpoint", "gguf", "hf")
@@ -51,11 +53,24 @@ def make_codec(config):
     return policy_tasks.CharCodec(CharVocab())
   if m.source == "gguf":
     tok = gguf_lib.load_gguf_tokenizer(_gguf_path(config))
+    stops = stop_token_ids(tok)
   elif m.source == "hf":
     tok = load_tokenizer(m.path)
+    stops = stop_token_ids(tok, m.path, config_eos=load_config(m.path).get("eos_token_id"))
   else:
     raise ValueError(f"model.source={m.source!r}; expected one of {SOURCES}")
-  return policy_tasks.HFCodec(tok, chat=t.style == "chat", system=t.chat_system)
+  return policy_tasks.HFCodec(tok, chat=t.style == "chat", system=t.chat_system, eos_ids=stops)
+
+
+def make_grader(config):
+  """The math reward's `MathGrader` of `task.extraction` in `task.grader_workers` processes (0:
+  graded in-process, `math_answers.grade`)."""
+  t = config.task
+  workers = t.get("grader_workers", 0)
+  if not workers:
+    return None
+  return MathGrader(extraction=t.get("extraction", "boxed"), workers=workers,
+                    timeout=t.get("grader_timeout", 5))
 
 
 def make_tasks(config, *, train_size=None):
@@ -72,10 +87,12 @@ def make_tasks(config, *, train_size=None):
       test = policy_tasks.Task(test.questions, test.golds, "first_token", t.target)
     return train, test
   if t.name == "math_jsonl":
-    train = policy_tasks.math_jsonl_task(t.train_file, dataset=t.dataset, key="task.train_file",
-                                         limit=train_size or t.train_size or None)
-    test = policy_tasks.math_jsonl_task(t.test_file, dataset=t.dataset, key="task.test_file",
-                                        limit=t.test_size or None)
+    kw = dict(dataset=t.dataset, extraction=t.get("extraction", "boxed"),
+              grader=make_grader(config))
+    train = policy_tasks.math_jsonl_task(t.train_file, key="task.train_file",
+                                         limit=train_size or t.train_size or None, **kw)
+    test = policy_tasks.math_jsonl_task(t.test_file, key="task.test_file",
+                                        limit=t.test_size or None, **kw)
     return train, test
   raise ValueError(f"task.name={t.name!r}; expected arithmetic, first_token or math_jsonl")
 
