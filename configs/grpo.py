@@ -49,8 +49,13 @@ def get_config(preset: str = "cpu"):
                   # sequences), rows per old/ref log-prob call (0: all), micro-batches per update.
                   logprob_chunk=0, logprob_batch=0, update_microbatches=1)
   c.prompts = dict(selection=False, pool_factor=8, lam=0.5, target=0.5)
+  # Sampled evaluation at "It Takes Two"'s settings (T 0.7, top-p 0.8, top-k 20; k = 32 samples
+  # per problem on the paper presets). `benchmarks`: reasoning benchmarks evaluated beside the
+  # held-out task (data/reasoning.py BENCHMARKS), "math500,aime24,aime25,amc23,minerva,
+  # olympiadbench", each read from `<benchmark_dir>/<name>.jsonl` or named `name=FILE`:
+  # avg@k and pass@1..k per benchmark, every completion in <workdir>/eval/<name>_<step>.jsonl.
   c.eval = dict(k=4, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=5, batch_size=512,
-                seed=1234)
+                seed=1234, benchmarks="", benchmark_dir="")
   c.sft = dict(examples=20_000)
   c.train.update(steps=80, batch_size=8, log_every=1, eval_every=20, checkpoint_every=40,
                  eval_with_ema=False)
@@ -103,7 +108,8 @@ def get_config(preset: str = "cpu"):
     # (8 per device) and the 512-row update in 8 micro-batches (8 rows per device), logits 256
     # positions at a time: 8 x 256 x V x (2 B bf16 + 4 B float32) = 1.9 GB per device.
     c.policy.update(logprob_chunk=256, logprob_batch=64, update_microbatches=8)
-    c.eval.update(k=32, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=3000, batch_size=256)
+    c.eval.update(k=32, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=3000, batch_size=256,
+                  benchmark_dir="data/benchmarks")
     # 10 epochs of the 7.5K MATH training problems at `prompts` problems per step.
     c.train.update(steps=10 * 7500 // prompts, batch_size=prompts, eval_every=50,
                    checkpoint_every=50)

@@ -64,15 +64,19 @@ def build(config, *, with_weights: bool = True):
   """Everything a run needs: mesh, codec, tasks, model config, init_state, evaluator, schedule."""
   mesh = sharding.make_mesh(config.mesh)
   codec = setup.make_codec(config)
-  train_task, test_task = setup.make_tasks(config)
+  grader = setup.make_grader(config)
+  train_task, test_task = setup.make_tasks(config, grader=grader)
   dcfg = setup.decoder_config(config, codec)
   tx, schedule = _optimizer(config.optim.to_json(), _total_updates(config))
   pretrained = setup.pretrained_params(config, dcfg, mesh) if with_weights else None
   extra = init_extra(len(train_task)) if config.algorithm == "grpo" else None
   init_state = setup.init_fn(dcfg, tx, pretrained, extra=extra)
-  evaluator = setup.heldout_evaluator(config, dcfg, codec, test_task, mesh)
+  evaluators = {"heldout": setup.heldout_evaluator(config, dcfg, codec, test_task, mesh)}
+  benchmarks = setup.benchmark_evaluator(config, dcfg, codec, mesh, grader)
+  if benchmarks is not None:
+    evaluators["benchmarks"] = benchmarks
   return dict(mesh=mesh, codec=codec, train_task=train_task, dcfg=dcfg, schedule=schedule,
-              init_state=init_state, evaluators={"heldout": evaluator})
+              init_state=init_state, evaluators=evaluators)
 
 
 def sft_loss(params, batch, rng, *, lm, chunk=0):
@@ -139,11 +143,14 @@ check_inputs = setup.check_inputs  # launch.py calls it before writing anything
 
 
 def evaluate(config, workdir, step=None):
-  """Held-out greedy accuracy, Mean@k, Pass@k of a checkpoint -> <workdir>/eval/eval_<step>.json."""
+  """Held-out greedy accuracy, Mean@k, Pass@k of a checkpoint (and avg@k / pass@k of every
+  `eval.benchmarks` benchmark, completions in `<name>_<step>.jsonl`) -> <workdir>/eval/."""
   b = build(config, with_weights=False)
   got_step, params = loop.load_params(config, workdir, b["init_state"], b["mesh"], ema=False,
                                       step=step)
   results = {"step": got_step, **loop.run_evaluators(b["evaluators"], params, b["mesh"])}
+  if "benchmarks" in b["evaluators"]:  # every completion with its score, beside the metrics
+    b["evaluators"]["benchmarks"].write_records(workdir, got_step)
   path = eval_path(workdir, f"eval_{got_step}.json")
   write_json(path, results)
   if is_writer():

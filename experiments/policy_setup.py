@@ -17,11 +17,14 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from etils import epath
 
+from configs.common import ConfigError
 from contrastive_jax import sharding
-from contrastive_jax.data import policy_tasks
+from contrastive_jax.data import policy_tasks, reasoning
 from contrastive_jax.data.char_vocab import CharVocab
 from contrastive_jax.data.math_answers import MathGrader
+from contrastive_jax.evaluation.benchmarks import BenchmarkEvaluator
 from contrastive_jax.evaluation.policy_eval import policy_evaluator
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
 from contrastive_jax.train import loop
@@ -73,8 +76,9 @@ def make_grader(config):
                     timeout=t.get("grader_timeout", 5))
 
 
-def make_tasks(config, *, train_size=None):
-  """(train Task, held-out Task) from `config.task`."""
+def make_tasks(config, *, train_size=None, grader=None):
+  """(train Task, held-out Task) from `config.task`; math tasks grade with `grader` (default a
+  new `make_grader(config)`)."""
   t = config.task
   if t.name in ("arithmetic", "first_token"):
     kw = dict(style=t.style if t.name == "arithmetic" else "compact", seed=t.seed,
@@ -88,13 +92,47 @@ def make_tasks(config, *, train_size=None):
     return train, test
   if t.name == "math_jsonl":
     kw = dict(dataset=t.dataset, extraction=t.get("extraction", "boxed"),
-              grader=make_grader(config))
+              grader=grader or make_grader(config))
     train = policy_tasks.math_jsonl_task(t.train_file, key="task.train_file",
                                          limit=train_size or t.train_size or None, **kw)
     test = policy_tasks.math_jsonl_task(t.test_file, key="task.test_file",
                                         limit=t.test_size or None, **kw)
     return train, test
   raise ValueError(f"task.name={t.name!r}; expected arithmetic, first_token or math_jsonl")
+
+
+def benchmark_files(config) -> list[tuple[str, str]]:
+  """[(benchmark, file)] of `eval.benchmarks` ("math500,aime24=/data/aime24.jsonl"): a bare name
+  reads `<eval.benchmark_dir>/<name>.jsonl`. An unknown name raises `ConfigError`."""
+  e = config.eval
+  try:
+    entries = reasoning.parse_benchmarks(e.get("benchmarks", ""))
+  except ValueError as err:
+    raise ConfigError(f"config.eval.benchmarks={e.benchmarks!r}: {err}") from None
+  return [(name, path or str(epath.Path(e.get("benchmark_dir", "") or ".") / f"{name}.jsonl"))
+          for name, path in entries]
+
+
+def benchmark_evaluator(config, dcfg, codec, mesh, grader=None):
+  """`evaluation.benchmarks.BenchmarkEvaluator` of `eval.benchmarks` (None when empty): n =
+  `eval.k` samples per problem at `eval.{temperature, top_p, top_k, max_new_tokens}`."""
+  files = benchmark_files(config)
+  if not files:
+    return None
+  e, t = config.eval, config.task
+  grader = grader or make_grader(config)
+  # Chat models get MATH's instruction ("put your final answer within \\boxed{}"); a
+  # character-level policy (style "compact") sees the problem alone.
+  instruction = policy_tasks.MATH_INSTRUCTION if t.style == "chat" else ""
+  tasks = {name: policy_tasks.math_jsonl_task(
+    path, dataset=name, limit=None, key=f"config.eval.benchmarks ({name})",
+    instruction=instruction, extraction=t.get("extraction", "boxed"), grader=grader)
+    for name, path in files}
+  lm = DecoderLM(dcfg)
+  return BenchmarkEvaluator(
+    tasks, codec=codec, apply_fn=lm, init_cache=lm.init_cache, mesh=mesh, n=e.k,
+    max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
+    batch_size=e.batch_size, seed=e.seed)
 
 
 def _model_overrides(m) -> dict:
@@ -131,9 +169,19 @@ def sft_command(path: str) -> str:
 
 
 def check_inputs(config, mode: str):
-  """Before anything is written (launch.py): a "checkpoint" source needs `model.path` to hold
-  an earlier run's checkpoints/ (the GRPO cpu_g2 / cpu_g16 and DPO cpu presets start from the
-  SFT run `runs/grpo_cpu_sft`); the error names the command that makes it."""
+  """Before anything is written (launch.py): every `eval.benchmarks` name is known
+  (`ConfigError`) and its file exists (`FileNotFoundError` naming it); a "checkpoint" source
+  needs `model.path` to hold an earlier run's checkpoints/ (the GRPO cpu_g2 / cpu_g16 and DPO
+  cpu presets start from the SFT run `runs/grpo_cpu_sft`); the error names the command that
+  makes it."""
+  files = benchmark_files(config)
+  if files and mode in ("train", "eval"):
+    if config.eval.k < 1:
+      raise ConfigError(f"config.eval.k={config.eval.k}: benchmarks need >= 1 sample per problem")
+    for name, path in files:
+      if not epath.Path(path).is_file():
+        raise FileNotFoundError(f"config.eval.benchmarks: no file {path!r} for benchmark "
+                                f"{name!r} (JSON lines in its public record format)")
   m = config.model
   if mode != "train" or m.source != "checkpoint":
     return
