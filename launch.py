@@ -60,8 +60,11 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "FILE:PRESET of an ml_collections config.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and run info.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "preflight"],
-                  "Train (or resume), evaluate, or preflight (AOT fit check for --topology).")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "preflight", "export"],
+                  "Train (or resume), evaluate, preflight (AOT fit check for --topology), or "
+                  "export a checkpoint (--step) as a Hugging Face directory.")
+flags.DEFINE_string("export_dir", None, "With --mode export: the directory to write (default "
+                    "<workdir>/export/step_<N>; gs:// works where epath's driver is installed).")
 flags.DEFINE_string("topology", None, "With --mode preflight: v5p-8, v5litepod-16, cpu:8, h200:8.")
 flags.DEFINE_list("pieces", None, "With --mode preflight: compile only these pieces.")
 flags.DEFINE_string("step", None, "With --mode eval: a step number, 'latest' (default) or "
@@ -235,8 +238,8 @@ def _checked_module(config, workdir):
                       f"{config.experiment}.py") from e
   check_workdir(config, workdir, resuming=FLAGS.mode == "train")
   needs_checkpoint = getattr(module, "eval_needs_checkpoint", lambda c: True)(config)
-  if FLAGS.mode == "eval" and needs_checkpoint and not workdir.is_dir():
-    raise WorkdirError(f"{workdir}: no such workdir to evaluate")
+  if FLAGS.mode in ("eval", "export") and needs_checkpoint and not workdir.is_dir():
+    raise WorkdirError(f"{workdir}: no such workdir to {FLAGS.mode}")
   try:
     getattr(module, "check_inputs", lambda c, m: None)(config, FLAGS.mode)
   except FileNotFoundError as e:
@@ -272,6 +275,11 @@ def main(argv):
   hosts.agree(error, what=f"workdir {workdir}")
   if FLAGS.mode == "train":
     module.train(config, str(workdir))  # the loop records the launch once the restore is done
+  elif FLAGS.mode == "export":
+    try:
+      module.export(config, str(workdir), parse_step(FLAGS.step), FLAGS.export_dir)
+    except FileNotFoundError as e:  # no checkpoint at that step: nothing was written
+      raise WorkdirError(str(e)) from e
   else:
     try:
       module.evaluate(config, str(workdir), parse_step(FLAGS.step))

@@ -197,6 +197,19 @@ def evaluate(config, workdir, step=None):
   return results
 
 
+def export(config, workdir, step=None, out_dir=None):
+  """A checkpoint as a Hugging Face directory (`policy_setup.export_policy`), by default
+  `<workdir>/export/step_<N>`; a step that does not exist raises before anything is written."""
+  mesh, codec, dcfg, _, _, init_state, _ = _build(config, with_weights=False)
+  got_step, params = loop.load_params(config, workdir, init_state, mesh,
+                                      ema=config.train.eval_with_ema, step=step)
+  out = setup.export_dir(workdir, got_step, out_dir)
+  setup.export_policy(config, params, dcfg, codec, out)
+  if is_writer():
+    print(json.dumps({"step": got_step, "export": out}))
+  return out
+
+
 def preflight_pieces(config, mesh):
   """`train/preflight.py` pieces at the preset's shapes: the train step at `train.batch_size`
   pairs (reference log-probs in the batch) and the reference log-prob pass (`with_reference`,

@@ -41,6 +41,7 @@ from contrastive_jax.train import loop
 from contrastive_jax.train import step as step_lib
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
+from contrastive_jax.weights import export as export_lib
 from contrastive_jax.weights import gguf as gguf_lib
 from contrastive_jax.weights.hf import WeightsError, load_tokenizer
 from experiments import policy_setup as setup
@@ -351,6 +352,23 @@ def evaluate(config, workdir, step=None):
   if is_writer():
     print(json.dumps({k: v for k, v in results.items() if k != "examples"}))
   return results
+
+
+def export(config, workdir, step=None, out_dir=None):
+  """A checkpoint of the rationale policy (or the InfoNCE-tuned model) as a Hugging Face
+  directory (`weights.export`), by default `<workdir>/export/step_<N>`; a step that does not
+  exist raises before anything is written."""
+  b = build(config, with_weights=False)
+  got_step, params = loop.load_params(config, workdir, b["init_state"], b["mesh"],
+                                      ema=config.train.eval_with_ema, step=step)
+  out = setup.export_dir(workdir, got_step, out_dir)
+  m = config.model
+  export_lib.export(params, b["dcfg"], m.path if m.source == "hf" else None, out,
+                    tokenizer=b["tok"] if m.source != "hf" else None,
+                    stop_ids=eos_ids(b["tok"], b["dcfg"], _model_dir(config)))
+  if is_writer():
+    print(json.dumps({"step": got_step, "export": out}))
+  return out
 
 
 def _prompt_len(config, tok) -> int:

@@ -158,6 +158,20 @@ def evaluate(config, workdir, step=None):
   return results
 
 
+def export(config, workdir, step=None, out_dir=None):
+  """A checkpoint (latest, or `step`; EMA parameters when `train.eval_with_ema` and the run keeps
+  them) as a Hugging Face directory (`weights.export`), by default `<workdir>/export/step_<N>`.
+  A step that does not exist raises before anything is written."""
+  b = build(config, with_weights=False)
+  got_step, params = loop.load_params(config, workdir, b["init_state"], b["mesh"],
+                                      ema=config.train.eval_with_ema, step=step)
+  out = setup.export_dir(workdir, got_step, out_dir)
+  setup.export_policy(config, params, b["dcfg"], b["codec"], out)
+  if is_writer():
+    print(json.dumps({"step": got_step, "export": out}))
+  return out
+
+
 def preflight_pieces(config, mesh):
   """`train/preflight.py` pieces at the preset's shapes: for "grpo" the rollout, decode step,
   old (and reference) log-prob pass and PPO update of `policy_pieces.policy_pieces`; for "sft" the

@@ -29,6 +29,7 @@ from contrastive_jax.evaluation.policy_eval import policy_evaluator
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
 from contrastive_jax.train import loop
 from contrastive_jax.train.state import CheckpointManager, TrainState
+from contrastive_jax.weights import export as export_lib
 from contrastive_jax.weights import gguf as gguf_lib
 from contrastive_jax.weights import published_configs
 from contrastive_jax.weights.decoder import load_decoder
@@ -244,6 +245,23 @@ def heldout_evaluator(config, dcfg, codec, test_task, mesh):
     max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
     eos_ids=codec.eos_ids, pad_id=codec.pad_id, batch_size=e.batch_size, seed=e.seed,
   )
+
+
+def export_dir(workdir, step, out_dir=None) -> str:
+  """Where `--mode export` writes step `step`: `out_dir`, else `<workdir>/export/step_<step>`."""
+  return str(out_dir or epath.Path(workdir) / "export" / f"step_{step}")
+
+
+def export_policy(config, params, dcfg: DecoderConfig, codec, out_dir):
+  """The policy's parameters as an HF causal-LM directory (`weights.export.export`): tokenizer
+  and generation config from `model.path` ("hf"), the GGUF's rebuilt tokenizer ("gguf"), none
+  for the character-level policies; `generation_config.json` lists the codec's stop tokens."""
+  m = config.model
+  tok = getattr(codec, "tok", None)
+  export_lib.export(params, dcfg, m.path if m.source == "hf" else None, out_dir,
+                    tokenizer=tok if m.source == "gguf" else None,
+                    stop_ids=tuple(getattr(codec, "eos_ids", ())))
+  return out_dir
 
 
 def shape_codec(config, dcfg: DecoderConfig):

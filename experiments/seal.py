@@ -46,6 +46,7 @@ from contrastive_jax.train import step as step_lib
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.state import TrainState
 from contrastive_jax.weights import encoder as W
+from contrastive_jax.weights import export as export_lib
 from contrastive_jax.weights.hf import load_tokenizer
 
 
@@ -413,6 +414,23 @@ def evaluate(config, workdir, step=None):
   if is_writer():
     print(json.dumps(results))
   return results
+
+
+def export(config, workdir, step=None, out_dir=None):
+  """A checkpoint (or, with eval.zero_shot, the base encoder) as a Hugging Face directory with
+  the sentence-transformers modules (`weights.export`: `model.pooling`, normalised, inputs up to
+  `data.passage_max_length` tokens), by default `<workdir>/export/step_<N>`; a step that does
+  not exist raises before anything is written."""
+  mesh, tx, _, _, enc_cfg, pretrained, _ = _setup(config)
+  got_step, params = loop.load_params(config, workdir, _init_fn(enc_cfg, pretrained, tx), mesh,
+                                      ema=config.train.eval_with_ema, step=step)
+  out = str(out_dir or os.path.join(workdir, "export", f"step_{got_step}"))
+  export_lib.export(params, enc_cfg, config.model.path or W.minilm_model_dir(), out,
+                    pooling=config.model.pooling, normalize=True,
+                    max_seq_length=config.data.passage_max_length)
+  if is_writer():
+    print(json.dumps({"step": got_step, "export": out}))
+  return out
 
 
 def preflight_pieces(config, mesh):

@@ -5,7 +5,7 @@ import tempfile
 
 # LLVM at -O0 for the CPU programs (XLA's HLO passes still run): the suite's small programs
 # spend more time compiling than running; measured on a GRPO 1 x 8 run, 14.7 s -> 9.6 s of
-# compilation. tests/multiprocess.py passes these flags on to the processes it starts.
+# compilation. tests/multiprocess_runs.py passes these flags on to the processes it starts.
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "")
   + " --xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8"

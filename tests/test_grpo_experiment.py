@@ -125,6 +125,25 @@ def test_grpo_raises_reward_resumes_bitwise_and_evaluates(tmp_path):
   assert result["eval/benchmarks/average/avg@4"] == pytest.approx(np.mean(
     [result["eval/benchmarks/math500/avg@4"], result["eval/benchmarks/aime24/avg@4"]]))
 
+  # --mode export: a step that does not exist is refused naming the steps, nothing written;
+  # step 4 loads in transformers with the logits of our decoder on the restored parameters.
+  with pytest.raises(FileNotFoundError, match=r"step 3.*\[2, 4\]"):
+    grpo.export(c, resumed, step=3)
+  assert not os.path.exists(os.path.join(resumed, "export"))
+  out = grpo.export(c, resumed, step=4)
+  assert out == os.path.join(resumed, "export", "step_4")
+  torch = pytest.importorskip("torch")
+  from transformers import AutoModelForCausalLM
+
+  b = grpo.build(c, with_weights=False)
+  _, params = loop.load_params(c, resumed, b["init_state"], b["mesh"], ema=False, step=4)
+  ids = np.array([[1, 5, 9, 2, 7]])
+  ours = Decoder(b["dcfg"]).apply(params, ids, np.arange(5)[None], np.ones_like(ids))["logits"]
+  model = AutoModelForCausalLM.from_pretrained(out).eval()
+  with torch.no_grad():
+    theirs = model(input_ids=torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4)
+
 
 def test_benchmark_names_and_files_are_checked_before_anything_runs(tmp_path):
   from configs.common import ConfigError
