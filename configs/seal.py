@@ -52,8 +52,10 @@ Presets:
         block EAL unit and redrawn negatives).
   test  a tiny model directory given by `model.path` (the tests write a random BERT), 24 stdlib
         modules, a few steps: seconds.
-  bge_m3_structdoc, bge_large_zh_structdoc   the paper's models on StructDocRetrieval JSONL
-        (`model.path`, `data.train_file`, `data.test_file` must name local files). FlagEmbedding
+  bge_m3_structdoc, bge_large_zh_structdoc   the paper's models on StructDocRetrieval as released
+        (`model.path`; `data.train_file`, `data.test_file`, `data.dev_file` name the release's
+        train.json, test.json and dev.json, JSON lines; paths may be gs:// where epath's driver
+        is installed). FlagEmbedding
         fine-tuning defaults (examples/finetune/embedder, m3 script): lr 1e-5, linear decay, warmup
         10%, 2 epochs, temperature 0.02, group size 8, CLS pooling, normalised embeddings,
         cross-device negatives; the paper's global batch is not stated in what we could check, 16
@@ -98,8 +100,11 @@ def get_config(preset: str = "cpu"):
     "max_doc_chars": 8000,
     "records_cache": "",  # JSON file caching pydoc / package records across runs ("" = none)
     "test_fraction": 0.2,
+    # StructDocRetrieval as released: train.json, test.json, dev.json (JSON lines, despite the
+    # suffix). dev_file adds the "dev" (and "dev_untagged") evaluation corpus beside "test".
     "train_file": "",
     "test_file": "",
+    "dev_file": "",
     "query_max_length": 16,
     "passage_max_length": 64,
     "length_buckets": (),
@@ -214,8 +219,9 @@ def get_config(preset: str = "cpu"):
     c.model.update(path="/models/bge-m3")
     c.data.update(
       passage_max_length=8192,
-      train_file="/data/StructDocRetrieval/train.jsonl",
-      test_file="/data/StructDocRetrieval/test.jsonl",
+      train_file="/data/StructDocRetrieval/train.json",
+      test_file="/data/StructDocRetrieval/test.json",
+      dev_file="/data/StructDocRetrieval/dev.json",
     )
 
   def bge_large_zh(c):
@@ -224,8 +230,9 @@ def get_config(preset: str = "cpu"):
     c.data.update(
       passage_max_length=512,
       length_buckets=(128, 256, 512),
-      train_file="/data/StructDocRetrieval/train.jsonl",
-      test_file="/data/StructDocRetrieval/test.jsonl",
+      train_file="/data/StructDocRetrieval/train.json",
+      test_file="/data/StructDocRetrieval/test.json",
+      dev_file="/data/StructDocRetrieval/dev.json",
     )
 
   presets = {

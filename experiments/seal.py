@@ -26,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
@@ -102,10 +103,10 @@ def _records_and_summary(config, split):
   d = config.data
   if d.source != "jsonl":
     return [r for r in _offline_records(config) if r["split"] == split], None
-  path = d.train_file if split == "train" else d.test_file
-  key = "data.train_file" if split == "train" else "data.test_file"
-  if not path or not os.path.isfile(path):
-    raise FileNotFoundError(f"{key}={path!r}: no such StructDocRetrieval JSONL file")
+  key = f"data.{split}_file"
+  path = d[f"{split}_file"]
+  if not path or not epath.Path(path).is_file():
+    raise FileNotFoundError(f"{key}={path!r}: no such StructDocRetrieval file (JSON lines)")
   # Hard negatives come with the training records only; a held-out file is plain.
   negatives = config.loss.group_size - 1 if d.hard_negatives == "file" and split == "train" else 0
   records, stats = structdoc.load_structdoc_jsonl(path, negatives=negatives)
@@ -302,19 +303,24 @@ def _init_fn(enc_cfg, pretrained, tx):
 
 
 def make_evaluators(config, model, tokenizer, mesh):
-  """name -> fn(params) -> metrics on the test split: "test" (tagged), "test_untagged"."""
-  queries, docs, positives = _pairs(_records(config, "test"))
+  """name -> fn(params) -> metrics: "test" (tagged) and "test_untagged" on the test split, and
+  "dev", "dev_untagged" on `data.dev_file` when set (JSON lines)."""
   embed = make_embed(model, config, mesh)
   kw = {"batch_size": config.eval.batch_size, "mesh": mesh}
-  corpora = {"test": docs}
-  if config.eval.untagged:
-    corpora["test_untagged"] = [html_views.tag_stripped_view(d) for d in docs]
+  splits = ("test", "dev") if config.data.source == "jsonl" and config.data.dev_file else ("test",)
+  corpora = {}
+  for split in splits:
+    queries, docs, positives = _pairs(_records(config, split))
+    corpora[split] = (queries, docs, positives)
+    if config.eval.untagged:
+      corpora[f"{split}_untagged"] = (queries, [html_views.tag_stripped_view(d) for d in docs],
+                                      positives)
 
   page_chunks = config.eval.page_chunks
   if page_chunks < 0:
     raise ValueError(f"eval.page_chunks={page_chunks}: 0 (off) or the most chunks per page")
 
-  def evaluator(texts):
+  def evaluator(queries, texts, positives):
     length = config.data.passage_max_length
     # Chunk 0 of a page is its truncated passage, so one encoding serves both rankings.
     chunks = (
@@ -337,7 +343,7 @@ def make_evaluators(config, model, tokenizer, mesh):
 
     return run
 
-  return {name: evaluator(texts) for name, texts in corpora.items()}
+  return {name: evaluator(*corpus) for name, corpus in corpora.items()}
 
 
 def train(config, workdir):

@@ -1,6 +1,8 @@
 """Structured-document retrieval sets for SEAL: StructDocRetrieval JSON lines and BEIR directories.
 
-StructDocRetrieval: `{"query", "content"}` lines, one relevant document per query. BEIR:
+StructDocRetrieval as released: `train.json`, `test.json`, `dev.json`, each JSON lines (one
+`{"query", "content"}` object per line despite the suffix; a file holding one JSON array is read
+too), one relevant document per query. BEIR:
 corpus.jsonl, queries.jsonl, qrels/<split>.tsv. Bad lines, empty documents, queries without a
 relevant document: skipped and counted in a stats dict (logged in one line); a file with no
 usable record, or a bad hard-negative list, raises `DataError`.
@@ -8,11 +10,13 @@ usable record, or a bad hard-negative list, raises `DataError`.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from contrastive_jax.data.html_views import TAG_REGEX, unbalanced_markup
 from contrastive_jax.data.jsonl import DataError, log_summary, read_jsonl, require_rows, summary
@@ -40,7 +44,7 @@ def load_structdoc_jsonl(path: str | os.PathLike, *, negatives: int = 0):
   """
   stats = Counter(dict.fromkeys(_JSONL_STATS.split(), 0))
   records = []
-  for where, row in read_jsonl(path, stats=stats):
+  for where, row in _rows(path, stats):
     query, content = row.get("query"), row.get("content")
     if not isinstance(query, str) or not isinstance(content, str):
       stats["missing_field"] += 1
@@ -66,6 +70,26 @@ def load_structdoc_jsonl(path: str | os.PathLike, *, negatives: int = 0):
   log_summary(info)
   require_rows(info, what="query/document records")
   return records, dict(stats)
+
+
+def _rows(path, stats):
+  """JSON lines; or, when the file is one JSON array (a re-saved release), its objects, with
+  `file:[index]` as their place."""
+  with epath.Path(path).open("rb") as f:
+    head = f.read(64).lstrip()
+  if not head.startswith(b"["):
+    yield from read_jsonl(path, stats=stats)
+    return
+  try:
+    rows = json.loads(epath.Path(path).read_bytes())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DataError(f"{path}: starts with '[' but is not a JSON array ({e})") from e
+  for i, row in enumerate(rows):
+    stats["lines"] += 1
+    if isinstance(row, dict):
+      yield f"{path}:[{i}]", row
+    else:
+      stats["malformed_json"] += 1
 
 
 def jsonl_summary(path, stats) -> dict:
