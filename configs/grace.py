@@ -88,6 +88,10 @@ def get_config(preset: str = "cpu"):
     top_p=1.0,
     seed=1234,
     examples=3,
+    # MTEB tasks (comma-separated mteb names) scored by the mteb package through the rationale
+    # encoder instead of the pydoc evaluation; local HF cache only; needs the [mteb] extra.
+    mteb_tasks="",
+    mteb_splits="",
   )
   c.train.update(
     steps=12, batch_size=4, log_every=1, eval_every=0, checkpoint_every=6, eval_with_ema=False

@@ -126,6 +126,11 @@ def get_config(preset: str = "cpu"):
     "untagged": True,
     "during_training": True,
     "page_chunks": 0,  # 0: documents only; N: also pages ranked by the best of N passages
+    # MTEB tasks (comma-separated mteb names, e.g. "LEMBNeedleRetrieval,LEMBPasskeyRetrieval",
+    # LongEmbed at 256..8192 tokens) scored by the mteb package instead of the evaluators above;
+    # data from the local HF cache only; needs the [mteb] extra. mteb_splits: "" = each task's.
+    "mteb_tasks": "",
+    "mteb_splits": "",
   }
   c.train.update(steps=30, batch_size=8, log_every=5, eval_every=0, checkpoint_every=30)
   c.optim.update(lr=5e-5, schedule="linear", warmup_steps=3, weight_decay=0.0, grad_clip=0.0)

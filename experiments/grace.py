@@ -26,10 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs.common import ConfigError
 from contrastive_jax import sharding
 from contrastive_jax.data import grace as grace_data
 from contrastive_jax.data.offline_docs import pydoc_documents
 from contrastive_jax.data.pipeline import array_batches
+from contrastive_jax.evaluation import mteb_adapter
 from contrastive_jax.evaluation.grace_eval import DecoderHidden, GraceEvaluator, eos_ids
 from contrastive_jax.evaluation.retrieval import exact_top_k
 from contrastive_jax.io import eval_path, is_writer, write_json
@@ -92,8 +94,9 @@ def train_triplets(config, records):
   return triplets[: d.train_size] if d.train_size else triplets
 
 
-def build(config, *, with_weights: bool = True):
-  """Mesh, tokenizer, model config, triplets and their prompts, init_state, evaluator."""
+def build(config, *, with_weights: bool = True, pydoc_eval: bool = True):
+  """Mesh, tokenizer, model config, triplets and their prompts, init_state, evaluator (without
+  `pydoc_eval` the evaluator is the rationale encoder alone: no pydoc pages are built)."""
   mesh = sharding.make_mesh(config.mesh)
   tok = make_tokenizer(config)
   dcfg = setup.decoder_config(config, types.SimpleNamespace(vocab_size=len(tok)))
@@ -101,10 +104,10 @@ def build(config, *, with_weights: bool = True):
   total = config.train.steps * (per_step if config.algorithm == "grace" else 1)
   tx, schedule = make_optimizer(config.optim, total)
   pretrained = setup.pretrained_params(config, dcfg, mesh) if with_weights else None
-  records = offline_records(config)
+  records = offline_records(config) if pydoc_eval else None
   extra = None
   triplets, prompts = None, None
-  if with_weights:
+  if with_weights and pydoc_eval:  # training (an evaluation needs no triplets)
     triplets = train_triplets(config, records)
     # q, d+ and d- in one call: one padded length, so one compiled shape per batch size.
     fields = {"q": "query", "pos": "positive", "neg": "negative"}
@@ -127,7 +130,8 @@ def build(config, *, with_weights: bool = True):
     prompts=prompts,
     init_state=init_state,
     per_step=per_step,
-    evaluators={"retrieval": GraceEvaluator(config, tok, dcfg, records, mesh=mesh)},
+    evaluators={"retrieval": GraceEvaluator(
+      config, tok, dcfg, records if pydoc_eval else None, mesh=mesh)},
   )
 
 
@@ -322,6 +326,24 @@ def train(config, workdir):
   )
 
 
+def _mteb_tasks(config):
+  """The `eval.mteb_tasks` tasks, loaded from the local HF cache; () when none are asked for."""
+  names = mteb_adapter.parse_tasks(config.eval.mteb_tasks)
+  if not names:
+    return ()
+  try:
+    return mteb_adapter.load_tasks(names, splits=mteb_adapter.parse_tasks(config.eval.mteb_splits))
+  except mteb_adapter.MtebMissingError as e:
+    raise ConfigError(f"config.eval.mteb_tasks={config.eval.mteb_tasks!r}: {e}") from None
+
+
+def check_inputs(config, mode: str):
+  """launch.py, before anything is written: `eval.mteb_tasks` need the mteb extra
+  (`ConfigError`) and their datasets in the local HF cache (`MtebDataError` naming it)."""
+  if mode == "eval":
+    _mteb_tasks(config)
+
+
 def eval_needs_checkpoint(config) -> bool:
   """launch.py: the base model's evaluation reads no checkpoint (the workdir may not exist)."""
   return not config.eval.base_model
@@ -331,7 +353,8 @@ def evaluate(config, workdir, step=None):
   """Evaluator results of a checkpoint (or of the untrained model with eval.base_model) ->
   `<workdir>/eval/eval_<step>.json` (`eval_base.json`), example rationales included."""
   base = config.eval.base_model
-  b = build(config, with_weights=base)
+  tasks = _mteb_tasks(config)
+  b = build(config, with_weights=base, pydoc_eval=not tasks)
   if base:
     got_step = "base"
     params = loop.initialize_state(
@@ -342,11 +365,16 @@ def evaluate(config, workdir, step=None):
       config, workdir, b["init_state"], b["mesh"], ema=False, step=step
     )
   evaluator = b["evaluators"]["retrieval"]
-  results = {
-    "step": got_step,
-    **loop.run_evaluators(b["evaluators"], params, b["mesh"]),
-    "examples": evaluator.examples,
-  }
+  if tasks:  # MTEB through the adapter: one rationale per text, then the pooled hidden state
+    rationale = evaluator.encode_fn(params, config.eval.max_new_tokens)
+    encoder = mteb_adapter.MtebEncoder(
+      lambda texts, *, kind: rationale(texts), name=os.path.basename(config.model.path or "base"),
+      embed_dim=b["dcfg"].hidden_size, max_tokens=config.data.max_text_tokens)
+    scores = mteb_adapter.run_mteb(encoder, tasks, batch_size=config.eval.batch_size)
+    metrics = {f"mteb/{k}": v for k, v in scores.items()}
+  else:
+    metrics = loop.run_evaluators(b["evaluators"], params, b["mesh"])
+  results = {"step": got_step, **metrics, "examples": evaluator.examples}
   path = eval_path(workdir, f"eval_{got_step}.json")
   write_json(path, results)
   if is_writer():

@@ -30,9 +30,11 @@ from etils import epath
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
+from configs.common import ConfigError
 from contrastive_jax import sharding
 from contrastive_jax.data import html_views, mining, offline_docs, structdoc
 from contrastive_jax.data.seal_batches import SealBatches, tokenize, tokenize_chunks
+from contrastive_jax.evaluation import mteb_adapter
 from contrastive_jax.evaluation.retrieval import (
   embedding_retrieval_metrics,
   encode_corpus,
@@ -346,6 +348,38 @@ def make_evaluators(config, model, tokenizer, mesh):
   return {name: evaluator(*corpus) for name, corpus in corpora.items()}
 
 
+def mteb_encode_fn(config, model, params, tokenizer, mesh):
+  """`encode_fn(texts, *, kind)` of `evaluation.mteb_adapter.MtebEncoder`: pooled, normalised
+  embeddings, queries at `data.query_max_length` tokens and documents at
+  `data.passage_max_length`, in sharded batches of `eval.batch_size`."""
+  embed = make_embed(model, config, mesh)
+  lengths = {"query": config.data.query_max_length, "document": config.data.passage_max_length}
+
+  def encode_fn(texts, *, kind):
+    return encode_texts(embed, params, tokenizer, texts, max_length=lengths[kind],
+                        batch_size=config.eval.batch_size, mesh=mesh)
+
+  return encode_fn
+
+
+def _mteb_tasks(config):
+  """The `eval.mteb_tasks` tasks, loaded from the local HF cache; () when none are asked for."""
+  names = mteb_adapter.parse_tasks(config.eval.mteb_tasks)
+  if not names:
+    return ()
+  try:
+    return mteb_adapter.load_tasks(names, splits=mteb_adapter.parse_tasks(config.eval.mteb_splits))
+  except mteb_adapter.MtebMissingError as e:
+    raise ConfigError(f"config.eval.mteb_tasks={config.eval.mteb_tasks!r}: {e}") from None
+
+
+def check_inputs(config, mode: str):
+  """launch.py, before anything is written: `eval.mteb_tasks` need the mteb extra
+  (`ConfigError`) and their datasets in the local HF cache (`MtebDataError` naming it)."""
+  if mode == "eval":
+    _mteb_tasks(config)
+
+
 def train(config, workdir):
   mesh, tx, schedule, model, enc_cfg, pretrained, tokenizer = _setup(config)
   # Before reading data: the loop would fail placing its first batch.
@@ -408,11 +442,17 @@ def evaluate(config, workdir, step=None):
     got_step, params = loop.load_params(
       config, workdir, _init_fn(enc_cfg, pretrained, tx), mesh, ema=False, step=step
     )
-  results = {
-    "step": got_step,
-    "zero_shot": bool(config.eval.zero_shot),
-    **loop.run_evaluators(make_evaluators(config, model, tokenizer, mesh), params, mesh),
-  }
+  tasks = _mteb_tasks(config)
+  if tasks:  # MTEB through the adapter instead of the StructDoc / pydoc evaluators
+    encoder = mteb_adapter.MtebEncoder(
+      mteb_encode_fn(config, model, params, tokenizer, mesh),
+      name=os.path.basename(str(config.model.path or "all-MiniLM-L6-v2")),
+      embed_dim=enc_cfg.hidden_size, max_tokens=config.data.passage_max_length)
+    scores = mteb_adapter.run_mteb(encoder, tasks, batch_size=config.eval.batch_size)
+    metrics = {f"mteb/{k}": v for k, v in scores.items()}
+  else:
+    metrics = loop.run_evaluators(make_evaluators(config, model, tokenizer, mesh), params, mesh)
+  results = {"step": got_step, "zero_shot": bool(config.eval.zero_shot), **metrics}
   results["eval_seconds"] = time.perf_counter() - start
   name = "eval_zero_shot.json" if config.eval.zero_shot else f"eval_{got_step}.json"
   if jax.process_index() == 0:

@@ -61,9 +61,10 @@ class GraceEvaluator:
 
   def __init__(self, config, tok, dcfg, records, *, mesh=None):
     e, d = config.eval, config.data
-    test = [r for r in records if r["split"] == "test"]
+    # records=None: the rationale encoder alone (`encode_fn`, e.g. for MTEB), no pydoc test set.
+    test = [r for r in records or () if r["split"] == "test"]
     test = test[: e.max_docs] if e.max_docs else test
-    if not test:
+    if records is not None and not test:
       raise ValueError("GraceEvaluator: no test-split documents (data.modules too few?)")
     if e.rationale not in RATIONALE_MODES:
       raise ValueError(f"eval.rationale={e.rationale!r}: use one of {RATIONALE_MODES}")
