@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 from etils import epath
@@ -114,7 +113,7 @@ def load_beir(directory: str | os.PathLike, *, split: str = "test"):
   the split without any relevant document are dropped (`queries_without_relevant`); qrels rows
   naming unknown ids (`qrels_unknown_id`) or unparsable (`qrels_malformed`) are skipped.
   """
-  directory = Path(directory)
+  directory = epath.Path(os.fspath(directory))
   stats = Counter(dict.fromkeys(_BEIR_STATS.split(), 0))
   docs: dict[str, str] = {}
   for _, row in read_jsonl(directory / "corpus.jsonl", stats=stats):
@@ -129,7 +128,7 @@ def load_beir(directory: str | os.PathLike, *, split: str = "test"):
       continue
     queries[str(row["_id"])] = row["text"]
   qrels: dict[str, set[str]] = {}
-  with open(directory / "qrels" / f"{split}.tsv", encoding="utf-8") as f:
+  with (directory / "qrels" / f"{split}.tsv").open("r", encoding="utf-8") as f:
     for i, line in enumerate(f):
       parts = line.rstrip("\n").split("\t")
       if i == 0 and parts[0] == "query-id":

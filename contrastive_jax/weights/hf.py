@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from etils import epath
 
+from contrastive_jax.io import input_path, local_copy
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -25,8 +27,8 @@ class WeightsError(ValueError):
   """A model directory or file that cannot be used; the message names the file and the problem."""
 
 
-def _require_dir(path: str | os.PathLike) -> Path:
-  path = Path(path)
+def _require_dir(path: str | os.PathLike) -> epath.Path:
+  path = input_path(path)
   if not path.is_dir():
     raise WeightsError(f"{path}: not a model directory (expected config.json and *.safetensors)")
   return path
@@ -43,7 +45,7 @@ def load_config(path: str | os.PathLike) -> dict:
     raise WeightsError(f"{file}: not valid JSON ({e})") from e
 
 
-def safetensors_files(path: str | os.PathLike) -> list[Path]:
+def safetensors_files(path: str | os.PathLike) -> list[epath.Path]:
   """The safetensors files of a directory: the shards named by the index, or model.safetensors."""
   path = _require_dir(path)
   index = path / SAFETENSORS_INDEX
@@ -72,7 +74,8 @@ def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   out: dict[str, np.ndarray] = {}
   for file in safetensors_files(path):
     try:
-      with safe_open(str(file), framework="flax") as f:
+      # safetensors memory-maps a local file: a gs:// shard is copied to this host once.
+      with safe_open(local_copy(os.fspath(file)), framework="flax") as f:
         for name in f.keys():
           x = np.asarray(f.get_tensor(name))
           out[name] = (
@@ -212,4 +215,5 @@ def load_tokenizer(path: str | os.PathLike):
   path = _require_dir(path)
   if not (path / "tokenizer.json").is_file() and not (path / "vocab.txt").is_file():
     raise WeightsError(f"{path}: no tokenizer.json or vocab.txt")
-  return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+  local = local_copy(os.fspath(path), only=TOKENIZER_FILES + ("config.json",))
+  return AutoTokenizer.from_pretrained(local, local_files_only=True)
