@@ -77,9 +77,9 @@ def test_grader_in_a_thread_equals_grade_in_the_main_thread(grader):
 
 
 def test_grader_bounds_a_pathological_answer():
-  # The alarm (30 s) is longer than the hard deadline (2 s): the worker stuck in 9^(9^(9^9)) is
-  # killed, its answer scores 0, and a fresh worker grades the next batch.
-  g = MathGrader(workers=1, timeout=30, hard_timeout=2)
+  # The alarm (60 s) is longer than the hard deadline (4 s): the worker stuck in 9^(9^(9^9)) is
+  # killed, its answer scores 0, and a fresh worker grades the rest.
+  g = MathGrader(workers=1, timeout=60, hard_timeout=4)
   try:
     scores = g(["\\boxed{9^{9^{9^{9}}}}", "\\boxed{5}"], ["5", "5"])
     assert scores.tolist() == [0.0, 1.0] and g.timeouts == 1

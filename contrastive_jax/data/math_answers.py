@@ -173,6 +173,8 @@ def _worker(conn, extraction: str, timeout: int) -> None:
   """A grading process: (completion, gold) in, score out, in its own main thread (so the
   library's alarm works)."""
   logging.getLogger("math_verify").setLevel(logging.ERROR)  # timeouts are counted by the parent
+  _grade("\\boxed{1}", "1", extraction, timeout)  # imports SymPy and the parser
+  conn.send("ready")  # start-up is not charged to the first answer's deadline
   while True:
     try:
       item = conn.recv()
@@ -187,6 +189,9 @@ def _worker(conn, extraction: str, timeout: int) -> None:
     conn.send(score)
 
 
+_STARTUP_SECONDS = 300  # a spawned worker imports SymPy and math_verify before its first answer
+
+
 class MathGrader:
   """`grade` over a batch in worker processes, bounded per answer, callable from any thread.
 
@@ -194,7 +199,8 @@ class MathGrader:
   comparison) runs in the worker's main thread, and a worker that has not answered after
   `hard_timeout` seconds (an evaluation stuck in C, which no alarm interrupts) is killed, its
   answer scored 0 and replaced by a fresh worker. Workers start on the first call ("spawn":
-  no fork of a process that runs JAX's threads) and stop at `close()` or exit.
+  no fork of a process that runs JAX's threads; their imports are not charged to any answer's
+  deadline) and stop at `close()` or exit.
 
   Args:
     extraction: "boxed" | "open_r1" | "any" (module docstring).
@@ -226,6 +232,14 @@ class MathGrader:
     proc.start()
     child.close()
     self._procs[i] = (proc, parent)
+    try:
+      ready = parent.poll(_STARTUP_SECONDS) and parent.recv() == "ready"
+    except EOFError:
+      ready = False
+    if not ready:
+      self._kill(i)
+      raise RuntimeError(f"math grader: worker {i} did not start within {_STARTUP_SECONDS} s "
+                         f"(importing math_verify)")
 
   def _kill(self, i: int) -> None:
     proc, conn = self._procs[i]

@@ -129,7 +129,9 @@ def export(params, model_config, source, out_dir, *, tokenizer=None, stop_ids=()
   if isinstance(model_config, DecoderConfig):
     files["generation_config.json"] = _json(_generation_config(source, model_config, stop_ids))
   else:
+    # XLM-R's position table starts after its padding index (2 of 514 positions unused).
+    offset = 2 if model_config.model_type == "xlm-roberta" else 0
     files |= _sentence_transformers_files(
       model_config, pooling=pooling, normalize=normalize,
-      max_seq_length=max_seq_length or model_config.max_position_embeddings)
+      max_seq_length=max_seq_length or model_config.max_position_embeddings - offset)
   hf.write_model_dir(out_dir, files)
