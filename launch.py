@@ -40,7 +40,12 @@ import os
 import sys
 import traceback
 
-from absl import app, flags, logging
+# No network at run time: the Hugging Face hub and `datasets` (MTEB's data) read the local cache
+# only; set before anything imports them, since both read these at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags
 
 from contrastive_jax import hosts
