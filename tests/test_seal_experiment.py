@@ -11,7 +11,7 @@ import plot_checks
 import pytest
 
 from configs.seal import get_config
-from contrastive_jax.data import offline_docs, structdoc
+from contrastive_jax.data import html_views, offline_docs, structdoc
 from contrastive_jax.data.jsonl import DataError
 from contrastive_jax.data.seal_batches import SealBatches, tokenize_chunks
 from contrastive_jax.evaluation.retrieval import retrieval_metrics
@@ -229,7 +229,7 @@ def test_pydoc_pairs_have_no_verbatim_query_in_the_document():
     query == "JSON (JavaScript Object Notation) <https://json.org> is a subset of JavaScript "
     "syntax (ECMA-262 3rd edition) used as a lightweight data interchange format."
   )
-  text = structdoc.tag_stripped_view(page)
+  text = html_views.tag_stripped_view(page)
   assert query not in text and "lightweight data interchange" not in text
   assert "exposes an API familiar to users of the standard library" in text  # the rest stays
   assert "file:" not in page and "href" not in page and len(page) <= 3000
