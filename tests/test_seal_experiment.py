@@ -11,7 +11,7 @@ import plot_checks
 import pytest
 
 from configs.seal import get_config
-from contrastive_jax.data import html_views, offline_docs, structdoc
+from contrastive_jax.data import html_views, offline_docs
 from contrastive_jax.data.jsonl import DataError
 from contrastive_jax.data.seal_batches import SealBatches, tokenize_chunks
 from contrastive_jax.evaluation.retrieval import retrieval_metrics
