@@ -40,7 +40,12 @@ import os
 import sys
 import traceback
 
-from absl import app, flags, logging
+# No network at run time: the Hugging Face hub and `datasets` (MTEB's data) read the local cache
+# only; set before anything imports them, since both read these at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags
 
 from contrastive_jax import hosts
@@ -50,8 +55,11 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "FILE:PRESET of an ml_collections config.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and run info.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "preflight"],
-                  "Train (or resume), evaluate, or preflight (AOT fit check for --topology).")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "preflight", "export"],
+                  "Train (or resume), evaluate, preflight (AOT fit check for --topology), or "
+                  "export a checkpoint (--step) as a Hugging Face directory.")
+flags.DEFINE_string("export_dir", None, "With --mode export: the directory to write (default "
+                    "<workdir>/export/step_<N>; gs:// works where epath's driver is installed).")
 flags.DEFINE_string("topology", None, "With --mode preflight: v5p-8, v5litepod-16, cpu:8, h200:8.")
 flags.DEFINE_list("pieces", None, "With --mode preflight: compile only these pieces.")
 flags.DEFINE_string("step", None, "With --mode eval: a step number, 'latest' (default) or "
@@ -72,6 +80,8 @@ EXIT_STATUS = {
   "MeshError": 8,
   "ClusterError": 9,
   "PreflightError": 10,
+  "ExportError": 2,  # --mode export of an experiment without a Hugging Face format
+  "MtebMissingError": 2,  # eval.mteb_tasks without the [mteb] extra
 }
 TRACEBACK_ENV = "CJ_TRACEBACK"
 
@@ -115,7 +125,7 @@ def main(argv, run: dict):
 
   import experiments
   from configs.common import ConfigError, validate_config
-  from contrastive_jax.train import evaluate, loop
+  from contrastive_jax.train import evaluate, export, loop
   from contrastive_jax.train import workdir as workdir_lib
   from contrastive_jax.train.state import parse_step
 
@@ -134,8 +144,10 @@ def main(argv, run: dict):
   error = None
   try:
     workdir_lib.check(config, workdir, resuming=training)
-    if FLAGS.mode == "eval" and config.eval.params != "base" and not workdir.is_dir():
-      raise workdir_lib.WorkdirError(f"{workdir}: no such workdir to evaluate")
+    if FLAGS.mode in ("eval", "export") and config.eval.params != "base" and (
+      not workdir.is_dir()
+    ):
+      raise workdir_lib.WorkdirError(f"{workdir}: no such workdir to {FLAGS.mode}")
   except (workdir_lib.WorkdirError, ConfigError) as e:
     error = e
   # Every process reads the same files, but a host that sees other storage (a local disk) would
@@ -150,11 +162,14 @@ def main(argv, run: dict):
   hosts.agree(error, what="inputs")
   if training:
     loop.train(config, str(workdir), experiment)  # it records the launch once restored
-  else:
-    try:
+    return
+  try:
+    if FLAGS.mode == "export":
+      export.export(config, str(workdir), experiment, parse_step(FLAGS.step), FLAGS.export_dir)
+    else:
       evaluate.evaluate(config, str(workdir), experiment, parse_step(FLAGS.step))
-    except FileNotFoundError as e:  # no checkpoint (at that step), or a missing input file
-      raise workdir_lib.WorkdirError(str(e)) from e
+  except FileNotFoundError as e:  # no checkpoint (at that step), or a missing input file
+    raise workdir_lib.WorkdirError(str(e)) from e
 
 
 def _fail(message: str, status: int = EXIT_STATUS["ConfigError"]):

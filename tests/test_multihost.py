@@ -14,7 +14,7 @@ import os
 import signal
 import time
 
-import multiprocess as mp
+import multiprocess_runs as mp
 import numpy as np
 import pytest
 
