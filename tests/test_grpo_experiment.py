@@ -83,6 +83,7 @@ def test_grpo_raises_reward_and_evaluates_as_in_loop(tmp_path):
   c = _config(4)
   c.eval.update(benchmarks="math500,aime24", benchmark_dir=str(bench))
   c.task.update(extraction="any", grader_workers=1)
+  c.eval.params = "raw"  # the trained policy, whose first "7"s make some golds right
   result = runs.evaluate(c, workdir)
   for name, problems in (("math500", 3), ("aime24", 2)):
     with open(os.path.join(workdir, "eval", f"{name}_4.jsonl")) as f:
@@ -105,7 +106,7 @@ def test_grpo_raises_reward_and_evaluates_as_in_loop(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"step 3.*\[2, 4\]"):
     runs.export(c, workdir, step=3)
   assert not os.path.exists(os.path.join(workdir, "export"))
-  out = runs.export(c, workdir, step=4)  # eval.params "ema": the EMA parameters
+  out = runs.export(c, workdir, step=4)  # eval.params "raw": the optimised parameters
   assert out == os.path.join(workdir, "export", "step_4")
   torch = pytest.importorskip("torch")
   from transformers import AutoModelForCausalLM
@@ -113,7 +114,7 @@ def test_grpo_raises_reward_and_evaluates_as_in_loop(tmp_path):
   state, _ = runs.restore(c, workdir)
   ids = np.array([[1, 5, 9, 2, 7]])
   lm = policy_setup.decoder_config(c, policy_setup.make_codec(c))
-  ours = Decoder(lm).apply(state.ema_params, ids, np.arange(5)[None], np.ones_like(ids))["logits"]
+  ours = Decoder(lm).apply(state.params, ids, np.arange(5)[None], np.ones_like(ids))["logits"]
   model = AutoModelForCausalLM.from_pretrained(out).eval()
   with torch.no_grad():
     theirs = model(input_ids=torch.tensor(ids)).logits.numpy()
