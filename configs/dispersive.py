@@ -117,6 +117,20 @@ def get_config(preset: str = "cpu"):
     tfds_name="imagenet_latents/256",
     data_dir="",
     split="train",
+    # imagenet_latents: the latent each step sees. "posterior" = a fresh z = mean + std * eps
+    # of the stored posterior (DiT/SiT/REPA: vae.encode(x).latent_dist.sample() every step);
+    # "mean" = the posterior mean. data.flip: a random horizontal flip per example and step
+    # (DiT/SiT's RandomHorizontalFlip), read from the flip's own stored moments.
+    latent_sampling="posterior",
+    flip=True,
+  )
+  # SD-VAE (diffusers AutoencoderKL directory, e.g. stabilityai/sd-vae-ft-ema): decodes samples
+  # for FID and grids; a latents dataset must have been built with the same weights and scale.
+  c.vae = dict(
+    path="",
+    scaling_factor=0.18215,  # model input = (z - shift_factor) * scaling_factor (DiT/SiT)
+    shift_factor=0.0,
+    dtype="float32",  # decode compute dtype: "float32" | "bfloat16"
   )
   c.eval = dict(
     num_samples=1000,
@@ -135,6 +149,14 @@ def get_config(preset: str = "cpu"):
     decoder="",  # "" (images are pixels) or "module:function" mapping latents to [-1, 1] images
     inception_weights="",  # inception_v3: pytorch-fid's .pth (or .safetensors / .npz, same keys)
     reference_stats="",  # inception_v3: npz with the reference set's pool3 "mu", "sigma"
+    # inception_v3: ADM's reference batch (VIRTUAL_imagenet256_labeled.npz: arr_0, mu, sigma,
+    # mu_s, sigma_s): FID, sFID, Inception Score, precision/recall (instead of reference_stats).
+    reference_batch="",
+    precision_recall=True,  # with reference_batch: k = 3 manifolds of pool3 (ADM)
+    fdd_encoder_dir="",  # a DINOv2 HF directory: adds FDD (DINOv2 CLS features) vs the batch
+    # "balanced": labels 0, 1, .., C-1, 0, .. (N / C per class; N must divide) | "uniform": at
+    # random per batch, DiT/SiT's sample_ddp.py (the ImageNet presets)
+    class_sampling="balanced",
   )
   c.train.update(steps=6000, batch_size=64, log_every=100, eval_every=3000, checkpoint_every=1000)
   c.optim.update(
@@ -183,6 +205,7 @@ def get_config(preset: str = "cpu"):
       cfg_channels=3,  # as DiT/SiT's forward_with_cfg, so FID at cfg > 1 compares with theirs
       grid_rows=1,
       feature_network="inception_v3",
+      class_sampling="uniform",
     )
 
   def sit_b2_imagenet(c):
