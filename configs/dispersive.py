@@ -47,13 +47,16 @@ At CPU scale REPA's encoder is a stand-in, this project's digits classifier trai
 
 ImageNet presets hold the paper's settings (SD-VAE latents 32x32x4 read with TFDS, AdamW 1e-4,
 wd 0, batch 256, EMA 0.9999, 400K steps); they need `data.data_dir` with the latents built by
-`python -m contrastive_jax.data.imagenet_latents` (an encoder the user supplies) and, for
-sample grids and FID, a decoder the user supplies (`eval.decoder="module:function"`). Their
-`eval.feature_network` is "inception_v3" (FID proper, contrastive_jax/evaluation/inception_fid.py):
-set `eval.inception_weights` to pytorch-fid's pt_inception-2015-12-05-6726825d.pth and
-`eval.reference_stats` to the reference npz (mu, sigma; ADM's VIRTUAL_imagenet256_labeled.npz),
-both files the user has, or `--config.eval.feature_network=none`; left "", the run stops with
-an error naming the key before training. The paper's FID-50K is `--config.eval.num_samples=50000`.
+`python -m contrastive_jax.data.imagenet_latents --vae SD_VAE_DIR` (posterior moments of each
+crop and its flip; `--dinov2 DIR` adds REPA's targets), drawn per step as DiT/SiT do
+(`data.latent_sampling="posterior"`, `data.flip=True`), and `vae.path` (the same SD-VAE) to
+decode samples. Their `eval.feature_network` is "inception_v3": FID-50K streamed with ADM's
+suite (contrastive_jax/evaluation/fid_stream.py): set `eval.inception_weights` to pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth and `eval.reference_batch` to ADM's
+VIRTUAL_imagenet256_labeled.npz (FID, sFID, IS, precision/recall), or
+`--config.eval.feature_network=none`; left "", the run stops with an error naming the key before
+training. The paper's FID-50K is `--config.eval.num_samples=50000` (README: "ImageNet from
+scratch").
 """
 
 from configs.common import base_config, select_preset
@@ -243,6 +246,7 @@ def get_config(preset: str = "cpu"):
     imagenet(c, size)
     c.loss.weight = 0.0
     c.repa.update(weight=0.5, block=block, encoder="dinov2", encoder_dim=768, image_size=224)
+    c.data.tfds_name = "imagenet_latents/256_dinov2"  # built with --dinov2: stored targets
 
   def sit_b2_imagenet_repa(c):
     imagenet_repa(c, "B/2", 3)  # REPA code: --encoder-depth=4 for SiT-B

@@ -229,8 +229,11 @@ def loss_fn(params, batch, rng, *, model, config, mesh=None, encode=None):
   """
   disp_blocks = dispersive_blocks(config.loss.blocks, config.model.depth)
   repa = uses_repa(config)
-  if repa and encode is None:
-    raise ValueError("repa.weight > 0 needs the frozen encoder: pass encode=repa_encoder(...)[0]")
+  if repa and encode is None and "repa_target" not in batch:
+    raise ValueError(
+      "repa.weight > 0 needs the frozen encoder (encode=repa_encoder(...)[0]) or stored "
+      "features in batch['repa_target'] (imagenet_latents built with --dinov2)"
+    )
   blocks = tuple(sorted(set(disp_blocks) | ({int(config.repa.block)} if repa else set())))
   diffusion, acts, extra = _objective(params, batch, rng, model=model, config=config, blocks=blocks)
   disp_acts = {k: acts[k] for k in disp_blocks}
@@ -246,7 +249,8 @@ def loss_fn(params, batch, rng, *, model, config, mesh=None, encode=None):
   }
   if repa:
     z = model.apply(params, acts[int(config.repa.block)], method=WithProjector.project)
-    align, rm = repa_loss(z, jax.lax.stop_gradient(encode(batch["image"])))
+    target = batch["repa_target"] if "repa_target" in batch else encode(batch["image"])
+    align, rm = repa_loss(z, jax.lax.stop_gradient(target))
     loss = loss + float(config.repa.weight) * align
     metrics.update(repa_loss=align, repa_cosine=rm["cosine"])
   return loss, {**metrics, **extra}
@@ -288,7 +292,9 @@ def _data(config):
   if config.data.name == "imagenet_latents":
     from contrastive_jax.data.imagenet_latents import latent_batches
 
-    return latent_batches(config.data, batch_size=config.train.batch_size, seed=config.seed)
+    return latent_batches(
+      config.data, batch_size=config.train.batch_size, seed=config.seed, vae_cfg=config.vae
+    )
   raise ValueError(f"data.name={config.data.name!r} is not 'digits' or 'imagenet_latents'")
 
 
@@ -300,7 +306,7 @@ def make_train_step(config, model, mesh, schedule, *, workdir=None):
   if uses_repa(config):
     from experiments.repa_setup import repa_encoder
 
-    encode, name = repa_encoder(config, workdir)
+    encode, name = repa_encoder(config, workdir)  # None on stored features: the step never decodes
     print(f"REPA: lambda {config.repa.weight}, block {config.repa.block}, encoder {name}")
   return step_lib.make_train_step(
     functools.partial(loss_fn, model=model, config=config, mesh=mesh, encode=encode),
@@ -362,9 +368,12 @@ def preflight_pieces(config, mesh):
   m, b = config.model, config.train.batch_size
   image = (m.input_size, m.input_size, m.in_channels)
   init_state = init_fn(config, tx, model)
+  batch = {"image": ((b, *image), jnp.float32), "label": ((b,), jnp.int32)}
+  if uses_repa(config) and config.data.name == "imagenet_latents":  # stored DINOv2 targets
+    grid = (config.repa.image_size // 14) ** 2
+    batch["repa_target"] = ((b, grid, config.repa.encoder_dim), jnp.float32)
   step = preflight.train_step_piece(
-    make_train_step(config, model, mesh, schedule), init_state, mesh, config,
-    {"image": ((b, *image), jnp.float32), "label": ((b,), jnp.int32)},
+    make_train_step(config, model, mesh, schedule), init_state, mesh, config, batch
   )
   state = preflight.abstract_state(init_state, mesh, config)
   params = state.ema_params if _uses_ema(config) else state.params
