@@ -100,3 +100,38 @@ def write_reference_batch(path, *, num_images=24, side=32, spatial_dim=63, seed=
 def dump(path, obj):
   with open(path, "w") as f:
     json.dump(obj, f)
+
+
+GENERATE = {"num_samples": 24, "batch_size": 8, "seed": 3}
+
+
+def eval_config(vae_dir, inception_weights, reference_batch, **eval_overrides):
+  """A one-block latent SiT on 8 x 8 x 4 latents, decoded by the reduced VAE to 64 px, FID'd by
+  a 75-px Inception against an ADM-format reference batch: 24 samples in 3 batches of 8."""
+  from configs.dispersive import get_config
+
+  c = get_config("test")
+  c.model.update(input_size=8, in_channels=4, depth=1, hidden_size=16, num_heads=2)
+  c.eval.update(
+    feature_network="inception_v3", sampler="ode_euler", steps=2, cfg_scale=1.0,
+    class_sampling="uniform", inception_weights=inception_weights,
+    reference_batch=reference_batch, grid_rows=1, **GENERATE,
+  )  # fmt: skip
+  c.eval.update(eval_overrides)
+  c.vae.update(path=vae_dir)
+  return c
+
+
+def model_params(model, in_channels=4, side=8):
+  """Initial parameters, every weight perturbed so the samples depend on the network."""
+  import flax.linen as nn
+  import jax
+
+  x = np.zeros((1, side, side, in_channels), np.float32)
+  params = nn.meta.unbox(
+    model.init(jax.random.PRNGKey(0), x, np.zeros((1,)), np.zeros((1,), np.int32), train=False)
+  )
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  leaves = [np.asarray(p + 0.05 * jax.random.normal(k, p.shape)) for p, k in zip(leaves, keys)]
+  return jax.tree.unflatten(tree, leaves)

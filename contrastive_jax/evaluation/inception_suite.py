@@ -27,7 +27,7 @@ def spatial_dim(inception: InceptionV3) -> int:
   """Length of the sFID feature at this network's input size (2023 at 299 px)."""
   x = jax.ShapeDtypeStruct((1, inception.image_size, inception.image_size, 3), jnp.float32)
   params = jax.eval_shape(inception.init, jax.random.PRNGKey(0), x)
-  return jax.eval_shape(lambda p: inception.apply(p, x, spatial=True)[2], params).shape[1]
+  return jax.eval_shape(lambda p, x: inception.apply(p, x, spatial=True)[2], params, x).shape[1]
 
 
 class InceptionSuite:
