@@ -1,0 +1,86 @@
+"""Preflight pieces of the streamed FID-50K evaluation (`evaluation/fid_stream.py`), and its
+projected wall time on the target: what an evaluation costs before renting the pod.
+
+Two pieces, because XLA counts a sampler's loop body once: `fid_eval/model_call` (one guided
+network evaluation on the eval batch: CFG doubles the rows) runs N / B x NFE times, and
+`fid_eval/decode_inception` (SD-VAE decode, uint8 quantisation, Inception-v3 with the sFID map)
+N / B times. `fid_eval_seconds(records, config)` turns their roofline times into the wall time.
+The VAE is SD-VAE's architecture (`VAEConfig()`); no weight is read.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from contrastive_jax.evaluation import fid_stream
+from contrastive_jax.models.inception import InceptionV3
+from contrastive_jax.models.vae import AutoencoderKL, VAEConfig
+from contrastive_jax.sharding import batch_sharding, round_to_batch_devices
+from contrastive_jax.train.preflight import Piece, abstract
+
+NFE = {"ode_euler": lambda s: s, "ode_heun": lambda s: 2 * s - 1, "sde": lambda s: s,
+       "ddpm": lambda s: s, "ddim": lambda s: s, "meanflow": lambda s: s}  # fmt: skip
+
+
+def _abstract_params(module, mesh, *args, **kw):
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *args, **kw)
+  rep = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: abstract(x.shape, x.dtype, rep), shapes)
+
+
+def fid_eval_pieces(config, mesh, model, params) -> dict[str, Piece]:
+  """{"fid_eval/model_call", "fid_eval/decode_inception"}: `params` are the abstract model
+  parameters the sampler sees (EMA or raw); shapes from `config.eval` and `config.model`."""
+  ec, m = config.eval, config.model
+  rows = round_to_batch_devices(ec.batch_size, mesh)
+  n_batches = ec.num_samples // ec.batch_size
+  guided = 2 if float(ec.cfg_scale) != 1.0 else 1
+  side, c = m.input_size, m.in_channels
+  x = abstract((guided * rows, side, side, c), jnp.float32, batch_sharding(mesh, 4))
+  t = abstract((guided * rows,), jnp.float32, batch_sharding(mesh, 1))
+  y = abstract((guided * rows,), jnp.int32, batch_sharding(mesh, 1))
+
+  def model_call(params, x, t, y):
+    return model.apply(params, x, t, y, train=False)[0]
+
+  nfe = NFE[ec.sampler](int(ec.steps))
+  vae, inception = AutoencoderKL(VAEConfig()), InceptionV3()
+  f = VAEConfig().downsample_factor
+  net_params = {
+    "decoder": _abstract_params(vae, mesh, jnp.zeros((1, f, f, 3))),
+    "inception": _abstract_params(inception, mesh, jnp.zeros((1, 75, 75, 3))),
+  }
+  nets = fid_stream.FeatureNets(
+    lambda p, z: vae.apply(p, z / float(config.vae.scaling_factor), method=AutoencoderKL.decode),
+    inception,
+  )
+  latents = abstract((rows, side, side, c), jnp.float32, batch_sharding(mesh, 4))
+
+  def decode_inception(net_params, latents):
+    images = nets.decode(net_params["decoder"], latents)
+    return fid_stream.image_features(nets, net_params, images)
+
+  return {
+    "fid_eval/model_call": Piece(
+      model_call, (params, x, t, y), per_step=0.0,
+      note=f"x {n_batches * nfe} calls per FID-{ec.num_samples} ({ec.sampler}, {nfe} NFE)",
+    ),
+    "fid_eval/decode_inception": Piece(
+      decode_inception, (net_params, latents), per_step=0.0,
+      note=f"x {n_batches} calls per FID-{ec.num_samples}",
+    ),
+  }  # fmt: skip
+
+
+def fid_eval_seconds(records: dict, config) -> float | None:
+  """Projected wall seconds of one FID evaluation from the two pieces' roofline times."""
+  ec = config.eval
+  n_batches = ec.num_samples // ec.batch_size
+  call = records.get("fid_eval/model_call", {}).get("roofline_seconds")
+  rest = records.get("fid_eval/decode_inception", {}).get("roofline_seconds")
+  if call is None or rest is None:
+    return None
+  return n_batches * (NFE[ec.sampler](int(ec.steps)) * call + rest)
