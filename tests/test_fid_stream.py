@@ -199,3 +199,27 @@ def test_protocols_that_cannot_run_are_refused_before_sampling(paths, tmp_path):
     generative.SampleEvaluator(c, str(tmp_path), make_model(c), step_of=lambda: 0, ema=False,
                                inception=SMALL)  # fmt: skip
   assert not (tmp_path / "eval").exists()  # refused before anything was written
+
+
+def test_fid_eval_pieces_compile_and_project_the_evaluation(paths):
+  from contrastive_jax.models.vae import VAEConfig
+  from contrastive_jax.sharding import make_mesh
+  from contrastive_jax.train import fid_pieces, preflight
+
+  config = inputs.eval_config(paths["vae"], paths["inception"], paths["reference"],
+                              sampler="ode_heun", steps=3, cfg_scale=1.5)  # fmt: skip
+  target = preflight.resolve_target("h100:8")  # CPU-compiled, held against an H100's roofline
+  mesh = make_mesh({"data": -1}, target.devices)
+  model = make_model(config)
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = jax.tree.map(lambda x: preflight.abstract(x.shape, x.dtype, rep),
+                        inputs.model_params(model))  # fmt: skip
+  vae = VAEConfig(**{k: v for k, v in inputs.VAE.items() if "block_types" not in k})
+  pieces = fid_pieces.fid_eval_pieces(config, mesh, model, params, vae_config=vae, inception=SMALL)
+  records = preflight.analyse(pieces, target, log=lambda *_: None)
+  call, rest = records["fid_eval/model_call"], records["fid_eval/decode_inception"]
+  assert call["fits"] and rest["fits"] and call["flops"] > 0 and rest["flops"] > call["flops"]
+  # 24 samples in batches of 8 = 3 batches; Heun with 3 steps = 5 network evaluations each.
+  want = 3 * (5 * call["roofline_seconds"] + rest["roofline_seconds"])
+  assert fid_pieces.fid_eval_seconds(records, config) == pytest.approx(want, rel=1e-12)
+  assert "x 15 calls per FID-24" in call["note"]

@@ -9,22 +9,21 @@ number of steps and guidance scale, then:
   * with `eval.feature_network="digits_classifier"`, computes "FD-digits", the Frechet distance
     between classifier features of the samples and of the held-out digits test split, and the
     classifier's accuracy on the samples' conditioning labels and on the real test split;
-  * with `eval.feature_network="inception_v3"`, computes "fid": FID proper, pytorch-fid's
-    Inception-v3 (weights file `eval.inception_weights`, which the user supplies) pool3 features
-    of the samples (quantised to uint8, grayscale repeated to RGB, resized to 299; see
-    `inception_fid.py`) against the reference statistics `eval.reference_stats` (an npz with
-    `mu`, `sigma`: pytorch-fid's format, or ADM's `VIRTUAL_imagenet256_labeled.npz`). The
-    samples' own `mu`/`sigma` go to `eval/inception_stats_<step>.npz` in the same format.
-    N is `eval.num_samples` (FID-50K needs 50_000). Real-image statistics are not computed
-    here: the ImageNet pipeline holds latents, not the real images a reference comes from.
+  * with `eval.feature_network="inception_v3"`, streams the samples batch by batch through the
+    decoder and pytorch-fid's Inception-v3 (`inception_suite.py`, `fid_stream.py`): FID, and
+    against ADM's reference batch (`eval.reference_batch`) sFID, Inception Score and
+    precision/recall (FDD with `eval.fdd_encoder_dir`); no sample outlives its batch on the
+    host. The samples' own statistics go to `eval/inception_stats_<step>.npz` (pytorch-fid's
+    `mu`/`sigma`, plus `mu_s`/`sigma_s`). N is `eval.num_samples` (FID-50K needs 50_000).
   * writes `eval/eval_<step>.json` naming the feature network, N, sampler, steps and guidance
     scale beside every figure, and the file its "features" entry names
     (`eval/features_<step>.npz` with both feature sets, or the FID statistics above), from which
     the figure can be recomputed.
 
-Latent models need a decoder the user supplies (`eval.decoder="module:function"`, latents
-[N, h, w, c] -> images [N, H, W, 3] in [-1, 1]); this codebase has no VAE. Settings that cannot
-work (missing weights or statistics, latents without a decoder) raise a ValueError naming the
+Latent models decode with the SD-VAE of `vae.path` (`weights/vae.py`, inside the jitted
+pipeline) or a host callable `eval.decoder="module:function"` (latents [N, h, w, c] -> images
+[N, H, W, 3] in [-1, 1]). Settings that cannot work (missing weights or reference, latents
+without a decoder, a protocol that cannot be class-balanced) raise a ValueError naming the
 config key and the file when the evaluator is built, before any training or sampling.
 """
 

@@ -31,9 +31,12 @@ def _abstract_params(module, mesh, *args, **kw):
   return jax.tree.map(lambda x: abstract(x.shape, x.dtype, rep), shapes)
 
 
-def fid_eval_pieces(config, mesh, model, params) -> dict[str, Piece]:
+def fid_eval_pieces(
+  config, mesh, model, params, *, vae_config: VAEConfig | None = None, inception=None
+) -> dict[str, Piece]:
   """{"fid_eval/model_call", "fid_eval/decode_inception"}: `params` are the abstract model
-  parameters the sampler sees (EMA or raw); shapes from `config.eval` and `config.model`."""
+  parameters the sampler sees (EMA or raw); shapes from `config.eval` and `config.model`.
+  `vae_config` (default SD-VAE's) and `inception` (default the 299-px network) for tests."""
   ec, m = config.eval, config.model
   rows = round_to_batch_devices(ec.batch_size, mesh)
   n_batches = ec.num_samples // ec.batch_size
@@ -47,8 +50,9 @@ def fid_eval_pieces(config, mesh, model, params) -> dict[str, Piece]:
     return model.apply(params, x, t, y, train=False)[0]
 
   nfe = NFE[ec.sampler](int(ec.steps))
-  vae, inception = AutoencoderKL(VAEConfig()), InceptionV3()
-  f = VAEConfig().downsample_factor
+  vae_config = vae_config or VAEConfig()
+  vae, inception = AutoencoderKL(vae_config), inception or InceptionV3()
+  f = vae_config.downsample_factor
   net_params = {
     "decoder": _abstract_params(vae, mesh, jnp.zeros((1, f, f, 3))),
     "inception": _abstract_params(inception, mesh, jnp.zeros((1, 75, 75, 3))),
