@@ -392,4 +392,9 @@ def preflight_pieces(config, mesh):
   sampler = preflight.Piece(
     sample, args, per_step=0.0, note=f"{config.eval.sampler}, {config.eval.steps} steps"
   )
-  return {"train_step": step, "sampler": sampler}
+  pieces = {"train_step": step, "sampler": sampler}
+  if config.eval.feature_network == "inception_v3":  # FID-N's projected wall time
+    from contrastive_jax.train.fid_pieces import fid_eval_pieces
+
+    pieces.update(fid_eval_pieces(config, mesh, model, params))
+  return pieces

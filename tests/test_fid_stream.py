@@ -221,5 +221,6 @@ def test_fid_eval_pieces_compile_and_project_the_evaluation(paths):
   assert call["fits"] and rest["fits"] and call["flops"] > 0 and rest["flops"] > call["flops"]
   # 24 samples in batches of 8 = 3 batches; Heun with 3 steps = 5 network evaluations each.
   want = 3 * (5 * call["roofline_seconds"] + rest["roofline_seconds"])
-  assert fid_pieces.fid_eval_seconds(records, config) == pytest.approx(want, rel=1e-12)
+  assert fid_pieces.fid_eval_seconds(records) == pytest.approx(want, rel=1e-12)
+  assert preflight.evaluation_projection(records) == pytest.approx(want, rel=1e-12)
   assert "x 15 calls per FID-24" in call["note"]

@@ -10,25 +10,25 @@ The VAE is SD-VAE's architecture (`VAEConfig()`); no weight is read.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from contrastive_jax.evaluation import fid_stream
 from contrastive_jax.models.inception import InceptionV3
 from contrastive_jax.models.vae import AutoencoderKL, VAEConfig
-from contrastive_jax.sharding import batch_sharding, round_to_batch_devices
-from contrastive_jax.train.preflight import Piece, abstract
+from contrastive_jax.sharding import batch_sharding, logical_shardings, round_to_batch_devices
+from contrastive_jax.train.preflight import Piece, abstract, evaluation_projection
 
 NFE = {"ode_euler": lambda s: s, "ode_heun": lambda s: 2 * s - 1, "sde": lambda s: s,
        "ddpm": lambda s: s, "ddim": lambda s: s, "meanflow": lambda s: s}  # fmt: skip
 
 
 def _abstract_params(module, mesh, *args, **kw):
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *args, **kw)
-  rep = NamedSharding(mesh, P())
-  return jax.tree.map(lambda x: abstract(x.shape, x.dtype, rep), shapes)
+  """Abstract parameters placed by their logical names, as the evaluator places the real ones."""
+  boxed = jax.eval_shape(module.init, jax.random.PRNGKey(0), *args, **kw)
+  shardings = logical_shardings(boxed, mesh)
+  return jax.tree.map(lambda x, s: abstract(x.shape, x.dtype, s), nn.meta.unbox(boxed), shardings)
 
 
 def fid_eval_pieces(
@@ -69,22 +69,17 @@ def fid_eval_pieces(
 
   return {
     "fid_eval/model_call": Piece(
-      model_call, (params, x, t, y), per_step=0.0,
+      model_call, (params, x, t, y), per_step=0.0, eval_calls=n_batches * nfe,
       note=f"x {n_batches * nfe} calls per FID-{ec.num_samples} ({ec.sampler}, {nfe} NFE)",
     ),
     "fid_eval/decode_inception": Piece(
-      decode_inception, (net_params, latents), per_step=0.0,
+      decode_inception, (net_params, latents), per_step=0.0, eval_calls=n_batches,
       note=f"x {n_batches} calls per FID-{ec.num_samples}",
     ),
   }  # fmt: skip
 
 
-def fid_eval_seconds(records: dict, config) -> float | None:
-  """Projected wall seconds of one FID evaluation from the two pieces' roofline times."""
-  ec = config.eval
-  n_batches = ec.num_samples // ec.batch_size
-  call = records.get("fid_eval/model_call", {}).get("roofline_seconds")
-  rest = records.get("fid_eval/decode_inception", {}).get("roofline_seconds")
-  if call is None or rest is None:
-    return None
-  return n_batches * (NFE[ec.sampler](int(ec.steps)) * call + rest)
+def fid_eval_seconds(records: dict) -> float | None:
+  """Projected wall seconds of one FID evaluation: `preflight.evaluation_projection` of the two
+  pieces (what `--mode preflight` prints as "evaluation")."""
+  return evaluation_projection({k: r for k, r in records.items() if k.startswith("fid_eval/")})
