@@ -396,5 +396,11 @@ def preflight_pieces(config, mesh):
   if config.eval.feature_network == "inception_v3":  # FID-N's projected wall time
     from contrastive_jax.train.fid_pieces import fid_eval_pieces
 
-    pieces.update(fid_eval_pieces(config, mesh, model, params))
+    def backbone_at(depth):  # unscanned, without REPA's projector: what sampling runs
+      c = config.copy_and_resolve_references()
+      c.model.update(depth=depth, scan_layers=False)
+      c.repa.weight = 0.0
+      return make_model(c)
+
+    pieces.update(fid_eval_pieces(config, mesh, model, params, model_for_depth=backbone_at))
   return pieces

@@ -208,19 +208,40 @@ def test_fid_eval_pieces_compile_and_project_the_evaluation(paths):
 
   config = inputs.eval_config(paths["vae"], paths["inception"], paths["reference"],
                               sampler="ode_heun", steps=3, cfg_scale=1.5)  # fmt: skip
+  config.model.update(depth=3, scan_layers=True)  # XLA would count the scanned blocks once
   target = preflight.resolve_target("h100:8")  # CPU-compiled, held against an H100's roofline
   mesh = make_mesh({"data": -1}, target.devices)
   model = make_model(config)
+
+  def at_depth(d):
+    c = config.copy_and_resolve_references()
+    c.model.update(depth=d, scan_layers=False)
+    return make_model(c)
+
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   params = jax.tree.map(lambda x: preflight.abstract(x.shape, x.dtype, rep),
                         inputs.model_params(model))  # fmt: skip
   vae = VAEConfig(**{k: v for k, v in inputs.VAE.items() if "block_types" not in k})
-  pieces = fid_pieces.fid_eval_pieces(config, mesh, model, params, vae_config=vae, inception=SMALL)
+  pieces = fid_pieces.fid_eval_pieces(config, mesh, model, params, model_for_depth=at_depth,
+                                      vae_config=vae, inception=SMALL)  # fmt: skip
   records = preflight.analyse(pieces, target, log=lambda *_: None)
-  call, rest = records["fid_eval/model_call"], records["fid_eval/decode_inception"]
-  assert call["fits"] and rest["fits"] and call["flops"] > 0 and rest["flops"] > call["flops"]
-  # 24 samples in batches of 8 = 3 batches; Heun with 3 steps = 5 network evaluations each.
-  want = 3 * (5 * call["roofline_seconds"] + rest["roofline_seconds"])
+  # The extrapolation against the unrolled depth-3 call, compiled on its own.
+  c3, m3 = config.copy_and_resolve_references(), at_depth(3)
+  c3.model.scan_layers = False
+  zeros = (np.zeros((1, 8, 8, 4)), np.zeros((1,)), np.zeros((1,), np.int32))
+  p3 = fid_pieces._abstract_params(m3, mesh, *zeros, train=False)
+  full = fid_pieces.fid_eval_pieces(c3, mesh, m3, p3, vae_config=vae, inception=SMALL)
+  f3 = preflight.analyse({"m": full["fid_eval/model_call"]}, target, log=lambda *_: None)["m"]
+  one, two = records["fid_eval/model_call_depth1"], records["fid_eval/model_call_depth2"]
+  rest = records["fid_eval/decode_inception"]
+  assert all(r["fits"] for r in records.values()) and rest["flops"] > 0
+  assert records["fid_eval/model_call"]["eval_calls"] == 0  # scanned: memory only
+  # 24 samples in batches of 8 = 3 batches; Heun with 3 steps = 5 network evaluations each; the
+  # depth-3 call costs t1 + 2 (t2 - t1) = -t1 + 2 t2.
+  want = (
+    3 * 5 * (2 * two["roofline_seconds"] - one["roofline_seconds"]) + 3 * rest["roofline_seconds"]
+  )
   assert fid_pieces.fid_eval_seconds(records) == pytest.approx(want, rel=1e-12)
   assert preflight.evaluation_projection(records) == pytest.approx(want, rel=1e-12)
-  assert "x 15 calls per FID-24" in call["note"]
+  assert "weight -1 of 15 calls" in one["note"] and "weight 2 of 15 calls" in two["note"]
+  assert 2 * two["flops"] - one["flops"] == pytest.approx(f3["flops"], rel=0.02)
