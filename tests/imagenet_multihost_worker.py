@@ -33,7 +33,9 @@ def main(paths_file: str, out: str):
 
   # FID: one evaluation on the (data = 8) mesh over both processes.
   mesh = make_mesh({"data": -1})
-  config = inputs.eval_config(paths["vae"], paths["inception"], paths["reference"])
+  config = inputs.eval_config(
+    paths["vae"], paths["inception"], paths["reference"], fdd_encoder_dir=paths["dino"]
+  )
   model = make_model(config)
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   params = jax.tree.map(
@@ -47,7 +49,9 @@ def main(paths_file: str, out: str):
     "process": jax.process_index(),
     "devices": jax.device_count(),
     "written": written,
-    "metrics": {k: rec[k] for k in ("fid", "sfid", "inception_score", "precision", "recall")},
+    "metrics": {
+      k: rec[k] for k in ("fid", "sfid", "inception_score", "precision", "recall", "fdd")
+    },
     "checksum": float(np.abs(rec["fid"])),
   }
   inputs.dump(os.path.join(out, f"process_{jax.process_index()}.json"), seen)

@@ -20,6 +20,8 @@ from contrastive_jax.evaluation.adm import load_reference_batch
 from contrastive_jax.evaluation.fid import feature_statistics, frechet_distance
 from contrastive_jax.evaluation.fid_stream import ProtocolError
 from contrastive_jax.models.inception import InceptionV3
+from contrastive_jax.models.vit import DinoV2, dinov2_inputs
+from contrastive_jax.weights.dinov2 import load_dinov2
 from contrastive_jax.weights.inception import load_inception_params
 from contrastive_jax.weights.vae import load_autoencoder
 from experiments.dispersive import make_model
@@ -51,7 +53,9 @@ def paths(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def streamed(paths, mesh8):
-  config = inputs.eval_config(paths["vae"], paths["inception"], paths["reference"])
+  config = inputs.eval_config(
+    paths["vae"], paths["inception"], paths["reference"], fdd_encoder_dir=paths["dino"]
+  )
   model = make_model(config)
   params = inputs.model_params(model)
   evaluator = generative.SampleEvaluator(
@@ -84,7 +88,13 @@ def test_streamed_suite_equals_all_at_once(paths, streamed, mesh8):
     "inception_score": inception_score(logits, splits=10),
   }
   want["precision"], want["recall"] = precision_recall(real, pool3, k=3)
-  for key in ("fid", "sfid", "inception_score"):
+  # FDD: DINOv2's CLS token of the same quantised samples and of the reference images.
+  dparams, dcfg = load_dinov2(paths["dino"])
+  cls = jax.jit(lambda x: DinoV2(dcfg).apply(dparams, dinov2_inputs(x, size=224))[:, 0])
+  fake_d = np.asarray(cls(inception_fid.quantize_images(images)))
+  real_d = np.asarray(cls(np.concatenate(list(ref.images(100))) / 127.5 - 1.0))
+  want["fdd"] = frechet_distance(*feature_statistics(fake_d), *feature_statistics(real_d))
+  for key in ("fid", "sfid", "inception_score", "fdd"):
     assert rec[key] == pytest.approx(want[key], rel=1e-4), key
   assert 0 < want["precision"] < 1 or 0 < want["recall"] < 1
   assert abs(rec["precision"] - want["precision"]) <= 1 / 24 + 1e-9
@@ -146,6 +156,8 @@ import imagenet_inputs as inputs
 import jax
 from contrastive_jax.evaluation import generative
 from contrastive_jax.models.inception import InceptionV3
+from contrastive_jax.models.vit import DinoV2, dinov2_inputs
+from contrastive_jax.weights.dinov2 import load_dinov2
 from experiments.dispersive import make_model
 paths = json.load(open(sys.argv[1]))
 n = int(sys.argv[2])
