@@ -21,6 +21,8 @@ from contrastive_jax.callables import load_callable
 from contrastive_jax.evaluation import adm, fid_stream, inception_fid
 from contrastive_jax.io import eval_path, write_npz
 from contrastive_jax.models.inception import InceptionV3
+from contrastive_jax.weights.inception import WEIGHTS_FILE, load_inception_params
+from contrastive_jax.weights.vae import from_model_space, load_autoencoder, weights_sha256
 
 
 def spatial_dim(inception: InceptionV3) -> int:
@@ -34,8 +36,6 @@ class InceptionSuite:
   """FID-50K and ADM's suite for one config; every bad input raises before anything is sampled."""
 
   def __init__(self, config, mesh, *, inception: InceptionV3 | None = None):
-    from contrastive_jax.weights.inception import WEIGHTS_FILE, load_inception_params
-
     ec, m = config.eval, config.model
     self.config, self.mesh = config, mesh
     self.inception = inception or InceptionV3()
@@ -81,8 +81,6 @@ class InceptionSuite:
 
   def _decoder(self, config, mesh):
     """(record entry, traceable decode or None, host callable or None)."""
-    from contrastive_jax.weights.vae import from_model_space, load_autoencoder, weights_sha256
-
     ec, m, vc = config.eval, config.model, config.get("vae", None)
     path = vc.path if vc is not None else ""
     if path:
