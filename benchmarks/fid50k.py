@@ -19,6 +19,7 @@ The projection: 50000 / devices x (NFE / sample rate + 1 / decode rate + 1 / inc
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -47,7 +48,8 @@ def random_params(module, *args, seed=0, **kw):
   import jax
   import numpy as np
 
-  shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *args, **kw))
+  init = functools.partial(module.init, **kw)  # keywords static (train=False)
+  shapes = nn.meta.unbox(jax.eval_shape(init, jax.random.PRNGKey(0), *args))
   rng = np.random.default_rng(seed)
 
   def one(path, x):
