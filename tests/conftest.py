@@ -80,6 +80,8 @@ def tiny_bert_dir(tmp_path_factory):
 _SLOW_FIRST = (
   "test_multihost.py",
   "test_eval_multihost.py",
+  "test_fid_stream.py::test_two_processes",
+  "test_fid_stream.py::test_peak_host_memory",
   "test_seal_experiment.py::test_train_then_evaluate",
   "test_grace_experiment.py::test_grace_raises",
   "test_dispersive_experiment.py::test_train_then_evaluate",

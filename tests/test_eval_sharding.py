@@ -57,7 +57,7 @@ def test_sampler_inputs_and_outputs_are_batch_sharded(mesh8):
     model, model_cfg=c.model, eval_cfg=c.eval, path="linear", mesh=mesh8
   )
   sharding = generative.batch_sharding(mesh8, 4)
-  noise = generative._noise(jax.random.PRNGKey(0), shape=(16, 8, 8, 1), rows=16, sharding=sharding)
+  noise = generative.batch_noise(jax.random.PRNGKey(0), shape=(16, 8, 8, 1), rows=16, sharding=sharding)
   labels = generative.place(np.arange(16, dtype=np.int32) % 10, mesh8)
   out = sample(params, noise, jax.random.PRNGKey(1), labels)
   for x in (noise, labels, out):
