@@ -272,7 +272,7 @@ class SampleEvaluator:
       num_classes=m.num_classes,
       seed=ec.seed,
       mesh=self.mesh,
-      class_sampling=ec.get("class_sampling", "balanced"),
+      class_sampling=ec.class_sampling,
     )
     if self.decoder is not None:
       images = np.asarray(self.decoder(images))
@@ -296,7 +296,7 @@ class SampleEvaluator:
       "model_kind": m.kind,
       "path": self.config.diffusion.path if m.kind == "sit" else None,
       "decoder": ec.decoder or None,
-      "class_sampling": ec.get("class_sampling", "balanced"),
+      "class_sampling": ec.class_sampling,
       "grid": None,
     }
     if self.config.repa.weight > 0:

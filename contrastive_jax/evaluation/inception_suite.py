@@ -49,7 +49,7 @@ class InceptionSuite:
     if not os.path.isfile(ec.inception_weights) and not os.path.isdir(ec.inception_weights):
       raise ValueError(f"eval.inception_weights={ec.inception_weights!r}: no such file")
     self.reference, self.ref_mu, self.ref_sigma = None, None, None
-    if ec.get("reference_batch", ""):
+    if ec.reference_batch:
       if ec.reference_stats:
         raise ValueError("set eval.reference_batch (ADM's npz) or eval.reference_stats, not both")
       self.reference = adm.load_reference_batch(
@@ -67,10 +67,10 @@ class InceptionSuite:
       num_samples=ec.num_samples,
       batch_size=ec.batch_size,
       num_classes=m.num_classes,
-      class_sampling=ec.get("class_sampling", "balanced"),
+      class_sampling=ec.class_sampling,
     )
     dinov2 = None
-    if ec.get("fdd_encoder_dir", ""):
+    if ec.fdd_encoder_dir:
       if self.reference is None:
         raise ValueError("eval.fdd_encoder_dir: FDD needs the images of eval.reference_batch")
       dinov2, self.params["dinov2"] = fid_stream.dinov2_net(ec.fdd_encoder_dir, mesh)
@@ -81,8 +81,8 @@ class InceptionSuite:
 
   def _decoder(self, config, mesh):
     """(record entry, traceable decode or None, host callable or None)."""
-    ec, m, vc = config.eval, config.model, config.get("vae", None)
-    path = vc.path if vc is not None else ""
+    ec, m, vc = config.eval, config.model, config.vae
+    path = vc.path
     if path:
       vae = load_autoencoder(path, dtype=vc.dtype, mesh=mesh)
       if vae.config.latent_channels != m.in_channels:
@@ -132,7 +132,7 @@ class InceptionSuite:
     """(record fields, grid images) of one evaluation; statistics go to
     eval/inception_stats_<step>.npz (pytorch-fid's mu/sigma, plus mu_s/sigma_s)."""
     ec, m = self.config.eval, self.config.model
-    pr = self.reference is not None and ec.get("precision_recall", True)
+    pr = self.reference is not None and ec.precision_recall
     acc, fake_pool3, grid_images = fid_stream.stream_suite(
       sample,
       params,
@@ -143,7 +143,7 @@ class InceptionSuite:
       shape=shape,
       num_classes=m.num_classes,
       seed=ec.seed,
-      class_sampling=ec.get("class_sampling", "balanced"),
+      class_sampling=ec.class_sampling,
       mesh=self.mesh,
       keep_pool3=pr,
       grid=grid,
@@ -172,7 +172,7 @@ class InceptionSuite:
         "steps": int(ec.steps),
         "cfg_scale": float(ec.cfg_scale),
         "cfg_channels": int(ec.cfg_channels),
-        "class_sampling": ec.get("class_sampling", "balanced"),
+        "class_sampling": ec.class_sampling,
         "seed": int(ec.seed),
         "inception_score_splits": 10,
         "precision_recall_k": 3 if pr else None,
@@ -189,7 +189,7 @@ class InceptionSuite:
       "inception_image_size": self.inception.image_size,
       "inception_weights": ec.inception_weights,
       "reference_stats": ec.reference_stats or None,
-      "fdd_encoder": ec.get("fdd_encoder_dir", "") or None,
+      "fdd_encoder": ec.fdd_encoder_dir or None,
       "features": path,
     }
     return rec, grid_images
