@@ -10,7 +10,7 @@ import sys
 
 import imagenet_inputs as inputs
 import jax
-import multiprocess as mp
+import multiprocess_runs as mp
 import numpy as np
 import pytest
 
