@@ -9,14 +9,16 @@ is one of `MODES`; `build` does only what the mode needs, and never reads a chec
 pretrained weights (`init.Pretrained` loads them when a state is first built): "preflight" reads
 no weight, tokenizer or data file (shapes come from published configs); "eval" reads what its
 evaluators need; "export" what its `export` needs; "train" also its training data, when the
-loop first asks for it. Nothing is
-written at `build`. `workdir` is where the run's files go (SEAL caches its mined data there,
-the dispersive evaluator its sample grids); `devices` are the mesh's devices (preflight passes
-a TPU topology's; default `jax.devices()`).
+loop first asks for it. Nothing is written at `build` (one exception: REPA's 8x8-digits
+stand-in encoder is trained once and cached when its step is built, in `eval.classifier_cache`,
+by default under the workdir). `workdir` is where the run's files go (SEAL caches its mined
+data there, the dispersive evaluator its sample grids); `devices` are the mesh's devices
+(preflight passes a TPU topology's; default `jax.devices()`).
 
 The drivers in `train/` consume the record: `loop.train` (cadence, checkpoints, logging,
-evaluation), `evaluate.evaluate` (`--mode eval`), `preflight.run` (`--mode preflight`: the
-`train_step` piece is derived from `train_step` and `batch`, never a second copy of the step).
+evaluation), `evaluate.evaluate` (`--mode eval`), `export.export` (`--mode export`),
+`preflight.run` (`--mode preflight`: the `train_step` piece is derived from `train_step` and
+`batch`, never a second copy of the step).
 Which parameters an evaluation sees is `config.eval.params` ("ema" | "raw" | "base"), read by
 the loop and by `--mode eval` alike.
 """
