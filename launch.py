@@ -80,8 +80,7 @@ EXIT_STATUS = {
   "MeshError": 8,
   "ClusterError": 9,
   "PreflightError": 10,
-  "ExportError": 2,  # --mode export of an experiment without a Hugging Face format
-  "MtebMissingError": 2,  # eval.mteb_tasks without the [mteb] extra
+  "ExportError": 11,  # --mode export that cannot write a Hugging Face model
 }
 TRACEBACK_ENV = "CJ_TRACEBACK"
 
