@@ -17,6 +17,7 @@ protocol) because ImageNet latents need a download; the step is the paper preset
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 
@@ -27,6 +28,7 @@ from configs.dispersive import get_config
 from contrastive_jax.models.dit import dit_config
 from contrastive_jax.sharding import host_to_global
 from contrastive_jax.train import loop
+from contrastive_jax.train.init import initialize_state, state_shardings
 from experiments import dispersive
 
 
@@ -69,19 +71,21 @@ def main():
   p.add_argument("--log-every", type=int, default=100, help="the preset's cadence is 100")
   args = p.parse_args()
   config = config_for(args)
-  mesh, tx, schedule, model = dispersive._setup(config)
-  init = dispersive.init_fn(config, tx, model)
-  step = dispersive.make_train_step(config, model, mesh, schedule)
+  with tempfile.TemporaryDirectory() as workdir:
+    experiment = dispersive.build(config, mode="train", workdir=workdir)
+  mesh, init, step = experiment.mesh, experiment.init_state, experiment.train_step
 
   def data():
     return dispersive._data(config) if args.preset == "cpu" else RandomLatents(
       config.train.batch_size)
 
+  experiment = dataclasses.replace(experiment, data=data)
+
   # The bare step: compiled once, one batch on the mesh, donated state, timed after warm-up.
-  _, shardings = loop.state_shardings(init, mesh)
+  _, shardings = state_shardings(init, mesh)
   bare = jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None),
                  donate_argnums=0)
-  state = loop.initialize_state(init, jax.random.PRNGKey(0), mesh)
+  state = initialize_state(init, jax.random.PRNGKey(0), mesh)
   batch = host_to_global(next(data()), mesh)
   for _ in range(args.warmup):
     state, metrics = bare(state, batch)
@@ -96,12 +100,12 @@ def main():
   # The loop: a hook stamps each step when its metrics reach the host (one step behind).
   stamps = {}
   with tempfile.TemporaryDirectory() as workdir:
-    loop.train(config, workdir, init_state=init, train_step=step, data=data(), mesh=mesh,
-               hooks=[lambda s, *_: stamps.setdefault(s, time.perf_counter())])
+    loop.train(config, workdir, dataclasses.replace(
+      experiment, hooks=[lambda s, *_: stamps.setdefault(s, time.perf_counter())]))
   first, last = args.warmup, args.warmup + args.steps
   loop_rate = args.steps / (stamps[last] - stamps[first])
 
-  abstract, _ = loop.state_shardings(init, mesh)
+  abstract, _ = state_shardings(init, mesh)
   cost = bare.lower(abstract, batch).compile().cost_analysis()
   flops = (cost[0] if isinstance(cost, list) else cost).get("flops", float("nan"))
   print(f"preset {args.preset}, batch {config.train.batch_size}, {jax.device_count()} "

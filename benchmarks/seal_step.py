@@ -77,7 +77,6 @@ def main():
       os.environ.get("XLA_FLAGS", "")
       + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     )
-  import functools
 
   import _peer  # noqa: F401  (first: makes torchvision importable beside the CPU torch)
   import jax
@@ -87,10 +86,11 @@ def main():
   from configs.seal import get_config
   from contrastive_jax import sharding
   from contrastive_jax.data.seal_batches import tokenize
-  from contrastive_jax.train import loop
-  from contrastive_jax.train import step as step_lib
+  from contrastive_jax.models.encoder import Encoder
   from contrastive_jax.train.chips import mfu_text
+  from contrastive_jax.train.init import initialize_state
   from contrastive_jax.train.preflight import compiled_flops
+  from contrastive_jax.weights.hf import load_tokenizer
   from experiments import seal
 
   if args.single_thread:
@@ -107,14 +107,12 @@ def main():
   config.optim.update(lr=1e-5, warmup_steps=0, schedule="constant")
   config.lock()
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  _, tx, schedule, model, enc_cfg, pretrained, tokenizer = seal._setup(config)
-  state = loop.initialize_state(seal._init_fn(enc_cfg, pretrained, tx), jax.random.PRNGKey(0), mesh)
-  step = jax.jit(
-    step_lib.make_train_step(
-      functools.partial(seal.loss_fn, model=model, config=config, mesh=mesh), lr_schedule=schedule
-    ),
-    donate_argnums=0,
-  )
+  experiment = seal.build(config, mode="eval", workdir="", devices=jax.devices()[:1])
+  model = Encoder(
+    seal.W.load_encoder_config(seal.model_path(config), **seal._encoder_overrides(config)))
+  tokenizer = load_tokenizer(seal.model_path(config))
+  state = initialize_state(experiment.init_state, jax.random.PRNGKey(0), mesh)
+  step = jax.jit(experiment.train_step, donate_argnums=0)
   holder = {"state": state}
 
   def ours_step():

@@ -11,6 +11,8 @@ import difflib
 
 import ml_collections
 
+from contrastive_jax.train.experiment import EVAL_PARAMS
+
 
 class ConfigError(ValueError):
   """A config value that cannot run; the message names the key and the value."""
@@ -24,6 +26,10 @@ def base_config(experiment: str) -> ml_collections.ConfigDict:
   # how many TPU slices (DCN-linked) that axis spans, the rest of it within a slice (ICI); their
   # product is the slice count, e.g. dcn_data=2 on two v5p-128 slices; all 1 on one slice.
   c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+  # Several processes (hosts.start): how long JAX's coordination service waits for a silent
+  # process before declaring it lost (jax.distributed.initialize's heartbeat_timeout_seconds).
+  # A survivor names the lost process within this time and exits (status 9).
+  c.cluster = dict(heartbeat_timeout_seconds=100)
   # (logical axis, mesh axes) pairs; empty means contrastive_jax.sharding.DEFAULT_RULES.
   c.sharding_rules = ()
   c.train = dict(
@@ -40,8 +46,12 @@ def base_config(experiment: str) -> ml_collections.ConfigDict:
     async_checkpoint=True,
     grad_accum_steps=1,
     compute_dtype="float32",  # or "bfloat16"; parameters stay float32
-    eval_with_ema=True,
   )
+  # Evaluation, in the loop and in `--mode eval` (train/evaluate.py). `params`: which parameters
+  # are evaluated: "raw" (the optimised ones), "ema" (their EMA; needs optim.ema > 0) or "base"
+  # (`--mode eval` only: the initial, e.g. pretrained, parameters; no checkpoint is read, and
+  # the record is eval/eval_base.json). Experiments add their evaluators' keys.
+  c.eval = dict(params="raw")
   c.optim = dict(
     name="adamw",
     lr=1e-3,
@@ -51,8 +61,44 @@ def base_config(experiment: str) -> ml_collections.ConfigDict:
     weight_decay=0.0,
     grad_clip=0.0,
     ema=0.0,  # EMA decay; 0 keeps no EMA parameters
+    b1=0.9,  # adam/adamw first-moment decay
+    b2=0.999,  # adam/adamw second-moment decay (MeanFlow: 0.95)
+    eps=1e-8,  # adam/adamw
+    momentum=0.0,  # sgd; 0 is plain SGD
   )
   return c
+
+
+def settings_section(cls, *, omit=(), **values) -> dict:
+  """A config section that is the fields of the dataclass `cls` (its defaults, `values` over
+  them, `omit`ted fields left out): a library object's settings are never a hand-copied list,
+  and `cls(**section, **omitted)` builds it. An unknown key in `values` is an error naming it."""
+  import dataclasses
+
+  fields = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in omit}
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; fields: {sorted(fields)}")
+  return {**fields, **values}
+
+
+def lora_section(**values) -> dict:
+  """`model.lora` of the decoder experiments (GRPO, DPO, GRACE): `models.lora.LoraConfig`'s
+  fields (Hu et al. 2021; rank 0 is off): the update is (alpha / rank) B A x on the named
+  projections, only the adapters train (and hold optimizer state); quantize "int8" | "nf4"
+  stores the frozen base kernels so (QLoRA, Dettmers et al. 2023). dropout must stay 0: these
+  steps call the policy deterministically (rollouts, log-probs, rewards, updates)."""
+  from contrastive_jax.models.lora import LoraConfig
+
+  targets = ("q", "k", "v", "o", "gate", "up", "down")  # every decoder projection
+  return settings_section(LoraConfig, **{"targets": targets, **values})
+
+
+def use_lora(c, *, rank: int, alpha: float, lr_factor: float, quantize: str = "none"):
+  """A preset with LoRA on every projection at `lr_factor` x the full fine-tuning learning rate
+  ("LoRA Without Regret", Schulman et al. 2025: ~10x), QLoRA with `quantize`."""
+  c.model.lora.update(rank=rank, alpha=alpha, quantize=quantize)
+  c.optim.lr = c.optim.lr * lr_factor
 
 
 def select_preset(preset: str, presets: dict, config: ml_collections.ConfigDict):
@@ -102,6 +148,7 @@ def _lookup(config, dotted: str):
 # (key, lowest allowed value, whether the bound is included): sizes that must be positive and
 # rates that must not be negative; a zero or negative step count would train nothing and exit 0.
 _BOUNDS = (
+  ("cluster.heartbeat_timeout_seconds", 1, True),
   ("train.steps", 1, True),
   ("train.batch_size", 1, True),
   ("train.grad_accum_steps", 1, True),
@@ -142,9 +189,22 @@ def validate_config(config, *, num_devices: int | None = None, training: bool = 
     value = _lookup(config, key)
     if key.rpartition(".")[2].endswith("batch_size") and not isinstance(value, dict):
       _check_number(key, value, 1, True)
-  ema = _lookup(config, "optim.ema")
-  if ema is not None and ema >= 1:
+  ema = config.optim.ema
+  if ema >= 1:
     raise ConfigError(f"config.optim.ema={ema!r}: must be < 1 (0 keeps no EMA)")
+  which = config.eval.params
+  if which not in EVAL_PARAMS:
+    raise ConfigError(f"config.eval.params={which!r}: expected one of {EVAL_PARAMS}")
+  if which == "ema" and not ema > 0:
+    raise ConfigError(
+      f"config.eval.params='ema' but config.optim.ema={ema}: the run keeps no EMA parameters; "
+      f"set --config.eval.params=raw or --config.optim.ema=0.999"
+    )
+  if which == "base" and training:
+    raise ConfigError(
+      "config.eval.params='base' evaluates the initial parameters with --mode eval; training "
+      "evaluates 'raw' or 'ema' (train.eval_at_start=True adds the initial parameters as step 0)"
+    )
   tc = config.train
   if tc.batch_size % tc.grad_accum_steps:
     raise ConfigError(

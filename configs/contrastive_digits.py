@@ -22,6 +22,7 @@ def get_config(preset: str = "cpu"):
   c.augment = dict(max_shift=1, drop_rate=0.1, noise=0.2)
   c.train.update(steps=600, batch_size=128, log_every=50, eval_every=200, checkpoint_every=200)
   c.optim.update(lr=1e-3, schedule="cosine", warmup_steps=50, ema=0.99)
+  c.eval.params = "ema"
 
   def cpu(c):
     pass

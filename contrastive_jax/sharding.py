@@ -225,6 +225,8 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> An
     if isinstance(leaf, nn.Partitioned):
       names = leaf.names
       value = leaf.value
+      if not hasattr(value, "shape"):
+        return value  # an empty node in a box (optax's MaskedNode for a frozen parameter)
       spec = (
         nn.logical_to_mesh_axes(names, rules)
         if isinstance(leaf, nn.LogicallyPartitioned)

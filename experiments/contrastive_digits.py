@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +10,10 @@ import jax.numpy as jnp
 from contrastive_jax import sharding
 from contrastive_jax.data.digits import load_digits
 from contrastive_jax.data.pipeline import array_batches
-from contrastive_jax.io import eval_path, is_writer, write_json
 from contrastive_jax.losses.contrastive import info_nce
 from contrastive_jax.models.mlp import MLPEncoder
-from contrastive_jax.train import loop
 from contrastive_jax.train import step as step_lib
+from contrastive_jax.train.experiment import Experiment
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.state import TrainState
 
@@ -67,53 +65,26 @@ def knn_evaluator(model):
     pred = jnp.asarray(train["label"])[jnp.argmax(sims, axis=1)]
     return jnp.mean(pred == test["label"])
 
-  return lambda params: {"knn_accuracy": float(accuracy(params))}
+  return lambda params, *, step: {"knn_accuracy": float(accuracy(params))}
 
 
-def _setup(config):
-  mesh = sharding.make_mesh(config.mesh)
+def build(config, *, mode, workdir, devices=None) -> Experiment:
+  del workdir  # nothing cached
+  mesh = sharding.make_mesh(config.mesh, devices)
   tx, schedule = make_optimizer(config.optim, config.train.steps)
-  return mesh, tx, schedule, _model(config)
-
-
-def train(config, workdir):
-  mesh, tx, schedule, model = _setup(config)
-  data = array_batches({"image": load_digits("train")["image"]},
-                       batch_size=config.train.batch_size, seed=config.seed)
-  return loop.train(config, workdir, init_state=_init_fn(config, tx),
-                    train_step=_train_step(config, model, schedule), data=data, mesh=mesh,
-                    evaluators={"knn": knn_evaluator(model)})
-
-
-def _train_step(config, model, schedule):
-  return step_lib.make_train_step(
+  model = _model(config)
+  step = step_lib.make_train_step(
     functools.partial(loss_fn, model=model, config=config),
     lr_schedule=schedule,
     grad_accum_steps=config.train.grad_accum_steps,
     compute_dtype=config.train.compute_dtype,
   )
-
-
-def preflight_pieces(config, mesh):
-  """`train/preflight.py` pieces: the train step at `train.batch_size` 8x8 digits."""
-  from contrastive_jax.train import preflight
-
-  tx, schedule = make_optimizer(config.optim, config.train.steps)
-  b = config.train.batch_size
-  return {"train_step": preflight.train_step_piece(
-    _train_step(config, _model(config), schedule), _init_fn(config, tx), mesh, config,
-    {"image": ((b, 8, 8, 1), jnp.float32)})}
-
-
-def evaluate(config, workdir, step=None):
-  mesh, tx, _, model = _setup(config)
-  use_ema = config.optim.ema > 0 and config.train.eval_with_ema
-  got_step, params = loop.load_params(config, workdir, _init_fn(config, tx), mesh, ema=use_ema,
-                                      step=step)
-  results = {"step": got_step, "ema": use_ema,
-             **loop.run_evaluators({"knn": knn_evaluator(model)}, params, mesh)}
-  path = eval_path(workdir, f"eval_{got_step}.json")
-  write_json(path, results)
-  if is_writer():
-    print(json.dumps(results))
-  return results
+  return Experiment(
+    mesh=mesh,
+    init_state=_init_fn(config, tx),
+    train_step=step,
+    batch={"image": ((config.train.batch_size, 8, 8, 1), jnp.float32)},
+    data=lambda: array_batches({"image": load_digits("train")["image"]},
+                               batch_size=config.train.batch_size, seed=config.seed),
+    evaluators={} if mode == "preflight" else {"knn": knn_evaluator(model)},
+  )

@@ -21,7 +21,6 @@ configs/dispersive.py for `loss.blocks` and `loss.gather`.
 from __future__ import annotations
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,6 @@ from jax.sharding import PartitionSpec as P
 
 from contrastive_jax import sharding
 from contrastive_jax.evaluation import generative
-from contrastive_jax.io import is_writer
 from contrastive_jax.losses.dispersive import dispersive_loss
 from contrastive_jax.losses.meanflow import guided_velocity, meanflow_loss
 from contrastive_jax.losses.repa import repa_loss
@@ -38,9 +36,11 @@ from contrastive_jax.models.projector import MLPProjector, WithProjector
 from contrastive_jax.sampling.ddpm import ddpm_training_batch
 from contrastive_jax.sampling.flow import flow_matching_batch
 from contrastive_jax.sampling.meanflow import meanflow_batch
-from contrastive_jax.train import loop
 from contrastive_jax.train import step as step_lib
+from contrastive_jax.train.experiment import Experiment
+from contrastive_jax.train.fid_pieces import fid_eval_pieces
 from contrastive_jax.train.optim import make_optimizer
+from contrastive_jax.train.preflight import Piece, abstract
 from contrastive_jax.train.state import TrainState
 
 KINDS = ("sit", "dit", "meanflow")
@@ -87,8 +87,8 @@ def make_model(config):
     class_dropout_prob=m.class_dropout_prob,
     num_classes=m.num_classes,
     learn_sigma=m.learn_sigma,
-    remat=m.get("remat", "none"),
-    scan_layers=m.get("scan_layers", False),
+    remat=m.remat,
+    scan_layers=m.scan_layers,
     interval_embedding=m.kind == "meanflow",
   )
   if not uses_repa(config):
@@ -229,8 +229,11 @@ def loss_fn(params, batch, rng, *, model, config, mesh=None, encode=None):
   """
   disp_blocks = dispersive_blocks(config.loss.blocks, config.model.depth)
   repa = uses_repa(config)
-  if repa and encode is None:
-    raise ValueError("repa.weight > 0 needs the frozen encoder: pass encode=repa_encoder(...)[0]")
+  if repa and encode is None and "repa_target" not in batch:
+    raise ValueError(
+      "repa.weight > 0 needs the frozen encoder (encode=repa_encoder(...)[0]) or stored "
+      "features in batch['repa_target'] (imagenet_latents built with --dinov2)"
+    )
   blocks = tuple(sorted(set(disp_blocks) | ({int(config.repa.block)} if repa else set())))
   diffusion, acts, extra = _objective(params, batch, rng, model=model, config=config, blocks=blocks)
   disp_acts = {k: acts[k] for k in disp_blocks}
@@ -246,7 +249,8 @@ def loss_fn(params, batch, rng, *, model, config, mesh=None, encode=None):
   }
   if repa:
     z = model.apply(params, acts[int(config.repa.block)], method=WithProjector.project)
-    align, rm = repa_loss(z, jax.lax.stop_gradient(encode(batch["image"])))
+    target = batch["repa_target"] if "repa_target" in batch else encode(batch["image"])
+    align, rm = repa_loss(z, jax.lax.stop_gradient(target))
     loss = loss + float(config.repa.weight) * align
     metrics.update(repa_loss=align, repa_cosine=rm["cosine"])
   return loss, {**metrics, **extra}
@@ -271,12 +275,6 @@ def init_fn(config, tx, model):
   return init_state
 
 
-def _setup(config, mesh=None):
-  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-  tx, schedule = make_optimizer(config.optim, config.train.steps)
-  return mesh, tx, schedule, make_model(config)
-
-
 def _data(config):
   if config.data.name == "digits":
     from contrastive_jax.data.digits import load_digits
@@ -288,7 +286,9 @@ def _data(config):
   if config.data.name == "imagenet_latents":
     from contrastive_jax.data.imagenet_latents import latent_batches
 
-    return latent_batches(config.data, batch_size=config.train.batch_size, seed=config.seed)
+    return latent_batches(
+      config.data, batch_size=config.train.batch_size, seed=config.seed, vae_cfg=config.vae
+    )
   raise ValueError(f"data.name={config.data.name!r} is not 'digits' or 'imagenet_latents'")
 
 
@@ -300,7 +300,7 @@ def make_train_step(config, model, mesh, schedule, *, workdir=None):
   if uses_repa(config):
     from experiments.repa_setup import repa_encoder
 
-    encode, name = repa_encoder(config, workdir)
+    encode, name = repa_encoder(config, workdir)  # None on stored features: the step never decodes
     print(f"REPA: lambda {config.repa.weight}, block {config.repa.block}, encoder {name}")
   return step_lib.make_train_step(
     functools.partial(loss_fn, model=model, config=config, mesh=mesh, encode=encode),
@@ -310,77 +310,52 @@ def make_train_step(config, model, mesh, schedule, *, workdir=None):
   )
 
 
-def train(config, workdir):
-  """Trains (or resumes) to `train.steps`; evaluates every `train.eval_every` and at the end."""
-  mesh, tx, schedule, model = _setup(config)
-  current = {"step": 0}
-  evaluator = generative.SampleEvaluator(
-    config, workdir, model, step_of=lambda: current["step"], ema=_uses_ema(config), mesh=mesh
-  )
-  return loop.train(
-    config,
-    workdir,
-    init_state=init_fn(config, tx, model),
-    train_step=make_train_step(config, model, mesh, schedule, workdir=workdir),
-    data=_data(config),
-    mesh=mesh,
-    evaluators={"samples": evaluator},
-    hooks=[lambda step, *_: current.update(step=step)],
-  )
-
-
-def _uses_ema(config) -> bool:
-  return config.optim.ema > 0 and config.train.eval_with_ema
-
-
-def evaluate(config, workdir, step=None):
-  """Samples with the (EMA) parameters of a checkpoint, writes the PNG grid and the JSON record."""
-  mesh, tx, _, model = _setup(config)
-  use_ema = _uses_ema(config)
-  got = {}
-  # Built first, so a bad eval setting is reported before a checkpoint is read.
-  evaluator = generative.SampleEvaluator(
-    config, workdir, model, step_of=lambda: got["step"], ema=use_ema, mesh=mesh
-  )
-  got["step"], params = loop.load_params(
-    config, workdir, init_fn(config, tx, model), mesh, ema=use_ema, step=step
-  )
-  with sharding.tracing_mesh(mesh):  # traced under the mesh, as `loop.run_evaluators`
-    results = evaluator.record(params)
-  if is_writer():
-    print(json.dumps(results))
-  return results
-
-
-def preflight_pieces(config, mesh):
-  """`train/preflight.py`'s pieces: the train step at `train.batch_size` and the evaluation
-  sampler at `eval.batch_size` (its fori_loop over `eval.steps` is counted once by XLA: the
-  piece's flops are one sampler step's)."""
-  from contrastive_jax.train import preflight
-
-  mesh, tx, schedule, model = _setup(config, mesh)
+def build(config, *, mode, workdir, devices=None) -> Experiment:
+  """DiT / SiT / MeanFlow training with the dispersive (and REPA) terms, and the sampling
+  evaluator (`train/experiment.py` has the protocol). REPA's frozen encoder is built with the
+  step (the digits stand-in is trained once and cached under the workdir)."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  tx, schedule = make_optimizer(config.optim, config.train.steps)
+  model = make_model(config)
+  init_state = init_fn(config, tx, model)
+  # Built first, so a bad eval setting is reported before anything is read or trained.
+  evaluators = {} if mode not in ("train", "eval") else {
+    "samples": generative.SampleEvaluator(config, workdir, model, mesh=mesh)}
   m, b = config.model, config.train.batch_size
   image = (m.input_size, m.input_size, m.in_channels)
-  init_state = init_fn(config, tx, model)
-  step = preflight.train_step_piece(
-    make_train_step(config, model, mesh, schedule), init_state, mesh, config,
-    {"image": ((b, *image), jnp.float32), "label": ((b,), jnp.int32)},
+  batch = {"image": ((b, *image), jnp.float32), "label": ((b,), jnp.int32)}
+  if uses_repa(config) and config.data.name == "imagenet_latents":  # stored DINOv2 targets
+    grid = (config.repa.image_size // 14) ** 2
+    batch["repa_target"] = ((b, grid, config.repa.encoder_dim), jnp.float32)
+  step = None
+  if mode in ("train", "preflight"):
+    step = make_train_step(config, model, mesh, schedule,
+                           workdir=None if mode == "preflight" else workdir)
+  sample = generative.make_sampler(model, model_cfg=m, eval_cfg=config.eval,
+                                   path=config.diffusion.path)
+
+  def pieces(state):
+    # The evaluator passes unplaced noise and labels: replicated beside the sharded parameters.
+    # Its fori_loop over `eval.steps` is counted once by XLA: the flops are one sampler step's.
+    rep = jax.sharding.NamedSharding(mesh, P())
+    e = config.eval.batch_size
+    params = state.ema_params if config.eval.params == "ema" else state.params
+    args = (params, abstract((e, *image), jnp.float32, rep), abstract((2,), jnp.uint32, rep),
+            abstract((e,), jnp.int32, rep))
+    out = {"sampler": Piece(sample, args, per_step=0.0,
+                            note=f"{config.eval.sampler}, {config.eval.steps} steps")}
+    if config.eval.feature_network == "inception_v3":  # FID-N's projected wall time
+
+      def backbone_at(depth):  # unscanned, without REPA's projector: what sampling runs
+        c = config.copy_and_resolve_references()
+        c.model.update(depth=depth, scan_layers=False)
+        c.repa.weight = 0.0
+        return make_model(c)
+
+      out.update(fid_eval_pieces(config, mesh, model, params, model_for_depth=backbone_at))
+    return out
+
+  return Experiment(
+    mesh=mesh, init_state=init_state, train_step=step, batch=batch,
+    data=lambda: _data(config), evaluators=evaluators, pieces=pieces,
   )
-  state = preflight.abstract_state(init_state, mesh, config)
-  params = state.ema_params if _uses_ema(config) else state.params
-  sample = generative.make_sampler(
-    model, model_cfg=config.model, eval_cfg=config.eval, path=config.diffusion.path
-  )
-  # The evaluator passes unplaced noise and labels: replicated beside the sharded parameters.
-  rep = jax.sharding.NamedSharding(mesh, P())
-  e = config.eval.batch_size
-  args = (
-    params,
-    preflight.abstract((e, *image), jnp.float32, rep),
-    preflight.abstract((2,), jnp.uint32, rep),
-    preflight.abstract((e,), jnp.int32, rep),
-  )
-  sampler = preflight.Piece(
-    sample, args, per_step=0.0, note=f"{config.eval.sampler}, {config.eval.steps} steps"
-  )
-  return {"train_step": step, "sampler": sampler}

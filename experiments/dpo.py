@@ -13,7 +13,6 @@ reward accuracy on held-out pairs.
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
@@ -24,14 +23,15 @@ from contrastive_jax import sharding
 from contrastive_jax.data.char_vocab import left_pad, right_pad
 from contrastive_jax.data.pipeline import array_batches
 from contrastive_jax.data.reasoning import load_preference_jsonl
-from contrastive_jax.io import eval_path, is_writer, write_json
 from contrastive_jax.losses.policy import dpo_loss
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.lm import sequence_logprobs
 from contrastive_jax.sharding import place
-from contrastive_jax.train import loop
 from contrastive_jax.train import step as step_lib
+from contrastive_jax.train.experiment import Experiment
+from contrastive_jax.train.init import initialize_state
 from contrastive_jax.train.optim import make_optimizer
+from contrastive_jax.train.preflight import Piece, PreflightError, abstract
 from experiments import policy_setup as setup
 
 
@@ -118,31 +118,22 @@ def with_reference(arrays, lm, ref_params, mesh, *, batch_size, length_normalize
   return {**arrays, **{k: np.concatenate(v).astype(np.float32) for k, v in out.items()}}
 
 
-def _build(config, *, with_weights=True):
-  mesh = sharding.make_mesh(config.mesh)
-  codec = setup.make_codec(config)
-  _, test_task = setup.make_tasks(config)
-  dcfg = setup.decoder_config(config, codec)
-  tx, schedule = make_optimizer(config.optim, config.train.steps)
-  pretrained = setup.pretrained_params(config, dcfg, mesh) if with_weights else None
-  init_state = setup.init_fn(dcfg, tx, pretrained)
-  lm = DecoderLM(dcfg)
-  return mesh, codec, dcfg, lm, schedule, init_state, test_task
-
-
-def _evaluators(config, dcfg, codec, lm, test_task, test_pairs, mesh):
+def _evaluators(config, dcfg, codec, lm, test_task, test_pairs, mesh, *, grader, workdir):
+  """Held-out task accuracy, and the implicit-reward accuracy of held-out pairs; `test_pairs()`
+  gives the pairs with their reference log-probs (computed on the first evaluation)."""
   lc = config.loss
   pair_fn = jax.jit(functools.partial(dpo_pair_loss, lm, beta=lc.beta, loss_type=lc.loss_type,
                                       length_normalize=lc.length_normalize,
                                       chunk=lc.logprob_chunk))
 
-  def pairs(params):
-    _, m = sharding.to_host(pair_fn(params, {k: place(v, mesh) for k, v in test_pairs.items()}))
+  def pairs(params, *, step=None):
+    placed = {k: place(v, mesh) for k, v in test_pairs().items()}
+    _, m = sharding.to_host(pair_fn(params, placed))
     return {"reward_accuracy": float(m["reward_accuracy"]),
             "reward_margin": float(m["reward_margin"])}
 
-  task = setup.heldout_evaluator(config, dcfg, codec, test_task, mesh)
-  return {"heldout": task, "pairs": pairs}
+  return {**setup.evaluators(config, dcfg, codec, test_task, mesh, grader=grader,
+                             workdir=workdir), "pairs": pairs}
 
 
 def _reference_kwargs(config):
@@ -151,90 +142,80 @@ def _reference_kwargs(config):
               length_normalize=lc.length_normalize, chunk=lc.logprob_chunk)
 
 
-def _prepare(config, with_weights=True):
-  mesh, codec, dcfg, lm, schedule, init_state, test_task = _build(config,
-                                                                 with_weights=with_weights)
-  ref = loop.initialize_state(init_state, jax.random.PRNGKey(config.seed), mesh).params
-  train_pairs, test_pairs = _pairs(config, codec)
-  test_pairs = with_reference(test_pairs, lm, ref, mesh, **_reference_kwargs(config))
-  evaluators = _evaluators(config, dcfg, codec, lm, test_task, test_pairs, mesh)
-  return mesh, lm, schedule, init_state, ref, train_pairs, evaluators
-
-
 def make_step(config, lm, schedule=None):
-  """The loop's `train_step`: `dpo_pair_loss` of `config.loss` in `loop.make_train_step`."""
+  """The loop's `train_step`: `dpo_pair_loss` of `config.loss` in `make_train_step`."""
   lc = config.loss
   loss_fn = lambda params, batch, rng: dpo_pair_loss(
     lm, params, batch, beta=lc.beta, loss_type=lc.loss_type, label_smoothing=lc.label_smoothing,
     length_normalize=lc.length_normalize, chunk=lc.logprob_chunk)
   return step_lib.make_train_step(loss_fn, lr_schedule=schedule,
-                              grad_accum_steps=config.train.grad_accum_steps,
-                              compute_dtype=config.train.compute_dtype)
+                                  grad_accum_steps=config.train.grad_accum_steps,
+                                  compute_dtype=config.train.compute_dtype)
 
 
-def train(config, workdir):
-  mesh, lm, schedule, init_state, ref, train_pairs, evaluators = _prepare(config)
-  train_pairs = with_reference(train_pairs, lm, ref, mesh, **_reference_kwargs(config))
-  del ref
-  step = make_step(config, lm, schedule)
-  data = array_batches(train_pairs, batch_size=config.train.batch_size, seed=config.seed)
-  return loop.train(config, workdir, init_state=init_state, train_step=step, data=data,
-                    mesh=mesh, evaluators=evaluators)
-
-
-check_inputs = setup.check_inputs  # launch.py calls it before writing anything
-
-
-def evaluate(config, workdir, step=None):
-  """Held-out task accuracy and pair reward accuracy of a checkpoint -> eval/eval_<step>.json."""
-  mesh, _, _, init_state, _, _, evaluators = _prepare(config)
-  got_step, params = loop.load_params(config, workdir, init_state, mesh, ema=False, step=step)
-  results = {"step": got_step, **loop.run_evaluators(evaluators, params, mesh)}
-  path = eval_path(workdir, f"eval_{got_step}.json")
-  write_json(path, results)
-  if is_writer():
-    print(json.dumps(results))
-  return results
-
-
-def preflight_pieces(config, mesh):
-  """`train/preflight.py` pieces at the preset's shapes: the train step at `train.batch_size`
-  pairs (reference log-probs in the batch) and the reference log-prob pass (`with_reference`,
-  `loss.logprob_batch` rows per call; run once over all pairs before training, so not part of
-  the step). Pair lengths come from the pairs (generated, or `pairs.file` with the tokenizer);
-  the architecture from the model's config (no weights are read)."""
-  from contrastive_jax.train import preflight
-
-  if config.model.source in ("scratch", "checkpoint"):
-    codec = setup.make_codec(config)
-    dcfg = setup.decoder_config(config, codec)
-  else:
-    dcfg = setup.decoder_config(config, None, shapes_only=True)
-    codec = setup.shape_codec(config, dcfg)
+def build(config, *, mode, workdir, devices=None) -> Experiment:
+  """DPO on fixed pairs; the frozen reference's log-probs of every pair are computed once, when
+  the data is first asked for (train) or the evaluators are built (eval); `train/experiment.py`
+  has the protocol."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  codec, dcfg = setup.codec_and_model(config, mode)
+  tx, schedule = make_optimizer(config.optim, config.train.steps,
+                                trainable=setup.trainable(config))
+  lm = DecoderLM(dcfg)
+  init_state = setup.init_fn(dcfg, tx, setup.pretrained_loader(config, dcfg, mesh),
+                              ema=config.optim.ema)
   try:
-    pairs, _ = _pairs(config, codec)
+    train_pairs, test_pairs = _pairs(config, codec)
   except (OSError, ValueError, AttributeError) as e:  # no file, or no tokenizer to read it
-    raise preflight.PreflightError(
+    if mode != "preflight":
+      raise
+    raise PreflightError(
       f"preflight needs the preference pairs for their lengths (pairs.source="
       f"{config.pairs.source!r}, pairs.file={config.pairs.file!r}) and the tokenizer: {e}"
     ) from e
-  tx, _ = make_optimizer(config.optim, config.train.steps)
-  lm = DecoderLM(dcfg)
   b, kw = config.train.batch_size, _reference_kwargs(config)
-  shapes = {k: (v.shape[1:], v.dtype) for k, v in pairs.items()}
+  shapes = {k: (v.shape[1:], v.dtype) for k, v in train_pairs.items()}
   batch = {k: ((b, *shape), dtype) for k, (shape, dtype) in shapes.items()}
   batch |= {"ref_chosen": ((b,), jnp.float32), "ref_rejected": ((b,), jnp.float32)}
-  pieces = {"train_step": preflight.train_step_piece(
-    make_step(config, lm), setup.init_fn(dcfg, tx, None), mesh, config, batch,
-    note=f"{b} pairs, prompt {shapes['prompt_tokens'][0][0]} + response "
-    f"{shapes['chosen_tokens'][0][0]} tokens")}
-  rows, n = kw["batch_size"], len(pairs["prompt_tokens"])
-  # `with_reference` `place`s each call's rows (replicated when they do not divide).
-  ref = {k: preflight.abstract((rows, *shape), dtype, sharding.place_sharding((rows, *shape), mesh))
-         for k, (shape, dtype) in shapes.items()}
-  params = preflight.abstract_state(setup.init_fn(dcfg, tx, None), mesh, config).params
-  fn = reference_fn(lm, length_normalize=kw["length_normalize"], chunk=kw["chunk"])
-  pieces["reference_logprobs"] = preflight.Piece(
-    lambda params, batch: fn(params, batch, "chosen"), (params, ref), per_step=0.0,
-    note=f"{rows} pairs per call, once before training: {-(-n // rows)} calls per side x 2")
-  return pieces
+  reference = {}
+
+  def ref_params():
+    # The frozen reference is the initial policy, built again from the same source and seed.
+    if not reference:
+      reference["params"] = initialize_state(init_state, jax.random.PRNGKey(config.seed), mesh,
+                                             config.sharding_rules).params
+    return reference["params"]
+
+  def data():
+    arrays = with_reference(train_pairs, lm, ref_params(), mesh, **kw)
+    return array_batches(arrays, batch_size=b, seed=config.seed)
+
+  def pieces(state):
+    rows, n = kw["batch_size"], len(train_pairs["prompt_tokens"])
+    # `with_reference` `place`s each call's rows (replicated when they do not divide).
+    ref = {k: abstract((rows, *shape), dtype, sharding.place_sharding((rows, *shape), mesh))
+           for k, (shape, dtype) in shapes.items()}
+    fn = reference_fn(lm, length_normalize=kw["length_normalize"], chunk=kw["chunk"])
+    return {"reference_logprobs": Piece(
+      lambda params, batch: fn(params, batch, "chosen"), (state.params, ref), per_step=0.0,
+      note=f"{rows} pairs per call, once before training: {-(-n // rows)} calls per side x 2")}
+
+  scored = {}
+
+  def test_pairs_with_reference():
+    if not scored:
+      scored.update(with_reference(test_pairs, lm, ref_params(), mesh, **kw))
+    return scored
+
+  evaluators = {}
+  if mode in ("train", "eval"):
+    grader = setup.make_grader(config)
+    _, test_task = setup.make_tasks(config, grader=grader)
+    evaluators = _evaluators(config, dcfg, codec, lm, test_task, test_pairs_with_reference, mesh,
+                             grader=grader, workdir=workdir)
+  return Experiment(
+    mesh=mesh, init_state=init_state, train_step=make_step(config, lm, schedule), batch=batch,
+    data=data, evaluators=evaluators, checks=(lambda: setup.check_inputs(config, mode),),
+    pieces=pieces,
+    export=lambda params, out_dir: setup.export_policy(config, params, dcfg, codec, out_dir),
+  )

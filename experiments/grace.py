@@ -16,6 +16,7 @@ Evaluation (loop and `--mode eval`): `GraceEvaluator`, with and without a ration
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -30,15 +31,17 @@ from contrastive_jax import sharding
 from contrastive_jax.data import grace as grace_data
 from contrastive_jax.data.offline_docs import pydoc_documents
 from contrastive_jax.data.pipeline import array_batches
+from contrastive_jax.evaluation import mteb_adapter
 from contrastive_jax.evaluation.grace_eval import DecoderHidden, GraceEvaluator, eos_ids
 from contrastive_jax.evaluation.retrieval import exact_top_k
-from contrastive_jax.io import eval_path, is_writer, write_json
+from contrastive_jax.io import write_json
 from contrastive_jax.losses.contrastive import info_nce
 from contrastive_jax.losses.grace import grace_reward, grace_unsupervised_reward
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.rationale import SEGMENT_TEXT, embed, encode
-from contrastive_jax.train import loop
+from contrastive_jax.train import policy_pieces
 from contrastive_jax.train import step as step_lib
+from contrastive_jax.train.experiment import Experiment
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.policy_opt import (
   PolicyOptimizer,
@@ -46,9 +49,17 @@ from contrastive_jax.train.policy_opt import (
   decoding_params,
   init_extra,
 )
+from contrastive_jax.train.preflight import Piece, PreflightError, abstract
+from contrastive_jax.weights import export as export_lib
 from contrastive_jax.weights import gguf as gguf_lib
 from contrastive_jax.weights.hf import WeightsError, load_tokenizer
+from experiments import mteb_setup
 from experiments import policy_setup as setup
+
+
+def _model_dir(config):
+  """The HF directory whose generation_config.json lists stop ids (None for other sources)."""
+  return config.model.path if config.model.source == "hf" else None
 
 
 def make_tokenizer(config):
@@ -91,64 +102,37 @@ def train_triplets(config, records):
   return triplets[: d.train_size] if d.train_size else triplets
 
 
-def build(config, *, with_weights: bool = True):
-  """Mesh, tokenizer, model config, triplets and their prompts, init_state, evaluator."""
-  mesh = sharding.make_mesh(config.mesh)
-  tok = make_tokenizer(config)
-  dcfg = setup.decoder_config(config, types.SimpleNamespace(vocab_size=len(tok)))
-  per_step = config.policy.epochs * config.policy.minibatches
-  total = config.train.steps * (per_step if config.algorithm == "grace" else 1)
-  tx, schedule = make_optimizer(config.optim, total)
-  pretrained = setup.pretrained_params(config, dcfg, mesh) if with_weights else None
-  records = offline_records(config)
-  extra = None
-  triplets, prompts = None, None
-  if with_weights:
-    triplets = train_triplets(config, records)
-    # q, d+ and d- in one call: one padded length, so one compiled shape per batch size.
-    fields = {"q": "query", "pos": "positive", "neg": "negative"}
-    texts = [t[f] for f in fields.values() for t in triplets]
-    arrays = grace_data.chat_prompts(tok, texts, max_text_tokens=config.data.max_text_tokens,
-                                     length=config.data.prompt_len or None)
-    n = len(triplets)
-    prompts = {
-      k: {name: a[i * n : (i + 1) * n] for name, a in arrays.items()} for i, k in enumerate(fields)
-    }
-  if config.algorithm == "grace":
-    extra = init_extra(len(triplets) if triplets else config.data.train_size)
-  init_state = setup.init_fn(dcfg, tx, pretrained, extra=extra)
-  return dict(
-    mesh=mesh,
-    tok=tok,
-    dcfg=dcfg,
-    schedule=schedule,
-    triplets=triplets,
-    prompts=prompts,
-    init_state=init_state,
-    per_step=per_step,
-    evaluators={"retrieval": GraceEvaluator(config, tok, dcfg, records, mesh=mesh)},
-  )
+def _chat_prompts(config, tok, triplets):
+  """{"q" | "pos" | "neg": {"tokens", "mask", "segments"}} of the triplets' chat prompts. q, d+
+  and d- in one call: one padded length, so one compiled shape per batch size."""
+  fields = {"q": "query", "pos": "positive", "neg": "negative"}
+  texts = [t[f] for f in fields.values() for t in triplets]
+  arrays = grace_data.chat_prompts(tok, texts, max_text_tokens=config.data.max_text_tokens,
+                                   length=config.data.prompt_len or None)
+  n = len(triplets)
+  return {k: {name: a[i * n : (i + 1) * n] for name, a in arrays.items()}
+          for i, k in enumerate(fields)}
 
 
-def make_reward_fn(config, b):
+def make_reward_fn(config, *, dcfg, tok, prompts, mesh):
   """GRACE's `reward_fn(params, rollouts, rng) -> (rewards [N], metrics)` for `PolicyOptimizer`.
 
   The q / d- (or unsupervised anchor) rationales are sampled with keys split from `rng`, which
   the optimizer derives from the step key. Metrics: `losses.grace`'s `reward/...` and the
   auxiliary rationales' `aux/rationale_length_mean`, `aux/truncated_fraction`.
   """
-  r, rw = config.rollout, config.reward
-  lm, hidden, tok, prompts = DecoderLM(b["dcfg"]), DecoderHidden(b["dcfg"]), b["tok"], b["prompts"]
-  eos, pad = eos_ids(tok, b["dcfg"]), tok.pad_token_id or 0
+  r, rw = config.policy, config.reward
+  lm, hidden = DecoderLM(dcfg), DecoderHidden(dcfg)
+  eos, pad = eos_ids(tok, dcfg, _model_dir(config)), tok.pad_token_id or 0
   k = r.group_size
 
   def placed(*xs):
     # Host arrays, the same on every process, batch-sharded onto the mesh (`place`), so the
     # rationale decoding and the embedding forward run on each device's own rows.
-    return [x if isinstance(x, jax.Array) else sharding.place(x, b["mesh"]) for x in xs]
+    return [x if isinstance(x, jax.Array) else sharding.place(x, mesh) for x in xs]
 
   def aux(params, name, ids, key, lengths):
-    params = decoding_params(lm, params, b["mesh"])  # as the optimizer's rollout (cast, gathered)
+    params = decoding_params(lm, params, mesh)  # as the optimizer's rollout (cast, gathered)
     arr = prompts[name]
     # Placed on the mesh (rows over data/fsdp): host arrays would run replicated on every device.
     emb, done = encode(
@@ -159,14 +143,14 @@ def make_reward_fn(config, b):
       key,
       init_cache=lm.init_cache,
       max_new_tokens=r.max_new_tokens,
-      temperature=r.aux_temperature,
+      temperature=rw.aux_temperature,
       greedy=False,
       eos_ids=eos,
       pad_id=pad,
       method=rw.pooling,
       embed_batch=rw.embed_batch,
       engine=r.engine,
-      mesh=b["mesh"],
+      mesh=mesh,
       block_size=r.block_size,
     )
     emb, done_lengths = sharding.to_host((emb, done.lengths))
@@ -214,66 +198,10 @@ def make_reward_fn(config, b):
 
 
 def policy_settings(config, tok, dcfg) -> PolicyOptSettings:
-  """The rollout-and-update settings of GRACE's policy step (module docstring)."""
-  r, p = config.rollout, config.policy
-  return PolicyOptSettings(
-    group_size=r.group_size,
-    max_new_tokens=r.max_new_tokens,
-    temperature=r.temperature,
-    eos_ids=eos_ids(tok, dcfg),
-    pad_id=tok.pad_token_id or 0,
-    epochs=p.epochs,
-    minibatches=p.minibatches,
-    clip_low=p.clip_low,
-    clip_high=p.clip_high,
-    aggregation=p.aggregation,
-    kl_beta=p.kl_beta,
-    advantage_scale="none",
-    success_threshold=float("inf"),
-    logprob_chunk=p.logprob_chunk,
-    logprob_batch=p.logprob_batch,
-    update_microbatches=p.update_microbatches,
-    engine=r.engine,
-    slots=r.slots,
-    block_size=r.block_size,
-    pool_blocks=r.pool_blocks,
-  )
-
-
-def _train_grace(config, workdir, b):
-  lm, tok = DecoderLM(b["dcfg"]), b["tok"]
-  settings = policy_settings(config, tok, b["dcfg"])
-  pos = b["prompts"]["pos"]
-  optimizer = PolicyOptimizer(
-    apply_fn=lm,
-    init_cache=lm.init_cache,
-    prompt_tokens=pos["tokens"],
-    prompt_mask=pos["mask"],
-    reward_fn=make_reward_fn(config, b),
-    settings=settings,
-    mesh=b["mesh"],
-  )
-  data = array_batches(
-    {"prompt_id": np.arange(len(b["triplets"]), dtype=np.int32)},
-    batch_size=config.train.batch_size,
-    seed=config.seed,
-  )
-
-  def step(state, batch):
-    state, metrics = optimizer.step(state, batch)
-    metrics["lr"] = float(b["schedule"](int(state.step) * b["per_step"] - 1))
-    return state, metrics
-
-  return loop.train(
-    config,
-    workdir,
-    init_state=b["init_state"],
-    train_step=step,
-    data=data,
-    mesh=b["mesh"],
-    evaluators=b["evaluators"],
-    jit_step=False,
-  )
+  """`config.policy` is `PolicyOptSettings`' fields; the stop tokens are the tokenizer's and the
+  model's (`grace_eval.eos_ids`)."""
+  return PolicyOptSettings(**config.policy, eos_ids=eos_ids(tok, dcfg, _model_dir(config)),
+                           pad_id=tok.pad_token_id or 0)
 
 
 def infonce_loss(params, batch, rng, *, hidden, temperature):
@@ -299,68 +227,6 @@ def infonce_loss(params, batch, rng, *, hidden, temperature):
   )
 
 
-def train(config, workdir):
-  """Trains (or resumes) `config.algorithm` ("grace" | "infonce") in `workdir`."""
-  b = build(config)
-  if config.algorithm == "grace":
-    return _train_grace(config, workdir, b)
-  if config.algorithm != "infonce":
-    raise ValueError(f"algorithm={config.algorithm!r}; expected 'grace' or 'infonce'")
-  arrays = {
-    f"{k}_{f}": v[f] for k, v in b["prompts"].items() for f in ("tokens", "mask", "segments")
-  }
-  step = step_lib.make_train_step(
-    functools.partial(
-      infonce_loss, hidden=DecoderHidden(b["dcfg"]), temperature=config.infonce.temperature
-    ),
-    lr_schedule=b["schedule"],
-    grad_accum_steps=config.train.grad_accum_steps,
-    compute_dtype=config.train.compute_dtype,
-  )
-  data = array_batches(arrays, batch_size=config.train.batch_size, seed=config.seed)
-  return loop.train(
-    config,
-    workdir,
-    init_state=b["init_state"],
-    train_step=step,
-    data=data,
-    mesh=b["mesh"],
-    evaluators=b["evaluators"],
-  )
-
-
-def eval_needs_checkpoint(config) -> bool:
-  """launch.py: the base model's evaluation reads no checkpoint (the workdir may not exist)."""
-  return not config.eval.base_model
-
-
-def evaluate(config, workdir, step=None):
-  """Evaluator results of a checkpoint (or of the untrained model with eval.base_model) ->
-  `<workdir>/eval/eval_<step>.json` (`eval_base.json`), example rationales included."""
-  base = config.eval.base_model
-  b = build(config, with_weights=base)
-  if base:
-    got_step = "base"
-    params = loop.initialize_state(
-      b["init_state"], jax.random.PRNGKey(config.seed), b["mesh"]
-    ).params
-  else:
-    got_step, params = loop.load_params(
-      config, workdir, b["init_state"], b["mesh"], ema=False, step=step
-    )
-  evaluator = b["evaluators"]["retrieval"]
-  results = {
-    "step": got_step,
-    **loop.run_evaluators(b["evaluators"], params, b["mesh"]),
-    "examples": evaluator.examples,
-  }
-  path = eval_path(workdir, f"eval_{got_step}.json")
-  write_json(path, results)
-  if is_writer():
-    print(json.dumps({k: v for k, v in results.items() if k != "examples"}))
-  return results
-
-
 def _prompt_len(config, tok) -> int:
   """P of the chat prompts: `data.prompt_len`, else (tokenizer here) the template around a
   one-token text, less that token, plus `data.max_text_tokens` (about the longest prompt)."""
@@ -373,77 +239,170 @@ def _prompt_len(config, tok) -> int:
   return int(one["tokens"].shape[1]) - 1 + int(config.data.max_text_tokens)
 
 
-def preflight_pieces(config, mesh):
-  """`train/preflight.py` pieces at the preset's shapes (architecture from the model's config,
-  no weights read). "grace": `policy_pieces.policy_pieces` at B x K rollouts, the auxiliary q / d-
-  rationales (`aux_generate`, `aux_decode_step`) and the reward embeddings; "infonce": the
-  train step."""
-  import dataclasses
-
-  from contrastive_jax.train import policy_pieces, preflight
-
-  m, r, rw = config.model, config.rollout, config.reward
+def _model(config, mode):
+  """(tokenizer or None, DecoderConfig): preflight reads no weight file and tolerates an
+  absent tokenizer (shapes from the model's published config)."""
   try:
     tok = make_tokenizer(config)
-  except (OSError, WeightsError):  # the model directory is not here: shapes from the config
-    tok = None
-  if m.source == "scratch":
-    dcfg = setup.decoder_config(config, types.SimpleNamespace(vocab_size=len(tok)))
-  else:
-    dcfg = setup.decoder_config(config, None, shapes_only=True)
-  tok = tok or types.SimpleNamespace(eos_token_id=None, pad_token_id=0)
-  try:
-    p = _prompt_len(config, None if isinstance(tok, types.SimpleNamespace) else tok)
-  except ValueError as e:
-    raise preflight.PreflightError(str(e)) from e
-  per_step = config.policy.epochs * config.policy.minibatches
-  total = config.train.steps * (per_step if config.algorithm == "grace" else 1)
-  tx, _ = make_optimizer(config.optim, total)
-  bsz, k = config.train.batch_size, r.group_size
-  if config.algorithm == "infonce":
-    batch = {f"{name}_{f}": ((bsz, p), jnp.int32) for name in ("q", "pos", "neg")
-             for f in ("tokens", "mask", "segments")}
-    step = step_lib.make_train_step(
-      functools.partial(infonce_loss, hidden=DecoderHidden(dcfg),
-                        temperature=config.infonce.temperature),
-      grad_accum_steps=config.train.grad_accum_steps, compute_dtype=config.train.compute_dtype,
-    )
-    return {"train_step": preflight.train_step_piece(step, setup.init_fn(dcfg, tx, None), mesh,
-                                                     config, batch)}
+  except (OSError, WeightsError):
+    if mode != "preflight":
+      raise
+    tok = None  # the model directory is not here: shapes from the config
+  if config.model.source == "scratch" or mode != "preflight":
+    return tok, setup.decoder_config(config, types.SimpleNamespace(vocab_size=len(tok)))
+  return tok, setup.decoder_config(config, None, shapes_only=True)
+
+
+def _policy_step(config, *, dcfg, tok, prompts, mesh, schedule, per_step):
+  """GRACE's loop step: `PolicyOptimizer.step` over the d+ prompts with the contrastive reward
+  (`make_reward_fn`), with the learning rate."""
+  lm = DecoderLM(dcfg)
+  pos = prompts["pos"]
+  optimizer = PolicyOptimizer(
+    apply_fn=lm, init_cache=lm.init_cache, prompt_tokens=pos["tokens"],
+    prompt_mask=pos["mask"],
+    reward_fn=make_reward_fn(config, dcfg=dcfg, tok=tok, prompts=prompts, mesh=mesh),
+    settings=policy_settings(config, tok, dcfg), mesh=mesh,
+  )
+
+  def step(state, batch):
+    state, metrics = optimizer.step(state, batch)
+    metrics["lr"] = float(schedule(int(state.step) * per_step - 1))
+    return state, metrics
+
+  return step
+
+
+def _policy_pieces(config, *, dcfg, tok, mesh, p):
+  """Preflight pieces of one GRACE step: `policy_pieces` at B x K rollouts, the auxiliary q / d-
+  rationales (`aux_generate`, `aux_decode_step`) and the reward embeddings."""
+  r, rw = config.policy, config.reward
   lm, hidden = DecoderLM(dcfg), DecoderHidden(dcfg)
   settings = policy_settings(config, tok, dcfg)
-  init_state = setup.init_fn(dcfg, tx, None, extra=init_extra(config.data.train_size or 1))
-  state = preflight.abstract_state(init_state, mesh, config)
-  pieces = policy_pieces.policy_pieces(apply_fn=lm, init_cache=lm.init_cache, settings=settings,
-                                    mesh=mesh, state=state, rows=bsz * k, prompt_len=p)
+  bsz, k = config.train.batch_size, r.group_size
   aux_rows = bsz * k if rw.form == "paper" and not rw.unsupervised else bsz
   aux_calls = 1 if rw.unsupervised else 2
-  # One rationale per q / d- text (`make_reward_fn`): groups of 1.
-  aux = policy_pieces.policy_pieces(
-    apply_fn=lm, init_cache=lm.init_cache, mesh=mesh, state=state, rows=aux_rows, prompt_len=p,
-    settings=dataclasses.replace(settings, temperature=r.aux_temperature, group_size=1),
-    prefix="aux_",
-  )
-  for name in ("aux_rollout_generate", "aux_decode_step", "aux_rollout_submit",
-               "aux_rollout_decode"):
-    if name not in aux:
-      continue
-    piece = aux[name]
-    pieces[name] = dataclasses.replace(piece, per_step=piece.per_step * aux_calls,
-                                       note=f"{aux_calls} call(s) per step; " + piece.note)
-
+  t = r.max_new_tokens
   def reward_embed(params, pt, pm, seg, tokens, mask):
     # The reward function's call (`make_reward_fn`), `reward.embed_batch` rows per pass.
     return embed(hidden, params, pt, pm, seg, tokens, mask, method=rw.pooling,
                  batch=rw.embed_batch)
 
-  t = r.max_new_tokens
-  for name, rows, calls in (("reward_embed", bsz * k, 1), ("aux_embed", aux_rows, aux_calls)):
-    args = [state.params] + [
-      preflight.abstract(shape, jnp.int32, sharding.place_sharding(shape, mesh))
-      for shape in ((rows, p), (rows, p), (rows, p), (rows, t), (rows, t))
-    ]
-    per_pass = min(rw.embed_batch or rows, rows)
-    pieces[name] = preflight.Piece(reward_embed, tuple(args), per_step=float(calls),
-                                   note=f"{rows} rows x {p + t} tokens, {per_pass} rows per pass")
+  def pieces(state):
+    out = policy_pieces.policy_pieces(apply_fn=lm, init_cache=lm.init_cache, settings=settings,
+                                      mesh=mesh, state=state, rows=bsz * k, prompt_len=p)
+    aux = policy_pieces.policy_pieces(
+      apply_fn=lm, init_cache=lm.init_cache, mesh=mesh, state=state, rows=aux_rows,
+      prompt_len=p, prefix="aux_",
+      # One rationale per q / d- text (`make_reward_fn`): groups of 1.
+      settings=dataclasses.replace(settings, temperature=rw.aux_temperature, group_size=1),
+    )
+    for name in ("aux_rollout_generate", "aux_decode_step", "aux_rollout_submit",
+                 "aux_rollout_decode"):
+      if name not in aux:
+        continue
+      piece = aux[name]
+      out[name] = dataclasses.replace(piece, per_step=piece.per_step * aux_calls,
+                                      note=f"{aux_calls} call(s) per step; " + piece.note)
+    for name, rows, calls in (("reward_embed", bsz * k, 1), ("aux_embed", aux_rows, aux_calls)):
+      args = [state.params] + [
+        abstract(shape, jnp.int32, sharding.place_sharding(shape, mesh))
+        for shape in ((rows, p), (rows, p), (rows, p), (rows, t), (rows, t))
+      ]
+      per_pass = min(rw.embed_batch or rows, rows)
+      out[name] = Piece(reward_embed, tuple(args), per_step=float(calls),
+                        note=f"{rows} rows x {p + t} tokens, {per_pass} rows per pass")
+    return out
+
   return pieces
+
+
+def _evaluators(config, tok, dcfg, records, tasks, mesh) -> dict:
+  """"retrieval" (`GraceEvaluator` on the held-out pydoc pages), or, with `eval.mteb_tasks`,
+  "mteb": the tasks scored through the released protocol's encoder (one rationale per text,
+  then the pooled hidden state)."""
+  evaluator = GraceEvaluator(config, tok, dcfg, records, mesh=mesh)
+  if not tasks:
+    return {"retrieval": evaluator}
+
+  def encode_fn_of(params):
+    rationale = evaluator.encode_fn(params, config.eval.max_new_tokens)
+    return lambda texts, *, kind: rationale(texts)
+
+  return {"mteb": mteb_adapter.mteb_evaluator(
+    encode_fn_of, tasks, name=os.path.basename(config.model.path or "base"),
+    embed_dim=dcfg.hidden_size, max_tokens=config.data.max_text_tokens,
+    batch_size=config.eval.batch_size)}
+
+
+def build(config, *, mode, workdir, devices=None) -> Experiment:
+  """GRACE's rationale policy ("grace") or the InfoNCE baseline ("infonce") on the same model and
+  triplets; `train/experiment.py` has the protocol."""
+  del workdir  # caches go to data.cache_dir
+  if config.algorithm not in ("grace", "infonce"):
+    raise ValueError(f"algorithm={config.algorithm!r}; expected 'grace' or 'infonce'")
+  mesh = sharding.make_mesh(config.mesh, devices)
+  tok, dcfg = _model(config, mode)
+  per_step = config.policy.epochs * config.policy.minibatches
+  total = config.train.steps * (per_step if config.algorithm == "grace" else 1)
+  tx, schedule = make_optimizer(config.optim, total, trainable=setup.trainable(config))
+  load = setup.pretrained_loader(config, dcfg, mesh)
+  preflight = mode == "preflight"
+  evaluating = mode in ("train", "eval")
+  tasks = mteb_setup.tasks(config) if evaluating else ()
+  # The pydoc pages: the offline triplets, and the evaluation unless MTEB replaces it.
+  pages = (mode == "train" and config.data.source == "offline") or (evaluating and not tasks)
+  records = offline_records(config) if pages else None
+  triplets = train_triplets(config, records) if mode == "train" else None
+  prompts = _chat_prompts(config, tok, triplets) if triplets else None
+  evaluators = _evaluators(config, tok, dcfg, None if tasks else records, tasks, mesh) if (
+    evaluating) else {}
+  try:
+    p = _prompt_len(config, tok)
+  except ValueError as e:
+    if preflight:
+      raise PreflightError(str(e)) from e
+    p = None
+  bsz = config.train.batch_size
+
+  def export(params, out_dir):
+    # The rationale policy (or the InfoNCE-tuned model) as a causal LM: tokenizer files from
+    # the HF directory, or rebuilt from the GGUF / the tiny vocabulary; every stop id.
+    m = config.model
+    export_lib.export(params, dcfg, m.path if m.source == "hf" else None, out_dir,
+                      tokenizer=tok if m.source != "hf" else None,
+                      stop_ids=eos_ids(tok, dcfg, _model_dir(config)))
+
+  if config.algorithm == "infonce":
+    step = step_lib.make_train_step(
+      functools.partial(infonce_loss, hidden=DecoderHidden(dcfg),
+                        temperature=config.infonce.temperature),
+      lr_schedule=schedule, grad_accum_steps=config.train.grad_accum_steps,
+      compute_dtype=config.train.compute_dtype,
+    )
+    arrays = None if prompts is None else {
+      f"{k}_{f}": v[f] for k, v in prompts.items() for f in ("tokens", "mask", "segments")}
+    return Experiment(
+      mesh=mesh, init_state=setup.init_fn(dcfg, tx, load, ema=config.optim.ema),
+      train_step=step,
+      batch={f"{name}_{f}": ((bsz, p), jnp.int32) for name in ("q", "pos", "neg")
+             for f in ("tokens", "mask", "segments")} if p else None,
+      data=lambda: array_batches(arrays, batch_size=bsz, seed=config.seed),
+      evaluators=evaluators, export=export,
+    )
+  num_prompts = len(triplets) if triplets else config.data.train_size or 1
+  init_state = setup.init_fn(dcfg, tx, load, ema=config.optim.ema,
+                             extra=init_extra(num_prompts))
+  shape_tok = tok or types.SimpleNamespace(eos_token_id=None, pad_token_id=0)
+  pieces = _policy_pieces(config, dcfg=dcfg, tok=shape_tok, mesh=mesh, p=p) if p else None
+  if mode != "train":
+    return Experiment(mesh=mesh, init_state=init_state, jit_step=False, evaluators=evaluators,
+                      pieces=pieces, export=export)
+  return Experiment(
+    mesh=mesh, init_state=init_state, jit_step=False,
+    train_step=_policy_step(config, dcfg=dcfg, tok=tok, prompts=prompts, mesh=mesh,
+                            schedule=schedule, per_step=per_step),
+    data=lambda: array_batches({"prompt_id": np.arange(len(triplets), dtype=np.int32)},
+                               batch_size=bsz, seed=config.seed),
+    evaluators=evaluators, pieces=pieces, export=export,
+  )

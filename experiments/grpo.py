@@ -2,7 +2,7 @@
 
 `config.algorithm`:
   "grpo"  `train.policy_opt.PolicyOptimizer` as the loop's step (rollout, rewards, old/ref
-          log-probs, PPO-clip updates); `train.batch_size` prompts x `rollout.group_size`
+          log-probs, PPO-clip updates); `train.batch_size` prompts x `policy.group_size`
           rollouts per step; prompt-selection posteriors live in `state.extra` (checkpointed).
   "sft"   supervised fine-tuning on the task's gold answers (token cross-entropy on the
           completion), so a character-level decoder can answer some problems before GRPO.
@@ -23,30 +23,21 @@ import numpy as np
 from contrastive_jax import sharding
 from contrastive_jax.data.char_vocab import right_pad
 from contrastive_jax.data.pipeline import array_batches
-from contrastive_jax.io import eval_path, is_writer, write_json
+from contrastive_jax.models import lora as lora_lib
 from contrastive_jax.models.decoder import DecoderLM
 from contrastive_jax.sampling.lm import sequence_logprobs
-from contrastive_jax.train import loop, policy_pieces
+from contrastive_jax.train import policy_pieces
 from contrastive_jax.train import step as step_lib
+from contrastive_jax.train.experiment import Experiment
+from contrastive_jax.train.init import initialize_state
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
 from experiments import policy_setup as setup
 
 
-def settings_from_config(config, codec) -> PolicyOptSettings:
-  r, p, s = config.rollout, config.policy, config.prompts
-  return PolicyOptSettings(
-    group_size=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-    top_k=r.top_k, top_p=r.top_p, eos_ids=tuple(codec.eos_ids), pad_id=codec.pad_id,
-    epochs=p.epochs, minibatches=p.minibatches, clip_low=p.clip_low, clip_high=p.clip_high,
-    aggregation=p.aggregation, kl_beta=p.kl_beta, advantage_scale=p.advantage_scale,
-    advantage_std=p.advantage_std, dynamic_sampling=p.dynamic_sampling,
-    max_refills=p.max_refills, overlong_penalty=p.overlong_penalty,
-    overlong_cache=p.overlong_cache, selection=s.selection, selection_pool=s.pool_factor,
-    selection_lam=s.lam, selection_target=s.target, logprob_chunk=p.logprob_chunk,
-    logprob_batch=p.logprob_batch, update_microbatches=p.update_microbatches,
-    engine=r.engine, slots=r.slots, block_size=r.block_size, pool_blocks=r.pool_blocks,
-  )
+def policy_settings(config, codec) -> PolicyOptSettings:
+  """`config.policy` is `PolicyOptSettings`' fields; the stop and pad tokens come from the codec."""
+  return PolicyOptSettings(**config.policy, eos_ids=tuple(codec.eos_ids), pad_id=codec.pad_id)
 
 
 def _total_updates(config) -> int:
@@ -56,24 +47,10 @@ def _total_updates(config) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _optimizer(optim_json: str, total_updates: int):
+def _optimizer(optim_json: str, total_updates: int, lora: bool = False):
   # One optax object per optimizer config: compiled updates are keyed on it (resume in-process).
-  return make_optimizer(ml_collections.ConfigDict(json.loads(optim_json)), total_updates)
-
-
-def build(config, *, with_weights: bool = True):
-  """Everything a run needs: mesh, codec, tasks, model config, init_state, evaluator, schedule."""
-  mesh = sharding.make_mesh(config.mesh)
-  codec = setup.make_codec(config)
-  train_task, test_task = setup.make_tasks(config)
-  dcfg = setup.decoder_config(config, codec)
-  tx, schedule = _optimizer(config.optim.to_json(), _total_updates(config))
-  pretrained = setup.pretrained_params(config, dcfg, mesh) if with_weights else None
-  extra = init_extra(len(train_task)) if config.algorithm == "grpo" else None
-  init_state = setup.init_fn(dcfg, tx, pretrained, extra=extra)
-  evaluator = setup.heldout_evaluator(config, dcfg, codec, test_task, mesh)
-  return dict(mesh=mesh, codec=codec, train_task=train_task, dcfg=dcfg, schedule=schedule,
-              init_state=init_state, evaluators={"heldout": evaluator})
+  return make_optimizer(ml_collections.ConfigDict(json.loads(optim_json)), total_updates,
+                        trainable=lora_lib.trainable_mask if lora else None)
 
 
 def sft_loss(params, batch, rng, *, lm, chunk=0):
@@ -88,110 +65,118 @@ def sft_loss(params, batch, rng, *, lm, chunk=0):
   return loss, {"answer_prob_gt_half": jnp.mean(exact.astype(jnp.float32))}
 
 
-def _sft_data(config, codec):
+def _sft_arrays(config, codec) -> dict[str, np.ndarray]:
+  """Prompts (left-padded) and gold completions (right-padded) of `sft.examples` problems."""
   task, _ = setup.make_tasks(config, train_size=config.sft.examples)
   prompts, mask = task.prompt_arrays(codec)
   tokens, cmask = right_pad([codec.encode_completion(g) for g in task.golds])
-  arrays = {"prompt_tokens": prompts, "prompt_mask": mask, "tokens": tokens, "mask": cmask}
-  return array_batches(arrays, batch_size=config.train.batch_size, seed=config.seed)
+  return {"prompt_tokens": prompts, "prompt_mask": mask, "tokens": tokens, "mask": cmask}
 
 
-def train(config, workdir):
-  b = build(config)
-  lm = DecoderLM(b["dcfg"])
-  if config.algorithm == "sft":
-    loss = functools.partial(sft_loss, lm=lm, chunk=config.policy.logprob_chunk)
-    step = step_lib.make_train_step(loss, lr_schedule=b["schedule"],
-                                grad_accum_steps=config.train.grad_accum_steps,
-                                compute_dtype=config.train.compute_dtype)
-    return loop.train(config, workdir, init_state=b["init_state"], train_step=step,
-                      data=_sft_data(config, b["codec"]), mesh=b["mesh"],
-                      evaluators=b["evaluators"])
-  if config.algorithm != "grpo":
-    raise ValueError(f"algorithm={config.algorithm!r}; expected 'grpo' or 'sft'")
-  codec, task, mesh = b["codec"], b["train_task"], b["mesh"]
-  tokens, mask = task.prompt_arrays(codec, max_len=config.task.max_prompt_len or None)
-  ref_params = None
-  if config.policy.reference or config.policy.kl_beta:
-    # The frozen reference is the initial policy; rebuilt from the same source and seed.
-    ref_params = loop.initialize_state(b["init_state"], jax.random.PRNGKey(config.seed),
-                                       mesh).params
-  optimizer = PolicyOptimizer(
-    apply_fn=lm, init_cache=lm.init_cache, prompt_tokens=tokens, prompt_mask=mask,
-    reward_fn=lambda params, ro, rng: (task.rewards(codec, ro.prompt_ids, ro.tokens, ro.mask), {}),
-    settings=settings_from_config(config, codec), mesh=mesh, ref_params=ref_params,
-  )
-  data = array_batches({"prompt_id": np.arange(len(task), dtype=np.int32)},
-                       batch_size=config.train.batch_size, seed=config.seed)
-  schedule = b["schedule"]
+def _prompt_len(config, codec, train_task) -> int:
+  """P of the rollout prompts: `task.max_prompt_len`, else the task's longest prompt."""
+  if config.task.max_prompt_len:
+    return config.task.max_prompt_len
+  return train_task.prompt_arrays(codec)[0].shape[1]
+
+
+def _policy_step(config, *, lm, codec, task, init_state, mesh, schedule):
+  """The loop's step for "grpo": `PolicyOptimizer.step` (built on the first call: the frozen
+  reference is the initial policy, loaded then), with the learning rate and rollout count."""
+  settings = policy_settings(config, codec)
   per_step = config.policy.epochs * config.policy.minibatches
+  tokens, mask = task.prompt_arrays(codec, max_len=config.task.max_prompt_len or None)
+  built = {}
+
+  def optimizer():
+    if not built:
+      ref_params = None
+      if settings.reference or settings.kl_beta:
+        ref_params = initialize_state(init_state, jax.random.PRNGKey(config.seed), mesh,
+                                      config.sharding_rules).params
+      built["opt"] = PolicyOptimizer(
+        apply_fn=lm, init_cache=lm.init_cache, prompt_tokens=tokens, prompt_mask=mask,
+        reward_fn=lambda params, ro, rng: (
+          task.rewards(codec, ro.prompt_ids, ro.tokens, ro.mask), {}),
+        settings=settings, mesh=mesh, ref_params=ref_params,
+      )
+    return built["opt"]
 
   def step(state, batch):
-    state, metrics = optimizer.step(state, batch)
+    state, metrics = optimizer().step(state, batch)
     metrics["lr"] = float(schedule(int(state.step) * per_step - 1))
     metrics["rollouts_total"] = int(state.extra["rollouts"])
     return state, metrics
 
-  return loop.train(config, workdir, init_state=b["init_state"], train_step=step, data=data,
-                    mesh=mesh, evaluators=b["evaluators"], jit_step=False)
+  return step
 
 
-check_inputs = setup.check_inputs  # launch.py calls it before writing anything
-
-
-def evaluate(config, workdir, step=None):
-  """Held-out greedy accuracy, Mean@k, Pass@k of a checkpoint -> <workdir>/eval/eval_<step>.json."""
-  b = build(config, with_weights=False)
-  got_step, params = loop.load_params(config, workdir, b["init_state"], b["mesh"], ema=False,
-                                      step=step)
-  results = {"step": got_step, **loop.run_evaluators(b["evaluators"], params, b["mesh"])}
-  path = eval_path(workdir, f"eval_{got_step}.json")
-  write_json(path, results)
-  if is_writer():
-    print(json.dumps(results))
-  return results
-
-
-def preflight_pieces(config, mesh):
-  """`train/preflight.py` pieces at the preset's shapes: for "grpo" the rollout, decode step,
-  old (and reference) log-prob pass and PPO update of `policy_pieces.policy_pieces`; for "sft" the
-  train step. Prompts are `task.max_prompt_len` tokens (or the task's longest, when the task is
-  here); the architecture comes from the model's config (no weights are read)."""
-  from contrastive_jax.train import preflight
-
-  if config.model.source == "scratch":
-    codec = setup.make_codec(config)
-    dcfg = setup.decoder_config(config, codec)
-  else:
-    dcfg = setup.decoder_config(config, None, shapes_only=True)
-    codec = setup.shape_codec(config, dcfg)
-  tx, _ = _optimizer(config.optim.to_json(), _total_updates(config))
-  p = config.task.max_prompt_len
-  num_prompts = config.task.train_size or 1
-  if not p or config.algorithm == "sft":
-    try:
-      task, _ = setup.make_tasks(config)
-    except (OSError, ValueError) as e:
-      raise preflight.PreflightError(
-        f"task.max_prompt_len=0 and the task cannot be read for its prompt lengths ({e}); set "
-        f"--config.task.max_prompt_len"
-      ) from e
-    num_prompts = len(task)
-    p = p or task.prompt_arrays(codec)[0].shape[1]
+def build(config, *, mode, workdir, devices=None) -> Experiment:
+  """GRPO (rollouts + PPO-clip updates, the loop's step un-jitted: the optimizer compiles its
+  pieces) or SFT (a jitted cross-entropy step); `train/experiment.py` has the protocol."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  codec, dcfg = setup.codec_and_model(config, mode)
+  grader = setup.make_grader(config)  # one set of grading processes, started on first use
+  tx, schedule = _optimizer(config.optim.to_json(), _total_updates(config),
+                            setup.trainable(config) is not None)
   lm = DecoderLM(dcfg)
+  load = setup.pretrained_loader(config, dcfg, mesh)
+  checks = (lambda: setup.check_inputs(config, mode),)
+  preflight = mode == "preflight"
+  evaluating = mode in ("train", "eval")
+
+  def export(params, out_dir):
+    setup.export_policy(config, params, dcfg, codec, out_dir)
+
   if config.algorithm == "sft":
-    sft = _sft_data(config, codec)
-    b, first = config.train.batch_size, next(iter(sft))
-    batch = {k: ((b, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in first.items()}
-    step = step_lib.make_train_step(functools.partial(sft_loss, lm=lm),
-                                grad_accum_steps=config.train.grad_accum_steps,
-                                compute_dtype=config.train.compute_dtype)
-    return {"train_step": preflight.train_step_piece(
-      step, setup.init_fn(dcfg, tx, None), mesh, config, batch)}
-  init_state = setup.init_fn(dcfg, tx, None, extra=init_extra(num_prompts))
-  state = preflight.abstract_state(init_state, mesh, config)
-  return policy_pieces.policy_pieces(
-    apply_fn=lm, init_cache=lm.init_cache, settings=settings_from_config(config, codec),
-    mesh=mesh, state=state, rows=config.train.batch_size * config.rollout.group_size,
-    prompt_len=p, reference=bool(config.policy.reference or config.policy.kl_beta),
+    step = step_lib.make_train_step(
+      functools.partial(sft_loss, lm=lm, chunk=config.policy.logprob_chunk),
+      lr_schedule=schedule, grad_accum_steps=config.train.grad_accum_steps,
+      compute_dtype=config.train.compute_dtype,
+    )
+    arrays = _sft_arrays(config, codec)
+    b = config.train.batch_size
+    evaluators = {}
+    if evaluating:
+      test_task = setup.make_tasks(config, grader=grader)[1]
+      evaluators = setup.evaluators(config, dcfg, codec, test_task, mesh, grader=grader,
+                                    workdir=workdir)
+    return Experiment(
+      mesh=mesh, init_state=setup.init_fn(dcfg, tx, load, ema=config.optim.ema),
+      train_step=step,
+      batch={k: ((b, *v.shape[1:]), v.dtype) for k, v in arrays.items()},
+      data=lambda: array_batches(arrays, batch_size=b, seed=config.seed),
+      evaluators=evaluators, checks=checks, export=export,
+    )
+  if config.algorithm != "grpo":
+    raise ValueError(f"algorithm={config.algorithm!r}; expected 'grpo' or 'sft'")
+  if mode == "export" or (preflight and config.task.max_prompt_len):
+    # Shapes only: the paper presets name data files that need not be here.
+    train_task, test_task, num_prompts = None, None, config.task.train_size or 1
+  else:
+    train_task, test_task = setup.make_tasks(config, grader=grader)
+    num_prompts = len(train_task)
+  init_state = setup.init_fn(dcfg, tx, load, ema=config.optim.ema,
+                             extra=init_extra(num_prompts))
+
+  def pieces(state):
+    return policy_pieces.policy_pieces(
+      apply_fn=lm, init_cache=lm.init_cache, settings=policy_settings(config, codec),
+      mesh=mesh, state=state, rows=config.train.batch_size * config.policy.group_size,
+      prompt_len=_prompt_len(config, codec, train_task),
+      reference=bool(config.policy.reference or config.policy.kl_beta),
+    )
+
+  if not evaluating:
+    return Experiment(mesh=mesh, init_state=init_state, jit_step=False, pieces=pieces,
+                      export=export)
+  return Experiment(
+    mesh=mesh, init_state=init_state, jit_step=False,
+    train_step=_policy_step(config, lm=lm, codec=codec, task=train_task, init_state=init_state,
+                            mesh=mesh, schedule=schedule),
+    data=lambda: array_batches({"prompt_id": np.arange(len(train_task), dtype=np.int32)},
+                               batch_size=config.train.batch_size, seed=config.seed),
+    evaluators=setup.evaluators(config, dcfg, codec, test_task, mesh, grader=grader,
+                                workdir=workdir),
+    checks=checks, pieces=pieces, export=export,
   )

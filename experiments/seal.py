@@ -7,7 +7,7 @@ device), or inside `shard_map` with local negatives (`loss.negatives="local"`). 
 negatives per query is mined once with the base encoder (or read from the data file) and cached
 with the records in `<workdir>/seal_data.json`; each epoch draws G-1 of it per example
 (`data.negative_sampling`), so a resumed run trains on exactly the same data. Evaluation (in the
-loop and in `--mode eval`, also of the base model with `eval.zero_shot=True`) encodes the test
+loop and in `--mode eval`, also of the base model with `eval.params=base`) encodes the test
 corpus in sharded batches and ranks it exactly: MRR@10, HitRate@1/5/10, NDCG@10, Recall@100, on
 the tagged documents and on their tag-stripped text, each document truncated to
 `data.passage_max_length` tokens. With `eval.page_chunks = N > 0` each document (page) is also
@@ -21,44 +21,54 @@ import functools
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from contrastive_jax import sharding
 from contrastive_jax.data import html_views, mining, offline_docs, structdoc
 from contrastive_jax.data.seal_batches import SealBatches, tokenize, tokenize_chunks
+from contrastive_jax.evaluation import mteb_adapter
 from contrastive_jax.evaluation.retrieval import (
   embedding_retrieval_metrics,
   encode_corpus,
   exact_top_k,
   page_retrieval_metrics,
 )
-from contrastive_jax.io import eval_path, is_writer, write_json
+from contrastive_jax.io import workdir_path, write_json
 from contrastive_jax.losses.seal import seal_loss
-from contrastive_jax.models.encoder import Encoder, pool
-from contrastive_jax.train import loop
+from contrastive_jax.models.encoder import Encoder, EncoderConfig, pool
 from contrastive_jax.train import step as step_lib
+from contrastive_jax.train.experiment import Experiment
+from contrastive_jax.train.init import Pretrained
 from contrastive_jax.train.optim import make_optimizer
+from contrastive_jax.train.preflight import Piece, abstract
 from contrastive_jax.train.state import TrainState
 from contrastive_jax.weights import encoder as W
+from contrastive_jax.weights import export as export_lib
 from contrastive_jax.weights.hf import load_tokenizer
+from contrastive_jax.weights.published_configs import hf_config
+from experiments import mteb_setup
 
 
 def _encoder_overrides(config) -> dict:
   """EncoderConfig fields the config sets over the model's config.json."""
   m = config.model
   return {"attention_impl": m.attention_impl, "attention_dropout": m.attention_dropout,
-          "remat": m.remat, "scan_layers": m.get("scan_layers", False)}
+          "remat": m.remat, "scan_layers": m.scan_layers}
+
+
+def model_path(config) -> str:
+  return config.model.path or W.minilm_model_dir()
 
 
 def load_model(config):
   """(EncoderConfig, pretrained {"params"} numpy tree, tokenizer) from `model.path`."""
-  path = config.model.path or W.minilm_model_dir()
+  path = model_path(config)
   enc_cfg, params = W.load_encoder(path, **_encoder_overrides(config))
   return enc_cfg, params, load_tokenizer(path)
 
@@ -101,10 +111,10 @@ def _records_and_summary(config, split):
   d = config.data
   if d.source != "jsonl":
     return [r for r in _offline_records(config) if r["split"] == split], None
-  path = d.train_file if split == "train" else d.test_file
-  key = "data.train_file" if split == "train" else "data.test_file"
-  if not path or not os.path.isfile(path):
-    raise FileNotFoundError(f"{key}={path!r}: no such StructDocRetrieval JSONL file")
+  key = f"data.{split}_file"
+  path = d[f"{split}_file"]
+  if not path or not epath.Path(path).is_file():
+    raise FileNotFoundError(f"{key}={path!r}: no such StructDocRetrieval file (JSON lines)")
   # Hard negatives come with the training records only; a held-out file is plain.
   negatives = config.loss.group_size - 1 if d.hard_negatives == "file" and split == "train" else 0
   records, stats = structdoc.load_structdoc_jsonl(path, negatives=negatives)
@@ -166,18 +176,18 @@ def encode_token_rows(embed, params, ids, mask, *, batch_size, mesh):
   )
 
 
-def _prepare_data(config, workdir, model, params, tokenizer, mesh):
+def _prepare_data(config, workdir, model, pretrained, tokenizer, mesh):
   """Train queries, documents and [Q, 1 + K] groups (positive, then its pool of K hard
   negatives, -1 padded), cached in the workdir; `SealBatches` draws G-1 of the pool per epoch.
 
   "mine": K = `data.negative_pool` negatives sampled from the base encoder's ranks
   `data.mine_window` (FlagEmbedding hn_mine: 15 from [10, 210)). "file": the record's own "neg"
   list, whole (FlagEmbedding's training files hold the mined 15); it must hold G-1 texts.
+  `pretrained() -> {"params"}` gives the base encoder that mines (read only when mining).
   """
-  path = os.path.join(workdir, "seal_data.json")
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+  path = workdir_path(workdir) / "seal_data.json"
+  if path.exists():
+    return json.loads(path.read_text())
   train_records, summary = _records_and_summary(config, "train")
   queries, docs, positives = _pairs(train_records)
   g = config.loss.group_size
@@ -198,6 +208,7 @@ def _prepare_data(config, workdir, model, params, tokenizer, mesh):
     if pool < g - 1:
       raise ValueError(f"data.negative_pool={pool} is smaller than group_size - 1 = {g - 1}")
     embed = make_embed(model, config, mesh)
+    params = pretrained()
     kw = {"batch_size": config.data.mine_batch_size, "mesh": mesh}
     q_emb = encode_texts(
       embed, params, tokenizer, queries, max_length=config.data.query_max_length, **kw
@@ -276,44 +287,41 @@ def loss_fn(params, batch, rng, *, model, config, mesh):
   )(*present)
 
 
-def _setup(config):
-  mesh = sharding.make_mesh(config.mesh)
-  tx, schedule = make_optimizer(config.optim, config.train.steps)
-  enc_cfg, pretrained, tokenizer = load_model(config)
-  return mesh, tx, schedule, Encoder(enc_cfg), enc_cfg, pretrained, tokenizer
+def _init_fn(enc_cfg, tx, load, *, ema=0.0):
+  """init_state whose params are the pretrained weights (`load()`, read only when a state is
+  built from scratch) in their logical boxes."""
+  model = Encoder(enc_cfg)
 
+  def init_state(rng, values=None):
+    ids = jnp.zeros((1, 2), jnp.int32)
+    params = model.init(jax.random.fold_in(rng, 1), ids, jnp.ones_like(ids))
+    if values is not None:
+      params = jax.tree.map(lambda box, x: box.replace_boxed(jnp.asarray(x)), params, values,
+                            is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return TrainState.create(params=params, tx=tx, rng=rng, ema_decay=ema)
 
-def _init_fn(enc_cfg, pretrained, tx):
-  """init_state whose params are the pretrained weights in their logical boxes."""
-  boxed = W.abstract_params(enc_cfg)
-
-  def init_state(rng, values):
-    params = jax.tree.map(
-      lambda box, x: box.replace_boxed(jnp.asarray(x)),
-      boxed,
-      values,
-      is_leaf=lambda x: isinstance(x, nn.Partitioned),
-    )
-    return TrainState.create(params=params, tx=tx, rng=rng)
-
-  # The pretrained weights enter the compiled initialiser as arguments, not as constants.
-  return loop.Pretrained(init_state, pretrained)
+  return Pretrained(init_state, load)
 
 
 def make_evaluators(config, model, tokenizer, mesh):
-  """name -> fn(params) -> metrics on the test split: "test" (tagged), "test_untagged"."""
-  queries, docs, positives = _pairs(_records(config, "test"))
+  """name -> fn(params, *, step) -> metrics: "test" (tagged) and "test_untagged" on the test
+  split, and "dev", "dev_untagged" on `data.dev_file` when set (JSON lines)."""
   embed = make_embed(model, config, mesh)
   kw = {"batch_size": config.eval.batch_size, "mesh": mesh}
-  corpora = {"test": docs}
-  if config.eval.untagged:
-    corpora["test_untagged"] = [html_views.tag_stripped_view(d) for d in docs]
+  splits = ("test", "dev") if config.data.source == "jsonl" and config.data.dev_file else ("test",)
+  corpora = {}
+  for split in splits:
+    queries, docs, positives = _pairs(_records(config, split))
+    corpora[split] = (queries, docs, positives)
+    if config.eval.untagged:
+      corpora[f"{split}_untagged"] = (queries, [html_views.tag_stripped_view(d) for d in docs],
+                                      positives)
 
   page_chunks = config.eval.page_chunks
   if page_chunks < 0:
     raise ValueError(f"eval.page_chunks={page_chunks}: 0 (off) or the most chunks per page")
 
-  def evaluator(texts):
+  def evaluator(queries, texts, positives):
     length = config.data.passage_max_length
     # Chunk 0 of a page is its truncated passage, so one encoding serves both rankings.
     chunks = (
@@ -322,7 +330,8 @@ def make_evaluators(config, model, tokenizer, mesh):
       else None
     )
 
-    def run(params):
+    def run(params, *, step=None):
+      del step
       q = encode_texts(
         embed, params, tokenizer, queries, max_length=config.data.query_max_length, **kw
       )
@@ -336,129 +345,111 @@ def make_evaluators(config, model, tokenizer, mesh):
 
     return run
 
-  return {name: evaluator(texts) for name, texts in corpora.items()}
+  return {name: evaluator(*corpus) for name, corpus in corpora.items()}
 
 
-def train(config, workdir):
-  mesh, tx, schedule, model, enc_cfg, pretrained, tokenizer = _setup(config)
-  # Before reading data: the loop would fail placing its first batch.
-  sharding.check_batch_divides(config.train.batch_size, mesh, what="train.batch_size")
-  data = _prepare_data(config, workdir, model, {"params": pretrained["params"]}, tokenizer, mesh)
-  d = config.data
-  batches = SealBatches(
-    data["queries"],
-    data["documents"],
-    data["groups"],
-    tokenizer,
-    batch_size=config.train.batch_size,
-    seed=config.seed,
-    group_size=config.loss.group_size,
-    negative_sampling=d.negative_sampling,
-    views=_views(config),
-    mask_rate=d.mask_rate,
-    mask_mode=d.mask_mode,
-    eal_unit=d.eal_unit,
-    sal_strip=d.sal_strip,
-    query_max_length=d.query_max_length,
-    passage_max_length=d.passage_max_length,
-    length_buckets=tuple(d.length_buckets),
-    row_slice=sharding.process_slice(config.train.batch_size),
-  )
-  step = step_lib.make_train_step(
-    functools.partial(loss_fn, model=model, config=config, mesh=mesh),
-    lr_schedule=schedule,
-    grad_accum_steps=config.train.grad_accum_steps,
-    compute_dtype=config.train.compute_dtype,
-  )
-  evaluators = (
-    make_evaluators(config, model, tokenizer, mesh) if config.eval.during_training else {}
-  )
-  return loop.train(
-    config,
-    workdir,
-    init_state=_init_fn(enc_cfg, pretrained, tx),
-    train_step=step,
-    data=batches,
-    mesh=mesh,
-    evaluators=evaluators,
-    data_summary=data.get("summary"),
-  )
+def mteb_encode_fn(config, model, params, tokenizer, mesh):
+  """`encode_fn(texts, *, kind)` of `evaluation.mteb_adapter.MtebEncoder`: pooled, normalised
+  embeddings, queries at `data.query_max_length` tokens and documents at
+  `data.passage_max_length`, in sharded batches of `eval.batch_size`."""
+  embed = make_embed(model, config, mesh)
+  lengths = {"query": config.data.query_max_length, "document": config.data.passage_max_length}
+
+  def encode_fn(texts, *, kind):
+    return encode_texts(embed, params, tokenizer, texts, max_length=lengths[kind],
+                        batch_size=config.eval.batch_size, mesh=mesh)
+
+  return encode_fn
 
 
-def eval_needs_checkpoint(config) -> bool:
-  """launch.py: a zero-shot evaluation reads no checkpoint, so its workdir may not exist yet."""
-  return not config.eval.zero_shot
-
-
-def evaluate(config, workdir, step=None):
-  """Metrics of a checkpoint (latest, or `step`), or of the base model with eval.zero_shot ->
-  `<workdir>/eval/eval_<step>.json` (`eval_zero_shot.json`)."""
-  mesh, tx, _, model, enc_cfg, pretrained, tokenizer = _setup(config)
-  start = time.perf_counter()
-  if config.eval.zero_shot:
-    got_step, params = 0, {"params": pretrained["params"]}
-  else:
-    got_step, params = loop.load_params(
-      config, workdir, _init_fn(enc_cfg, pretrained, tx), mesh, ema=False, step=step
-    )
-  results = {
-    "step": got_step,
-    "zero_shot": bool(config.eval.zero_shot),
-    **loop.run_evaluators(make_evaluators(config, model, tokenizer, mesh), params, mesh),
-  }
-  results["eval_seconds"] = time.perf_counter() - start
-  name = "eval_zero_shot.json" if config.eval.zero_shot else f"eval_{got_step}.json"
-  if jax.process_index() == 0:
-    write_json(eval_path(workdir, name), results)
-  if is_writer():
-    print(json.dumps(results))
-  return results
-
-
-def preflight_pieces(config, mesh):
-  """`train/preflight.py` pieces at the preset's shapes: the train step (queries, B x G
-  passages in each view the loss weights need, at the longest bucket) and corpus encoding at
-  `eval.batch_size` and `data.mine_batch_size` passages. The architecture comes from the model's
-  config.json (or the published one); no weight file or tokenizer is read."""
-  from contrastive_jax.models.encoder import EncoderConfig
-  from contrastive_jax.train import preflight
-  from contrastive_jax.weights.published_configs import hf_config
-
-  path = config.model.path or W.minilm_model_dir()
-  enc_cfg = EncoderConfig.from_hf(hf_config(path), **_encoder_overrides(config))
-  model = Encoder(enc_cfg)
-  tx, schedule = make_optimizer(config.optim, config.train.steps)
-  # The pretrained weights as zeros of their shapes, inside eval_shape: nothing is allocated.
-  pretrained = _init_fn(enc_cfg, nn.unbox(W.abstract_params(enc_cfg)), tx)
-
-  def init_state(rng):
-    return pretrained.fn(rng, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                                           pretrained.values))
-
+def _batch_spec(config) -> dict:
+  """The global batch at the longest bucket: queries, then B x G passages in each view."""
   d, b, g = config.data, config.train.batch_size, config.loss.group_size
-  try:
-    sharding.check_batch_divides(b, mesh, what="train.batch_size")
-  except ValueError as e:  # before compiling: the loop would fail placing its first batch
-    raise preflight.PreflightError(str(e)) from e
   q_len = max([d.query_max_length, *[x for x in d.length_buckets if x <= d.query_max_length]])
   batch = {"q_ids": ((b, q_len), jnp.int32), "q_mask": ((b, q_len), jnp.int32)}
   for key in ("p", *(v[0] for v in _views(config))):
     batch |= {f"{key}_ids": ((b * g, d.passage_max_length), jnp.int32),
               f"{key}_mask": ((b * g, d.passage_max_length), jnp.int32)}
+  return batch
+
+
+def build(config, *, mode, workdir, devices=None) -> Experiment:
+  """SEAL fine-tuning of a pretrained encoder (`train/experiment.py` has the protocol). The
+  architecture comes from the model's config.json (preflight: the published one when the
+  directory is absent); weights are read only when a state starts from them, and the mined
+  training data (`seal_data.json`) is made when the loop first asks for data."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  path = model_path(config)
+  if mode == "preflight":
+    enc_cfg = EncoderConfig.from_hf(hf_config(path), **_encoder_overrides(config))
+    tokenizer = None
+  else:
+    enc_cfg = W.load_encoder_config(path, **_encoder_overrides(config))
+    tokenizer = load_tokenizer(path)
+  model = Encoder(enc_cfg)
+  tx, schedule = make_optimizer(config.optim, config.train.steps)
+
+  def pretrained():
+    return W.load_encoder(path, **_encoder_overrides(config))[1]
+
   step = step_lib.make_train_step(
     functools.partial(loss_fn, model=model, config=config, mesh=mesh),
     lr_schedule=schedule,
     grad_accum_steps=config.train.grad_accum_steps,
     compute_dtype=config.train.compute_dtype,
   )
-  pieces = {"train_step": preflight.train_step_piece(
-    step, init_state, mesh, config, batch,
-    note=f"{b} queries x {q_len}, {b * g} passages x {d.passage_max_length} per view")}
-  params = preflight.abstract_state(init_state, mesh, config).params
-  sh = sharding.batch_sharding(mesh, 2)
-  for name, rows in (("encode_corpus", config.eval.batch_size), ("mine_encode",
-                                                                 d.mine_batch_size)):
-    ids = preflight.abstract((rows, d.passage_max_length), jnp.int32, sh)
-    pieces[name] = preflight.Piece(make_embed(model, config, mesh), (params, ids, ids),
-                                   per_step=0.0, note=f"{rows} passages x {d.passage_max_length}")
-  return pieces
+  prepared = {}
+
+  def data():
+    # Before reading data: the loop would fail placing its first batch.
+    sharding.check_batch_divides(config.train.batch_size, mesh, what="train.batch_size")
+    prepared.update(_prepare_data(config, workdir, model, pretrained, tokenizer, mesh))
+    d = config.data
+    return SealBatches(
+      prepared["queries"], prepared["documents"], prepared["groups"], tokenizer,
+      batch_size=config.train.batch_size, seed=config.seed, group_size=config.loss.group_size,
+      negative_sampling=d.negative_sampling, views=_views(config), mask_rate=d.mask_rate,
+      mask_mode=d.mask_mode, eal_unit=d.eal_unit, sal_strip=d.sal_strip,
+      query_max_length=d.query_max_length, passage_max_length=d.passage_max_length,
+      length_buckets=tuple(d.length_buckets),
+      row_slice=sharding.process_slice(config.train.batch_size),
+    )
+
+  def pieces(state):
+    d, out = config.data, {}
+    sh = sharding.batch_sharding(mesh, 2)
+    for name, rows in (("encode_corpus", config.eval.batch_size),
+                       ("mine_encode", d.mine_batch_size)):
+      ids = abstract((rows, d.passage_max_length), jnp.int32, sh)
+      out[name] = Piece(make_embed(model, config, mesh), (state.params, ids, ids), per_step=0.0,
+                        note=f"{rows} passages x {d.passage_max_length}")
+    return out
+
+  return Experiment(
+    mesh=mesh,
+    init_state=_init_fn(enc_cfg, tx, pretrained, ema=config.optim.ema),
+    train_step=step,
+    batch=_batch_spec(config),
+    data=data,
+    evaluators=_evaluators(config, mode, model, enc_cfg, tokenizer, mesh),
+    pieces=pieces,
+    data_summary=lambda: prepared.get("summary"),
+    export=lambda params, out_dir: export_lib.export(
+      params, enc_cfg, path, out_dir, pooling=config.model.pooling, normalize=True,
+      max_seq_length=config.data.passage_max_length),
+  )
+
+
+def _evaluators(config, mode, model, enc_cfg, tokenizer, mesh) -> dict:
+  """StructDoc / pydoc retrieval (`make_evaluators`), or, with `eval.mteb_tasks`, MTEB through
+  the pooled encoder (`mteb_encode_fn`) instead."""
+  if mode not in ("train", "eval"):
+    return {}
+  tasks = mteb_setup.tasks(config)
+  if not tasks:
+    return make_evaluators(config, model, tokenizer, mesh)
+  return {"mteb": mteb_adapter.mteb_evaluator(
+    lambda params: mteb_encode_fn(config, model, params, tokenizer, mesh), tasks,
+    name=os.path.basename(str(config.model.path or "all-MiniLM-L6-v2")),
+    embed_dim=enc_cfg.hidden_size, max_tokens=config.data.passage_max_length,
+    batch_size=config.eval.batch_size)}

@@ -5,12 +5,15 @@ import tempfile
 
 # LLVM at -O0 for the CPU programs (XLA's HLO passes still run): the suite's small programs
 # spend more time compiling than running; measured on a GRPO 1 x 8 run, 14.7 s -> 9.6 s of
-# compilation. tests/multiprocess.py passes these flags on to the processes it starts.
+# compilation. tests/multiprocess_runs.py passes these flags on to the processes it starts.
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "")
   + " --xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Nothing downloads at run time: the hub and `datasets` (mteb's data) read the local cache only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One persistent compilation cache per test session, shared by the xdist workers and every
 # process they start (launch.py runs, the 2 x 4 multi-process runs): a resumed, relaunched or
@@ -58,18 +61,13 @@ def tiny_bert_dir(tmp_path_factory):
   """A random 2-layer BERT (width 32) saved as an HF directory with all-MiniLM-L6-v2's tokenizer:
   the SEAL runs' model where the test is about the loop, not the weights."""
   import jax.numpy as jnp
+  import tiny
 
-  from contrastive_jax.models.encoder import Encoder, EncoderConfig
+  from contrastive_jax.models.encoder import Encoder
   from contrastive_jax.weights import encoder as W
 
   path = tmp_path_factory.mktemp("tiny_bert")
-  cfg = EncoderConfig(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=64,
-  )
+  cfg = tiny.encoder(num_hidden_layers=2)
   ids = jnp.zeros((1, 4), jnp.int32)
   params = Encoder(cfg).init(jax.random.key(0), ids, jnp.ones_like(ids))
   W.save_encoder(path, params, cfg, copy_from=W.minilm_model_dir())
@@ -82,9 +80,13 @@ def tiny_bert_dir(tmp_path_factory):
 _SLOW_FIRST = (
   "test_multihost.py",
   "test_eval_multihost.py",
-  "test_seal_experiment.py::test_train_resume",
+  "test_fid_stream.py::test_two_processes",
+  "test_fid_stream.py::test_peak_host_memory",
+  "test_seal_experiment.py::test_train_then_evaluate",
   "test_grace_experiment.py::test_grace_raises",
-  "test_dispersive_experiment.py::test_train_resume",
+  "test_dispersive_experiment.py::test_train_then_evaluate",
+  "test_lora.py::test_grpo_lora_preset",
+  "test_lora.py::test_grace_lora_preset",
   "test_chunked_logprobs.py::test_grpo_run",
   "test_state.py::test_resume_after_kill",
   "test_launch_scripts.py::test_slurm",

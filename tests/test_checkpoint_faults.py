@@ -30,6 +30,9 @@ from contrastive_jax.models.mlp import MLPEncoder
 from contrastive_jax.sharding import make_mesh
 from contrastive_jax.train import loop
 from contrastive_jax.train import step as step_lib
+from contrastive_jax.train.evaluate import load_params
+from contrastive_jax.train.experiment import Experiment
+from contrastive_jax.train.init import initialize_state, state_shardings
 from contrastive_jax.train.metrics import MetricsWriter
 from contrastive_jax.train.state import (
   LATEST_READABLE,
@@ -96,7 +99,7 @@ def test_damaged_latest_is_skipped_moved_aside_and_written_again(tmp_path, mesh1
   breaks, reason = DAMAGE[damage]
   breaks(tmp_path)
   damaged = _snapshot(str(tmp_path / "5"))
-  abstract, _ = loop.state_shardings(init, mesh1)
+  abstract, _ = state_shardings(init, mesh1)
   manager = CheckpointManager(tmp_path, async_save=False)
   with caplog.at_level(logging.WARNING):
     restored, _ = manager.restore(abstract)
@@ -121,7 +124,7 @@ def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path, mesh1):
   _truncate(tmp_path / "5")
   os.remove(tmp_path / "0" / "opt_state" / "_METADATA")
   before = _snapshot(str(tmp_path))
-  abstract, _ = loop.state_shardings(init, mesh1)
+  abstract, _ = state_shardings(init, mesh1)
   manager = CheckpointManager(tmp_path, async_save=False)
   with pytest.raises(CheckpointUnreadableError) as e:
     manager.restore(abstract)
@@ -146,12 +149,12 @@ def test_checkpoint_of_another_model_is_a_mismatch_and_stays(tmp_path, mesh1):
   other, _ = _mlp_state(mesh1, hidden=(24,))
   manager = CheckpointManager(model, async_save=False)
   with pytest.raises(CheckpointMismatchError, match="checkpoint \\(64, 32\\) float32 vs state"):
-    manager.restore(loop.state_shardings(other, mesh1)[0])
+    manager.restore(state_shardings(other, mesh1)[0])
   manager.close()
   # Saved without EMA, restored into a state with one: a mismatch, not damage.
   manager = CheckpointManager(no_ema, async_save=False)
   with pytest.raises(CheckpointMismatchError, match="item 'ema_params': not in the checkpoint"):
-    manager.restore(loop.state_shardings(init, mesh1)[0])
+    manager.restore(state_shardings(init, mesh1)[0])
   manager.close()
   assert _snapshot(str(tmp_path)) == before  # nothing moved aside
 
@@ -164,21 +167,21 @@ def test_eval_refuses_an_unreadable_latest_unless_asked_for_the_newest_readable(
   init, (first, _) = _two_steps(workdir / "checkpoints", mesh1)
   _truncate(workdir / "checkpoints" / "5" / "params")
   before = _snapshot(str(workdir))
-  config = ml_collections.ConfigDict({})
+  config = ml_collections.ConfigDict({"sharding_rules": ()})
   ckpt = workdir / "checkpoints"
   with pytest.raises(CheckpointUnreadableError) as e:
-    loop.load_params(config, str(workdir), init, mesh1, ema=False)
+    load_params(config, str(workdir), init, mesh1, ema=False)
   assert str(e.value).startswith(f"checkpoint {ckpt}/5: metadata cannot be read (JSONDecodeError")
   assert str(e.value).endswith(
     "; evaluate another with --step=N (steps: [0, 5]) or the newest readable one with "
     "--step=latest_readable"
   )
   with pytest.raises(CheckpointUnreadableError, match=f"checkpoint {ckpt}/5: metadata"):
-    loop.load_params(config, str(workdir), init, mesh1, ema=False, step=5)
+    load_params(config, str(workdir), init, mesh1, ema=False, step=5)
   with pytest.raises(CheckpointNotFoundError) as e:
-    loop.load_params(config, str(workdir), init, mesh1, ema=False, step=3)
+    load_params(config, str(workdir), init, mesh1, ema=False, step=3)
   assert str(e.value) == f"{ckpt}: no checkpoint at step 3; the steps that exist are [0, 5]"
-  step, params = loop.load_params(
+  step, params = load_params(
     config, str(workdir), init, mesh1, ema=False, step=LATEST_READABLE
   )
   assert step == 0
@@ -194,11 +197,8 @@ def test_launch_eval_of_an_unreadable_latest_is_one_line_and_nonzero(tmp_path):
 
   config = get_config("test")
   workdir = tmp_path / "run"
-  tx = contrastive_digits._setup(config)[1]
-  mesh = make_mesh({"data": 1}, jax.devices()[:1])
-  state = loop.initialize_state(
-    contrastive_digits._init_fn(config, tx), jax.random.PRNGKey(0), mesh
-  )
+  experiment = contrastive_digits.build(config, mode="eval", workdir=str(workdir))
+  state = initialize_state(experiment.init_state, jax.random.PRNGKey(0), experiment.mesh)
   manager = CheckpointManager(workdir / "checkpoints", async_save=False)
   for step in (2, 4):
     manager.save(state.replace(step=jnp.asarray(step, jnp.int32)), config=config, force=True)
@@ -293,18 +293,17 @@ def _tiny_train(workdir, mesh, *, steps=6, hooks=()):
         "keep_checkpoints": 5,
         "async_checkpoint": True,
         "eval_every": 0,
+        "eval_at_start": False,
+        "eval_at_end": False,
       },
+      "eval": {"params": "raw"},
+      "sharding_rules": (),
     }
   )
-  loop.train(
-    config,
-    str(workdir),
-    init_state=_tiny_init,
-    train_step=step_lib.make_train_step(loss_fn),
-    data=_Rows(),
-    mesh=mesh,
-    hooks=hooks,
-  )
+  loop.train(config, str(workdir), Experiment(
+    mesh=mesh, init_state=_tiny_init, train_step=step_lib.make_train_step(loss_fn),
+    data=_Rows, hooks=hooks,
+  ))
 
 
 def _metric_rows(workdir):
@@ -376,8 +375,8 @@ def test_truncated_final_checkpoint_is_retrained_and_rewritten(tmp_path, mesh1):
   _tiny_train(tmp_path, mesh1)  # the same command again
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4", "6", "corrupt"]
   assert os.listdir(tmp_path / "checkpoints" / "corrupt") == ["6"]
-  config = ml_collections.ConfigDict({})
-  step, _ = loop.load_params(config, str(tmp_path), _tiny_init, mesh1, ema=False)
+  config = ml_collections.ConfigDict({"sharding_rules": ()})
+  step, _ = load_params(config, str(tmp_path), _tiny_init, mesh1, ema=False)
   assert step == 6
   assert _metric_rows(tmp_path) == expected
 
@@ -386,12 +385,12 @@ UNWRITABLE_RUN = textwrap.dedent("""
   import os, sys
   import jax, jax.numpy as jnp, optax
   from contrastive_jax.models.mlp import MLPEncoder
-  from contrastive_jax.train import loop
+  from contrastive_jax.train.init import initialize_state
   from contrastive_jax.sharding import make_mesh
   from contrastive_jax.train.state import CheckpointManager, TrainState
   model, tx = MLPEncoder(hidden=(8,), out_dim=4), optax.sgd(0.1)
   init = lambda rng: TrainState.create(params=model.init(rng, jnp.zeros((1, 64))), tx=tx, rng=rng)
-  state = loop.initialize_state(init, jax.random.PRNGKey(0), make_mesh({"data": 1}, jax.devices()[:1]))
+  state = initialize_state(init, jax.random.PRNGKey(0), make_mesh({"data": 1}, jax.devices()[:1]))
   manager = CheckpointManager(sys.argv[1], async_save=True)
   manager.save(state.replace(step=jnp.asarray(5)), force=True)
   manager.wait()

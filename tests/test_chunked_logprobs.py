@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import runs
+import tiny
 
 from configs.grpo import get_config
 from contrastive_jax.evaluation.embedding_eval import heldout_lm_loss
 from contrastive_jax.losses.policy import aggregation_weight, policy_loss
-from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
+from contrastive_jax.models.decoder import Decoder, DecoderLM
 from contrastive_jax.sampling.lm import sequence_logprobs
 from contrastive_jax.sampling.logprobs import hidden_logprobs
 from contrastive_jax.sharding import batch_sharding, place
@@ -25,7 +27,6 @@ from contrastive_jax.train.policy_opt import (
   make_update,
 )
 from contrastive_jax.train.state import TrainState
-from experiments import grpo
 
 
 def test_hidden_logprobs_equals_log_softmax_values_and_gradients():
@@ -70,16 +71,8 @@ def test_hidden_logprobs_equals_log_softmax_values_and_gradients():
 
 
 def _decoder(tie):
-  cfg = DecoderConfig(
-    vocab_size=37,
-    hidden_size=16,
-    intermediate_size=32,
-    num_layers=1,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=4,
-    tie_embeddings=tie,
-  )
+  cfg = tiny.decoder(vocab_size=37, hidden_size=16, intermediate_size=32, head_dim=4,
+                     tie_embeddings=tie)
   params = Decoder(cfg).init(
     jax.random.PRNGKey(1),
     jnp.zeros((1, 4), jnp.int32),
@@ -271,7 +264,7 @@ def test_grpo_run_with_microbatches_and_chunks_matches_the_plain_run(tmp_path):
     c = get_config("test")
     c.train.update(steps=2, eval_every=0, checkpoint_every=0)
     c.policy.update(**bounds)
-    grpo.train(c, str(tmp_path / name))
+    runs.train(c, str(tmp_path / name))
     rows[name] = _rows(str(tmp_path / name))
   assert len(rows["plain"]) == len(rows["bounded"]) == 2
   for a, b in zip(rows["plain"], rows["bounded"]):

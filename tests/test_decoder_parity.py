@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, init_cache
 from contrastive_jax.weights.decoder import load_decoder, save_decoder
@@ -107,7 +108,7 @@ def test_logits_cache_and_roundtrip_match_transformers(kind, extra, tmp_path):
 def test_scanned_layers_match_transformers(kind, extra, switches, tmp_path):
   """nn.scan layers (stacked parameters, stacked KV cache) load, decode and export the same."""
   params = _check_against_transformers(kind, extra, tmp_path, **switches)
-  q = params["params"]["layers"]["attn"]["q"]
+  q = params["params"]["layers"]["attn"]["q"]["kernel"]
   assert q.shape == (TINY["num_hidden_layers"], 64, 4, 16)
 
 
@@ -171,7 +172,7 @@ def test_refuses_unsupported_arch_and_bad_shapes(tmp_path):
   model.save_pretrained(tmp_path)
   config, params = load_decoder(tmp_path)
   bad = jax.tree.map(np.asarray, params)
-  bad["params"]["layer_1"]["mlp"]["up"] = np.zeros((64, 95), np.float32)
+  bad["params"]["layer_1"]["mlp"]["up"]["kernel"] = np.zeros((64, 95), np.float32)
   with pytest.raises(WeightsError, match=r"model.layers.1.mlp.up_proj.weight.*\(95, 64\)"):
     save_decoder(tmp_path / "bad", bad, config)
   from safetensors.numpy import load_file, save_file
@@ -190,19 +191,8 @@ def test_every_parameter_has_logical_axis_names():
 
   from contrastive_jax.sharding import logical_shardings, make_mesh
 
-  config = DecoderConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=1,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    model_type="qwen3",
-    qkv_bias=True,
-    o_bias=True,
-    qk_norm=True,
-  )
+  config = tiny.decoder(intermediate_size=48, model_type="qwen3", qkv_bias=True, o_bias=True,
+                        qk_norm=True)
   tokens = np.zeros((1, 4), np.int32)
   boxed = jax.eval_shape(lambda: Decoder(config).init(jax.random.key(0), tokens, tokens, tokens))
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
@@ -214,9 +204,10 @@ def test_every_parameter_has_logical_axis_names():
   params = jax.jit(
     lambda: Decoder(config).init(jax.random.key(0), tokens, tokens, tokens), out_shardings=shardings
   )()
-  q = params["params"]["layer_0"]["attn"]["q"].value  # [embed 32, heads 4, kv 8]
+  q = params["params"]["layer_0"]["attn"]["q"]["kernel"].value  # [embed 32, heads 4, kv 8]
   assert q.sharding.spec == P("fsdp", "tensor", None)
   assert q.addressable_shards[0].data.shape == (16, 2, 8)
   assert shardings["params"]["embedding"].spec == P("tensor", "fsdp")
   assert shardings["params"]["final_norm"]["scale"].spec == P(None)
-  assert boxed["params"]["layer_0"]["attn"]["k"].names == ("embed", "kv_heads", "kv")
+  k = boxed["params"]["layer_0"]["attn"]["k"]["kernel"]
+  assert k.names == ("embed", "kv_heads", "kv")

@@ -2,8 +2,6 @@
 equals the one-device step (global batch) and a per-device computation (local batch); the loss
 reads the block it was asked for."""
 
-import json
-import os
 
 import flax.linen as nn
 import jax
@@ -11,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import plot_checks
 import pytest
+import runs
 
 from configs.dispersive import get_config
 from contrastive_jax.evaluation import generative
@@ -18,9 +17,8 @@ from contrastive_jax.evaluation.fid import feature_statistics, frechet_distance
 from contrastive_jax.losses.dispersive import dispersive_loss
 from contrastive_jax.models.dit import DiTBlock
 from contrastive_jax.sharding import host_to_global, make_mesh
-from contrastive_jax.train import loop
+from contrastive_jax.train.init import initialize_state, state_shardings
 from contrastive_jax.train.optim import make_optimizer
-from contrastive_jax.train.state import CheckpointManager
 from experiments import dispersive
 
 
@@ -36,75 +34,26 @@ def _config(cache, preset="test", **loss):
   return c
 
 
-def _final_state(config, workdir):
-  tx, _ = make_optimizer(config.optim, config.train.steps)
-  init = dispersive.init_fn(config, tx, dispersive.make_model(config))
-  abstract, _ = loop.state_shardings(init, make_mesh({"data": 1}, jax.devices()[:1]))
-  manager = CheckpointManager(os.path.join(workdir, "checkpoints"), async_save=False)
-  state, data_state = manager.restore(abstract)
-  manager.close()
-  return state, data_state
-
-
-class _Interrupt(Exception):
-  pass
-
-
 @pytest.mark.parametrize(
   "preset, sampler, steps", [("test", "ode_heun", 4), ("test_meanflow", "meanflow", 1)]
 )
-def test_train_resume_bitwise_then_evaluate_from_checkpoint(
-  tmp_path, classifier_cache, monkeypatch, preset, sampler, steps
-):
-  # 6 steps, checkpoints at 3 and 6, batch 32 on 8 devices; MeanFlow: 1-NFE evaluation.
+def test_train_then_evaluate_as_in_loop(tmp_path, classifier_cache, preset, sampler, steps):
+  """One run of each objective (the loop's resume is tested once, tests/test_loop.py): 6 steps,
+  batch 32 on 8 devices; `--mode eval` of the checkpoint writes the record the loop wrote at
+  step 6 with the EMA parameters, and the figure recomputes from its feature file."""
   config = _config(classifier_cache, preset)
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  dispersive.train(config, straight)
+  workdir = str(tmp_path / "run")
+  runs.train(config, workdir)
+  state, data_state = runs.restore(config, workdir)
+  assert int(state.step) == 6 and data_state == {"next_index": 6}
 
-  def stop_after_checkpoint_3(step, state, metrics):
-    if step == 4:  # checkpoint 3 was written synchronously (test preset: async off)
-      raise _Interrupt
-
-  train = loop.train
-  monkeypatch.setattr(
-    dispersive.loop,
-    "train",
-    lambda *a, **k: train(*a, **{**k, "hooks": [*k["hooks"], stop_after_checkpoint_3]}),
-  )
-  with pytest.raises(_Interrupt):
-    dispersive.train(config, resumed)
-  monkeypatch.undo()
-  assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["3"]
-  dispersive.train(config, resumed)
-
-  a, data_a = _final_state(config, straight)
-  b, data_b = _final_state(config, resumed)
-  assert int(a.step) == int(b.step) == 6 and data_a == data_b == {"next_index": 6}
-  for x, y in zip(
-    jax.tree.leaves((a.params, a.opt_state, a.ema_params, a.rng)),
-    jax.tree.leaves((b.params, b.opt_state, b.ema_params, b.rng)),
-  ):
-    np.testing.assert_array_equal(x, y)
-
-  rec = dispersive.evaluate(config, resumed)
-  with open(os.path.join(resumed, "eval", "eval_6.json")) as f:
-    saved = json.load(f)
-  assert saved == json.loads(json.dumps(rec))
-  assert {
-    k: rec[k]
-    for k in (
-      "step",
-      "ema",
-      "feature_network",
-      "num_samples",
-      "sampler",
-      "steps",
-      "cfg_scale",
-      "num_real",
-    )
-  } == {
-    "step": 6,
-    "ema": True,
+  in_loop = runs.eval_record(workdir, 6)
+  rec = runs.evaluate(config, workdir)
+  assert runs.without_timing(rec) == runs.without_timing(in_loop)
+  protocol = rec["eval/samples/protocol"]
+  assert rec["step"] == 6 and rec["params"] == "ema"
+  assert {k: protocol[k] for k in ("feature_network", "num_samples", "sampler", "steps",
+                                   "cfg_scale", "num_real")} == {
     "feature_network": "digits_classifier",
     "num_samples": 40,
     "sampler": sampler,
@@ -112,29 +61,25 @@ def test_train_resume_bitwise_then_evaluate_from_checkpoint(
     "cfg_scale": 1.0,
     "num_real": 359,
   }
-  feats = np.load(rec["features"])
+  feats = np.load(protocol["features"])
   assert feats["samples"].shape == (40, 64) and feats["real"].shape == (359, 64)
   np.testing.assert_array_equal(feats["labels"], np.arange(40) % 10)
   recomputed = frechet_distance(
     *feature_statistics(feats["samples"]), *feature_statistics(feats["real"])
   )
-  assert np.isfinite(rec["fd_digits"]) and rec["fd_digits"] == pytest.approx(recomputed, rel=1e-12)
+  fd = rec["eval/samples/fd_digits"]
+  assert np.isfinite(fd) and fd == pytest.approx(recomputed, rel=1e-12)
   # The classifier is a real digits classifier; 6 steps of training make no digits.
-  assert 0.9 < rec["accuracy_test"] <= 1.0 and 0.0 <= rec["accuracy_samples"] <= 1.0
-  assert rec["fd_digits"] > 10 * rec["fd_digits_train_vs_test"]
-  # The loop evaluated the same EMA parameters with the same noise at its last step.
-  with open(os.path.join(resumed, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  in_loop = [r for r in rows if "eval/samples/fd_digits" in r]
-  assert in_loop[-1]["step"] == 6
-  assert in_loop[-1]["eval/samples/fd_digits"] == pytest.approx(rec["fd_digits"], rel=1e-4)
-  panels = plot_checks.draw("dispersive", {"run": resumed}, tmp_path / "plots")
+  assert 0.9 < rec["eval/samples/accuracy_test"] <= 1.0
+  assert 0.0 <= rec["eval/samples/accuracy_samples"] <= 1.0
+  assert fd > 10 * rec["eval/samples/fd_digits_train_vs_test"]
+  panels = plot_checks.draw("dispersive", {"run": workdir}, tmp_path / "plots")
   band = panels["dispersive_fd.png"]["steps"]["run"]
-  plot_checks.assert_curve(band, [resumed], "eval/samples/fd_digits")
+  plot_checks.assert_curve(band, [workdir], "eval/samples/fd_digits")
   assert band["steps"][-1] == 6
   from PIL import Image
 
-  grid = np.asarray(Image.open(rec["grid"]))
+  grid = np.asarray(Image.open(protocol["grid"]))
   assert grid.shape == (2 * 34, 10 * 34)  # 2 rows x 10 classes of 8x8 digits upscaled x4
   assert grid.std() > 0
 
@@ -143,7 +88,7 @@ def _step_setup(config, mesh, *, make_step=True):
   model = dispersive.make_model(config)
   tx, schedule = make_optimizer(config.optim, config.train.steps)
   init = dispersive.init_fn(config, tx, model)
-  state = loop.initialize_state(init, jax.random.PRNGKey(0), mesh)
+  state = initialize_state(init, jax.random.PRNGKey(0), mesh)
   step = jax.jit(dispersive.make_train_step(config, model, mesh, schedule)) if make_step else None
   return model, state, step
 
@@ -163,10 +108,10 @@ def test_sharded_step_with_global_batch_equals_one_device_step(classifier_cache,
   model = dispersive.make_model(config)
   tx, schedule = make_optimizer(config.optim, config.train.steps)
   init = dispersive.init_fn(config, tx, model)
-  state1 = loop.initialize_state(init, jax.random.PRNGKey(0), mesh1)
+  state1 = initialize_state(init, jax.random.PRNGKey(0), mesh1)
   outs = []
   for mesh in (mesh1, mesh8):
-    state = jax.device_put(state1, loop.state_shardings(init, mesh)[1])
+    state = jax.device_put(state1, state_shardings(init, mesh)[1])
     step = jax.jit(dispersive.make_train_step(config, model, mesh, schedule))
     new, metrics = step(state, host_to_global(batch, mesh))
     outs.append((jax.device_get(new.params), jax.device_get(metrics)))
@@ -323,45 +268,7 @@ def test_inception_without_weights_is_refused_before_reading_a_checkpoint(tmp_pa
   config = get_config("test")
   config.eval.feature_network = "inception_v3"
   with pytest.raises(ValueError, match="needs eval.inception_weights"):
-    dispersive.evaluate(config, str(tmp_path))
-
-
-def fake_encoder(images):
-  """uint8 [B, 256, 256, 3] -> [B, 32, 32, 4]: 8x8 mean pooling, channels (R, G, B, R)."""
-  x = images.astype(np.float32) / 255.0
-  return x.reshape(x.shape[0], 32, 8, 32, 8, 3).mean(axis=(2, 4))[..., [0, 1, 2, 0]]
-
-
-def test_imagenet_latents_builder_encodes_center_crops_and_reads_back(tmp_path, monkeypatch):
-  import ml_collections
-  import tensorflow_datasets as tfds
-
-  from contrastive_jax.data import imagenet_latents as il
-
-  rng = np.random.default_rng(0)
-  fake = {
-    s: [
-      {"image": rng.integers(0, 256, (300, 520, 3), dtype=np.uint8), "label": 7 * i}
-      for i in range(3)
-    ]
-    for s in ("train", "validation")
-  }
-  monkeypatch.setattr(tfds, "data_source", lambda name, split, data_dir, download: fake[split])
-  builder = il.ImagenetLatents(
-    data_dir=str(tmp_path), encoder=f"{__name__}:fake_encoder", encode_batch_size=2
-  )
-  builder.download_and_prepare()
-  monkeypatch.undo()
-  cfg = ml_collections.ConfigDict(
-    {"data_dir": str(tmp_path), "tfds_name": il.TFDS_NAME, "split": "train"}
-  )
-  source = il.latent_source(cfg)
-  assert len(source) == 3
-  by_label = {int(source[i]["label"]): source[i]["image"] for i in range(3)}
-  for row in fake["train"]:
-    crop = il.center_crop(row["image"])
-    assert crop.shape == (256, 256, 3)
-    np.testing.assert_allclose(by_label[row["label"]], fake_encoder(crop[None])[0], rtol=1e-6)
+    runs.evaluate(config, str(tmp_path))
 
 
 def test_meanflow_dispersive_term_reads_the_jvp_forward_blocks_value_and_grad(classifier_cache):

@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import tiny
 
 from configs.dispersive import get_config
 from contrastive_jax.evaluation import generative
@@ -56,7 +57,7 @@ def test_sampler_inputs_and_outputs_are_batch_sharded(mesh8):
     model, model_cfg=c.model, eval_cfg=c.eval, path="linear", mesh=mesh8
   )
   sharding = generative.batch_sharding(mesh8, 4)
-  noise = generative._noise(jax.random.PRNGKey(0), shape=(16, 8, 8, 1), rows=16, sharding=sharding)
+  noise = generative.batch_noise(jax.random.PRNGKey(0), shape=(16, 8, 8, 1), rows=16, sharding=sharding)
   labels = generative.place(np.arange(16, dtype=np.int32) % 10, mesh8)
   out = sample(params, noise, jax.random.PRNGKey(1), labels)
   for x in (noise, labels, out):
@@ -76,14 +77,11 @@ def test_sampler_inputs_and_outputs_are_batch_sharded(mesh8):
 
 def test_grace_encode_on_mesh_placed_prompts_equals_one_device(mesh8):
   from contrastive_jax.evaluation.grace_eval import DecoderHidden
-  from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
+  from contrastive_jax.models.decoder import Decoder, DecoderLM
   from contrastive_jax.sampling.rationale import encode
   from contrastive_jax.sharding import place
 
-  cfg = DecoderConfig(
-    vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
-    num_kv_heads=2, head_dim=8,
-  )  # fmt: skip
+  cfg = tiny.decoder()
   b, p = 16, 6
   rng = np.random.default_rng(0)
   tokens = rng.integers(1, 64, (b, p)).astype(np.int32)
@@ -102,7 +100,7 @@ def test_grace_encode_on_mesh_placed_prompts_equals_one_device(mesh8):
   )  # fmt: skip
   got, done = encode(
     lm, hidden, params, *(place(x, mesh8) for x in (tokens, mask, segments)),
-    jax.random.PRNGKey(1), **kw,
+    jax.random.PRNGKey(1), mesh=mesh8, **kw,
   )  # fmt: skip
   np.testing.assert_array_equal(np.asarray(done.tokens), np.asarray(want_done.tokens))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
@@ -121,16 +119,13 @@ def test_grace_encode_on_mesh_placed_prompts_equals_one_device(mesh8):
 
 def test_seal_encoding_feeds_sharded_batches_equal_to_one_device(mesh8):
   from configs.seal import get_config as seal_config
-  from contrastive_jax.models.encoder import Encoder, EncoderConfig
+  from contrastive_jax.models.encoder import Encoder
   from contrastive_jax.sharding import make_mesh
   from contrastive_jax.weights import encoder as W
   from contrastive_jax.weights.hf import load_tokenizer
   from experiments import seal
 
-  cfg = EncoderConfig(
-    hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-    max_position_embeddings=64,
-  )  # fmt: skip
+  cfg = tiny.encoder()
   ids = np.zeros((1, 4), np.int32)
   model = Encoder(cfg)
   params = model.init(jax.random.PRNGKey(0), ids, np.ones_like(ids))

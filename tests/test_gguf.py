@@ -48,7 +48,7 @@ def test_config_from_metadata(loaded):
   )
   assert (config.head_dim, config.intermediate_size, config.vocab_size) == (64, 1536, 49152)
   assert config.rope_theta == 1e5 and config.tie_embeddings and "lm_head" not in params["params"]
-  assert params["params"]["layer_0"]["attn"]["k"].shape == (576, 3, 64)
+  assert params["params"]["layer_0"]["attn"]["k"]["kernel"].shape == (576, 3, 64)
 
 
 def test_logits_match_transformers_gguf_loading(loaded, tokenizer, gguf_dir):
@@ -105,7 +105,8 @@ def test_scanned_layers_load_stacks_the_same_tensors(loaded, gguf_dir):
 
   config, params = loaded
   scfg, sparams = load_gguf(gguf_dir / NAME, scan_layers=True)
-  assert scfg.scan_layers and sparams["params"]["layers"]["attn"]["k"].shape == (30, 576, 3, 64)
+  assert scfg.scan_layers
+  assert sparams["params"]["layers"]["attn"]["k"]["kernel"].shape == (30, 576, 3, 64)
   expected = stack_layers(params["params"], config.num_layers)
   assert jax.tree.structure(sparams["params"]) == jax.tree.structure(expected)
   jax.tree.map(np.testing.assert_array_equal, sparams["params"], expected)

@@ -1,17 +1,14 @@
 """The GRACE loop end to end on the `test` preset (tiny random decoder, character tokenizer, 16
-pydoc pages): the mean reward rises, an interrupted run resumes bitwise, evaluation from the
-checkpoint reproduces the loop's own final evaluation; the InfoNCE arm trains and evaluates."""
+pydoc pages): the mean reward rises, evaluation from the checkpoint reproduces the loop's own
+final evaluation; the InfoNCE arm trains and evaluates."""
 
-import json
-import os
 
-import jax
 import numpy as np
 import plot_checks
 import pytest
+import runs
 
 from configs.grace import get_config
-from contrastive_jax.train import loop
 from experiments import grace
 from experiments.reports import plot
 
@@ -31,62 +28,46 @@ def _config(cache_dir, steps=None, **top):
   return c
 
 
-def _metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def _params(config, workdir):
-  b = grace.build(config, with_weights=False)
-  return loop.load_params(config, workdir, b["init_state"], b["mesh"], ema=False)
-
-
-def test_grace_raises_reward_resumes_bitwise_and_evaluates(tmp_path, cache_dir):
+def test_grace_raises_reward_and_evaluates_as_in_loop(tmp_path, cache_dir):
+  """One GRACE run with EMA evaluation (the loop's resume is tested once, tests/test_loop.py):
+  the reward rises, the report plots its rows, and `--mode eval` of the checkpoint writes the
+  record the loop wrote at its last step, example rationales included."""
   config = _config(cache_dir)
+  config.optim.ema = 0.5
+  config.eval.params = "ema"
   steps = config.train.steps
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  grace.train(config, straight)
-  rows = _metrics(straight)
+  workdir = str(tmp_path / "run")
+  runs.train(config, workdir)
+  rows = runs.rows(workdir)
   rewards = [r["reward"] for r in rows if "reward" in r]
   assert len(rewards) == steps
   # The random policy rarely stops within the budget (R = -1 when cut); it learns to.
   assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1, rewards
   assert all("reward/consistency" in r and "time/rollout_s" in r for r in rows if "reward" in r)
 
-  grace.train(_config(cache_dir, steps=steps // 2), resumed)
-  grace.train(config, resumed)
-  (sa, pa), (sb, pb) = _params(config, straight), _params(config, resumed)
-  assert sa == sb == steps
-  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
-    np.testing.assert_array_equal(x, y)
-
-  # The report plot of the two runs as two seeds of one arm: the metrics rows, their mean, std.
-  panels = plot_checks.draw("grace", {"grace": str(tmp_path / "[rs]*")}, tmp_path / "plots")
+  panels = plot_checks.draw("grace", {"grace": workdir}, tmp_path / "plots")
   for y in plot.GRACE_Y:
     band = panels["grace_training.png"][y]["grace"]
-    assert band["seeds"] == 2 and band["steps"] == list(range(1, steps + 1)), band
-    plot_checks.assert_curve(band, [resumed, straight], y)
+    assert band["seeds"] == 1 and band["steps"] == list(range(1, steps + 1)), band
+    plot_checks.assert_curve(band, [workdir], y)
 
-  rec = grace.evaluate(config, resumed)
-  final = [r for r in rows if "eval/retrieval/lm_nll" in r][-1]
-  for key in ("rationale/MRR@10", "no_rationale/NDCG@10", "rationale/spearman", "lm_nll"):
-    np.testing.assert_allclose(
-      rec[f"eval/retrieval/{key}"], final[f"eval/retrieval/{key}"], rtol=1e-5
-    )
+  in_loop = runs.eval_record(workdir, steps)
+  rec = runs.evaluate(config, workdir)
+  assert runs.without_timing(rec) == runs.without_timing(in_loop)
+  assert rec["params"] == "ema"
   assert 0.0 < rec["eval/retrieval/rationale/MRR@10"] <= 1.0
   assert 3.0 < rec["eval/retrieval/lm_nll"] < 6.0  # ~ln(100) for a near-uniform tiny model
-  with open(os.path.join(resumed, "eval", f"eval_{steps}.json")) as f:
-    saved = json.load(f)
-  assert saved["examples"] and isinstance(saved["examples"][0]["rationale"], str)
+  examples = rec["eval/retrieval/examples"]
+  assert examples and isinstance(examples[0]["rationale"], str)
 
 
 def test_infonce_arm_lowers_its_loss_and_evaluates(tmp_path, cache_dir):
   config = _config(cache_dir, steps=6, algorithm="infonce")
   workdir = str(tmp_path / "infonce")
-  grace.train(config, workdir)
-  losses = [r["loss"] for r in _metrics(workdir) if "loss" in r]
+  runs.train(config, workdir)
+  losses = [r["loss"] for r in runs.rows(workdir) if "loss" in r]
   assert len(losses) == 6 and losses[-1] < losses[0], losses
-  rec = grace.evaluate(config, workdir)
+  rec = runs.evaluate(config, workdir)
   assert np.isfinite(rec["eval/retrieval/no_rationale/MRR@10"])
 
 
@@ -94,7 +75,7 @@ def test_paper_preset_names_its_missing_files(tmp_path):
   config = get_config("qwen25_15b_e5")
   config.model.path = str(tmp_path / "Qwen2.5-1.5B-Instruct")
   with pytest.raises(ValueError, match="Qwen2.5-1.5B-Instruct"):
-    grace.build(config)
+    grace.build(config, mode="train", workdir=str(tmp_path / "wd"))
   missing = tmp_path / "e5.jsonl"
   config.data.train_file = str(missing)
   with pytest.raises(ValueError, match="e5.jsonl: no such triplet file"):

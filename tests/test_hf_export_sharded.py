@@ -3,22 +3,16 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tiny
 
-from contrastive_jax.models.encoder import Encoder, EncoderConfig
+from contrastive_jax.models.encoder import Encoder
 from contrastive_jax.sharding import logical_shardings, make_mesh
 from contrastive_jax.weights import encoder as W
 from contrastive_jax.weights.hf import load_tensors
 
 
 def test_fsdp_sharded_encoder_exports_the_same_tensors(tmp_path, monkeypatch):
-  cfg = EncoderConfig(
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=16,
-    vocab_size=64,
-  )
+  cfg = tiny.encoder(max_position_embeddings=16, vocab_size=64)
   ids = jnp.zeros((1, 4), jnp.int32)
   init = lambda: Encoder(cfg).init(jax.random.key(0), ids, jnp.ones_like(ids))
   mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})

@@ -51,3 +51,22 @@ def test_agreement_with_one_process_is_the_local_result():
   hosts.same_everywhere("[1, 2]", what="x")
   with pytest.raises(KeyError):
     hosts.agree(KeyError("mine"), what="x")
+
+
+def test_without_tpu_chips_the_cpu_is_chosen_before_jax_starts_a_backend():
+  """The [tpu] extra's libtpu must not be started (and log errors) where there is no TPU."""
+  import subprocess
+  import sys
+
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  code = ("from contrastive_jax import hosts; import jax; chosen = hosts.quiet_platforms(); "
+          "print(chosen, jax.config.jax_platforms, jax.default_backend())")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120, check=True)
+  # This machine (CI's too) has neither TPU chips nor an NVIDIA GPU.
+  assert out.stdout.split() == ["cpu", "cpu", "cpu"], out.stderr
+  assert "TPU_WORKER_HOSTNAMES" not in out.stderr and "libtpu" not in out.stderr
+  env["JAX_PLATFORMS"] = "cpu"  # an explicit choice is left alone
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120, check=True)
+  assert out.stdout.split()[0] == "None"

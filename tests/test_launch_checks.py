@@ -7,6 +7,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from test_launch import _snapshot
@@ -17,10 +18,17 @@ from configs.contrastive_digits import get_config
 from contrastive_jax import hosts
 from contrastive_jax.data.jsonl import DataError
 from contrastive_jax.sharding import MeshError
-from contrastive_jax.train import run_info
+from contrastive_jax.train import migrate, run_info
+from contrastive_jax.train import workdir as workdir_lib
+from contrastive_jax.train.export import ExportError
 from contrastive_jax.train.loop import NonFiniteLossError
 from contrastive_jax.train.preflight import PreflightError
-from contrastive_jax.train.state import CheckpointManager, CheckpointMismatchError, TrainState
+from contrastive_jax.train.state import (
+  CheckpointManager,
+  CheckpointMismatchError,
+  TrainState,
+  checkpoint_steps,
+)
 from contrastive_jax.weights.hf import WeightsError
 
 
@@ -160,18 +168,17 @@ def trained_workdir(tmp_path_factory):
 
 
 def test_the_checkpoints_own_config_is_read_when_config_json_is_missing(trained_workdir):
-  assert launch.checkpoint_steps(trained_workdir) == [10]
-  assert launch.saved_config(trained_workdir) == json.loads(
-    get_config("test").to_json_best_effort()
-  )
+  assert checkpoint_steps(os.path.join(trained_workdir, "checkpoints")) == [10]
+  current = json.loads(get_config("test").to_json_best_effort())
+  assert workdir_lib.saved_config(trained_workdir, current) == current
 
 
 def test_another_experiment_on_a_workdir_without_config_json_is_refused_untouched(trained_workdir):
   from configs.dispersive import get_config as dispersive_config
 
   before = _snapshot(trained_workdir)
-  with pytest.raises(launch.WorkdirError) as e:
-    launch.check_workdir(dispersive_config("test"), trained_workdir)
+  with pytest.raises(workdir_lib.WorkdirError) as e:
+    workdir_lib.check(dispersive_config("test"), trained_workdir)
   assert str(e.value) == (
     f"{trained_workdir} holds a run of experiment 'contrastive_digits', but the config is for "
     "'dispersive'; use another --workdir"
@@ -181,14 +188,14 @@ def test_another_experiment_on_a_workdir_without_config_json_is_refused_untouche
 
 def test_resume_with_other_steps_under_a_cosine_schedule_is_refused(trained_workdir):
   before = _snapshot(trained_workdir)
-  with pytest.raises(launch.WorkdirError) as e:
-    launch.check_workdir(_config(steps=40), trained_workdir)
+  with pytest.raises(workdir_lib.WorkdirError) as e:
+    workdir_lib.check(_config(steps=40), trained_workdir)
   assert str(e.value) == (
     f"{trained_workdir}: resuming with train.steps=40, but the run was trained with "
     "train.steps=20 and optim.schedule='cosine' depends on it (the learning rate would jump); "
     "pass --config.train.steps=20 or use another --workdir"
   )
-  launch.check_workdir(_config(steps=40), trained_workdir, resuming=False)  # eval: fine
+  workdir_lib.check(_config(steps=40), trained_workdir, resuming=False)  # eval: fine
   assert _snapshot(trained_workdir) == before
 
 
@@ -197,12 +204,12 @@ def test_resume_with_other_steps_under_a_constant_schedule_is_accepted(tmp_path)
   config.optim.update(schedule="constant", warmup_steps=0)
   _save_checkpoint(str(tmp_path), config)
   config.train.steps = 40  # the lr does not depend on the total: extending is exact
-  launch.check_workdir(config, str(tmp_path))
+  workdir_lib.check(config, str(tmp_path))
 
 
 def test_resume_with_another_batch_size_is_refused(trained_workdir):
-  with pytest.raises(launch.WorkdirError) as e:
-    launch.check_workdir(_config(batch_size=64), trained_workdir)
+  with pytest.raises(workdir_lib.WorkdirError) as e:
+    workdir_lib.check(_config(batch_size=64), trained_workdir)
   assert str(e.value) == (
     f"{trained_workdir}: resuming with train.batch_size=64, but the run was trained with "
     "train.batch_size=32 (its data position counts batches, so other examples would come next); "
@@ -216,16 +223,62 @@ def test_a_run_saved_before_model_scan_layers_existed_resumes_unless_it_changes(
   saved = json.loads(dispersive_config("test").to_json_best_effort())
   del saved["model"]["scan_layers"]  # a config.json written before the key was added
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  launch.check_workdir(dispersive_config("test"), str(tmp_path))  # False: what that run had
+  workdir_lib.check(dispersive_config("test"), str(tmp_path))  # False: what that run had
   scanned = dispersive_config("test")
   scanned.model.scan_layers = True
-  with pytest.raises(launch.WorkdirError, match=r"changed: model\.scan_layers: False -> True\."):
-    launch.check_workdir(scanned, str(tmp_path))
+  with pytest.raises(workdir_lib.WorkdirError, match=r"changed: model\.scan_layers: False -> True\."):
+    workdir_lib.check(scanned, str(tmp_path))
+
+
+def _as_saved_before_the_protocol(config) -> dict:
+  """`config` as the version before `build()`/`eval.params` saved it (its exact key set)."""
+  old = json.loads(config.to_json_best_effort())
+  params = old.pop("eval")["params"]
+  old["eval"] = {}
+  old["train"]["eval_with_ema"] = params == "ema"
+  for key in ("b1", "b2", "eps", "momentum"):
+    del old["optim"][key]
+  return old
+
+
+def test_runs_saved_before_the_protocol_change_are_migrated(tmp_path):
+  """`train/migrate.py` is the one reader of older formats: keys that became `eval.params`,
+  `train.eval_every`/`eval_at_end`, and runtime switches that changed spelling."""
+  from configs.grace import get_config as grace_config
+  from configs.seal import get_config as seal_config
+
+  digits = get_config("test")
+  old = _as_saved_before_the_protocol(digits)
+  current = json.loads(digits.to_json_best_effort())
+  assert migrate.config(old, current) == current  # EMA evaluated: eval.params "ema"
+  old["train"]["eval_with_ema"] = False
+  assert migrate.config(old, current)["eval"]["params"] == "raw"
+  # SEAL: `eval.zero_shot` (a base-model evaluation) and `eval.during_training`; a bool remat
+  # and the encoder's old attention alias.
+  seal = seal_config("cpu")
+  old = _as_saved_before_the_protocol(seal)
+  old["eval"].update(zero_shot=True, during_training=False)
+  old["model"].update(remat=True, attention_impl="dot_product_attention")
+  new = migrate.config(old, json.loads(seal.to_json_best_effort()))
+  assert new["eval"]["params"] == "base" and new["model"]["remat"] == "full"
+  assert new["model"]["attention_impl"] == "xla"
+  assert (new["train"]["eval_every"], new["train"]["eval_at_end"]) == (0, False)
+  assert new["optim"]["b2"] == 0.999 and new["optim"]["eps"] == 1e-8
+  grace = _as_saved_before_the_protocol(grace_config("cpu"))
+  grace["eval"]["base_model"] = True
+  del grace["model"]["lora"]  # added with LoRA: such a run had none
+  current = json.loads(grace_config("cpu").to_json_best_effort())
+  migrated = migrate.config(grace, current)
+  assert migrated["eval"]["params"] == "base" and migrated["model"] == current["model"]
+  # A workdir holding such a run: the launcher reads it through the migration and resumes it.
+  _save_checkpoint(str(tmp_path), digits)
+  (tmp_path / "config.json").write_text(json.dumps(_as_saved_before_the_protocol(digits)))
+  workdir_lib.check(digits, str(tmp_path))
 
 
 def test_config_json_without_checkpoints_allows_new_sizes(tmp_path):
   (tmp_path / "config.json").write_text(get_config("test").to_json_best_effort())
-  launch.check_workdir(_config(steps=40, batch_size=64), str(tmp_path))  # nothing to resume
+  workdir_lib.check(_config(steps=40, batch_size=64), str(tmp_path))  # nothing to resume
 
 
 # -- run_info.json: one record per launch ------------------------------------------------------
@@ -248,8 +301,8 @@ def test_run_info_appends_one_record_per_launch_and_reads_old_single_records(tmp
 
 def test_an_unreadable_run_info_refuses_the_launch_and_is_kept(tmp_path):
   (tmp_path / "run_info.json").write_text('{"argv": ["launch.py"')
-  with pytest.raises(launch.WorkdirError, match=r"run_info\.json: cannot be read .* move it aside"):
-    launch.check_workdir(get_config("test"), str(tmp_path))
+  with pytest.raises(workdir_lib.WorkdirError, match=r"run_info\.json: cannot be read .* move it aside"):
+    workdir_lib.check(get_config("test"), str(tmp_path))
   assert (tmp_path / "run_info.json").read_text() == '{"argv": ["launch.py"'
 
 
@@ -260,7 +313,7 @@ def test_an_unreadable_run_info_refuses_the_launch_and_is_kept(tmp_path):
   "error,status",
   [
     (ConfigError("x"), 2),
-    (launch.WorkdirError("x"), 3),
+    (workdir_lib.WorkdirError("x"), 3),
     (WeightsError("x"), 4),
     (DataError("x"), 5),
     (FileNotFoundError("x"), 5),
@@ -269,6 +322,7 @@ def test_an_unreadable_run_info_refuses_the_launch_and_is_kept(tmp_path):
     (MeshError("x"), 8),
     (hosts.ClusterError("x"), 9),
     (PreflightError("x"), 10),
+    (ExportError("x"), 11),
     (hosts.AgreedError("x", origin_types=("CheckpointMismatchError", "CheckpointError")), 6),
     (hosts.AgreedError("x"), None),
     (ValueError("x"), None),  # a bug keeps its traceback
@@ -290,3 +344,35 @@ def test_exit_statuses_are_distinct_and_documented_in_the_readme():
 def test_a_multi_line_message_becomes_one_line():
   error = CheckpointMismatchError("checkpoint /w/10 does not fit:\n  item 'params': a\n  b")
   assert launch.one_line(error) == "checkpoint /w/10 does not fit: | item 'params': a | b"
+
+
+def test_a_decoder_checkpoint_of_the_earlier_layout_restores(tmp_path):
+  """A GRPO checkpoint saved before the decoder's projections became `Dense` submodules
+  (`attn/q`, `attn/q_bias`, `mlp/gate`, `lm_head` leaves) restores onto today's state, optimizer
+  moments and EMA included, through `train/migrate.py`; params alone too."""
+  import experiments
+  from configs.grpo import get_config as grpo_config
+  from contrastive_jax.train.init import initialize_state, state_shardings
+
+  config = grpo_config("test")
+  config.optim.ema = 0.9
+  experiment = experiments.build(config, mode="eval", workdir=str(tmp_path))
+  state = initialize_state(experiment.init_state, jax.random.PRNGKey(0), experiment.mesh)
+  state = state.replace(params=jax.tree.map(lambda x: x + 1.0, state.params))
+  layer = state.params["params"]["layer_0"]
+  assert set(layer["attn"]["q"]) == {"kernel"} and "kernel" in layer["mlp"]["gate"]
+  old = state.replace(params=migrate.legacy_layout(state.params),
+                      opt_state=migrate.legacy_layout(state.opt_state),
+                      ema_params=migrate.legacy_layout(state.ema_params))
+  assert old.params["params"]["layer_0"]["attn"]["q"].shape == layer["attn"]["q"]["kernel"].shape
+  manager = CheckpointManager(tmp_path / "checkpoints", async_save=False)
+  manager.save(old, config=config, force=True)
+  abstract, _ = state_shardings(experiment.init_state, experiment.mesh)
+  restored, _ = manager.restore(abstract)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+  assert jax.tree.structure(restored.params) == jax.tree.structure(state.params)
+  _, ema = manager.restore_params(abstract.ema_params, ema=True)
+  for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(ema)):
+    np.testing.assert_array_equal(a, b)
+  manager.close()

@@ -1,13 +1,15 @@
 """launch.py's input checks before anything is written: a preset's missing SFT start is named
-with the command that makes it; base-model evaluations may start a workdir."""
+with the command that makes it; `eval.params` is checked against the run."""
 
 import os
 import subprocess
 import sys
 
+import pytest
+
+from configs.common import ConfigError, validate_config
 from configs.grace import get_config as grace_config
 from configs.seal import get_config as seal_config
-from experiments import grace, seal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,12 +38,19 @@ def test_preset_without_its_sft_run_names_the_command_and_writes_nothing(tmp_pat
   assert not workdir.exists()
 
 
-def test_base_model_evaluations_need_no_checkpoint():
+def test_eval_params_is_checked_before_anything_runs():
+  """`eval.params` is the one key for what an evaluation sees: "ema" needs an EMA, "base" (the
+  initial parameters, no checkpoint) is for --mode eval only."""
   config = seal_config("cpu")
-  assert seal.eval_needs_checkpoint(config)
-  config.eval.zero_shot = True
-  assert not seal.eval_needs_checkpoint(config)
+  validate_config(config, training=True)
+  config.eval.params = "ema"
+  with pytest.raises(ConfigError, match=r"eval.params='ema' but config.optim.ema=0.0"):
+    validate_config(config, training=False)
+  config.eval.params = "base"
+  validate_config(config, training=False)
+  with pytest.raises(ConfigError, match=r"eval.params='base' evaluates the initial parameters"):
+    validate_config(config, training=True)
   config = grace_config("cpu")
-  assert grace.eval_needs_checkpoint(config)
-  config.eval.base_model = True
-  assert not grace.eval_needs_checkpoint(config)
+  config.eval.params = "best"
+  with pytest.raises(ConfigError, match=r"eval.params='best': expected one of"):
+    validate_config(config, training=False)

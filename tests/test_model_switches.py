@@ -9,35 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 from jax.sharding import PartitionSpec as P
 
-from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
+from contrastive_jax.models.decoder import Decoder, DecoderLM
 from contrastive_jax.models.dit import DiT
-from contrastive_jax.models.encoder import Encoder, EncoderConfig
+from contrastive_jax.models.encoder import Encoder
 from contrastive_jax.models.layers import stack_layers, unstack_layers
 from contrastive_jax.sampling.lm import generate, left_pad_positions
 from contrastive_jax.sharding import logical_shardings, make_mesh
 
-DEC = DecoderConfig(
-  vocab_size=61,
-  hidden_size=32,
-  intermediate_size=48,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  qkv_bias=True,
-)
-ENC = EncoderConfig(
-  vocab_size=50,
-  hidden_size=32,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  intermediate_size=40,
-  max_position_embeddings=32,
-  hidden_dropout_prob=0.1,
-  attention_probs_dropout_prob=0.1,
-)
+DEC = tiny.decoder(vocab_size=61, intermediate_size=48, num_layers=2, qkv_bias=True)
+ENC = tiny.encoder(vocab_size=50, num_hidden_layers=2, intermediate_size=40,
+                   max_position_embeddings=32, hidden_dropout_prob=0.1,
+                   attention_probs_dropout_prob=0.1)
 
 
 def _tokens(vocab, b=3, length=10, seed=0):
@@ -105,12 +90,14 @@ def test_scanned_decoder_generates_the_same_and_shards_layers_replicated():
   np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
 
   boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), tokens, positions, mask))
-  q = boxed["params"]["layers"]["attn"]["q"]
+  q = boxed["params"]["layers"]["attn"]["q"]["kernel"]
   assert q.names == ("layers", "embed", "heads", "kv") and q.value.shape == (2, 32, 4, 8)
   shardings = logical_shardings(boxed, make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
-  assert shardings["params"]["layers"]["attn"]["q"].spec == P(None, "fsdp", "tensor", None)
+  q_spec = shardings["params"]["layers"]["attn"]["q"]["kernel"].spec
+  assert q_spec == P(None, "fsdp", "tensor", None)
   sharded = jax.device_put(stacked, nn.unbox(shardings))
-  assert sharded["params"]["layers"]["attn"]["q"].addressable_shards[0].data.shape == (2, 16, 2, 8)
+  shard = sharded["params"]["layers"]["attn"]["q"]["kernel"].addressable_shards[0]
+  assert shard.data.shape == (2, 16, 2, 8)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import os
 import signal
 import time
 
-import multiprocess as mp
+import multiprocess_runs as mp
 import numpy as np
 import pytest
 
@@ -117,6 +117,36 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path):
   straight_args = [a.replace(str(tmp_path / "run"), str(tmp_path / "straight")) for a in args]
   mp.run(straight_args, processes=2, devices=4, logdir=tmp_path / "logs_straight", timeout=600)
   _assert_rows_close(resumed, mp.metrics(tmp_path / "straight"))
+
+
+def test_a_killed_process_is_named_by_the_survivor_in_one_line(tmp_path):
+  """kill -9 of process 1 mid-run: process 0's watch (hosts.ProcessWatch) sees its counter stop
+  for half of cluster.heartbeat_timeout_seconds (5 s here) and exits with ClusterError's status
+  and one line naming the lost process and how to resume, before JAX's own heartbeat check
+  aborts it with a C++ stack dump (what happened before: rc 134 after the 100 s default)."""
+  args = ["--config=configs/contrastive_digits.py:test", "--config.train.steps=100000",
+          "--config.train.checkpoint_every=5", "--config.train.log_every=1",
+          "--config.train.eval_every=0", "--config.train.eval_at_end=False",
+          "--config.cluster.heartbeat_timeout_seconds=5", f"--workdir={tmp_path / 'run'}"]
+  (tmp_path / "logs").mkdir()
+  run = mp.start(args, processes=2, devices=4, logdir=tmp_path / "logs")
+  deadline = time.monotonic() + 300
+  while not _checkpoints(tmp_path / "run"):  # wait until a checkpoint is there to resume from
+    assert run.procs[0].poll() is None and run.procs[1].poll() is None, run.tail()
+    assert time.monotonic() < deadline, run.tail()
+    time.sleep(0.2)
+  run.procs[1].kill()
+  t0 = time.monotonic()
+  code = run.procs[0].wait(timeout=120)
+  stopped_after = time.monotonic() - t0
+  log = open(run.logs[0]).read()
+  last = log.strip().splitlines()[-1]
+  assert code == 9, run.tail()
+  assert last.startswith("error: process 1 of 2 is gone (killed, crashed or preempted: silent "
+                         "for 2 s)"), last
+  assert "Relaunch the same command on every host: it resumes from checkpoint" in last, last
+  assert "Traceback" not in log and "Check failure stack trace" not in log, run.tail()
+  assert stopped_after < 60, stopped_after  # seconds (heartbeat 5 s), not JAX's 100 s default
 
 
 def test_a_refused_workdir_stops_every_process(tmp_path):

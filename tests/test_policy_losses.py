@@ -337,3 +337,66 @@ def test_dr_grpo_aggregation_refuses_std_scaled_advantages():
   adv, _ = group_advantages(rewards, group_size=s.group_size, scale=s.advantage_scale)
   # Group means 0.25 and 1.5: unscaled deviations; std scaling would give +-1.732 / -0.577.
   np.testing.assert_allclose(adv, [0.75, -0.25, -0.25, -0.25, 1.5, -0.5, -0.5, -0.5], rtol=1e-6)
+
+
+def test_entropy_bonus_is_aggregated_as_the_loss():
+  # entropy_coef c adds c * H_t to every token objective: for "dapo" (token mean) the loss drops
+  # by c * mean over valid tokens of H; the padded 100 is masked out. Without token_entropy the
+  # coefficient has nothing to reward, which is refused.
+  logp, old, adv, mask = _golden_inputs()
+  h = jnp.full(logp.shape, 3.0).at[0, 2].set(100.0)
+  base, _ = policy_loss(logp, old, adv, mask, aggregation="dapo")
+  loss, m = policy_loss(logp, old, adv, mask, aggregation="dapo", token_entropy=h,
+                        entropy_coef=0.01)
+  np.testing.assert_allclose(loss, base - 0.01 * 3.0, rtol=1e-5)
+  np.testing.assert_allclose(m["entropy"], 3.0, rtol=1e-6)
+  grad = jax.grad(lambda e: policy_loss(logp, old, adv, mask, aggregation="dapo",
+                                        token_entropy=e, entropy_coef=0.01)[0])(h)
+  # d loss / d H_t = -c / (valid tokens) on valid tokens, 0 on padding.
+  valid = np.asarray(mask) > 0
+  np.testing.assert_allclose(np.asarray(grad)[valid], -0.01 / valid.sum(), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(grad)[~valid], 0.0)
+  with pytest.raises(ValueError, match="entropy_coef=0.01 needs token_entropy"):
+    policy_loss(logp, old, adv, mask, entropy_coef=0.01)
+
+
+def test_token_entropy_and_logprobs_equal_brute_force_and_chunking():
+  """`sequence_logprobs(..., entropy=True)`: H = -sum p log p of softmax(logits / T), from the
+  whole logits and `chunk` positions at a time alike (values and gradients)."""
+  from contrastive_jax.sampling.logprobs import hidden_logprobs
+
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(8, 11)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 11, size=(2, 5)), jnp.int32)
+  logits = np.asarray(hidden @ head, np.float64) / 0.7
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want_h = -(p * np.log(p)).sum(-1)
+  want_lp = np.log(np.take_along_axis(p, np.asarray(targets)[..., None], -1))[..., 0]
+  for chunk in (0, 2):
+    lp, h = hidden_logprobs(hidden, head, targets, temperature=0.7, chunk=chunk, entropy=True)
+    np.testing.assert_allclose(lp, want_lp, rtol=1e-5)
+    # H = lse - E[z] in float32 cancels for peaked rows: 1.3e-6 absolute measured.
+    np.testing.assert_allclose(h, want_h, rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda w: jnp.sum(hidden_logprobs(hidden, w, targets, chunk=c,
+                                                      entropy=True)[1]))(head) for c in (0, 2)]
+  np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_policy_settings_are_checked_and_every_loss_option_is_a_config_key():
+  from configs.grace import get_config as grace_config
+  from configs.grpo import get_config as grpo_config
+  from contrastive_jax.train.policy_opt import PolicyOptSettings
+
+  with pytest.raises(ValueError, match=r"group_size=0.*ratio='seq' \(one of"):
+    PolicyOptSettings(group_size=0, ratio="seq")
+  with pytest.raises(ValueError, match=r"top_p=1.5"):
+    PolicyOptSettings(top_p=1.5)
+  for config in (grpo_config("test"), grace_config("test")):
+    # The config section is the dataclass's fields (less the tokenizer's stop and pad ids).
+    fields = {f for f in PolicyOptSettings.__dataclass_fields__} - {"eos_ids", "pad_id"}
+    assert set(config.policy.keys()) == fields
+    config.policy.update(ratio="sequence", entropy_coef=0.001)
+    s = PolicyOptSettings(**config.policy, eos_ids=(2,), pad_id=0)
+    assert (s.ratio, s.entropy_coef) == ("sequence", 0.001)

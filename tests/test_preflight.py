@@ -11,11 +11,24 @@ import sys
 import jax
 import pytest
 
+import experiments
 from configs import dispersive as dispersive_config
 from contrastive_jax.train import chips, preflight
-from experiments import dispersive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(config, workdir, topology, **kw):
+  """`launch.py --mode preflight`'s path: the experiment built on the target's devices."""
+  def build(devices):
+    return experiments.build(config, mode="preflight", workdir=workdir, devices=devices)
+
+  return preflight.run(config, str(workdir), topology, build, log=lambda *_: None, **kw)
+
+
+def _pieces(config, devices):
+  return preflight.experiment_pieces(
+    experiments.build(config, mode="preflight", workdir="", devices=devices), config)
 
 
 # The `test` preset, one block smaller still: compile time is what these tests spend.
@@ -33,7 +46,7 @@ def _config():
 @pytest.fixture(scope="module")
 def cpu8_result(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("preflight_cpu8")
-  result = preflight.run(_config(), str(workdir), "cpu:8", log=lambda *_: None)
+  result = _run(_config(), str(workdir), "cpu:8")
   return workdir, result
 
 
@@ -44,13 +57,7 @@ def test_cpu8_preflight_bytes_equal_the_compiled_executable(cpu8_result):
   assert set(saved["pieces"]) == {"train_step", "sampler"} and saved["fits"]
   assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
   # The same piece compiled here, outside preflight: the JSON holds the executable's numbers.
-  mesh = jax.make_mesh(
-    (8, 1, 1),
-    ("data", "fsdp", "tensor"),
-    axis_types=(jax.sharding.AxisType.Auto,) * 3,
-    devices=jax.devices()[:8],
-  )
-  piece = dispersive.preflight_pieces(_config(), mesh)["train_step"]
+  piece = _pieces(_config(), jax.devices()[:8])["train_step"]
   compiled = (
     jax.jit(
       piece.fn,
@@ -80,7 +87,7 @@ def test_cpu8_preflight_bytes_equal_the_compiled_executable(cpu8_result):
   reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler",
 )
 def test_tpu_topology_preflight_projects_the_roofline(tmp_path):
-  result = preflight.run(_config(), str(tmp_path), "v5litepod-8", log=lambda *_: None)
+  result = _run(_config(), str(tmp_path), "v5litepod-8")
   assert result["device_kind"] == "TPU v5 lite" and result["device_count"] == 8
   assert result["topology_name"] == "v5e:2x4" and result["fits"]
   chip = chips.CHIPS["v5e"]
@@ -145,8 +152,7 @@ def _grpo_test_config():
 
 
 def test_cpu8_preflight_traces_the_xla_attention_path(tmp_path):
-  result = preflight.run(_grpo_test_config(), str(tmp_path), "cpu:8", only=["old_logprobs"],
-                         log=lambda *_: None)
+  result = _run(_grpo_test_config(), str(tmp_path), "cpu:8", only=["old_logprobs"])
   rec = result["pieces"]["old_logprobs"]
   assert rec["fits"] and rec["kernels"] == [] and "tpu_custom_call" not in rec["custom_calls"]
 
@@ -161,8 +167,7 @@ def test_tpu_preflight_picks_splash_attention_for_decoder_and_encoder(tmp_path):
   # partitioned over the 4 chips and lowering fails).
   from configs import seal as seal_config
 
-  result = preflight.run(_grpo_test_config(), str(tmp_path / "grpo"), "v5p-8",
-                         only=["old_logprobs"], log=lambda *_: None)
+  result = _run(_grpo_test_config(), str(tmp_path / "grpo"), "v5p-8", only=["old_logprobs"])
   assert result["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
   rec = result["pieces"]["old_logprobs"]
   assert rec["fits"] and "tpu_custom_call" in rec["custom_calls"]
@@ -170,8 +175,7 @@ def test_tpu_preflight_picks_splash_attention_for_decoder_and_encoder(tmp_path):
   config = seal_config.get_config("test")
   config.data.update(query_max_length=128, passage_max_length=128)
   config.model.scan_layers = True  # one compiled layer: a third of the compile time
-  result = preflight.run(config, str(tmp_path / "seal"), "v5p-8", only=["encode_corpus"],
-                         log=lambda *_: None)
+  result = _run(config, str(tmp_path / "seal"), "v5p-8", only=["encode_corpus"])
   saved = json.loads((tmp_path / "seal" / "preflight.json").read_text())
   assert saved["pieces"]["encode_corpus"]["kernels"] == ["splash_mha_fwd_segmented_no_residuals"]
 
@@ -187,8 +191,7 @@ def test_tpu_preflight_rollout_decode_runs_the_ragged_paged_attention_kernel(tmp
   # invisible to XLA's count.
   config = _grpo_test_config()
   config.model.update(hidden=256, heads=2, kv_heads=1, mlp=256)
-  result = preflight.run(config, str(tmp_path), "v5p-8", only=["rollout_decode"],
-                         log=lambda *_: None)
+  result = _run(config, tmp_path, "v5p-8", only=["rollout_decode"])
   rec = result["pieces"]["rollout_decode"]
   assert rec["fits"] and rec["kernels"] == ["ragged_paged_attention_kernel"]
   assert rec["bytes_accessed"] != rec["bytes_accessed_xla"] and rec["per_step"] >= 1
@@ -209,12 +212,11 @@ def test_policy_preflight_bytes_equal_the_compiled_executable(tmp_path, name, pi
   from contrastive_jax import sharding
 
   config = _policy_config(name)
-  result = preflight.run(config, str(tmp_path), "cpu:8", only=[piece_name], log=lambda *_: None)
+  result = _run(config, str(tmp_path), "cpu:8", only=[piece_name])
   saved = json.loads((tmp_path / "preflight.json").read_text())
   assert list(saved["pieces"]) == [piece_name] and saved["fits"] and result["device_count"] == 8
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
-  module = importlib.import_module(f"experiments.{name}")
-  pieces = module.preflight_pieces(config, mesh)
+  pieces = _pieces(config, jax.devices()[:8])
   piece = pieces[piece_name]
   with sharding.tracing_mesh(mesh):
     compiled, _ = preflight.compile_piece(piece)
@@ -255,10 +257,9 @@ def test_batch_that_does_not_divide_names_a_mesh_that_fits():
     sharding.check_batch_divides(6, mesh, what="train.batch_size")
   # SEAL preflight stops before compiling, naming the same fix.
   from configs import seal as seal_config
-  from experiments import seal
 
   config = seal_config.get_config("test")
   config.train.batch_size = 4
   config.mesh.update(data=1, fsdp=8, tensor=1)
   with pytest.raises(preflight.PreflightError, match="mesh.fsdp=4 --config.mesh.tensor=2"):
-    seal.preflight_pieces(config, sharding.make_mesh(config.mesh, jax.devices()[:8]))
+    _pieces(config, jax.devices()[:8])

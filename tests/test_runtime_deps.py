@@ -93,9 +93,10 @@ WORKER = textwrap.dedent(
   built["dispersive:test"] = first(dispersive._data(dispersive_config("test")))
 
   from configs.grpo import get_config as grpo_config
-  from experiments import grpo, policy_setup
-  b = grpo.build(grpo_config("test"), with_weights=False)
-  built["grpo:test"] = [a.shape for a in b["train_task"].prompt_arrays(b["codec"])]
+  from experiments import policy_setup
+  c = grpo_config("test")
+  task, _ = policy_setup.make_tasks(c)
+  built["grpo:test"] = [a.shape for a in task.prompt_arrays(policy_setup.make_codec(c))]
 
   from configs.dpo import get_config as dpo_config
   from experiments import dpo

@@ -1,25 +1,23 @@
-"""SEAL loop end to end on a tiny random BERT: train, checkpoint, resume bitwise, evaluate."""
+"""SEAL end to end on a tiny random BERT: train, evaluate as in the loop and by brute force."""
 
 import functools
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
 import plot_checks
 import pytest
+import runs
 
 from configs.seal import get_config
-from contrastive_jax.data import offline_docs, structdoc
+from contrastive_jax.data import html_views, offline_docs
 from contrastive_jax.data.jsonl import DataError
 from contrastive_jax.data.seal_batches import SealBatches, tokenize_chunks
 from contrastive_jax.evaluation.retrieval import retrieval_metrics
 from contrastive_jax.losses.seal import seal_loss
 from contrastive_jax.models.encoder import Encoder, pool
-from contrastive_jax.sharding import host_to_global
-from contrastive_jax.train import loop
-from contrastive_jax.train.state import CheckpointManager
+from contrastive_jax.sharding import host_to_global, make_mesh
 from contrastive_jax.weights import encoder as W
 from contrastive_jax.weights.hf import load_tokenizer
 from experiments import seal
@@ -36,46 +34,36 @@ def _config(tiny_bert_dir, steps, **loss):
   return config
 
 
-def _params(config, workdir):
-  mesh, tx, _, _, enc_cfg, pretrained, _ = seal._setup(config)
-  init = seal._init_fn(enc_cfg, pretrained, tx)
-  abstract, _ = loop.state_shardings(init, mesh)
-  manager = CheckpointManager(os.path.join(workdir, "checkpoints"), async_save=False)
-  state, data_state = manager.restore(abstract)
-  manager.close()
-  return jax.device_get(state.params), data_state
-
-
-def test_train_resume_bitwise_and_evaluate_from_checkpoint(tiny_bert_dir, tmp_path):
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  seal.train(_config(tiny_bert_dir, 4), straight)
-  os.makedirs(resumed)  # same mined negatives (mined once per workdir): copy instead of mining
-  shutil.copy(os.path.join(straight, "seal_data.json"), resumed)
-  seal.train(_config(tiny_bert_dir, 2), resumed)  # stops after the step-2 checkpoint
-  seal.train(_config(tiny_bert_dir, 4), resumed)  # resumes at step 2
-  a, state_a = _params(_config(tiny_bert_dir, 4), straight)
-  b, state_b = _params(_config(tiny_bert_dir, 4), resumed)
-  assert state_a == state_b == {"position": 4}
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
+def test_train_then_evaluate_as_in_loop_and_by_brute_force(tiny_bert_dir, tmp_path):
+  """One SEAL run with EMA evaluation (the loop's resume is tested once, tests/test_loop.py):
+  training moves the weights, `--mode eval` of the checkpoint writes the record the loop wrote,
+  and its metrics equal a brute-force ranking of the EMA encoder's embeddings."""
+  config = _config(tiny_bert_dir, 4)
+  config.unlock()
+  config.optim.ema = 0.5
+  config.eval.params = "ema"
+  config.train.eval_at_end = True  # the test preset only evaluates with --mode eval
+  config.lock()
+  workdir = str(tmp_path / "run")
+  runs.train(config, workdir)
+  state, data_state = runs.restore(config, workdir)
+  assert data_state == {"position": 4}
+  a = jax.device_get(state.ema_params)
   base = W.load_encoder(tiny_bert_dir)[1]
   moved = max(
-    float(np.abs(np.asarray(x) - y).max())
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(base))
+    float(np.abs(np.asarray(x) - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(base))
   )
   assert moved > 1e-5  # training changed the weights
-  with open(os.path.join(straight, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
+  rows = runs.rows(workdir)
   losses = [r["loss"] for r in rows if "loss" in r]
   assert len(losses) == 4 and all(np.isfinite(losses))
   assert {"dense_loss", "sal_loss", "eal_loss", "grad_norm", "lr"} <= set(rows[0])
 
-  # Evaluate the checkpoint and recompute the metrics from embeddings by brute force.
-  config = _config(tiny_bert_dir, 4)
-  results = seal.evaluate(config, straight)
-  assert results["step"] == 4
-  with open(os.path.join(straight, "eval", "eval_4.json")) as f:
-    assert json.load(f) == results
+  in_loop = runs.eval_record(workdir, 4)
+  results = runs.evaluate(config, workdir)
+  assert runs.without_timing(results) == runs.without_timing(in_loop)
+  assert results["step"] == 4 and results["params"] == "ema"
+  # The metrics again, from embeddings by brute force.
   queries, docs, positives = seal._pairs(seal._records(config, "test"))
   tok = load_tokenizer(tiny_bert_dir)
   enc_cfg = W.load_encoder(tiny_bert_dir)[0]
@@ -107,22 +95,21 @@ def test_train_resume_bitwise_and_evaluate_from_checkpoint(tiny_bert_dir, tmp_pa
     assert results[f"eval/test/page/{k}"] == pytest.approx(expected[k], abs=1e-6), k
   assert "eval/test_untagged/page/NDCG@10" in results
   # The report's bar plot reads the same record.
-  bars = plot_checks.draw("seal", {"full": straight}, tmp_path / "plots")["seal_retrieval.png"]
+  bars = plot_checks.draw("seal", {"full": workdir}, tmp_path / "plots")["seal_retrieval.png"]
   for metric in ("MRR@10", "NDCG@10", "page/NDCG@10"):
     assert bars[metric]["full"]["per_seed"] == [results[f"eval/test/{metric}"]]
     assert bars[metric]["full"]["steps"] == [4] and bars[metric]["full"]["std"] == 0.0
 
 
-def test_zero_shot_evaluates_base_model(tiny_bert_dir, tmp_path):
+def test_base_model_evaluation_reads_no_checkpoint(tiny_bert_dir, tmp_path):
   config = _config(tiny_bert_dir, 4)
   config.unlock()
-  config.eval.zero_shot = True
+  config.eval.params = "base"
   config.eval.untagged = False
   config.lock()
-  # A zero-shot evaluation needs no checkpoint, so launch.py lets it start a workdir.
-  assert not seal.eval_needs_checkpoint(config) and seal.eval_needs_checkpoint(_config(tiny_bert_dir, 4))
-  results = seal.evaluate(config, str(tmp_path / "new"))
-  assert results["step"] == 0 and os.path.isfile(tmp_path / "new" / "eval" / "eval_zero_shot.json")
+  results = runs.evaluate(config, str(tmp_path / "new"))
+  assert results["step"] == 0 and results["params"] == "base"
+  assert os.path.isfile(tmp_path / "new" / "eval" / "eval_base.json")
   assert 0 < results["eval/test/MRR@10"] <= 1
   assert results["eval/test/num_queries"] == len(seal._records(config, "test"))
 
@@ -195,7 +182,9 @@ def test_local_and_global_negatives_in_the_step(tiny_bert_dir):
   (shard_map, gather=False) = the mean over the 8 devices of each device's 1 query against its
   own 2 passages. Dense term only, to keep the compile small."""
   config = _config(tiny_bert_dir, 4, sal_weight=0.0, eal_weight=0.0)
-  mesh, _, _, model, _, pretrained, _ = seal._setup(config)
+  mesh = make_mesh(config.mesh)
+  enc_cfg, pretrained, _ = seal.load_model(config)
+  model = Encoder(enc_cfg)
   rng = np.random.default_rng(0)
   batch = {"q_ids": rng.integers(1000, 2000, (8, 10)), "p_ids": rng.integers(1000, 2000, (16, 10))}
   batch = {k: v.astype(np.int32) for k, v in batch.items()}
@@ -229,7 +218,38 @@ def test_pydoc_pairs_have_no_verbatim_query_in_the_document():
     query == "JSON (JavaScript Object Notation) <https://json.org> is a subset of JavaScript "
     "syntax (ECMA-262 3rd edition) used as a lightweight data interchange format."
   )
-  text = structdoc.tag_stripped_view(page)
+  text = html_views.tag_stripped_view(page)
   assert query not in text and "lightweight data interchange" not in text
   assert "exposes an API familiar to users of the standard library" in text  # the rest stays
   assert "file:" not in page and "href" not in page and len(page) <= 3000
+
+
+def test_structdoc_release_files_and_dev_split(tiny_bert_dir, tmp_path):
+  """The paper presets name the release's train.json / test.json / dev.json; those JSON-lines
+  files load by name, and dev.json is an evaluation corpus beside test: with the same records
+  it scores exactly as test, with other records otherwise. A JSON-array file reads the same."""
+  for preset in ("bge_m3_structdoc", "bge_large_zh_structdoc"):
+    d = get_config(preset).data
+    assert [os.path.basename(p) for p in (d.train_file, d.test_file, d.dev_file)] == [
+      "train.json", "test.json", "dev.json"]
+  rows = [{"query": f"what is item {i}", "content": f"<div><h1>item {i}</h1><p>{'ab ' * i}x</p>"
+           f"<ul><li>{i * 7}</li></ul></div>"} for i in range(12)]
+  for name, part in (("train", rows), ("test", rows[:6]), ("dev", rows[:6])):
+    (tmp_path / f"{name}.json").write_text("".join(json.dumps(r) + "\n" for r in part))
+  config = _config(tiny_bert_dir, 1)
+  config.unlock()
+  config.data.update(source="jsonl", train_file=str(tmp_path / "train.json"),
+                     test_file=str(tmp_path / "test.json"), dev_file=str(tmp_path / "dev.json"))
+  config.eval.page_chunks = 0
+  config.lock()
+  enc_cfg, pretrained, tokenizer = seal.load_model(config)
+  model, mesh = Encoder(enc_cfg), make_mesh(config.mesh)
+  evaluators = seal.make_evaluators(config, model, tokenizer, mesh)
+  assert sorted(evaluators) == ["dev", "dev_untagged", "test", "test_untagged"]
+  params = {"params": pretrained["params"]}
+  assert evaluators["dev"](params, step=1) == evaluators["test"](params, step=1)
+  (tmp_path / "dev.json").write_text(json.dumps(rows[6:]))  # one JSON array, other records
+  assert [r["query"] for r in seal._records(config, "dev")] == [r["query"] for r in rows[6:]]
+  other = seal.make_evaluators(config, model, tokenizer, mesh)["dev"](params, step=1)
+  test = evaluators["test"](params, step=1)
+  assert other != test and set(other) == set(test)

@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import runs
 
 from configs.contrastive_digits import get_config
 from contrastive_jax.models.mlp import MLPEncoder
 from contrastive_jax.sharding import make_mesh
-from contrastive_jax.train import loop
+from contrastive_jax.train.init import initialize_state, state_shardings
 from contrastive_jax.train.state import CheckpointManager, CheckpointMismatchError, TrainState
-from experiments import contrastive_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,20 +38,12 @@ def _metrics(workdir):
   return rows
 
 
-def _final(config, workdir):
-  init = contrastive_digits._init_fn(config, contrastive_digits._setup(config)[1])
-  abstract, _ = loop.state_shardings(init, make_mesh({"data": 1}, jax.devices()[:1]))
-  manager = CheckpointManager(os.path.join(workdir, "checkpoints"), async_save=False)
-  state, data_state = manager.restore(abstract)
-  manager.close()
-  return state, data_state
-
-
 # A run killed with SIGKILL right after the step-10 checkpoint is committed.
 KILLED_RUN = textwrap.dedent("""
   import os, signal, sys, time
+  sys.path.insert(0, "tests")
+  import runs
   from configs.contrastive_digits import get_config
-  from experiments import contrastive_digits as e
   workdir = sys.argv[1]
   def kill_after_checkpoint_10(step, state, metrics):
     if step == 11:
@@ -59,9 +51,7 @@ KILLED_RUN = textwrap.dedent("""
       while not os.path.isdir(path):
         time.sleep(0.05)
       os.kill(os.getpid(), signal.SIGKILL)
-  train = e.loop.train
-  e.loop.train = lambda *a, **k: train(*a, **k, hooks=[kill_after_checkpoint_10])
-  e.train(get_config("test"), workdir)
+  runs.train(get_config("test"), workdir, hooks=[kill_after_checkpoint_10])
 """)
 
 
@@ -70,7 +60,7 @@ def test_resume_after_kill_is_bitwise_equal_to_uninterrupted(tmp_path):
     "test"
   )  # 20 steps, checkpoints every 10, eval every 10, batch 32 on 8 devices
   straight = str(tmp_path / "straight")
-  contrastive_digits.train(config, straight)
+  runs.train(config, straight)
 
   resumed = str(tmp_path / "resumed")
   proc = subprocess.run(
@@ -83,10 +73,10 @@ def test_resume_after_kill_is_bitwise_equal_to_uninterrupted(tmp_path):
   )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["10"]
-  contrastive_digits.train(config, resumed)
+  runs.train(config, resumed)
 
-  a, data_a = _final(config, straight)
-  b, data_b = _final(config, resumed)
+  a, data_a = runs.restore(config, straight)
+  b, data_b = runs.restore(config, resumed)
   assert int(a.step) == int(b.step) == 20 and data_a == data_b
   for x, y in zip(
     jax.tree.leaves((a.params, a.opt_state, a.ema_params, a.rng)),
@@ -125,7 +115,7 @@ def test_sigterm_leaves_a_restorable_checkpoint(tmp_path):
   steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))]
   assert len(steps) == 1 and 5 <= steps[0] < 100000
   config = get_config("test")
-  state, data_state = _final(config, workdir)
+  state, data_state = runs.restore(config, workdir)
   assert int(state.step) == steps[0]
   assert data_state == {"next_index": steps[0]}
 
@@ -138,7 +128,7 @@ def _mlp_state(mesh, hidden=(32,)):
     params = model.init(rng, jnp.zeros((1, 64)))
     return TrainState.create(params=params, tx=tx, rng=rng, ema_decay=0.9)
 
-  return init, loop.initialize_state(init, jax.random.PRNGKey(0), mesh)
+  return init, initialize_state(init, jax.random.PRNGKey(0), mesh)
 
 
 @pytest.mark.parametrize("devices,shape", [(1, {"data": 1}), (4, {"fsdp": 4}), (4, {"data": 4})])
@@ -153,7 +143,7 @@ def test_checkpoint_from_8_devices_restores_on_fewer(tmp_path, devices, shape):
   manager.save(state, force=True)
 
   mesh = make_mesh(shape, jax.devices()[:devices])
-  abstract, _ = loop.state_shardings(init, mesh)
+  abstract, _ = state_shardings(init, mesh)
   restored, _ = manager.restore(abstract)
   manager.close()
   for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
@@ -169,7 +159,7 @@ def test_structure_mismatch_names_the_keys_and_shapes(tmp_path):
   manager = CheckpointManager(tmp_path, async_save=False)
   manager.save(state, force=True)
   init_other, _ = _mlp_state(mesh, hidden=(24, 24))
-  abstract, _ = loop.state_shardings(init_other, mesh)
+  abstract, _ = state_shardings(init_other, mesh)
   with pytest.raises(CheckpointMismatchError) as e:
     manager.restore(abstract)
   msg = str(e.value)
@@ -190,7 +180,7 @@ def test_truncated_latest_checkpoint_is_skipped(tmp_path, caplog):
       path = os.path.join(root, name)
       with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-  abstract, _ = loop.state_shardings(init, mesh)
+  abstract, _ = state_shardings(init, mesh)
   restored, _ = manager.restore(abstract)
   manager.close()
   assert int(restored.step) == 0
@@ -205,7 +195,7 @@ def test_restore_params_alone_and_ema(tmp_path):
   state = state.replace(ema_params=jax.tree.map(lambda x: x * 0.5, state.params))
   manager = CheckpointManager(tmp_path, async_save=False)
   manager.save(state, force=True)
-  abstract, _ = loop.state_shardings(init, mesh)
+  abstract, _ = state_shardings(init, mesh)
   step, params = manager.restore_params(abstract.params)
   _, ema = manager.restore_params(abstract.ema_params, ema=True)
   manager.close()

@@ -26,6 +26,7 @@ from contrastive_jax.evaluation.embedding_eval import heldout_lm_loss, retrieval
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
 from contrastive_jax.sampling.rationale import encode
 from contrastive_jax.sharding import place, round_to_batch_devices, to_host
+from contrastive_jax.weights.stop_tokens import stop_token_ids
 
 RATIONALE_MODES = ("sampled", "greedy")
 
@@ -41,12 +42,10 @@ class DecoderHidden:
     return out["hidden"]
 
 
-def eos_ids(tok, dcfg):
-  """Stop tokens: the tokenizer's eos and the model config's eos id(s)."""
-  ids = {tok.eos_token_id}
-  eos = dcfg.eos_token_id
-  ids |= set(eos) if isinstance(eos, tuple) else {eos}
-  return tuple(sorted(i for i in ids if i is not None))
+def eos_ids(tok, dcfg, model_dir=None):
+  """Stop tokens of a rationale (`weights.stop_tokens.stop_token_ids`): the chat template's
+  end of turn, the tokenizer's eos, generation_config.json's and config.json's eos ids."""
+  return stop_token_ids(tok, model_dir, config_eos=dcfg.eos_token_id)
 
 
 class GraceEvaluator:
@@ -55,21 +54,24 @@ class GraceEvaluator:
   Queries: the test split's module sentences (at most eval.max_docs, 0 = all); corpus: their
   pages (tag-stripped, data.max_chars); pairs: `data.grace.scored_pairs`. Rationales are
   `eval.rationale` ("sampled" | "greedy", module docstring), eval.max_new_tokens long;
-  `examples` keeps the last call's first rationales. With a `mesh`, each encoding batch
-  (eval.batch_size rounded up to a multiple of data x fsdp) is placed batch-sharded on it, so
+  the result's "examples" are the last encoding's first rationales. With a `mesh`, each encoding
+  batch (eval.batch_size rounded up to a multiple of data x fsdp) is placed batch-sharded on it, so
   every device decodes and embeds only its own rows.
   """
 
   def __init__(self, config, tok, dcfg, records, *, mesh=None):
     e, d = config.eval, config.data
-    test = [r for r in records if r["split"] == "test"]
+    # records=None: the rationale encoder alone (`encode_fn`, e.g. for MTEB), no pydoc test set.
+    test = [r for r in records or () if r["split"] == "test"]
     test = test[: e.max_docs] if e.max_docs else test
-    if not test:
+    if records is not None and not test:
       raise ValueError("GraceEvaluator: no test-split documents (data.modules too few?)")
     if e.rationale not in RATIONALE_MODES:
       raise ValueError(f"eval.rationale={e.rationale!r}: use one of {RATIONALE_MODES}")
     self.cfg, self.tok = config, tok
-    self.lm, self.hidden, self.eos = DecoderLM(dcfg), DecoderHidden(dcfg), eos_ids(tok, dcfg)
+    model_dir = config.model.path if config.model.source == "hf" else None
+    self.lm, self.hidden = DecoderLM(dcfg), DecoderHidden(dcfg)
+    self.eos = eos_ids(tok, dcfg, model_dir)
     self.queries = [r["query"] for r in test]
     self.corpus = [tag_stripped_view(r["content"])[: d.max_chars] for r in test]
     self.pairs = grace_data.scored_pairs(test, max_chars=d.max_chars, seed=e.seed)
@@ -135,7 +137,9 @@ class GraceEvaluator:
     # Every process holds the same prompts; `place` fills only its own devices' rows.
     return x if self.mesh is None else place(x, self.mesh)
 
-  def __call__(self, params):
+  def __call__(self, params, *, step=None):
+    """Metrics, and "examples": the first rationales of the last encoding (the record only)."""
+    del step
     relevant = np.arange(len(self.queries))  # query i's page is corpus row i
     results = {}
     for name, n_new in (("rationale", self.cfg.eval.max_new_tokens), ("no_rationale", 0)):
@@ -153,4 +157,5 @@ class GraceEvaluator:
       chunk=self.cfg.policy.logprob_chunk,
       mesh=self.mesh,
     )
+    results["examples"] = self.examples
     return results

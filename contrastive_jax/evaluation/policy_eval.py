@@ -49,7 +49,8 @@ def policy_evaluator(*, apply_fn, init_cache, prompt_tokens, prompt_mask,
                      score_fn: Callable, mesh, k: int, max_new_tokens: int, temperature: float,
                      top_k: int, top_p: float, eos_ids, pad_id: int, batch_size: int, seed: int,
                      success_threshold: float = 1.0, engine: str = "continuous"):
-  """`evaluate(params) -> {"greedy_accuracy", "mean@k", "pass@k", "pass@1"}` on P prompts.
+  """`evaluate(params, *, step=None) -> {"greedy_accuracy", "mean@k", "pass@k", "pass@1"}` on P
+  prompts (the step only labels the record: sampling uses the fixed key).
 
   Args:
     prompt_tokens, prompt_mask: [P, Lp] held-out prompts, left-padded (numpy).
@@ -76,7 +77,8 @@ def policy_evaluator(*, apply_fn, init_cache, prompt_tokens, prompt_mask,
                              group_size=group, rows=batch_size, **common, **sampling)
     return out.tokens, out.mask
 
-  def evaluate(params):
+  def evaluate(params, *, step=None):
+    del step
     tokens, mask = draw(params, jax.random.PRNGKey(seed), 1, greedy=True)
     ids = np.arange(p)
     out = {"greedy_accuracy": float(np.mean(score_fn(ids, tokens, mask) >= success_threshold)),

@@ -145,6 +145,7 @@ def policy_loss(
   kl_beta: float = 0.0,
   ratio: str = "token",
   token_entropy: jax.Array | None = None,
+  entropy_coef: float = 0.0,
   axis_name: str | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Clipped policy-gradient loss of GRPO and its variants (module docstring, first table).
@@ -162,7 +163,10 @@ def policy_loss(
     ref_logp: [N, L] log pi_ref for the k3 KL; needed when kl_beta != 0, reported when given.
     kl_beta: beta of the KL penalty (DeepSeekMath 0.04; DAPO and 2-GRPO 0).
     ratio: "token" (PPO/GRPO) or "sequence" (GSPO: length-normalised sequence ratio).
-    token_entropy: optional [N, L] per-token policy entropies, only reported as a metric.
+    token_entropy: optional [N, L] per-token entropies of pi_theta (differentiable): reported as
+      a metric, and rewarded with `entropy_coef`.
+    entropy_coef: c of the entropy bonus: the token objective gains c * H_t, aggregated like the
+      rest of the loss (verl's entropy_coeff); needs `token_entropy`.
     axis_name: mapped axis whose shards hold different completions; sums and counts are psum-ed
       so the loss equals the one-device loss over the global batch.
 
@@ -191,6 +195,8 @@ def policy_loss(
     )
   if kl_beta != 0.0 and ref_logp is None:
     raise ValueError(f"policy_loss: kl_beta={kl_beta} needs ref_logp")
+  if entropy_coef != 0.0 and token_entropy is None:
+    raise ValueError(f"policy_loss: entropy_coef={entropy_coef} needs token_entropy")
   if clip_low < 0 or clip_high < 0:
     raise ValueError(f"policy_loss: clip_low={clip_low}, clip_high={clip_high} must be >= 0")
 
@@ -212,6 +218,8 @@ def policy_loss(
     kl = jnp.exp(delta) - delta - 1.0
     if kl_beta != 0.0:
       objective = objective - kl_beta * kl
+  if entropy_coef != 0.0:
+    objective = objective + entropy_coef * token_entropy.astype(jnp.float32)
   token_loss = jnp.where(valid, -objective, 0.0)
 
   if aggregation == "grpo":

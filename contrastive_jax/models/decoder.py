@@ -33,6 +33,7 @@ RoPE scaling types: "default" (none), "linear", "llama3", "yarn" (as in transfor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -48,7 +49,8 @@ from contrastive_jax.models.attention import (
   paged_attention,
   paged_write,
 )
-from contrastive_jax.models.layers import remat_block, remat_name
+from contrastive_jax.models.layers import Dense, remat_block, remat_name
+from contrastive_jax.models.lora import LoraConfig
 
 ARCHITECTURES = {
   "llama": "LlamaForCausalLM",
@@ -72,6 +74,9 @@ class DecoderConfig:
   pairs. `dtype`: the compute dtype; parameters are always float32. `remat` ("none" | "full" |
   a policy of `models.layers.REMAT_POLICIES`; a bool means "none"/"full"), `scan_layers` and
   `attention_impl` (`models.attention.IMPLEMENTATIONS`) change memory and speed, not the maths.
+  `lora` (`models.lora.LoraConfig`; a dict is converted): adapters on the projections it names
+  ("q", "k", "v", "o", "gate", "up", "down", "lm_head"), their bases frozen and optionally int8 /
+  NF4; not part of the HF config (export merges them, `weights.decoder`).
   """
 
   vocab_size: int
@@ -97,9 +102,12 @@ class DecoderConfig:
   remat: str = "none"
   scan_layers: bool = False
   attention_impl: str = "auto"
+  lora: LoraConfig = LoraConfig()
 
   def __post_init__(self):
     object.__setattr__(self, "remat", remat_name(self.remat, "DecoderConfig"))
+    if isinstance(self.lora, Mapping):
+      object.__setattr__(self, "lora", LoraConfig.from_config(self.lora))
     check_implementation(self.attention_impl, "DecoderConfig")
     if self.model_type not in ARCHITECTURES:
       raise ValueError(f"DecoderConfig: model_type {self.model_type!r} not in {ARCHITECTURES}")
@@ -254,6 +262,13 @@ def _param(module, name, shape, names, init=None):
   return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
 
 
+def _dense(c: DecoderConfig, features, names, name, *, axis=-1, use_bias=False) -> Dense:
+  """A projection of the decoder: N(0, 0.02) init, compute dtype, LoRA when `name` is a target."""
+  return Dense(features, names, axis=axis, use_bias=use_bias,
+               kernel_init=nn.initializers.normal(0.02), dtype=jnp.dtype(c.dtype),
+               lora=c.lora if c.lora.applies_to(name) else None, name=name)
+
+
 class RMSNorm(nn.Module):
   """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * scale, in float32."""
 
@@ -274,22 +289,14 @@ class Attention(nn.Module):
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, cache, cache_index, pages=None):
+  def __call__(self, x, positions, key_mask, cache, cache_index, deterministic=True, pages=None):
     c = self.config
     dt = jnp.dtype(c.dtype)
-    h, kv, dh, d = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
-    wq = _param(self, "q", (d, h, dh), ("embed", "heads", "kv"))
-    wk = _param(self, "k", (d, kv, dh), ("embed", "kv_heads", "kv"))
-    wv = _param(self, "v", (d, kv, dh), ("embed", "kv_heads", "kv"))
-    wo = _param(self, "o", (h, dh, d), ("heads", "kv", "embed"))
-    q = jnp.einsum("bld,dhk->blhk", x, wq.astype(dt))
-    k = jnp.einsum("bld,dhk->blhk", x, wk.astype(dt))
-    v = jnp.einsum("bld,dhk->blhk", x, wv.astype(dt))
-    if c.qkv_bias:
-      zeros = nn.initializers.zeros
-      q = q + _param(self, "q_bias", (h, dh), ("heads", "kv"), zeros).astype(dt)
-      k = k + _param(self, "k_bias", (kv, dh), ("kv_heads", "kv"), zeros).astype(dt)
-      v = v + _param(self, "v_bias", (kv, dh), ("kv_heads", "kv"), zeros).astype(dt)
+    h, kv, dh = c.num_heads, c.num_kv_heads, c.head_dim
+    dense = functools.partial(_dense, c)
+    q = dense((h, dh), ("embed", "heads", "kv"), "q", use_bias=c.qkv_bias)(x, deterministic)
+    k = dense((kv, dh), ("embed", "kv_heads", "kv"), "k", use_bias=c.qkv_bias)(x, deterministic)
+    v = dense((kv, dh), ("embed", "kv_heads", "kv"), "v", use_bias=c.qkv_bias)(x, deterministic)
     if c.qk_norm:
       q = RMSNorm(c.rms_norm_eps, dt, name="q_norm")(q)
       k = RMSNorm(c.rms_norm_eps, dt, name="k_norm")(k)
@@ -317,10 +324,8 @@ class Attention(nn.Module):
         query_offset=0 if cache is None else cache_index,
         implementation=c.attention_impl,
       )
-    out = jnp.einsum("blhk,hkd->bld", out, wo.astype(dt))
-    if c.o_bias:
-      out = out + _param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros).astype(dt)
-    return out, cache
+    o = dense(c.hidden_size, ("heads", "kv", "embed"), "o", axis=(-2, -1), use_bias=c.o_bias)
+    return o(out, deterministic), cache
 
 
 def _paged(q, k, v, key_mask, pool, pages, implementation):
@@ -343,28 +348,29 @@ class MLP(nn.Module):
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, x):
-    dt, d, f = jnp.dtype(self.config.dtype), self.config.hidden_size, self.config.intermediate_size
-    gate = x @ _param(self, "gate", (d, f), ("embed", "mlp")).astype(dt)
-    up = x @ _param(self, "up", (d, f), ("embed", "mlp")).astype(dt)
-    return (nn.silu(gate) * up) @ _param(self, "down", (f, d), ("mlp", "embed")).astype(dt)
+  def __call__(self, x, deterministic=True):
+    c = self.config
+    gate = _dense(c, c.intermediate_size, ("embed", "mlp"), "gate")(x, deterministic)
+    up = _dense(c, c.intermediate_size, ("embed", "mlp"), "up")(x, deterministic)
+    return _dense(c, c.hidden_size, ("mlp", "embed"), "down")(nn.silu(gate) * up, deterministic)
 
 
 class Block(nn.Module):
   """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
   config: DecoderConfig
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x, positions, key_mask, cache, cache_index, pages=None):
-    c = self.config
+    c, det = self.config, self.deterministic
     dt = jnp.dtype(c.dtype)
     a, cache = Attention(c, name="attn")(
       RMSNorm(c.rms_norm_eps, dt, name="attn_norm")(x), positions, key_mask, cache, cache_index,
-      pages,
+      det, pages,
     )
     x = x + a
-    x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, dt, name="mlp_norm")(x))
+    x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, dt, name="mlp_norm")(x), det)
     return x, cache
 
 
@@ -398,9 +404,11 @@ class Decoder(nn.Module):
   none); L = 1 attends each row's pages ("table", the first "lengths" positions, the new token
   included), L > 1 is a prefill of fresh sequences (the new tokens attend each other under
   key_mask [B, L]).
+  `deterministic=False` applies LoRA's adapter dropout (needs a "dropout" rng).
   """
 
   config: DecoderConfig
+  deterministic: bool = True
 
   @nn.compact
   def __call__(
@@ -433,30 +441,34 @@ class Decoder(nn.Module):
       x, new_cache = nn.scan(
         block,
         variable_axes={"params": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
         length=c.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
-      )(c, name="layers")(x, positions, key_mask, cache, cache_index, pages)
+      )(c, self.deterministic, name="layers")(x, positions, key_mask, cache, cache_index, pages)
     else:
       new_cache = []
       for i in range(c.num_layers):
-        x, layer_cache = block(c, name=f"layer_{i}")(
+        x, layer_cache = block(c, self.deterministic, name=f"layer_{i}")(
           x, positions, key_mask, None if cache is None else cache[i], cache_index, pages
         )
         new_cache.append(layer_cache)
       new_cache = tuple(new_cache)
     hidden = RMSNorm(c.rms_norm_eps, dt, name="final_norm")(x)
+    out = {"cache": None if cache is None else new_cache}
+    # Prefill needs only the last position's logits; [B, L, V] would dominate memory.
+    h = hidden[:, -1:] if last_only else hidden
     if c.tie_embeddings:
       head = embedding.T
+      if logits:
+        out["logits"] = (h @ head.astype(dt)).astype(jnp.float32)
     else:
-      head = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
-    out = {"cache": None if cache is None else new_cache}
-    if logits:
-      # Prefill needs only the last position's logits; [B, L, V] would dominate memory.
-      h = hidden[:, -1:] if last_only else hidden
-      out["logits"] = (h @ head.astype(dt)).astype(jnp.float32)
-    else:
+      lm_head = _dense(c, c.vocab_size, ("embed", "vocab"), "lm_head")
+      if logits:
+        out["logits"] = lm_head(h, self.deterministic).astype(jnp.float32)
+      else:
+        head = lm_head(hidden, return_kernel=True).astype(jnp.float32)
+    if not logits:
       out["head"] = head
     if return_hidden or not logits:
       out["hidden"] = hidden
@@ -530,6 +542,8 @@ class DecoderLM:
     dt = jnp.dtype(self.config.dtype)
 
     def cast(path, w):
-      return w if getattr(path[-1], "key", None) == "scale" else w.astype(dt)
+      # Norm and quantization scales stay float32; QLoRA's integer codes stay codes.
+      keep = getattr(path[-1], "key", None) == "scale" or not jnp.issubdtype(w.dtype, jnp.floating)
+      return w if keep else w.astype(dt)
 
     return jax.tree_util.tree_map_with_path(cast, params)

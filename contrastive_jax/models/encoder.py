@@ -58,9 +58,8 @@ class EncoderConfig:
   pad_token_id: int = 0
   hidden_dropout_prob: float = 0.1
   attention_probs_dropout_prob: float = 0.1
-  # models.attention.IMPLEMENTATIONS; "dot_product_attention" (older configs) means "xla", which
-  # is what jax.nn.dot_product_attention's default implementation runs. Only "einsum" (and
-  # "auto", by choosing it) applies attention-probability dropout in training.
+  # models.attention.IMPLEMENTATIONS. Only "einsum" (and "auto", by choosing it) applies
+  # attention-probability dropout in training.
   attention_impl: str = "auto"
   # False: no attention-probability dropout in training (hidden dropout stays), so "auto" can
   # take a fused kernel; `attention_probs_dropout_prob` is kept for export.
@@ -69,8 +68,6 @@ class EncoderConfig:
   scan_layers: bool = False
 
   def __post_init__(self):
-    if self.attention_impl == "dot_product_attention":
-      object.__setattr__(self, "attention_impl", "xla")
     check_implementation(self.attention_impl, "encoder")
     object.__setattr__(self, "remat", remat_name(self.remat, "encoder"))
     if self.model_type not in _MODEL_TYPES:

@@ -6,8 +6,9 @@ positions for the pre-training grid (interpolated bicubically to other grids, as
 does), pre-LayerNorm blocks with LayerScale (x += gamma * f(LN(x))) over multi-head attention and a
 GELU MLP, and a final LayerNorm. `__call__` returns every token after the final norm, CLS first;
 REPA (arXiv 2410.06940) aligns to the patch tokens (`x_norm_patchtokens`, i.e. `[:, 1:]`).
-Images are NHWC. Weights come from a local directory (`weights/dinov2.py`); this module holds no
-I/O. SwiGLU MLPs (ViT-g) and register tokens are not supported.
+Images are NHWC. Projections are `models.layers.Dense` (kernels with logical axis names; the
+flattened head axis is named "heads"). Weights come from a local directory (`weights/dinov2.py`);
+this module holds no I/O. SwiGLU MLPs (ViT-g) and register tokens are not supported.
 
 `resize_bicubic` is PyTorch's `interpolate(mode="bicubic", align_corners=False)` (Keys cubic with
 a = -0.75, no antialiasing, indices clamped at the border), written as two small interpolation
@@ -23,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from contrastive_jax.models.layers import Dense
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -108,14 +111,17 @@ class _Block(nn.Module):
 
     h = ln("norm1")(x)
     q, k, v = (
-      nn.Dense(d, use_bias=c.qkv_bias, name=n)(h).reshape(*h.shape[:2], heads, d // heads)
+      Dense(d, ("embed", "heads"), use_bias=c.qkv_bias, name=n)(h).reshape(
+        *h.shape[:2], heads, d // heads
+      )
       for n in ("query", "key", "value")
     )
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // heads)
     out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v).reshape(h.shape)
-    x = x + scale("layer_scale1") * nn.Dense(d, name="attn_out")(out)
-    h = nn.Dense(int(d * c.mlp_ratio), name="fc1")(ln("norm2")(x))
-    return x + scale("layer_scale2") * nn.Dense(d, name="fc2")(nn.gelu(h, approximate=False))
+    x = x + scale("layer_scale1") * Dense(d, ("heads", "embed"), name="attn_out")(out)
+    h = Dense(int(d * c.mlp_ratio), ("embed", "mlp"), name="fc1")(ln("norm2")(x))
+    fc2 = Dense(d, ("mlp", "embed"), name="fc2")
+    return x + scale("layer_scale2") * fc2(nn.gelu(h, approximate=False))
 
 
 class DinoV2(nn.Module):

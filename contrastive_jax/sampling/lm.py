@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from contrastive_jax.sampling.logprobs import hidden_logprobs
+from contrastive_jax.sampling.logprobs import hidden_logprobs, token_logprobs_and_entropy
 
 
 @jax.tree_util.register_dataclass
@@ -258,6 +258,7 @@ def sequence_logprobs(
   *,
   temperature: float = 1.0,
   chunk: int = 0,
+  entropy: bool = False,
 ):
   """Per-token log pi(o_t | q, o_<t) of given completions, with one full forward pass.
 
@@ -274,9 +275,12 @@ def sequence_logprobs(
     chunk: 0 takes the model's [B, P + N, V] float32 logits; > 0 projects the N completion
       positions' hidden states `chunk` at a time (`hidden_logprobs`): the same values and
       gradients with logits memory B x chunk x V.
+    entropy: also return each position's policy entropy H(pi(. | q, o_<t)) (differentiable;
+      `sampling.logprobs.token_logprobs_and_entropy`), for an entropy bonus.
 
   Returns:
-    [B, N] float32 log-probs, 0 where completion_mask is 0.
+    [B, N] float32 log-probs, 0 where completion_mask is 0 (and [B, N] entropies, 0 there too,
+    with `entropy`).
   """
   p = prompt_tokens.shape[1]
   tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1).astype(jnp.int32)
@@ -291,8 +295,8 @@ def sequence_logprobs(
         f"{type(apply_fn).__name__} has none (use chunk=0)"
       )
     hidden, head = hidden_fn(params, tokens, positions=positions, key_mask=mask)
-    logp = hidden_logprobs(hidden[:, p - 1 : -1], head, completion_tokens,
-                           temperature=temperature, chunk=chunk)
+    out = hidden_logprobs(hidden[:, p - 1 : -1], head, completion_tokens,
+                          temperature=temperature, chunk=chunk, entropy=entropy)
   else:
     logits, _ = apply_fn(
       params,
@@ -304,6 +308,7 @@ def sequence_logprobs(
       last_only=False,
     )
     logits = logits[:, p - 1 : -1].astype(jnp.float32) / temperature
-    picked = jnp.take_along_axis(logits, completion_tokens[..., None].astype(jnp.int32), axis=-1)
-    logp = picked[..., 0] - jax.nn.logsumexp(logits, axis=-1)
-  return jnp.where(completion_mask.astype(bool), logp, 0.0)
+    logp, ent = token_logprobs_and_entropy(logits, completion_tokens.astype(jnp.int32))
+    out = (logp, ent) if entropy else logp
+  keep = completion_mask.astype(bool)
+  return jax.tree.map(lambda x: jnp.where(keep, x, 0.0), out)

@@ -15,7 +15,19 @@ import jax
 import jax.numpy as jnp
 
 
-def hidden_logprobs(hidden, head, targets, *, temperature: float = 1.0, chunk: int = 0):
+def token_logprobs_and_entropy(logits, targets):
+  """(log softmax(logits)[targets], entropy of softmax(logits)) per position, float32 logits.
+
+  H = logsumexp(z) - sum_v softmax(z)_v z_v: the policy entropy an entropy bonus rewards.
+  """
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  entropy = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+  return picked - lse, entropy
+
+
+def hidden_logprobs(hidden, head, targets, *, temperature: float = 1.0, chunk: int = 0,
+                    entropy: bool = False):
   """log softmax((hidden @ head) / temperature)[targets] per position, float32.
 
   The numerics are those of `Decoder`'s logits followed by `sampling.lm.sequence_logprobs`: the
@@ -30,10 +42,11 @@ def hidden_logprobs(hidden, head, targets, *, temperature: float = 1.0, chunk: i
     temperature: T; logits are divided by it in float32.
     chunk: positions per chunk; 0 (or >= S) is one chunk. S need not divide: the last chunk is
       padded and the padding dropped.
+    entropy: also return the per-position entropy of the distribution (differentiable).
 
   Returns:
-    [B, S] float32 log-probs. Peak memory of the logits: B x chunk x V (compute dtype and
-    float32), forward and backward.
+    [B, S] float32 log-probs (and [B, S] entropies with `entropy`). Peak memory of the logits:
+    B x chunk x V (compute dtype and float32), forward and backward.
   """
   if hidden.ndim != 3 or head.ndim != 2 or head.shape[0] != hidden.shape[-1]:
     raise ValueError(
@@ -49,8 +62,8 @@ def hidden_logprobs(hidden, head, targets, *, temperature: float = 1.0, chunk: i
   def piece(h, t):
     # The cast stays inside the chunk so the head's cotangent is summed over chunks in float32.
     logits = (h @ head.astype(h.dtype)).astype(jnp.float32) / temperature
-    picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+    logp, ent = token_logprobs_and_entropy(logits, t)
+    return (logp, ent) if entropy else logp
 
   if chunk == 0 or chunk >= s:
     return piece(hidden, targets)
@@ -61,4 +74,4 @@ def hidden_logprobs(hidden, head, targets, *, temperature: float = 1.0, chunk: i
   t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
   body = jax.checkpoint(piece, prevent_cse=False)
   out = jax.lax.map(lambda x: body(*x), (h, t))
-  return out.swapaxes(0, 1).reshape(b, n * chunk)[:, :s]
+  return jax.tree.map(lambda o: o.swapaxes(0, 1).reshape(b, n * chunk)[:, :s], out)

@@ -78,72 +78,101 @@ from contrastive_jax.sampling.lm import generate, sequence_logprobs
 from contrastive_jax.sampling.prompts import select_prompts, update_prompt_state
 from contrastive_jax.sharding import batch_devices, place, round_to_batch_devices, to_host
 from contrastive_jax.train.chips import chip_of
-from contrastive_jax.train.step import split_microbatches
+from contrastive_jax.train.step import (
+  split_microbatches,
+  trainable_value_and_grad,
+  with_frozen_zeros,
+)
 
 ENGINES = ("continuous", "static")
 
 
 @dataclasses.dataclass(frozen=True)
 class PolicyOptSettings:
-  """Hyper-parameters of one rollout-and-update step (module docstring).
+  """Hyper-parameters of one rollout-and-update step (module docstring), as Tunix's GRPOConfig.
 
-  group_size: G rollouts per prompt. max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id:
-  the rollout sampler (training uses T = 1). epochs, minibatches: PPO passes and mini-batches per
-  pass. clip_low, clip_high, aggregation ("grpo" | "dapo" | "dr_grpo"), kl_beta (k3 KL to the
-  reference): `policy_loss`. advantage_scale, advantage_std: `group_advantages`; "dr_grpo"
-  requires advantage_scale "none" (Dr. GRPO is both; the mix raises a ValueError naming it).
-  dynamic_sampling, max_refills: DAPO's filter of all-equal groups. overlong_penalty,
-  overlong_cache: DAPO's soft length penalty (L_cache tokens of ramp before max_new_tokens).
-  success_threshold: a rollout with reward >= it counts as correct (accuracy, posteriors).
-  selection, selection_pool, selection_lam, selection_target: MoPPS prompt selection.
-  logprob_chunk: positions per logits chunk in every log-prob pass (0: whole sequences).
-  logprob_batch: rows per old / ref log-prob call (0: all N rollouts at once).
-  update_microbatches: micro-batches per PPO update, gradients accumulated (1: one pass).
-  engine: "continuous" (`sampling.engine`: one prefill per prompt, `slots` decode slots fed
-  from a queue, paged KV cache) or "static" (`sampling.lm.generate` on the repeated prompts);
-  both draw the same tokens (per-request keys). slots: decode slots (0: every rollout of a step
-  at once). block_size: positions per KV block. pool_blocks: KV blocks over all devices (0:
-  every slot can reach max_new_tokens; fewer preempts the youngest rows when the pool runs
-  out). rollout_params_replicated: roll out with the parameters in the compute dtype,
-  replicated over the batch axes (one gather per step instead of one per decoded token).
+  A run's `config.policy` section is exactly these fields (`configs.common.settings_section`),
+  but `eos_ids` and `pad_id`, which come from the tokenizer. Symbols: DeepSeekMath (arXiv
+  2402.03300) eq. 3, DAPO (arXiv 2503.14476), GSPO (arXiv 2507.18071), MoPPS (arXiv 2507.04632).
   """
 
-  group_size: int = 2
-  max_new_tokens: int = 16
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  eos_ids: tuple[int, ...] = ()
-  pad_id: int = 0
+  # Rollout (the sampling policy pi_old; training samples at T = 1).
+  group_size: int = 2  # G, completions per prompt (2-GRPO: 2)
+  max_new_tokens: int = 16  # the generation budget, L_max of Dr. GRPO
+  temperature: float = 1.0  # T of the sampler and of every log-prob pass
+  top_k: int = 0  # 0: off
+  top_p: float = 1.0  # 1: off
+  eos_ids: tuple[int, ...] = ()  # stop tokens (from the tokenizer, not the config)
+  pad_id: int = 0  # (from the tokenizer, not the config)
+  # Updates: `epochs` passes over the N = Q * G rollouts in `minibatches` mini-batches (mu of
+  # GRPO's Alg. 1 is epochs x minibatches).
   epochs: int = 1
   minibatches: int = 1
-  clip_low: float = 0.2
-  clip_high: float = 0.2
-  aggregation: str = "grpo"
-  kl_beta: float = 0.0
-  advantage_scale: str = "group"
-  advantage_std: str = "population"
+  clip_low: float = 0.2  # eps_low: the ratio is clipped to [1 - eps_low, 1 + eps_high]
+  clip_high: float = 0.2  # eps_high (DAPO's clip-higher: 0.28)
+  aggregation: str = "grpo"  # "grpo" (mean of sequence means) | "dapo" (token mean) | "dr_grpo"
+  ratio: str = "token"  # "token": rho_{i,t} (PPO/GRPO) | "sequence": GSPO's s_i(theta)
+  kl_beta: float = 0.0  # beta of the k3 KL to pi_ref (DeepSeekMath 0.04; DAPO, 2-GRPO 0)
+  reference: bool = False  # keep pi_ref (the initial policy) to log the KL even at beta 0
+  entropy_coef: float = 0.0  # bonus c * H(pi_theta) per token, aggregated as the loss (verl)
+  advantage_scale: str = "group"  # A_i = (r_i - mean) / std over "group" | "batch" | "none"
+  advantage_std: str = "population"  # "population" (2-GRPO: +-1) | "sample" (+-0.707 at G=2)
+  # DAPO: drop groups whose rewards are all equal and refill (dynamic sampling), and the soft
+  # overlong penalty ramping 0 -> -1 over the last L_cache tokens of the budget.
   dynamic_sampling: bool = False
   max_refills: int = 4
   overlong_penalty: bool = False
-  overlong_cache: int = 4
-  success_threshold: float = 1.0
+  overlong_cache: int = 4  # L_cache
+  success_threshold: float = 1.0  # reward >= it counts as correct (accuracy, posteriors)
+  # MoPPS prompt selection: Beta(a, b) per prompt, a pool of `selection_pool` x the batch,
+  # Thompson draws, keep the prompts whose p is nearest `selection_target`; lambda decay.
   selection: bool = False
   selection_pool: int = 8
   selection_lam: float = 0.5
   selection_target: float = 0.5
+  # Memory bounds: positions of logits at a time in every log-prob pass (0: whole sequences),
+  # rows per old / ref log-prob call (0: all N), micro-batches per PPO update (1: one pass).
   logprob_chunk: int = 0
   logprob_batch: int = 0
   update_microbatches: int = 1
+  # The rollout engine: "continuous" (`sampling.engine`: one prefill per prompt, `slots` decode
+  # slots fed from a queue, a paged KV cache of `block_size`-position blocks) or "static"
+  # (`sampling.lm.generate` on the repeated prompts); both draw the same tokens (per-request keys).
   engine: str = "continuous"
-  slots: int = 0
-  block_size: int = 16
+  slots: int = 0  # decode slots (0: every rollout of a step at once)
+  block_size: int = 16  # positions per KV block (128 on TPU: the Pallas kernel's tuned page)
+  # KV blocks over all devices (0: every slot can reach max_new_tokens; fewer preempts the
+  # youngest rows when the pool runs out, vLLM's recompute preemption).
   pool_blocks: int = 0
+  # Roll out with the parameters in the compute dtype, replicated over the batch axes: one
+  # gather per step instead of one per decoded token.
   rollout_params_replicated: bool = True
 
   def __post_init__(self):
-    if self.engine not in ENGINES:
-      raise ValueError(f"rollout engine={self.engine!r}; expected one of {ENGINES}")
+    positive = ("group_size", "max_new_tokens", "epochs", "minibatches", "update_microbatches",
+                "selection_pool", "block_size")
+    bad = [f"{k}={getattr(self, k)}" for k in positive if getattr(self, k) < 1]
+    bad += [f"{k}={getattr(self, k)}" for k in ("logprob_chunk", "logprob_batch", "max_refills",
+                                                 "overlong_cache", "kl_beta", "entropy_coef",
+                                                 "clip_low", "clip_high", "slots", "pool_blocks")
+            if getattr(self, k) < 0]
+    if not self.temperature > 0:
+      bad.append(f"temperature={self.temperature}")
+    if not 0 < self.top_p <= 1:
+      bad.append(f"top_p={self.top_p}")
+    if not 0 < self.selection_lam <= 1:
+      bad.append(f"selection_lam={self.selection_lam}")
+    for name, value, choices in (
+      ("aggregation", self.aggregation, ("grpo", "dapo", "dr_grpo")),
+      ("ratio", self.ratio, ("token", "sequence")),
+      ("advantage_scale", self.advantage_scale, ("group", "batch", "none")),
+      ("advantage_std", self.advantage_std, ("population", "sample")),
+      ("engine", self.engine, ENGINES),
+    ):
+      if value not in choices:
+        bad.append(f"{name}={value!r} (one of {choices})")
+    if bad:
+      raise ValueError(f"policy settings out of range: {', '.join(bad)}")
     # Dr. GRPO (arXiv 2503.20783, Sec. 3.1) removes both biases together: the 1/|o_i| length
     # normalisation (aggregation "dr_grpo") and the std division (advantage_scale "none"). The
     # loss alone with std scaling is neither method; refused rather than silently rewritten, so
@@ -266,13 +295,15 @@ def make_update(apply_fn: Callable, settings: PolicyOptSettings):
   s = settings
 
   def loss_fn(params, mb):
-    logp = sequence_logprobs(apply_fn, params, mb["prompt_tokens"], mb["prompt_mask"],
-                             mb["tokens"], mb["mask"], temperature=s.temperature,
-                             chunk=s.logprob_chunk)
+    out = sequence_logprobs(apply_fn, params, mb["prompt_tokens"], mb["prompt_mask"],
+                            mb["tokens"], mb["mask"], temperature=s.temperature,
+                            chunk=s.logprob_chunk, entropy=s.entropy_coef > 0)
+    logp, entropy = out if s.entropy_coef > 0 else (out, None)
     return policy_loss(
       logp, mb["old_logp"], mb["advantages"], mb["mask"], clip_low=s.clip_low,
       clip_high=s.clip_high, aggregation=s.aggregation, max_len=s.max_new_tokens,
-      ref_logp=mb.get("ref_logp"), kl_beta=s.kl_beta,
+      ref_logp=mb.get("ref_logp"), kl_beta=s.kl_beta, ratio=s.ratio, token_entropy=entropy,
+      entropy_coef=s.entropy_coef,
     )
 
   def accumulated(params, mb):
@@ -283,15 +314,16 @@ def make_update(apply_fn: Callable, settings: PolicyOptSettings):
         loss, metrics = loss_fn(p, micro)
         return loss * aggregation_weight(micro["mask"], aggregation=s.aggregation) / total, metrics
 
-      (loss, metrics), grads = jax.value_and_grad(share, has_aux=True)(params)
+      (loss, metrics), grads = trainable_value_and_grad(share, params)
       # Every metric of policy_loss but "tokens" is a masked token mean: carry (sum, count).
       sums = {k: v if k == "tokens" else v * metrics["tokens"] for k, v in metrics.items()}
       return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
 
     micro = split_microbatches(mb, s.update_microbatches, what="update_microbatches")
     first = jax.tree.map(lambda x: x[0], micro)
-    (loss, metrics), grads = jax.eval_shape(jax.value_and_grad(loss_fn, has_aux=True), params,
-                                            first)
+    (loss, metrics), grads = jax.eval_shape(
+      lambda p, m: trainable_value_and_grad(loss_fn, p, m), params, first
+    )
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (loss, metrics, grads))
     (loss, sums, grads), _ = jax.lax.scan(body, zeros, micro)
     count = jnp.maximum(sums["tokens"], 1.0)
@@ -300,12 +332,14 @@ def make_update(apply_fn: Callable, settings: PolicyOptSettings):
 
   def update(state, mb):
     if s.update_microbatches == 1:
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb)
+      (loss, metrics), grads = trainable_value_and_grad(loss_fn, state.params, mb)
     else:
       (loss, metrics), grads = accumulated(state.params, mb)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    # Only trainable leaves are differentiated (LoRA: the adapters; `train.step`).
+    grads = with_frozen_zeros(grads, state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
     return state.replace(params=params, opt_state=opt_state), metrics
 
   return update
@@ -337,17 +371,9 @@ class PolicyOptimizer:
 
   def __init__(self, *, apply_fn, init_cache, prompt_tokens, prompt_mask, reward_fn,
                settings: PolicyOptSettings, mesh, ref_params=None, jit_reward: bool = False):
-    if settings.group_size < 1 or settings.epochs < 1 or settings.minibatches < 1:
-      raise ValueError(f"PolicyOptimizer: bad settings {settings}")
-    for name in ("logprob_chunk", "logprob_batch"):
-      if getattr(settings, name) < 0:
-        raise ValueError(f"PolicyOptimizer: {name}={getattr(settings, name)} must be >= 0")
-    if settings.update_microbatches < 1:
-      raise ValueError(
-        f"PolicyOptimizer: update_microbatches={settings.update_microbatches} must be >= 1"
-      )
-    if settings.kl_beta and ref_params is None:
-      raise ValueError(f"PolicyOptimizer: kl_beta={settings.kl_beta} needs ref_params")
+    if (settings.kl_beta or settings.reference) and ref_params is None:
+      raise ValueError(f"PolicyOptimizer: kl_beta={settings.kl_beta}, reference="
+                       f"{settings.reference} need ref_params (the frozen initial policy)")
     self.s = settings
     self.apply_fn, self.init_cache, self.mesh = apply_fn, init_cache, mesh
     self.prompt_tokens = np.asarray(prompt_tokens, np.int32)

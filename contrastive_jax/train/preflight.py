@@ -3,9 +3,10 @@
   python launch.py --config configs/grpo.py:qwen25_math_g2 --workdir DIR --mode preflight \\
       --topology v5p-64
 
-Each experiment module exposes `preflight_pieces(config, mesh) -> {name: Piece}`: the functions
-its loop jits (train step; rollout, log-prob passes, PPO update, reward embedding; sampler;
-corpus encoding), built by the same code the loop uses, with abstract arguments
+The experiment is built in mode "preflight" on the target's devices (`train/experiment.py`); its
+pieces are the functions its run jits: the train step, derived from `Experiment.train_step` and
+`Experiment.batch`, and `Experiment.pieces` (rollout, log-prob passes, PPO update, reward
+embedding; sampler; corpus encoding), built by the same code the run uses, with abstract arguments
 (`jax.ShapeDtypeStruct`s carrying the shardings the loop gives them; nothing is allocated and
 no weight file is read). Here each piece is `jax.jit(fn, in_shardings, out_shardings,
 donate_argnums).lower(*args).compile()`d for the target's devices: a Cloud TPU topology from
@@ -34,7 +35,6 @@ Writes `<workdir>/preflight.json` (never checkpoints/ or config.json) and prints
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import re
@@ -62,6 +62,7 @@ class Piece:
   bytes_per_call: HBM bytes one call moves, where the compiler cannot count them (a Pallas
   kernel's reads are invisible to `cost_analysis`; a decode step's depend on the live lengths):
   the roofline uses it instead of the compiler's count, which is kept as bytes_accessed_xla.
+  eval_calls: calls per evaluation (e.g. FID-50K's batches x NFE), for the evaluation projection.
   """
 
   fn: Callable
@@ -72,6 +73,7 @@ class Piece:
   per_step: float = 1.0
   note: str = ""
   bytes_per_call: float | None = None
+  eval_calls: float = 0.0
 
 
 @dataclasses.dataclass
@@ -101,28 +103,39 @@ def batch_struct(shapes: dict, mesh) -> dict:
   return {k: abstract(s, d, batch_sharding(mesh, len(s))) for k, (s, d) in shapes.items()}
 
 
-def train_step_piece(train_step, init_state, mesh, config, batch: dict, **kw) -> Piece:
-  """The loop's train step (`loop.train` jits it with `loop.step_jit_kwargs`) at the abstract
-  state of `init_state` and an abstract `batch` ({name: (shape, dtype)})."""
-  from contrastive_jax.train import loop
-
-  state, shardings = loop.state_shardings(init_state, mesh, config.get("sharding_rules", None))
-  jit = loop.step_jit_kwargs(shardings)
-  return Piece(
-    train_step,
-    (state, batch_struct(batch, mesh)),
-    jit["in_shardings"],
-    jit["out_shardings"],
-    jit["donate_argnums"],
-    **kw,
-  )
-
-
 def abstract_state(init_state, mesh, config):
   """The abstract TrainState (ShapeDtypeStructs with shardings) the loop would initialise."""
-  from contrastive_jax.train import loop
+  from contrastive_jax.train.init import state_shardings
 
-  return loop.state_shardings(init_state, mesh, config.get("sharding_rules", None))[0]
+  return state_shardings(init_state, mesh, config.sharding_rules)[0]
+
+
+def experiment_pieces(experiment, config) -> dict[str, Piece]:
+  """Every piece of an `Experiment`: its train step as the loop jits it (`init.step_jit_kwargs`,
+  at the abstract state and `experiment.batch`), when the loop jits it, and `experiment.pieces`."""
+  from contrastive_jax.train.init import state_shardings, step_jit_kwargs
+
+  mesh = experiment.mesh
+  state, shardings = state_shardings(experiment.init_state, mesh, config.sharding_rules)
+  pieces = {}
+  if experiment.jit_step and experiment.train_step is not None and experiment.batch is not None:
+    from contrastive_jax.sharding import check_batch_divides
+
+    try:  # before compiling: the loop would fail placing its first batch
+      check_batch_divides(config.train.batch_size, mesh, what="train.batch_size")
+    except ValueError as e:
+      raise PreflightError(str(e)) from e
+    jit = step_jit_kwargs(shardings)
+    pieces["train_step"] = Piece(
+      experiment.train_step, (state, batch_struct(experiment.batch, mesh)), jit["in_shardings"],
+      jit["out_shardings"], jit["donate_argnums"],
+      note=", ".join(f"{k} {list(shape)}" for k, (shape, _) in experiment.batch.items()),
+    )
+  if experiment.pieces is not None:
+    pieces.update(experiment.pieces(state))
+  if not pieces:
+    raise PreflightError(f"experiment {config.experiment!r} has no pieces to compile")
+  return pieces
 
 
 def _host_bounds(dims: Sequence[int]) -> tuple[int, int, int]:
@@ -317,6 +330,7 @@ def analyse(pieces: dict[str, Piece], target: Target, *, log=print) -> dict:
       rec["bytes_accessed_xla"], rec["bytes_accessed"] = rec["bytes_accessed"], piece.bytes_per_call
     rec.update(roofline(rec["flops"], rec["bytes_accessed"], target.chip))
     rec["per_step"] = piece.per_step
+    rec["eval_calls"] = piece.eval_calls
     rec["note"] = piece.note
     records[name] = rec
     del compiled
@@ -342,6 +356,14 @@ def step_projection(records: dict, chip: Chip | None) -> dict:
     "pieces": sorted(used),
     "lower_bound": any(r["loops_counted_once"] for r in used.values()),
   }
+
+
+def evaluation_projection(records: dict) -> float | None:
+  """Sum over pieces of eval_calls x roofline seconds: one evaluation's wall time (FID-50K)."""
+  used = [r for r in records.values() if r.get("eval_calls")]
+  if not used or any(r.get("roofline_seconds") is None for r in used):
+    return None
+  return sum(r["eval_calls"] * r["roofline_seconds"] for r in used)
 
 
 def _gb(x):
@@ -394,6 +416,9 @@ def format_table(result: dict) -> str:
     head += "\nESTIMATE: compiled for CPU devices, held against the GPU's memory and peak"
   step = result["step"]
   tail = ["* XLA counts a while-loop body once: a lower bound"]
+  if result.get("evaluation_seconds"):
+    hours = result["evaluation_seconds"] / 3600
+    tail.insert(0, f"evaluation (eval_calls x roofline): {hours:.2f} h")
   if step["roofline_seconds"]:
     tail.insert(
       0,
@@ -405,25 +430,17 @@ def format_table(result: dict) -> str:
   return "\n".join([head, *lines, *tail])
 
 
-def run(config, workdir: str, topology: str, *, only=None, log=print) -> dict:
-  """Compiles `config`'s pieces (or those named in `only`) for `topology`, writes
-  `<workdir>/preflight.json`, returns it."""
+def run(config, workdir: str, topology: str, build, *, only=None, log=print) -> dict:
+  """Compiles the pieces (or those named in `only`) of `build(devices) -> Experiment` (built in
+  mode "preflight" on the target's devices) for `topology`, writes `<workdir>/preflight.json`,
+  returns it."""
   from contrastive_jax import sharding
   from contrastive_jax.io import write_json
 
   target = resolve_target(topology)
-  try:
-    module = importlib.import_module(f"experiments.{config.experiment}")
-  except ModuleNotFoundError as e:
-    raise PreflightError(
-      f"config.experiment={config.experiment!r}: no module experiments/{config.experiment}.py"
-    ) from e
-  if not hasattr(module, "preflight_pieces"):
-    raise PreflightError(
-      f"experiments/{config.experiment}.py has no preflight_pieces(config, mesh)"
-    )
-  mesh = sharding.make_mesh(config.mesh, target.devices)
-  pieces = module.preflight_pieces(config, mesh)
+  experiment = build(target.devices)
+  mesh = experiment.mesh
+  pieces = experiment_pieces(experiment, config)
   if only:
     unknown = sorted(set(only) - set(pieces))
     if unknown:
@@ -449,6 +466,7 @@ def run(config, workdir: str, topology: str, *, only=None, log=print) -> dict:
     "pieces": records,
     "fits": all(r["fits"] for r in records.values()),
     "step": step_projection(records, target.chip),
+    "evaluation_seconds": evaluation_projection(records),
     "note": (
       "per-device bytes from memory_analysis(), flops and bytes accessed per call from "
       "cost_analysis(); loops_counted_once > 0: XLA counted while-loop bodies once"
@@ -459,8 +477,9 @@ def run(config, workdir: str, topology: str, *, only=None, log=print) -> dict:
   return result
 
 
-def main(config, workdir: str, topology: str | None, only=None) -> int:
-  """`launch.py --mode preflight`: sets up JAX for compiling only, runs, prints; exit status."""
+def main(config, workdir: str, topology: str | None, build, only=None) -> int:
+  """`launch.py --mode preflight`: sets up JAX for compiling only, runs, prints; exit status.
+  `build(devices) -> Experiment` builds the experiment in mode "preflight" on those devices."""
   if not topology:
     print(
       "error: --mode preflight needs --topology (e.g. v5p-8, v5litepod-16, cpu:8, h200:8)",
@@ -478,7 +497,7 @@ def main(config, workdir: str, topology: str | None, only=None) -> int:
   except RuntimeError:  # backends already up (e.g. inside the tests): use what is there
     pass
   try:
-    result = run(config, workdir, topology, only=only)
+    result = run(config, workdir, topology, build, only=only)
   except PreflightError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

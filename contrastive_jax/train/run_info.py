@@ -3,8 +3,7 @@
 `config.json` is the resolved config of the latest launch. `run_info.json` is a JSON list with
 one record per launch (argv, git commit, package versions, devices, mesh, the step it started
 from, the loaders' skip counts), appended on every launch so a resumed run keeps the first
-run's argv and commit. A file of an older version held one record (a JSON object); it is read
-as a one-record history. Both are written by `record_launch`, which the loop calls only after
+run's argv and commit (`train/workdir.py` reads it, older versions' files included). Both are written by `record_launch`, which the loop calls only after
 the checkpoint restored (or none existed), so a launch refused by any check leaves them as
 they were.
 """
@@ -22,6 +21,7 @@ import jax
 
 from contrastive_jax import hosts
 from contrastive_jax.io import workdir_path, write_json
+from contrastive_jax.train.workdir import read_history
 
 PACKAGES = (
   "jax",
@@ -74,30 +74,10 @@ def launch_record(*, mesh=None, start_step: int = 0, data=None) -> dict:
   }
 
 
-def read_history(workdir) -> list[dict]:
-  """The launches recorded in `workdir/run_info.json` ([] when there is none).
-
-  Raises ValueError naming the file when it exists but is not a JSON object or list of objects
-  (the launcher checks this before anything is written, so a history is never replaced).
-  """
-  path = workdir_path(workdir) / "run_info.json"
-  if not path.exists():
-    return []
-  try:
-    history = json.loads(path.read_text())
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: cannot be read ({e}); move it aside to keep its history") from e
-  if isinstance(history, dict):
-    history = [history]
-  if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
-    raise ValueError(f"{path}: expected a list of launch records, got {type(history).__name__}")
-  return history
-
-
 def record_launch(workdir, config, *, mesh=None, start_step: int = 0, data=None) -> None:
   """Writes `config.json` and appends this launch to `run_info.json` (process 0, atomically)."""
   root = workdir_path(workdir)
-  history = read_history(root)
+  history = read_history(root)  # checked by the launcher before anything was written
   record = launch_record(mesh=mesh, start_step=start_step, data=data)
   if hasattr(config, "to_json_best_effort"):
     write_json(root / "config.json", json.loads(config.to_json_best_effort()))

@@ -51,6 +51,8 @@ from jax.experimental import multihost_utils
 
 from contrastive_jax import hosts
 from contrastive_jax.io import workdir_path
+from contrastive_jax.models.lora import trainable_mask
+from contrastive_jax.train import migrate
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,9 @@ class TrainState(struct.PyTreeNode):
 
   @classmethod
   def create(cls, *, params, tx, rng, ema_decay=None, extra=None) -> TrainState:
-    """A step-0 state; `rng` is a raw uint32 key (`jax.random.PRNGKey`) so it checkpoints as data."""
+    """A step-0 state; `rng` is a raw uint32 key (`jax.random.PRNGKey`) so it checkpoints as data.
+    `ema_decay` (`config.optim.ema`): 0 or None keeps no EMA parameters."""
+    ema_decay = float(ema_decay) if ema_decay else None
     return cls(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -94,7 +98,9 @@ class TrainState(struct.PyTreeNode):
     ema = self.ema_params
     if self.ema_decay is not None:
       d = self.ema_decay
-      ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+      # Frozen leaves (LoRA's base, QLoRA's integer codes) are their own average.
+      ema = jax.tree.map(lambda e, p, m: d * e + (1.0 - d) * p if m else e, ema, params,
+                         trainable_mask(params))
     return self.replace(
       step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema, **changes
     )
@@ -205,9 +211,12 @@ class CheckpointManager:
     save_every: save when `step % save_every == 0` (and whenever `force=True`).
     keep: how many of the latest checkpoints to keep.
     async_save: write in a background thread while training goes on.
+    read_only: only read: nothing is created or cleaned, and `save` must not be called (the
+      checks before a launch writes anything).
   """
 
-  def __init__(self, directory, *, save_every: int = 1000, keep: int = 3, async_save=True):
+  def __init__(self, directory, *, save_every: int = 1000, keep: int = 3, async_save=True,
+               read_only: bool = False):
     self.directory = workdir_path(directory)  # Orbax requires absolute paths
     self.save_every = save_every
     handlers = {k: ocp.StandardCheckpointHandler() for k in _ARRAY_ITEMS}
@@ -216,9 +225,11 @@ class CheckpointManager:
       self.directory,
       options=ocp.CheckpointManagerOptions(
         max_to_keep=keep,
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True,
+        enable_async_checkpointing=async_save and not read_only,
+        # Read-only: nothing created or cleaned (Orbax's own read_only mode logs two warnings
+        # per use; this manager simply never saves).
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
         # The step's temporary directory is made in the main thread, so a directory that cannot
         # be written raises there. Made in the background, its failure leaves Orbax's other
         # threads waiting 300 s for a "directory created" signal that never comes, and the
@@ -231,7 +242,7 @@ class CheckpointManager:
     # at its next save; waiting here makes "opened" mean "cleaned", so a second manager on the
     # directory (an evaluation, a check) does not race this one's removal.
     wait_for_cleanup = getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", None)
-    if wait_for_cleanup is not None:
+    if wait_for_cleanup is not None and not read_only:
       wait_for_cleanup()
     self.stop_requested = threading.Event()
     self._previous_handlers: dict[int, Any] = {}
@@ -392,6 +403,26 @@ class CheckpointManager:
         f"{where} does not fit the current state:\n  " + "\n  ".join(problems)
       )
 
+  def _saved_layout(self, step: int, wanted: Mapping[str, Any]):
+    """(`wanted` as the step holds it, the map back to `wanted`'s layout): `wanted` itself, or
+    its trees in an earlier version's layout (`migrate.legacy_layout`: a decoder saved before
+    its projections became `Dense` submodules) when that is what the checkpoint holds."""
+    try:
+      self._check_structure(step, wanted)
+      return wanted, lambda out: out
+    except CheckpointMismatchError as mismatch:
+      legacy = {k: v if k in _JSON_ITEMS else migrate.legacy_layout(v) for k, v in wanted.items()}
+      if jax.tree.structure(legacy) == jax.tree.structure(wanted):
+        raise
+      try:
+        self._check_structure(step, legacy)
+      except CheckpointMismatchError:
+        raise mismatch from None
+      log.warning("checkpoint %s/%d holds an earlier version's decoder layout: read through "
+                  "train/migrate.py", self.directory, step)
+      return legacy, lambda out: {k: v if k in _JSON_ITEMS else migrate.current_layout(v)
+                                  for k, v in out.items()}
+
   def _restore_step(self, step: int, target: TrainState):
     wanted = {
       "params": target.params,
@@ -401,10 +432,10 @@ class CheckpointManager:
     }
     if target.ema_params is not None:
       wanted["ema_params"] = target.ema_params
-    self._check_structure(step, wanted)
+    wanted, current = self._saved_layout(step, wanted)
     args = {k: ocp.args.StandardRestore(_abstract(v)) for k, v in wanted.items() if k != "data"}
     args["data"] = ocp.args.JsonRestore()
-    out = self._mngr.restore(step, args=ocp.args.Composite(**args))
+    out = current(dict(self._mngr.restore(step, args=ocp.args.Composite(**args))))
     train = out["train"]
     state = target.replace(
       step=train["step"],
@@ -532,11 +563,11 @@ class CheckpointManager:
     item = "ema_params" if ema else "params"
 
     def one(s):
-      self._check_structure(s, {item: target_params})
+      wanted, current = self._saved_layout(s, {item: target_params})
       out = self._mngr.restore(
-        s, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(_abstract(target_params))})
+        s, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(_abstract(wanted[item]))})
       )
-      return out[item]
+      return current(dict(out))[item]
 
     if step is not None and not isinstance(step, int) and step != LATEST_READABLE:
       raise ValueError(f"step={step!r}: expected None, an int or {LATEST_READABLE!r}")
@@ -586,6 +617,48 @@ class CheckpointManager:
     for sig, h in self._previous_handlers.items():
       signal.signal(sig, h)
     self._previous_handlers.clear()
+
+
+def committed_steps(directory) -> list[int]:
+  """The step directories Orbax committed in `directory` (it renames a finished step's temporary
+  directory to the step number), listed without Orbax: no cross-process barrier, for a process
+  whose peers are gone. Whether each one reads is for `restore` to say."""
+  directory = workdir_path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def checkpoint_steps(directory) -> list[int]:
+  """The committed steps in `directory`, read without creating or cleaning anything."""
+  directory = workdir_path(directory)
+  if not directory.is_dir():
+    return []
+  manager = CheckpointManager(directory, read_only=True)
+  try:
+    return manager.all_steps()
+  finally:
+    manager.close()
+
+
+def saved_config(directory) -> dict | None:
+  """The config stored with the newest checkpoint in `directory` whose copy reads (None when no
+  checkpoint holds one); nothing is created, moved or cleaned."""
+  directory = workdir_path(directory)
+  if not directory.is_dir():
+    return None
+  manager = CheckpointManager(directory, read_only=True)
+  try:
+    for step in reversed(manager.all_steps()):
+      try:
+        saved = manager.restore_config(step)
+      except Exception:  # noqa: BLE001  unreadable: the restore decides what to do with it
+        continue
+      if isinstance(saved, dict) and saved:
+        return saved
+    return None
+  finally:
+    manager.close()
 
 
 def _config_dict(config) -> dict:

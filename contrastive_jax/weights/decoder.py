@@ -13,10 +13,12 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from contrastive_jax.models.decoder import DecoderConfig
 from contrastive_jax.models.layers import stack_layers, unstack_layers
+from contrastive_jax.models.lora import merge_params
 from contrastive_jax.sharding import to_host
 from contrastive_jax.weights import hf
 from contrastive_jax.weights.hf import WeightsError
@@ -53,34 +55,38 @@ def _tensor_table(c: DecoderConfig) -> list[Entry]:
     ("model.norm.weight", ("final_norm", "scale"), (d,), *same()),
   ]
   if not c.tie_embeddings:
-    table.append(("lm_head.weight", ("lm_head",), (v, d), lambda w: w.T, lambda p: p.T))
+    table.append(("lm_head.weight", ("lm_head", "kernel"), (v, d), lambda w: w.T, lambda p: p.T))
   for i in range(c.num_layers):
     pre, ours = f"model.layers.{i}.", f"layer_{i}"
+
+    def attn(name, leaf="kernel", ours=ours):
+      return (ours, "attn", name, leaf)
+
     table += [
       (pre + "input_layernorm.weight", (ours, "attn_norm", "scale"), (d,), *same()),
       (pre + "post_attention_layernorm.weight", (ours, "mlp_norm", "scale"), (d,), *same()),
-      (pre + "self_attn.q_proj.weight", (ours, "attn", "q"), (h * dh, d), *linear((h, dh))),
-      (pre + "self_attn.k_proj.weight", (ours, "attn", "k"), (kv * dh, d), *linear((kv, dh))),
-      (pre + "self_attn.v_proj.weight", (ours, "attn", "v"), (kv * dh, d), *linear((kv, dh))),
+      (pre + "self_attn.q_proj.weight", attn("q"), (h * dh, d), *linear((h, dh))),
+      (pre + "self_attn.k_proj.weight", attn("k"), (kv * dh, d), *linear((kv, dh))),
+      (pre + "self_attn.v_proj.weight", attn("v"), (kv * dh, d), *linear((kv, dh))),
       (
         pre + "self_attn.o_proj.weight",
-        (ours, "attn", "o"),
+        attn("o"),
         (d, h * dh),
         lambda w: w.T.reshape(h, dh, d),
         lambda p: p.reshape(h * dh, d).T,
       ),
-      (pre + "mlp.gate_proj.weight", (ours, "mlp", "gate"), (f, d), *linear((f,))),
-      (pre + "mlp.up_proj.weight", (ours, "mlp", "up"), (f, d), *linear((f,))),
-      (pre + "mlp.down_proj.weight", (ours, "mlp", "down"), (d, f), *linear((d,))),
+      (pre + "mlp.gate_proj.weight", (ours, "mlp", "gate", "kernel"), (f, d), *linear((f,))),
+      (pre + "mlp.up_proj.weight", (ours, "mlp", "up", "kernel"), (f, d), *linear((f,))),
+      (pre + "mlp.down_proj.weight", (ours, "mlp", "down", "kernel"), (d, f), *linear((d,))),
     ]
     if c.qkv_bias:
       table += [
-        (pre + "self_attn.q_proj.bias", (ours, "attn", "q_bias"), (h * dh,), *reshaped((h, dh))),
-        (pre + "self_attn.k_proj.bias", (ours, "attn", "k_bias"), (kv * dh,), *reshaped((kv, dh))),
-        (pre + "self_attn.v_proj.bias", (ours, "attn", "v_bias"), (kv * dh,), *reshaped((kv, dh))),
+        (pre + "self_attn.q_proj.bias", attn("q", "bias"), (h * dh,), *reshaped((h, dh))),
+        (pre + "self_attn.k_proj.bias", attn("k", "bias"), (kv * dh,), *reshaped((kv, dh))),
+        (pre + "self_attn.v_proj.bias", attn("v", "bias"), (kv * dh,), *reshaped((kv, dh))),
       ]
     if c.o_bias:
-      table.append((pre + "self_attn.o_proj.bias", (ours, "attn", "o_bias"), (d,), *same()))
+      table.append((pre + "self_attn.o_proj.bias", attn("o", "bias"), (d,), *same()))
     if c.qk_norm:
       table += [
         (pre + "self_attn.q_norm.weight", (ours, "attn", "q_norm", "scale"), (dh,), *same()),
@@ -126,12 +132,15 @@ def params_from_tensors(
 
 
 def tensors_from_params(params: Mapping[str, Any], config: DecoderConfig) -> dict[str, np.ndarray]:
-  """Inverse of `params_from_tensors`: our (unboxed) params -> HF-named float32 numpy tensors."""
+  """Inverse of `params_from_tensors`: our (unboxed) params -> HF-named float32 numpy tensors.
+  With `config.lora`, each adapter is merged into its kernel first (`models.lora.merge_params`)."""
   tree = params.get("params", params)
   if config.scan_layers:
     if "layers" not in tree:
       raise WeightsError("params: scan_layers is set but there is no stacked 'layers' entry")
     tree = unstack_layers(tree, config.num_layers)
+  # LoRA adapters merge into their kernels (QLoRA bases dequantised): a standard checkpoint.
+  tree = merge_params(jax.tree.map(np.asarray, dict(tree)), config.lora)
   out = {}
   for name, path, shape, _, to_hf in _tensor_table(config):
     node = tree

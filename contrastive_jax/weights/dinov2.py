@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -58,7 +59,7 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: ViTConfig, *, so
   the module's own (abstract) initialisation and a missing tensor is named."""
   tensors = {k.removeprefix("dinov2."): v for k, v in tensors.items()}
   dummy = np.zeros((1, config.patch_size, config.patch_size, config.num_channels), np.float32)
-  abstract = jax.eval_shape(DinoV2(config).init, jax.random.PRNGKey(0), dummy)["params"]
+  abstract = nn.unbox(jax.eval_shape(DinoV2(config).init, jax.random.PRNGKey(0), dummy))["params"]
   params: dict = {}
   for hf, path in _table(config).items():
     if hf not in tensors:

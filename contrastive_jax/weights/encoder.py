@@ -124,13 +124,17 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: EncoderConfig, *
   return {"params": params}
 
 
-def load_encoder(path: str | os.PathLike, **config_overrides):
-  """Reads an HF BERT / XLM-R directory: returns (EncoderConfig, {"params": float32 pytree})."""
-  hf = load_config(path)
+def load_encoder_config(path: str | os.PathLike, **config_overrides) -> EncoderConfig:
+  """The EncoderConfig of an HF BERT / XLM-R directory's config.json (no weight is read)."""
   try:
-    config = EncoderConfig.from_hf(hf, **config_overrides)
+    return EncoderConfig.from_hf(load_config(path), **config_overrides)
   except ValueError as e:
     raise WeightsError(f"{Path(path) / 'config.json'}: {e}") from e
+
+
+def load_encoder(path: str | os.PathLike, **config_overrides):
+  """Reads an HF BERT / XLM-R directory: returns (EncoderConfig, {"params": float32 pytree})."""
+  config = load_encoder_config(path, **config_overrides)
   return config, params_from_tensors(load_tensors(path), config, source=str(path))
 
 
