@@ -132,7 +132,7 @@ def benchmark_evaluator(config, dcfg, codec, mesh, grader=None, workdir=None):
     for name, path in files}
   lm = DecoderLM(dcfg)
   return BenchmarkEvaluator(
-    tasks, codec=codec, apply_fn=lm, init_cache=lm.init_cache, mesh=mesh, n=e.k,
+    tasks, codec=codec, apply_fn=lm, mesh=mesh, n=e.k,
     max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
     batch_size=e.batch_size, seed=e.seed, workdir=workdir)
 

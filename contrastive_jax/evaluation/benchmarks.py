@@ -10,7 +10,9 @@ T 0.7, top-p 0.8, top-k 20, n = 32), each graded 0/1, and the evaluator reports 
 
 plus the mean completion length and the share of completions that ran to the length budget
 without a stop token. Sampling keys are fixed (`seed`; benchmark b uses fold_in(seed, b)), so
-two evaluations of the same parameters agree. Every completion is kept with its score, and
+two evaluations of the same parameters agree. Decoding runs on the continuous engine
+(`sampling.engine.generate_groups`): each problem is prefilled once for its n samples and a
+finished sample's slot takes the next, which is what makes avg@32 over long completions affordable. Every completion is kept with its score, and
 `write_records(workdir, step)` writes them as JSON lines to `<workdir>/eval/<benchmark>_<step>
 .jsonl` (one line per sample: problem index, sample index, problem, gold, completion, score,
 length, stopped).
@@ -26,8 +28,8 @@ import numpy as np
 
 from contrastive_jax.data.char_vocab import left_pad
 from contrastive_jax.evaluation.pass_at_k import mean_at_k, pass_at_k
-from contrastive_jax.evaluation.policy_eval import sample_completions
 from contrastive_jax.io import eval_path, write_bytes
+from contrastive_jax.sampling.engine import generate_groups
 
 
 def pass_ks(n: int) -> list[int]:
@@ -44,16 +46,16 @@ class BenchmarkEvaluator:
   Args:
     tasks: benchmark name -> Task (questions, golds, grader).
     codec: the text <-> token codec (chat template, stop tokens `codec.eos_ids`).
-    apply_fn, init_cache: the policy LM (`sampling.lm.generate`'s).
+    apply_fn: the policy LM (`sampling.engine`'s: `models.decoder.DecoderLM`).
     mesh: the mesh the sampling batches are placed on.
     n: samples per problem.
     max_new_tokens, temperature, top_k, top_p: the sampling settings.
-    batch_size: rows per `generate` call.
+    batch_size: decode slots (rows decoded at once).
     seed: the fixed sampling key.
     workdir: where the completions go (None: not written).
   """
 
-  def __init__(self, tasks: Mapping, *, codec, apply_fn, init_cache, mesh, n: int,
+  def __init__(self, tasks: Mapping, *, codec, apply_fn, mesh, n: int,
                max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                batch_size: int, seed: int, workdir=None):
     if n < 1:
@@ -61,7 +63,7 @@ class BenchmarkEvaluator:
     self.tasks, self.codec, self.n, self.seed = dict(tasks), codec, int(n), int(seed)
     self.prompts = {name: left_pad([codec.encode_prompt(q) for q in t.questions],
                                    pad_id=codec.pad_id) for name, t in self.tasks.items()}
-    self.sampling = dict(apply_fn=apply_fn, init_cache=init_cache, mesh=mesh,
+    self.sampling = dict(apply_fn=apply_fn, mesh=mesh,
                          batch_size=batch_size, max_new_tokens=max_new_tokens,
                          temperature=temperature, top_k=top_k, top_p=top_p,
                          eos_ids=tuple(codec.eos_ids), pad_id=codec.pad_id)
@@ -76,12 +78,15 @@ class BenchmarkEvaluator:
       p = len(task)
       rep = np.repeat(np.arange(p), self.n)
       s = self.sampling
-      gen, gen_mask = sample_completions(
-        s["apply_fn"], s["init_cache"], params, tokens[rep], mask[rep],
+      # The continuous engine (`sampling.engine`): each problem prefilled once for its n samples,
+      # slots refilled as samples stop; sample j of problem i draws with id i * n + j.
+      done, _ = generate_groups(
+        s["apply_fn"], params, tokens, mask,
         jax.random.fold_in(jax.random.PRNGKey(self.seed), b), mesh=s["mesh"],
-        batch_size=s["batch_size"], max_new_tokens=s["max_new_tokens"],
+        group_size=self.n, rows=s["batch_size"], max_new_tokens=s["max_new_tokens"],
         temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], eos_ids=s["eos_ids"],
         pad_id=s["pad_id"])
+      gen, gen_mask = done.tokens, done.mask
       texts = task.texts(self.codec, gen, gen_mask)
       scores = task.score_texts(texts, rep)
       lengths = gen_mask.sum(1)
