@@ -44,6 +44,8 @@ def _args():
   p.add_argument("--attention", default="auto", help="model.attention_impl")
   p.add_argument("--model", default="", help="encoder directory ('' = all-MiniLM-L6-v2)")
   p.add_argument("--skip-peer", action="store_true", help="time ours only")
+  p.add_argument("--compile-only", action="store_true",
+                 help="print the compiled steps' temp bytes and GFLOP, run nothing")
   return p.parse_args()
 
 
@@ -131,6 +133,10 @@ def main():
         compiled = step.lower(state, batch).compile()
         mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
+        if args.compile_only:
+          print(f"  {arm:5s} {name}: temp {mem.temp_size_in_bytes / 2**30:6.2f} GiB  "
+                f"{cost['flops'] / 1e9:7.1f} GFLOP (compiled only)", flush=True)
+          continue
         wall, cpu, loss = _timed_step(compiled, state, batch, args.steps)
       results[name] = wall
       print(f"  {arm:5s} {name}: {wall:7.2f} s/step  {cpu:7.2f} CPU-s/step  temp "
