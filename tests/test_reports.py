@@ -141,7 +141,8 @@ def test_grace_report(tmp_path):
   rows = t["Retrieval and general ability (first 4 held-out queries; greedy rationales)"]
   key = "eval/retrieval/{}/{}"
   for row in rows:
-    names = {"base model (untrained)": ["base"], "GRACE released form": ["released_s0", "released_s1"],
+    names = {"base model (untrained)": ["base"],
+             "GRACE released form": ["released_s0", "released_s1"],
              "InfoNCE fine-tuning": ["infonce_s0"]}[row["model"]]
     rat = row["rationale"].replace(" ", "_")
     recs = [_record(str(root / n), "eval_base.json" if n == "base" else "eval_4.json")

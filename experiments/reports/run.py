@@ -17,9 +17,10 @@ header names the command, commits, machine and load; the tables; the plots it em
 seeds after the first skip most compilation (the numbers do not change).
 
 `--set KEY=VALUE` appends `--config.KEY=VALUE` to every run's flags (they are part of the
-printed commands and of the tables' Commands section). `--jobs N` runs N launches at a time (for a machine with more cores or an accelerator; on 2
-cores one at a time is fastest). `--only GLOB` restricts the launches to matching run names;
-tables are written only when every run of the report is finished.
+printed commands and of the tables' Commands section). `--jobs N` runs N launches at a time
+(for a machine with more cores or an accelerator; on 2 cores one at a time is fastest).
+`--only GLOB` restricts the launches to matching run names; tables are written only when every
+run of the report is finished.
 """
 
 from __future__ import annotations
