@@ -101,7 +101,7 @@ def _again_launches_nothing(report, out, *extra):
 
 def test_grpo_report(tmp_path):
   out = _run_report("grpo", tmp_path)
-  assert "expected" in out and "on 2 cores" in out
+  assert "expected" in out and "on 2 quiet cores" in out
   root = tmp_path / "grpo"
   t = _tables(root / "tables.md")
   runs = {(a, s, x): str(root / f"{a}_start{s}_seed{x}") for a, s, x in

@@ -65,11 +65,11 @@ def main(argv=None) -> int:
   todo = [it for it in items if it["state"] != "finished" and fnmatch.fnmatch(it["run"].name,
                                                                                 args.only)]
   total = sum(it["seconds"] for it in todo)
+  basis = getattr(mod, "COST_BASIS", {}).get(args.preset, sweep.COST_BASIS)
   print(f"{args.report} ({args.preset}): {len(items)} runs, {len(items) - len(todo)} finished or "
-        f"not selected, {len(todo)} to launch; expected {sweep.minutes(total)} on 2 cores "
-        f"({'one launch at a time' if args.jobs == 1 else f'{args.jobs} at a time: less'}), "
-        f"from the CPU-seconds per step measured on this project's 2-core machine and stored "
-        f"in experiments/reports/studies/{args.report}.py (COSTS)", flush=True)
+        f"not selected, {len(todo)} to launch; expected {sweep.minutes(total)} one launch at a "
+        f"time, {basis}; stored in experiments/reports/studies/{args.report}.py (COSTS)",
+        flush=True)
   if args.dry_run:
     for it in todo:
       print(f"  {it['run'].name}: {it['state']} (from step {it['start']}), "

@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHES = "launches.jsonl"
+COST_BASIS = ("on 2 quiet cores, estimated from the CPU-seconds per launch, step and evaluation "
+              "measured on this project's 2-core machine (experiments/reports/README.md, Costs)")
 
 
 @dataclasses.dataclass(frozen=True)

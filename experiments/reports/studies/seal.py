@@ -23,6 +23,7 @@ CONFIG = "configs/seal.py"
 # The longest passage whose 4-arm x 3-seed sweep fits about 90 minutes of 2 quiet cores, from
 # the step costs below (experiments/reports/README.md, "Sizing the SEAL sweep").
 LENGTH = 256
+DEVICE_LENGTH = 512  # all-MiniLM-L6-v2's longest input: the GPU sweep (scripts/seal_device.sh)
 ARMS = {
   "dense": (("--config.loss.sal_weight=0", "--config.loss.eal_weight=0"), "dense"),
   "sal": (("--config.loss.eal_weight=0", "--config.data.sal_strip=regex"),
@@ -32,11 +33,18 @@ ARMS = {
   "full": (("--config.data.sal_strip=regex", "--config.data.eal_unit=block"),
            "full SEAL (1:1:1)"),
 }
+
+
+def _flags(length):
+  return (f"--config.data.passage_max_length={length}", "--config.loss.group_size=4",
+          "--config.eval.page_chunks=4", "--config.model.attention_impl=einsum",
+          "--config.train.log_every=1")
+
+
 PRESETS = {
-  "cpu": {"preset": "cpu", "seeds": (0, 1, 2), "arms": tuple(ARMS),
-          "flags": (f"--config.data.passage_max_length={LENGTH}", "--config.loss.group_size=4",
-                    "--config.eval.page_chunks=4", "--config.model.attention_impl=einsum",
-                    "--config.train.log_every=1")},
+  "cpu": {"preset": "cpu", "seeds": (0, 1, 2), "arms": tuple(ARMS), "flags": _flags(LENGTH)},
+  "device": {"preset": "cpu", "seeds": (0, 1, 2), "arms": tuple(ARMS),
+             "flags": _flags(DEVICE_LENGTH)},
   # the seal test preset (24 stdlib pages, 24-token passages, 4 steps) on all-MiniLM-L6-v2
   "test": {"preset": "test", "seeds": (0, 1), "arms": ("dense", "full"), "only": {"full": (0,)},
            "flags": ("--config.train.eval_at_end=True",)},
@@ -46,9 +54,16 @@ COSTS = {
   "cpu": {"zero_shot": Cost(120.0, 0.0, 150.0), "dense": Cost(150.0, 18.0, 150.0),
           "sal": Cost(150.0, 35.0, 150.0), "eal": Cost(150.0, 35.0, 150.0),
           "full": Cost(150.0, 52.0, 150.0)},
+  # Not measured (no accelerator in the session that wrote this): a guess for one H100/H200,
+  # launches one at a time, mostly start-up and compilation.
+  "device": {"zero_shot": Cost(60.0, 0.0, 30.0), "dense": Cost(90.0, 0.2, 30.0),
+             "sal": Cost(100.0, 0.4, 30.0), "eal": Cost(100.0, 0.4, 30.0),
+             "full": Cost(110.0, 0.6, 30.0)},
   "test": {"zero_shot": Cost(15.0, 0.0, 3.0), "dense": Cost(20.0, 0.5, 3.0),
            "sal": Cost(20.0, 1.0, 3.0), "eal": Cost(20.0, 1.0, 3.0), "full": Cost(20.0, 1.5, 3.0)},
 }
+COST_BASIS = {"device": "on one H100/H200: a guess, not measured (no accelerator in the session "
+                        "that wrote the costs)"}
 CORPORA = (("test", "tagged pages"), ("test_untagged", "tag-stripped text"))
 METRICS = ("MRR@10", "HitRate@1", "HitRate@10", "NDCG@10")
 
