@@ -12,10 +12,13 @@ the compiled step's temporary bytes (activations kept for the backward pass) and
 the ratio peer / ours.
 
   python benchmarks/seal_views.py --length 256 --arms dense full --steps 2
-  python benchmarks/seal_views.py --length 512 --arms full --remat dots_with_no_batch_dims_saveable
+  python benchmarks/seal_views.py --length 256 --arms full --remat full --scan
+  python benchmarks/seal_views.py --length 256 --arms full --sides peer   # the step before
 
-`--remat` sets `model.remat` for both sides (models/layers.py REMAT_POLICIES), to see what a
-policy costs in time and saves in memory.
+`--remat` and `--scan` set `model.remat` (models/layers.py REMAT_POLICIES) and
+`model.scan_layers` for both sides, to see what they cost in time and save in memory. On XLA:CPU
+only the scanned layers make remat lower the peak (`--compile-only` prints it): unscanned, the
+recomputations are scheduled together and the temp bytes stay where they were.
 """
 
 from __future__ import annotations
@@ -41,9 +44,13 @@ def _args():
   p.add_argument("--arms", nargs="+", default=["full"], choices=sorted(ARMS))
   p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
   p.add_argument("--remat", default="none")
+  p.add_argument("--scan", action="store_true", help="model.scan_layers (layers under nn.scan)")
   p.add_argument("--attention", default="auto", help="model.attention_impl")
   p.add_argument("--model", default="", help="encoder directory ('' = all-MiniLM-L6-v2)")
-  p.add_argument("--skip-peer", action="store_true", help="time ours only")
+  p.add_argument("--dropout", default="on", choices=["on", "hidden", "off"],
+                 help="on: hidden and attention-probability dropout (the presets); hidden: no "
+                      "attention dropout; off: deterministic")
+  p.add_argument("--sides", default="ours,peer", help="which steps to time: ours, peer or both")
   p.add_argument("--compile-only", action="store_true",
                  help="print the compiled steps' temp bytes and GFLOP, run nothing")
   return p.parse_args()
@@ -75,7 +82,9 @@ def _config(args, arm):
 
   c = get_config("cpu")
   c.mesh.update(data=1, fsdp=1, tensor=1)
-  c.model.update(path=args.model, remat=args.remat, attention_impl=args.attention)
+  c.model.update(path=args.model, remat=args.remat, attention_impl=args.attention,
+                 scan_layers=args.scan,
+                 dropout=args.dropout != "off", attention_dropout=args.dropout == "on")
   c.data.update(passage_max_length=args.length, query_max_length=args.query_length)
   c.loss.update(group_size=args.group, sal_weight=ARMS[arm][0], eal_weight=ARMS[arm][1])
   c.train.batch_size = args.batch
@@ -110,7 +119,8 @@ def main():
 
   device = jax.devices()[:1]
   print(f"SEAL step, {args.batch} queries x {args.group} passages of {args.length} tokens per "
-        f"view, remat {args.remat}, attention {args.attention}, {jax.devices()[0].device_kind}, "
+        f"view, remat {args.remat}{' (scanned layers)' if args.scan else ''}, attention "
+        f"{args.attention}, dropout {args.dropout}, {jax.devices()[0].device_kind}, "
         f"load average {os.getloadavg()[0]:.1f}")
   for arm in args.arms:
     config = _config(args, arm)
@@ -123,7 +133,8 @@ def main():
             .astype(np.int32) for k, (shape, _) in exp.batch.items()}
     batch = sharding.host_to_global(host, exp.mesh)
     results = {}
-    sides = [("ours", seal.loss_fn)] + ([] if args.skip_peer else [("peer", separate_views_loss)])
+    fns = {"ours": seal.loss_fn, "peer": separate_views_loss}
+    sides = [(name, fns[name]) for name in args.sides.split(",")]
     for name, fn in sides:
       step = jax.jit(step_lib.make_train_step(
         functools.partial(fn, model=model, config=config, mesh=exp.mesh), lr_schedule=schedule),
@@ -142,7 +153,7 @@ def main():
       print(f"  {arm:5s} {name}: {wall:7.2f} s/step  {cpu:7.2f} CPU-s/step  temp "
             f"{mem.temp_size_in_bytes / 2**30:6.2f} GiB  {cost['flops'] / 1e9:7.1f} GFLOP  "
             f"loss {loss:.5f}  load {os.getloadavg()[0]:.1f}", flush=True)
-    if "peer" in results:
+    if len(results) == 2:
       print(f"  {arm:5s} peer / ours: {results['peer'] / results['ours']:.2f}x")
 
 

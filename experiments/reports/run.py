@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(args.out),
                                                              "jaxcache"))
     try:
-      sweep.execute(todo, root, env=env, jobs=args.jobs, echo=lambda m: print(m, flush=True))
+      sweep.execute(items, root, env=env, jobs=args.jobs, echo=lambda m: print(m, flush=True),
+                    select=lambda run: fnmatch.fnmatch(run.name, args.only))
     except sweep.SweepError as e:
       print(f"error: {e}", file=sys.stderr)
       return 1

@@ -280,10 +280,11 @@ def minutes(seconds: float) -> str:
 
 
 def execute(items: Sequence[dict], root: str, *, env: Mapping[str, str], jobs: int = 1,
-            echo=print):
-  """Launches every unfinished item, in order, at most `jobs` at a time (a run waits for its
-  `needs`); after a failure nothing new starts and `SweepError` names it."""
-  todo = [it for it in items if it["state"] != "finished"]
+            select=lambda run: True, echo=print):
+  """Launches every unfinished item that `select`s, in order, at most `jobs` at a time (a run
+  waits for its `needs`: finished ones of `items` or launched ones); after a failure nothing new
+  starts and `SweepError` names it."""
+  todo = [it for it in items if it["state"] != "finished" and select(it["run"])]
   done = {it["run"].name for it in items if it["state"] == "finished"}
   lock, failures, running = threading.Lock(), [], {}
 

@@ -59,12 +59,16 @@ PRESETS = {
            "only": {"sit_cos_w0.5_t0.5": (0,), "mf_baseline": (0,)},
            "flags": ("--config.train.eval_every=3",), "two_nfe": True},
 }
-# CPU-seconds on this project's 2-core machine (experiments/reports/README.md, Costs).
+# From the runs behind the current dispersive.md, on this project's 2-core machine: a SiT cpu run
+# (6000 steps, evaluations at 3000 and 6000) took about 4 minutes when nothing else ran; MeanFlow
+# with trained-in guidance costs 2.6x a SiT step (benchmarks/dispersive_step.py --meanflow, the
+# report's Step time table), REPA's projector and encoder about 1.3x; a 1-NFE evaluation is 1
+# network call per sample instead of Heun's 63. Test presets: measured here (CPU-seconds).
 COSTS = {
-  "cpu": {"sit": Cost(25.0, 0.030, 15.0), "repa": Cost(25.0, 0.045, 15.0),
-          "meanflow": Cost(30.0, 0.075, 8.0), "nfe2": Cost(25.0, 0.0, 10.0)},
-  "test": {"sit": Cost(12.0, 0.05, 3.0), "repa": Cost(12.0, 0.05, 3.0),
-           "meanflow": Cost(14.0, 0.05, 3.0), "nfe2": Cost(12.0, 0.0, 3.0)},
+  "cpu": {"sit": Cost(20.0, 0.030, 20.0), "repa": Cost(20.0, 0.040, 20.0),
+          "meanflow": Cost(25.0, 0.080, 8.0), "nfe2": Cost(20.0, 0.0, 10.0)},
+  "test": {"sit": Cost(10.0, 0.05, 2.0), "repa": Cost(10.0, 0.05, 2.0),
+           "meanflow": Cost(12.0, 0.05, 2.0), "nfe2": Cost(5.0, 0.0, 2.0)},
 }
 
 

@@ -40,14 +40,17 @@ PRESETS = {
   "test": {"preset": "test", "seeds": (0, 1), "arms": ("released", "infonce"),
            "bases": ("base",), "only": {"infonce": (0,)}, "flags": ("--config.train.steps=4",)},
 }
-# CPU-seconds per launch / step / evaluation on this project's 2-core machine (README.md, Costs).
+# From the runs behind the current grace.md, on this project's 2-core machine when nothing else
+# ran ("alone"): a GRACE step 33-37 s (released form; 45 s at 64 tokens), 46-47 s (paper form),
+# an evaluation 1.5-3 min, an InfoNCE run about 5 min in all. Test preset: measured here (load
+# about 15, CPU-seconds).
 COSTS = {
-  "cpu": {"grace": Cost(90.0, 40.0, 120.0), "grace_paper": Cost(90.0, 50.0, 120.0),
-          "grace64": Cost(90.0, 55.0, 200.0), "infonce": Cost(90.0, 20.0, 120.0),
-          "base": Cost(60.0, 0.0, 120.0), "base64": Cost(60.0, 0.0, 200.0)},
-  "test": {"grace": Cost(12.0, 0.3, 2.0), "grace_paper": Cost(12.0, 0.3, 2.0),
-           "grace64": Cost(12.0, 0.3, 2.0), "infonce": Cost(12.0, 0.1, 2.0),
-           "base": Cost(10.0, 0.0, 2.0), "base64": Cost(10.0, 0.0, 2.0)},
+  "cpu": {"grace": Cost(60.0, 35.0, 120.0), "grace_paper": Cost(60.0, 46.0, 120.0),
+          "grace64": Cost(60.0, 45.0, 180.0), "infonce": Cost(60.0, 10.0, 120.0),
+          "base": Cost(60.0, 0.0, 120.0), "base64": Cost(60.0, 0.0, 180.0)},
+  "test": {"grace": Cost(14.0, 0.5, 2.0), "grace_paper": Cost(14.0, 0.5, 2.0),
+           "grace64": Cost(14.0, 0.5, 2.0), "infonce": Cost(14.0, 0.3, 2.0),
+           "base": Cost(12.0, 0.0, 3.0), "base64": Cost(12.0, 0.0, 3.0)},
 }
 
 

@@ -38,13 +38,15 @@ PRESETS = {
                     "g16": ("test", ("--config.policy.group_size=4",
                                      "--config.train.batch_size=4"))}},
 }
-# CPU-seconds measured on this project's 2-core machine (Intel Xeon, Sapphire Rapids class),
-# under load (see experiments/reports/README.md, "Costs"): per launch before the first step
-# (imports, data, compilation), per step, per evaluation.
+# Measured on this project's 2-core machine (Intel Xeon, 4th gen class), load average about 4
+# (experiments/reports/README.md, Costs): whole launches of the cpu presets took 17-22 CPU-s
+# (28 for SFT), mostly the first step's compilation; these small programs keep one core busy,
+# so CPU-seconds stand for the wall time of a quiet machine.
 COSTS = {
-  "cpu": {"sft": Cost(30.0, 0.05, 2.0), "g2": Cost(45.0, 0.20, 3.0),
-          "g16": Cost(45.0, 0.17, 3.0), "g2_sel": Cost(45.0, 0.22, 3.0)},
-  "test": {"sft": Cost(8.0, 0.02, 1.0), "g2": Cost(10.0, 0.05, 1.0), "g16": Cost(10.0, 0.05, 1.0)},
+  "cpu": {"sft": Cost(10.0, 0.05, 1.5), "g2": Cost(15.0, 0.06, 0.3),
+          "g16": Cost(15.0, 0.07, 0.3), "g2_sel": Cost(15.0, 0.09, 0.3)},
+  "test": {"sft": Cost(9.0, 0.02, 0.5), "g2": Cost(12.0, 0.05, 0.5),
+           "g16": Cost(12.0, 0.05, 0.5)},
 }
 
 

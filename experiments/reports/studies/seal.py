@@ -35,10 +35,16 @@ ARMS = {
 }
 
 
+# Memory: a full-SEAL step at 256 tokens keeps 14.4 GiB of activations for its backward pass
+# (XLA:CPU temp bytes, benchmarks/seal_views.py --compile-only); remat of the unscanned layers
+# does not lower that on XLA:CPU (13.96 GiB), remat of scanned layers does (README.md, SEAL).
+REMAT = ("--config.model.scan_layers=True", "--config.model.remat=full")
+
+
 def _flags(length):
   return (f"--config.data.passage_max_length={length}", "--config.loss.group_size=4",
           "--config.eval.page_chunks=4", "--config.model.attention_impl=einsum",
-          "--config.train.log_every=1")
+          "--config.train.log_every=1", *REMAT)
 
 
 PRESETS = {
