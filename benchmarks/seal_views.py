@@ -77,6 +77,31 @@ def separate_views_loss(params, batch, rng, *, model, config, mesh):
                    group_size=lc.group_size)
 
 
+def concat_views_loss(params, batch, rng, *, model, config, mesh):
+  """The passage views concatenated into one [V*N, L] encoder call with one dropout key (masks
+  drawn over the concatenated rows: the same distribution, other draws than one key per view)."""
+  from contrastive_jax.losses.seal import seal_loss
+  from contrastive_jax.models.encoder import pool
+
+  del mesh
+  lc = config.loss
+  det = not config.model.dropout
+
+  def encode(ids, mask, k):
+    hidden = model.apply(params, ids, mask, deterministic=det,
+                         rngs={"dropout": jax.random.fold_in(rng, k)})
+    return pool(hidden, mask, kind=config.model.pooling)
+
+  views = [p for p in "pum" if f"{p}_ids" in batch]
+  ids = jnp.concatenate([batch[f"{p}_ids"] for p in views])
+  mask = jnp.concatenate([batch[f"{p}_mask"] for p in views])
+  emb = dict(zip(views, jnp.split(encode(ids, mask, 1), len(views))))
+  return seal_loss(encode(batch["q_ids"], batch["q_mask"], 0), emb["p"], emb.get("u"),
+                   emb.get("m"), dense_weight=lc.dense_weight, sal_weight=lc.sal_weight,
+                   eal_weight=lc.eal_weight, temperature=lc.temperature,
+                   group_size=lc.group_size)
+
+
 def _config(args, arm):
   from configs.seal import get_config
 
@@ -106,8 +131,9 @@ def _timed_step(step, state, batch, steps):
 
 def main():
   args = _args()
-  global jax
+  global jax, jnp
   import jax
+  import jax.numpy as jnp
   import numpy as np
 
   from contrastive_jax import sharding
@@ -133,7 +159,7 @@ def main():
             .astype(np.int32) for k, (shape, _) in exp.batch.items()}
     batch = sharding.host_to_global(host, exp.mesh)
     results = {}
-    fns = {"ours": seal.loss_fn, "peer": separate_views_loss}
+    fns = {"ours": seal.loss_fn, "peer": separate_views_loss, "concat": concat_views_loss}
     sides = [(name, fns[name]) for name in args.sides.split(",")]
     for name, fn in sides:
       step = jax.jit(step_lib.make_train_step(

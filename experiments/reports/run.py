@@ -85,6 +85,9 @@ def main(argv=None) -> int:
     except sweep.SweepError as e:
       print(f"error: {e}", file=sys.stderr)
       return 1
+    except KeyboardInterrupt:  # the launch got the signal too: it saved a checkpoint
+      print("interrupted: the same command resumes where this stopped", file=sys.stderr)
+      return 130
     items = sweep.plan(runs, root, mod.COSTS[args.preset])
   left = [it["run"].name for it in items if it["state"] != "finished"]
   if left:
