@@ -40,7 +40,12 @@ import os
 import sys
 import traceback
 
-from absl import app, flags, logging
+# No network at run time: the Hugging Face hub and `datasets` (MTEB's data) read the local cache
+# only; set before anything imports them, since both read these at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags
 
 from contrastive_jax import hosts
@@ -50,8 +55,11 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "FILE:PRESET of an ml_collections config.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and run info.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "preflight"],
-                  "Train (or resume), evaluate, or preflight (AOT fit check for --topology).")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "preflight", "export"],
+                  "Train (or resume), evaluate, preflight (AOT fit check for --topology), or "
+                  "export a checkpoint (--step) as a Hugging Face directory.")
+flags.DEFINE_string("export_dir", None, "With --mode export: the directory to write (default "
+                    "<workdir>/export/step_<N>; gs:// works where epath's driver is installed).")
 flags.DEFINE_string("topology", None, "With --mode preflight: v5p-8, v5litepod-16, cpu:8, h200:8.")
 flags.DEFINE_list("pieces", None, "With --mode preflight: compile only these pieces.")
 flags.DEFINE_string("step", None, "With --mode eval: a step number, 'latest' (default) or "
@@ -72,6 +80,7 @@ EXIT_STATUS = {
   "MeshError": 8,
   "ClusterError": 9,
   "PreflightError": 10,
+  "ExportError": 11,  # --mode export that cannot write a Hugging Face model
 }
 TRACEBACK_ENV = "CJ_TRACEBACK"
 
@@ -98,7 +107,8 @@ def exit_status(error: BaseException) -> int | None:
   return next((EXIT_STATUS[n] for n in names if n in EXIT_STATUS), None)
 
 
-def main(argv):
+def main(argv, run: dict):
+  """The launch; `run["watch"]` is set to the run's `hosts.ProcessWatch` (several processes)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config
@@ -114,14 +124,18 @@ def main(argv):
 
   import experiments
   from configs.common import ConfigError, validate_config
-  from contrastive_jax.train import evaluate, loop
+  from contrastive_jax.train import evaluate, export, loop
   from contrastive_jax.train import workdir as workdir_lib
   from contrastive_jax.train.state import parse_step
 
   if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   hosts.quiet_platforms()
-  hosts.start(heartbeat_timeout_seconds=config.cluster.heartbeat_timeout_seconds)
+  heartbeat = config.cluster.heartbeat_timeout_seconds
+  hosts.start(heartbeat_timeout_seconds=heartbeat)
+  run["watch"] = hosts.watch_processes(
+    lost_after=heartbeat / 2, on_lost=lambda lost: _stop_for_a_lost_process(lost, heartbeat / 2)
+  )
   workdir = workdir_path(FLAGS.workdir)
   training = FLAGS.mode == "train"
   # Same config and device count on every process: each reaches the same verdict.
@@ -129,8 +143,10 @@ def main(argv):
   error = None
   try:
     workdir_lib.check(config, workdir, resuming=training)
-    if FLAGS.mode == "eval" and config.eval.params != "base" and not workdir.is_dir():
-      raise workdir_lib.WorkdirError(f"{workdir}: no such workdir to evaluate")
+    if FLAGS.mode in ("eval", "export") and config.eval.params != "base" and (
+      not workdir.is_dir()
+    ):
+      raise workdir_lib.WorkdirError(f"{workdir}: no such workdir to {FLAGS.mode}")
   except (workdir_lib.WorkdirError, ConfigError) as e:
     error = e
   # Every process reads the same files, but a host that sees other storage (a local disk) would
@@ -145,11 +161,14 @@ def main(argv):
   hosts.agree(error, what="inputs")
   if training:
     loop.train(config, str(workdir), experiment)  # it records the launch once restored
-  else:
-    try:
+    return
+  try:
+    if FLAGS.mode == "export":
+      export.export(config, str(workdir), experiment, parse_step(FLAGS.step), FLAGS.export_dir)
+    else:
       evaluate.evaluate(config, str(workdir), experiment, parse_step(FLAGS.step))
-    except FileNotFoundError as e:  # no checkpoint (at that step), or a missing input file
-      raise workdir_lib.WorkdirError(str(e)) from e
+  except FileNotFoundError as e:  # no checkpoint (at that step), or a missing input file
+    raise workdir_lib.WorkdirError(str(e)) from e
 
 
 def _fail(message: str, status: int = EXIT_STATUS["ConfigError"]):
@@ -215,39 +234,39 @@ def parse_flags(argv: list[str]):
     _fail(str(e).replace("\\n", " ").replace("\\'", "'"))
 
 
-def _stop_if_a_process_is_lost(error: BaseException):
-  """With several processes, an unexpected error is most often a collective that lost its peer
-  (a killed or preempted host: gloo's "Connection closed by peer", NCCL/ICI timeouts). If the
-  coordination service confirms a process is gone, say so in one line and exit at once:
-  JAX's shutdown would otherwise wait for the dead peer and abort with a C++ stack dump."""
+def _stop_for_a_lost_process(lost: list[int], lost_after: float):
+  """`hosts.ProcessWatch`'s verdict: one line naming the lost process and how to resume, then an
+  immediate exit (no collective can finish without it, and JAX's shutdown would wait for it and
+  abort with a C++ stack dump)."""
   import jax
 
-  if jax.process_count() == 1 or isinstance(error, hosts.AgreedError):
-    return
-  lost = hosts.lost_processes()  # waits at most cluster.heartbeat_timeout_seconds
-  if not lost:
-    return
-  from contrastive_jax.train.state import checkpoint_steps
+  from contrastive_jax.train.state import committed_steps
 
   workdir = workdir_path(FLAGS.workdir)
-  steps = checkpoint_steps(workdir / "checkpoints") if FLAGS.mode == "train" else []
+  # Listed, not opened with Orbax: its manager would wait for the lost process in a barrier.
+  steps = committed_steps(workdir / "checkpoints") if FLAGS.mode == "train" else []
   resume = (f"it resumes from checkpoint {steps[-1]} in {workdir}/checkpoints" if steps else
             "no checkpoint was written yet, so it starts again from step 0")
   names = ", ".join(str(i) for i in lost)
-  print(f"error: process {names} of {jax.process_count()} is gone (killed, crashed or preempted;"
-        f" this process's error: {type(error).__name__}), so this one stops too. Relaunch the same"
-        f" command on every host: {resume}.", file=sys.stderr, flush=True)
+  print(f"\nerror: process {names} of {jax.process_count()} is gone (killed, crashed or "
+        f"preempted: silent for {lost_after:.0f} s), so this one stops too. Relaunch the "
+        f"same command on every host: {resume}.", file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(EXIT_STATUS["ClusterError"])
 
 
 def _main(argv):
+  run = {"watch": None}
   try:
-    main(argv)
+    main(argv, run)
   except Exception as e:
     status = exit_status(e)
+    watch = run["watch"]
+    if status is None and watch is not None:
+      # A collective that lost its peer fails here first (gloo: "Connection closed by peer"):
+      # give the watch the time it needs to say whether a process is gone (it exits if so).
+      watch.wait_for_loss(watch.lost_after + 2 * watch.period)
     if status is None:
-      _stop_if_a_process_is_lost(e)
       raise  # not an expected error: a bug, shown with its traceback
     if _show_traceback():
       traceback.print_exc()

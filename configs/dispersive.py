@@ -47,13 +47,16 @@ At CPU scale REPA's encoder is a stand-in, this project's digits classifier trai
 
 ImageNet presets hold the paper's settings (SD-VAE latents 32x32x4 read with TFDS, AdamW 1e-4,
 wd 0, batch 256, EMA 0.9999, 400K steps); they need `data.data_dir` with the latents built by
-`python -m contrastive_jax.data.imagenet_latents` (an encoder the user supplies) and, for
-sample grids and FID, a decoder the user supplies (`eval.decoder="module:function"`). Their
-`eval.feature_network` is "inception_v3" (FID proper, contrastive_jax/evaluation/inception_fid.py):
-set `eval.inception_weights` to pytorch-fid's pt_inception-2015-12-05-6726825d.pth and
-`eval.reference_stats` to the reference npz (mu, sigma; ADM's VIRTUAL_imagenet256_labeled.npz),
-both files the user has, or `--config.eval.feature_network=none`; left "", the run stops with
-an error naming the key before training. The paper's FID-50K is `--config.eval.num_samples=50000`.
+`python -m contrastive_jax.data.imagenet_latents --vae SD_VAE_DIR` (posterior moments of each
+crop and its flip; `--dinov2 DIR` adds REPA's targets), drawn per step as DiT/SiT do
+(`data.latent_sampling="posterior"`, `data.flip=True`), and `vae.path` (the same SD-VAE) to
+decode samples. Their `eval.feature_network` is "inception_v3": FID-50K streamed with ADM's
+suite (contrastive_jax/evaluation/fid_stream.py): set `eval.inception_weights` to pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth and `eval.reference_batch` to ADM's
+VIRTUAL_imagenet256_labeled.npz (FID, sFID, IS, precision/recall), or
+`--config.eval.feature_network=none`; left "", the run stops with an error naming the key before
+training. The paper's FID-50K is `--config.eval.num_samples=50000` (README: "ImageNet from
+scratch").
 """
 
 from configs.common import base_config, select_preset
@@ -117,6 +120,20 @@ def get_config(preset: str = "cpu"):
     tfds_name="imagenet_latents/256",
     data_dir="",
     split="train",
+    # imagenet_latents: the latent each step sees. "posterior" = a fresh z = mean + std * eps
+    # of the stored posterior (DiT/SiT/REPA: vae.encode(x).latent_dist.sample() every step);
+    # "mean" = the posterior mean. data.flip: a random horizontal flip per example and step
+    # (DiT/SiT's RandomHorizontalFlip), read from the flip's own stored moments.
+    latent_sampling="posterior",
+    flip=True,
+  )
+  # SD-VAE (diffusers AutoencoderKL directory, e.g. stabilityai/sd-vae-ft-ema): decodes samples
+  # for FID and grids; a latents dataset must have been built with the same weights and scale.
+  c.vae = dict(
+    path="",
+    scaling_factor=0.18215,  # model input = (z - shift_factor) * scaling_factor (DiT/SiT)
+    shift_factor=0.0,
+    dtype="float32",  # decode compute dtype: "float32" | "bfloat16"
   )
   c.eval.update(
     params="ema",  # DiT/SiT evaluate the EMA weights (0.9999 at ImageNet scale)
@@ -136,6 +153,14 @@ def get_config(preset: str = "cpu"):
     decoder="",  # "" (images are pixels) or "module:function" mapping latents to [-1, 1] images
     inception_weights="",  # inception_v3: pytorch-fid's .pth (or .safetensors / .npz, same keys)
     reference_stats="",  # inception_v3: npz with the reference set's pool3 "mu", "sigma"
+    # inception_v3: ADM's reference batch (VIRTUAL_imagenet256_labeled.npz: arr_0, mu, sigma,
+    # mu_s, sigma_s): FID, sFID, Inception Score, precision/recall (instead of reference_stats).
+    reference_batch="",
+    precision_recall=True,  # with reference_batch: k = 3 manifolds of pool3 (ADM)
+    fdd_encoder_dir="",  # a DINOv2 HF directory: adds FDD (DINOv2 CLS features) vs the batch
+    # "balanced": labels 0, 1, .., C-1, 0, .. (N / C per class; N must divide) | "uniform": at
+    # random per batch, DiT/SiT's sample_ddp.py (the ImageNet presets)
+    class_sampling="balanced",
   )
   c.train.update(steps=6000, batch_size=64, log_every=100, eval_every=3000, checkpoint_every=1000)
   c.optim.update(
@@ -184,6 +209,7 @@ def get_config(preset: str = "cpu"):
       cfg_channels=3,  # as DiT/SiT's forward_with_cfg, so FID at cfg > 1 compares with theirs
       grid_rows=1,
       feature_network="inception_v3",
+      class_sampling="uniform",
     )
 
   def sit_b2_imagenet(c):
@@ -221,6 +247,7 @@ def get_config(preset: str = "cpu"):
     imagenet(c, size)
     c.loss.weight = 0.0
     c.repa.update(weight=0.5, block=block, encoder="dinov2", encoder_dim=768, image_size=224)
+    c.data.tfds_name = "imagenet_latents/256_dinov2"  # built with --dinov2: stored targets
 
   def sit_b2_imagenet_repa(c):
     imagenet_repa(c, "B/2", 3)  # REPA code: --encoder-depth=4 for SiT-B

@@ -12,26 +12,21 @@ policy (char vocab), beta 0.1, sigmoid loss; a few minutes on 2 cores. jsonl: Sm
 Instruct (GGUF) on {"prompt", "chosen", "rejected"} lines with its chat template. test: seconds.
 """
 
-from configs.common import base_config, lora_section, select_preset
+from configs.common import base_config, select_preset
+from configs.grpo import eval_section, model_section, task_section
 
 
 def get_config(preset: str = "cpu"):
   c = base_config("dpo")
-  c.model = dict(source="checkpoint", path="runs/grpo_cpu_sft", hidden=64, layers=2, heads=4,
-                 remat="none", scan_layers=False, attention_impl="auto",  # as configs/grpo.py
-                 kv_heads=2, mlp=192, dtype="float32")
-  c.model.lora = lora_section()  # rank 0: off (configs.common.lora_section)
-  c.task = dict(name="arithmetic", style="compact", digits=1, num_operands=3, operators="+-",
-                seed=0, train_size=4096, test_size=256, train_file="", test_file="",
-                dataset="math", target="", max_prompt_len=0, chat_system="")
+  c.model = model_section()  # the policy's sections are GRPO's (configs/grpo.py)
+  c.task = task_section()
   c.pairs = dict(source="arithmetic", file="", size=4096, heldout_fraction=0.1)
   # logprob_chunk: positions of logits at a time (0: whole sequences); logprob_batch: rows per
   # reference log-prob call (0: train.batch_size). The update's micro-batches are
   # train.grad_accum_steps (exact for DPO: a mean over equal-size micro-batches of pairs).
   c.loss = dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, length_normalize=False,
                 logprob_chunk=0, logprob_batch=0)
-  c.eval.update(k=0, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=5, batch_size=512,
-                seed=1234)
+  c.eval.update(eval_section(k=0))
   c.train.update(steps=300, batch_size=64, log_every=25, eval_every=100, checkpoint_every=100)
   c.optim.update(name="adam", lr=1e-4, schedule="constant", grad_clip=1.0)
 

@@ -29,18 +29,15 @@ the released eval_mteb.py) or greedy (eval.rationale="greedy", the rule before t
 results in <workdir>/eval_<step>.json. Results: experiments/reports/grace.md.
 """
 
-from configs.common import base_config, lora_section, select_preset, settings_section, use_lora
+from configs.common import base_config, select_preset, settings_section, use_lora
+from configs.grpo import model_section
 from contrastive_jax.train.policy_opt import PolicyOptSettings
 
 
 def get_config(preset: str = "cpu"):
   c = base_config("grace")
   c.algorithm = "grace"  # "grace" | "infonce"
-  c.model = dict(
-    source="gguf", path="", dtype="float32", hidden=64, layers=2, heads=4, kv_heads=2, mlp=128,
-    remat="none", scan_layers=False, attention_impl="auto",  # memory switches, as configs/grpo.py
-  )
-  c.model.lora = lora_section()  # rank 0: off (configs.common.lora_section)
+  c.model = model_section(source="gguf", path="", mlp=128)  # configs/grpo.py's keys
   c.data = dict(
     source="offline",
     train_file="",
@@ -86,6 +83,10 @@ def get_config(preset: str = "cpu"):
     top_p=1.0,
     seed=1234,
     examples=3,
+    # MTEB tasks (comma-separated mteb names) scored by the mteb package through the rationale
+    # encoder instead of the pydoc evaluation; local HF cache only; needs the [mteb] extra.
+    mteb_tasks="",
+    mteb_splits="",
   )
   c.train.update(steps=12, batch_size=4, log_every=1, eval_every=0, checkpoint_every=6)
   c.optim.update(name="adam", lr=5e-6, schedule="constant", grad_clip=1.0)
@@ -139,7 +140,7 @@ def get_config(preset: str = "cpu"):
       # on TPU (models/attention.py; else the XLA path).
       prompt_len=640,
     )
-    c.policy.update(group_size=8, max_new_tokens=2048)
+    c.policy.update(group_size=8, max_new_tokens=2048, block_size=128)  # as configs/grpo.py
     c.policy.update(minibatches=4)  # 64 triplets per rollout batch, 16 per update
     # 64 x 8 = 512 rollouts of S ~ 0.6K prompt + 2048 tokens, V = 151936, rows over 8 devices.
     # Whole logits: 64 rows/device x 2.7K x V x 4 B = 100 GB per device (old log-probs), 25 GB

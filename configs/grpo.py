@@ -27,25 +27,50 @@ from configs.common import base_config, lora_section, select_preset, settings_se
 from contrastive_jax.train.policy_opt import PolicyOptSettings
 
 
+def model_section(**values) -> dict:
+  """`model` of the policy experiments (GRPO, DPO, GRACE; `experiments/policy_setup.py`):
+  `source` "scratch" | "checkpoint" (`path`: an earlier run's workdir) | "gguf" | "hf" (`path`:
+  the file or directory); hidden/layers/heads/kv_heads/mlp size a scratch decoder. Memory
+  switches (models/decoder.py): remat "none" | "full" | a policy name (models/layers.py
+  REMAT_POLICIES); attention "auto" | "einsum" | "xla" | "cudnn" | "splash" (models/attention.py).
+  `lora`: `configs.common.lora_section` (rank 0: off)."""
+  return {**dict(source="checkpoint", path="runs/grpo_cpu_sft", hidden=64, layers=2, heads=4,
+                 kv_heads=2, mlp=192, dtype="float32", remat="none", scan_layers=False,
+                 attention_impl="auto", lora=lora_section()), **values}
+
+
+def task_section(**values) -> dict:
+  """`task` of the policy experiments: generated arithmetic ("arithmetic", "first_token") or
+  MATH-style JSON lines ("math_jsonl"). The math reward (data/math_answers.py, math-verify): the
+  answer is the last \\boxed{} (`extraction` "boxed"), or the library's extraction ("open_r1" |
+  "any"); graded in `grader_workers` processes (0: in-process), `grader_timeout` s per parse."""
+  return {**dict(name="arithmetic", style="compact", digits=1, num_operands=3, operators="+-",
+                 seed=0, train_size=4096, test_size=256, train_file="", test_file="",
+                 dataset="math", target="", max_prompt_len=0, chat_system="", extraction="boxed",
+                 grader_workers=2, grader_timeout=5), **values}
+
+
+def eval_section(**values) -> dict:
+  """The policy evaluation's keys: held-out greedy accuracy, then `k` samples per problem at "It
+  Takes Two"'s settings (T 0.7, top-p 0.8, top-k 20; k = 32 on the paper presets) for Mean@k and
+  Pass@k. `benchmarks`: reasoning benchmarks evaluated beside the held-out task
+  (data/reasoning.py BENCHMARKS: "math500,aime24,aime25,amc23,minerva,olympiadbench"), each read
+  from `<benchmark_dir>/<name>.jsonl` or named `name=FILE`: avg@k and pass@1..k per benchmark,
+  every completion with its score in <workdir>/eval/<name>_<step>.jsonl."""
+  return {**dict(k=4, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=5, batch_size=512,
+                 seed=1234, benchmarks="", benchmark_dir=""), **values}
+
+
 def get_config(preset: str = "cpu"):
   c = base_config("grpo")
   c.algorithm = "grpo"  # "grpo" | "sft"
-  c.model = dict(source="checkpoint", path="runs/grpo_cpu_sft", hidden=64, layers=2, heads=4,
-                 kv_heads=2, mlp=192, dtype="float32",
-                 # memory switches (models/decoder.py): remat "none" | "full" | a policy name
-                 # (models/layers.py REMAT_POLICIES); attention "auto" | "einsum" | "xla" |
-                 # "cudnn" | "splash" (models/attention.py)
-                 remat="none", scan_layers=False, attention_impl="auto")
-  c.model.lora = lora_section()  # rank 0: off (configs.common.lora_section)
-  c.task = dict(name="arithmetic", style="compact", digits=1, num_operands=3, operators="+-",
-                seed=0, train_size=4096, test_size=256, train_file="", test_file="",
-                dataset="math", target="", max_prompt_len=0, chat_system="")
+  c.model = model_section()
+  c.task = task_section()
   # Rollout, advantage, loss and prompt-selection settings: the fields of
   # `train.policy_opt.PolicyOptSettings` (documented there with the papers' symbols).
   c.policy = settings_section(PolicyOptSettings, omit=("eos_ids", "pad_id"), group_size=16,
                               max_new_tokens=5, minibatches=2, clip_high=0.28, overlong_cache=2)
-  c.eval.update(k=4, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=5, batch_size=512,
-                seed=1234)
+  c.eval.update(eval_section(k=4))
   c.sft = dict(examples=20_000)
   c.train.update(steps=80, batch_size=8, log_every=1, eval_every=20, checkpoint_every=40)
   c.optim.update(name="adam", lr=2.5e-6, schedule="constant", grad_clip=1.0)
@@ -90,14 +115,17 @@ def get_config(preset: str = "cpu"):
                   # 4096 = 32 x 128, so the log-prob and update passes run splash attention on
                   # TPU (models/attention.py: lengths multiples of 128; else the XLA path).
                   max_prompt_len=1096)
-    c.policy.update(group_size=group, max_new_tokens=3000)
+    # KV blocks of 128 positions: the Pallas ragged paged attention kernel's tuned page size
+    # on TPU (fewer, larger DMAs per row).
+    c.policy.update(group_size=group, max_new_tokens=3000, block_size=128)
     c.policy.update(epochs=1, minibatches=1, clip_low=0.2, clip_high=0.28, kl_beta=0.0)
     # 512 rollouts of S ~ 0.5K prompt + 3000 tokens, V = 151936, rows over 8 devices. Whole
     # logits: 64 rows/device x 3.5K x V x 4 B = 137 GB per device. Old log-probs 64 rows per call
     # (8 per device) and the 512-row update in 8 micro-batches (8 rows per device), logits 256
     # positions at a time: 8 x 256 x V x (2 B bf16 + 4 B float32) = 1.9 GB per device.
     c.policy.update(logprob_chunk=256, logprob_batch=64, update_microbatches=8)
-    c.eval.update(k=32, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=3000, batch_size=256)
+    c.eval.update(k=32, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=3000, batch_size=256,
+                  benchmark_dir="data/benchmarks")
     # 10 epochs of the 7.5K MATH training problems at `prompts` problems per step.
     c.train.update(steps=10 * 7500 // prompts, batch_size=prompts, eval_every=50,
                    checkpoint_every=50)

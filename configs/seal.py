@@ -52,8 +52,10 @@ Presets:
         block EAL unit and redrawn negatives).
   test  a tiny model directory given by `model.path` (the tests write a random BERT), 24 stdlib
         modules, a few steps: seconds.
-  bge_m3_structdoc, bge_large_zh_structdoc   the paper's models on StructDocRetrieval JSONL
-        (`model.path`, `data.train_file`, `data.test_file` must name local files). FlagEmbedding
+  bge_m3_structdoc, bge_large_zh_structdoc   the paper's models on StructDocRetrieval as released
+        (`model.path`; `data.train_file`, `data.test_file`, `data.dev_file` name the release's
+        train.json, test.json and dev.json, JSON lines; paths may be gs:// where epath's driver
+        is installed). FlagEmbedding
         fine-tuning defaults (examples/finetune/embedder, m3 script): lr 1e-5, linear decay, warmup
         10%, 2 epochs, temperature 0.02, group size 8, CLS pooling, normalised embeddings,
         cross-device negatives; the paper's global batch is not stated in what we could check, 16
@@ -98,8 +100,11 @@ def get_config(preset: str = "cpu"):
     "max_doc_chars": 8000,
     "records_cache": "",  # JSON file caching pydoc / package records across runs ("" = none)
     "test_fraction": 0.2,
+    # StructDocRetrieval as released: train.json, test.json, dev.json (JSON lines, despite the
+    # suffix). dev_file adds the "dev" (and "dev_untagged") evaluation corpus beside "test".
     "train_file": "",
     "test_file": "",
+    "dev_file": "",
     "query_max_length": 16,
     "passage_max_length": 64,
     "length_buckets": (),
@@ -119,6 +124,11 @@ def get_config(preset: str = "cpu"):
     batch_size=32,
     untagged=True,
     page_chunks=0,  # 0: documents only; N: also pages ranked by the best of N passages
+    # MTEB tasks (comma-separated mteb names, e.g. "LEMBNeedleRetrieval,LEMBPasskeyRetrieval",
+    # LongEmbed at 256..8192 tokens) scored by the mteb package instead of the evaluators above;
+    # data from the local HF cache only; needs the [mteb] extra. mteb_splits: "" = each task's.
+    mteb_tasks="",
+    mteb_splits="",
   )
   c.train.update(steps=30, batch_size=8, log_every=5, eval_every=0, checkpoint_every=30)
   c.optim.update(lr=5e-5, schedule="linear", warmup_steps=3, weight_decay=0.0, grad_clip=0.0)
@@ -213,8 +223,9 @@ def get_config(preset: str = "cpu"):
     c.model.update(path="/models/bge-m3")
     c.data.update(
       passage_max_length=8192,
-      train_file="/data/StructDocRetrieval/train.jsonl",
-      test_file="/data/StructDocRetrieval/test.jsonl",
+      train_file="/data/StructDocRetrieval/train.json",
+      test_file="/data/StructDocRetrieval/test.json",
+      dev_file="/data/StructDocRetrieval/dev.json",
     )
 
   def bge_large_zh(c):
@@ -223,8 +234,9 @@ def get_config(preset: str = "cpu"):
     c.data.update(
       passage_max_length=512,
       length_buckets=(128, 256, 512),
-      train_file="/data/StructDocRetrieval/train.jsonl",
-      test_file="/data/StructDocRetrieval/test.jsonl",
+      train_file="/data/StructDocRetrieval/train.json",
+      test_file="/data/StructDocRetrieval/test.json",
+      dev_file="/data/StructDocRetrieval/dev.json",
     )
 
   presets = {

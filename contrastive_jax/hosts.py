@@ -104,8 +104,7 @@ def start(env: Mapping[str, str] | None = None, *, heartbeat_timeout_seconds: in
 
   `heartbeat_timeout_seconds` (JAX's `jax.distributed.initialize` option, `cluster.
   heartbeat_timeout_seconds` in the configs) is how long the coordination service waits for a
-  silent process before declaring it lost: the bound on how long a survivor takes to name it
-  (`lost_processes`).
+  silent process before it aborts the others; `ProcessWatch` names a lost process in half that.
   """
   env = os.environ if env is None else env
   kind = cluster_kind(env)
@@ -139,25 +138,89 @@ def start(env: Mapping[str, str] | None = None, *, heartbeat_timeout_seconds: in
   return kind
 
 
-def lost_processes() -> list[int]:
-  """The processes of this run that are gone (killed, crashed, preempted), [] when all answer.
+class ProcessWatch:
+  """Notices a process of this run that is gone (killed, crashed, preempted without notice) and
+  calls `on_lost(indices)` from a daemon thread, before JAX's own heartbeat check would abort
+  this process with a C++ stack dump.
 
-  Asks JAX's coordination service which processes are alive. A process that died stays alive
-  for the service until its heartbeat times out (`start`'s `heartbeat_timeout_seconds`), so this
-  waits at most that long. When the service itself is unreachable, its host, process 0, is the
-  one that is gone.
+  Every process bumps a counter in the coordination service's key-value store every `period`
+  seconds and reads everyone's; a counter that has not moved for `lost_after` seconds (of this
+  process's clock: no clocks are compared) is a lost process. A process that ends normally
+  marks itself done first, so the others do not count it as lost while they finish. If the
+  store itself does not answer, its host, process 0, is gone. `lost_after` is half of
+  `cluster.heartbeat_timeout_seconds`, JAX's own limit, so this always speaks first.
   """
+
+  PREFIX = "contrastive_jax/alive/"
+
+  def __init__(self, client, *, lost_after: float, on_lost, period: float = 1.0):
+    import atexit
+    import threading
+
+    self._client, self.lost_after, self.period = client, lost_after, period
+    self._on_lost = on_lost
+    self._me, self._count = jax.process_index(), jax.process_count()
+    self._stop = threading.Event()
+    self.lost: list[int] = []
+    self._found = threading.Event()
+    atexit.register(self.close)  # after JAX's shutdown hook is registered: runs before it
+    self._thread = threading.Thread(target=self._run, name="process-watch", daemon=True)
+    self._thread.start()
+
+  def _run(self):
+    import time
+
+    seen: dict[int, tuple[str, float]] = {}
+    start = time.monotonic()
+    while not self._stop.wait(self.period):
+      now = time.monotonic()
+      try:
+        self._client.key_value_increment(f"{self.PREFIX}{self._me}", 1)
+        entries = dict(self._client.key_value_dir_get(self.PREFIX))
+      except Exception:  # noqa: BLE001  the coordination service (on process 0) is gone
+        lost = [0] if self._me != 0 else []
+      else:
+        lost = []
+        for i in range(self._count):
+          if i == self._me or f"{self.PREFIX}{i}/done" in entries:
+            continue
+          value = entries.get(f"{self.PREFIX}{i}")
+          if i not in seen or seen[i][0] != value:
+            seen[i] = (value, now)
+          if now - max(seen[i][1], start) > self.lost_after:
+            lost.append(i)
+      if lost and not self._stop.is_set():
+        self.lost = lost
+        self._found.set()
+        self._on_lost(lost)
+        return
+
+  def wait_for_loss(self, timeout: float) -> list[int]:
+    """The lost processes, once one is found within `timeout` seconds (`on_lost` has run by
+    then, unless it returned), else []."""
+    if self._found.wait(timeout):
+      self._thread.join()
+    return self.lost
+
+  def close(self):
+    """This process ends normally: the others stop watching it."""
+    if self._stop.is_set():
+      return
+    self._stop.set()
+    try:
+      self._client.key_value_set(f"{self.PREFIX}{self._me}/done", "1", allow_overwrite=True)
+    except Exception:  # noqa: BLE001  the service is already gone: nobody is watching
+      pass
+
+
+def watch_processes(*, lost_after: float, on_lost) -> ProcessWatch | None:
+  """A `ProcessWatch` of this run, None with one process."""
   from jax._src import distributed  # the client JAX started; jax.distributed has no public name
 
   client = distributed.global_state.client
   if client is None or jax.process_count() == 1:
-    return []
-  everyone = list(range(jax.process_count()))
-  try:
-    alive = client.get_live_nodes(everyone)
-  except Exception:  # noqa: BLE001  the coordinator (process 0) does not answer
-    return [0]
-  return [i for i in everyone if i not in alive]
+    return None
+  return ProcessWatch(client, lost_after=lost_after, on_lost=on_lost)
 
 
 def process_devices() -> dict[str, list[str]]:

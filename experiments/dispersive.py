@@ -38,6 +38,7 @@ from contrastive_jax.sampling.flow import flow_matching_batch
 from contrastive_jax.sampling.meanflow import meanflow_batch
 from contrastive_jax.train import step as step_lib
 from contrastive_jax.train.experiment import Experiment
+from contrastive_jax.train.fid_pieces import fid_eval_pieces
 from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.preflight import Piece, abstract
 from contrastive_jax.train.state import TrainState
@@ -228,8 +229,11 @@ def loss_fn(params, batch, rng, *, model, config, mesh=None, encode=None):
   """
   disp_blocks = dispersive_blocks(config.loss.blocks, config.model.depth)
   repa = uses_repa(config)
-  if repa and encode is None:
-    raise ValueError("repa.weight > 0 needs the frozen encoder: pass encode=repa_encoder(...)[0]")
+  if repa and encode is None and "repa_target" not in batch:
+    raise ValueError(
+      "repa.weight > 0 needs the frozen encoder (encode=repa_encoder(...)[0]) or stored "
+      "features in batch['repa_target'] (imagenet_latents built with --dinov2)"
+    )
   blocks = tuple(sorted(set(disp_blocks) | ({int(config.repa.block)} if repa else set())))
   diffusion, acts, extra = _objective(params, batch, rng, model=model, config=config, blocks=blocks)
   disp_acts = {k: acts[k] for k in disp_blocks}
@@ -245,7 +249,8 @@ def loss_fn(params, batch, rng, *, model, config, mesh=None, encode=None):
   }
   if repa:
     z = model.apply(params, acts[int(config.repa.block)], method=WithProjector.project)
-    align, rm = repa_loss(z, jax.lax.stop_gradient(encode(batch["image"])))
+    target = batch["repa_target"] if "repa_target" in batch else encode(batch["image"])
+    align, rm = repa_loss(z, jax.lax.stop_gradient(target))
     loss = loss + float(config.repa.weight) * align
     metrics.update(repa_loss=align, repa_cosine=rm["cosine"])
   return loss, {**metrics, **extra}
@@ -281,7 +286,9 @@ def _data(config):
   if config.data.name == "imagenet_latents":
     from contrastive_jax.data.imagenet_latents import latent_batches
 
-    return latent_batches(config.data, batch_size=config.train.batch_size, seed=config.seed)
+    return latent_batches(
+      config.data, batch_size=config.train.batch_size, seed=config.seed, vae_cfg=config.vae
+    )
   raise ValueError(f"data.name={config.data.name!r} is not 'digits' or 'imagenet_latents'")
 
 
@@ -293,7 +300,7 @@ def make_train_step(config, model, mesh, schedule, *, workdir=None):
   if uses_repa(config):
     from experiments.repa_setup import repa_encoder
 
-    encode, name = repa_encoder(config, workdir)
+    encode, name = repa_encoder(config, workdir)  # None on stored features: the step never decodes
     print(f"REPA: lambda {config.repa.weight}, block {config.repa.block}, encoder {name}")
   return step_lib.make_train_step(
     functools.partial(loss_fn, model=model, config=config, mesh=mesh, encode=encode),
@@ -312,12 +319,16 @@ def build(config, *, mode, workdir, devices=None) -> Experiment:
   model = make_model(config)
   init_state = init_fn(config, tx, model)
   # Built first, so a bad eval setting is reported before anything is read or trained.
-  evaluators = {} if mode == "preflight" else {
+  evaluators = {} if mode not in ("train", "eval") else {
     "samples": generative.SampleEvaluator(config, workdir, model, mesh=mesh)}
   m, b = config.model, config.train.batch_size
   image = (m.input_size, m.input_size, m.in_channels)
+  batch = {"image": ((b, *image), jnp.float32), "label": ((b,), jnp.int32)}
+  if uses_repa(config) and config.data.name == "imagenet_latents":  # stored DINOv2 targets
+    grid = (config.repa.image_size // 14) ** 2
+    batch["repa_target"] = ((b, grid, config.repa.encoder_dim), jnp.float32)
   step = None
-  if mode != "eval":
+  if mode in ("train", "preflight"):
     step = make_train_step(config, model, mesh, schedule,
                            workdir=None if mode == "preflight" else workdir)
   sample = generative.make_sampler(model, model_cfg=m, eval_cfg=config.eval,
@@ -331,11 +342,20 @@ def build(config, *, mode, workdir, devices=None) -> Experiment:
     params = state.ema_params if config.eval.params == "ema" else state.params
     args = (params, abstract((e, *image), jnp.float32, rep), abstract((2,), jnp.uint32, rep),
             abstract((e,), jnp.int32, rep))
-    return {"sampler": Piece(sample, args, per_step=0.0,
-                             note=f"{config.eval.sampler}, {config.eval.steps} steps")}
+    out = {"sampler": Piece(sample, args, per_step=0.0,
+                            note=f"{config.eval.sampler}, {config.eval.steps} steps")}
+    if config.eval.feature_network == "inception_v3":  # FID-N's projected wall time
+
+      def backbone_at(depth):  # unscanned, without REPA's projector: what sampling runs
+        c = config.copy_and_resolve_references()
+        c.model.update(depth=depth, scan_layers=False)
+        c.repa.weight = 0.0
+        return make_model(c)
+
+      out.update(fid_eval_pieces(config, mesh, model, params, model_for_depth=backbone_at))
+    return out
 
   return Experiment(
-    mesh=mesh, init_state=init_state, train_step=step,
-    batch={"image": ((b, *image), jnp.float32), "label": ((b,), jnp.int32)},
+    mesh=mesh, init_state=init_state, train_step=step, batch=batch,
     data=lambda: _data(config), evaluators=evaluators, pieces=pieces,
   )

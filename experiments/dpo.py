@@ -118,7 +118,7 @@ def with_reference(arrays, lm, ref_params, mesh, *, batch_size, length_normalize
   return {**arrays, **{k: np.concatenate(v).astype(np.float32) for k, v in out.items()}}
 
 
-def _evaluators(config, dcfg, codec, lm, test_task, test_pairs, mesh):
+def _evaluators(config, dcfg, codec, lm, test_task, test_pairs, mesh, *, grader, workdir):
   """Held-out task accuracy, and the implicit-reward accuracy of held-out pairs; `test_pairs()`
   gives the pairs with their reference log-probs (computed on the first evaluation)."""
   lc = config.loss
@@ -132,8 +132,8 @@ def _evaluators(config, dcfg, codec, lm, test_task, test_pairs, mesh):
     return {"reward_accuracy": float(m["reward_accuracy"]),
             "reward_margin": float(m["reward_margin"])}
 
-  task = setup.heldout_evaluator(config, dcfg, codec, test_task, mesh)
-  return {"heldout": task, "pairs": pairs}
+  return {**setup.evaluators(config, dcfg, codec, test_task, mesh, grader=grader,
+                             workdir=workdir), "pairs": pairs}
 
 
 def _reference_kwargs(config):
@@ -157,7 +157,6 @@ def build(config, *, mode, workdir, devices=None) -> Experiment:
   """DPO on fixed pairs; the frozen reference's log-probs of every pair are computed once, when
   the data is first asked for (train) or the evaluators are built (eval); `train/experiment.py`
   has the protocol."""
-  del workdir  # nothing cached
   mesh = sharding.make_mesh(config.mesh, devices)
   codec, dcfg = setup.codec_and_model(config, mode)
   tx, schedule = make_optimizer(config.optim, config.train.steps,
@@ -209,11 +208,14 @@ def build(config, *, mode, workdir, devices=None) -> Experiment:
     return scored
 
   evaluators = {}
-  if mode != "preflight":
-    _, test_task = setup.make_tasks(config)
-    evaluators = _evaluators(config, dcfg, codec, lm, test_task, test_pairs_with_reference, mesh)
+  if mode in ("train", "eval"):
+    grader = setup.make_grader(config)
+    _, test_task = setup.make_tasks(config, grader=grader)
+    evaluators = _evaluators(config, dcfg, codec, lm, test_task, test_pairs_with_reference, mesh,
+                             grader=grader, workdir=workdir)
   return Experiment(
     mesh=mesh, init_state=init_state, train_step=make_step(config, lm, schedule), batch=batch,
     data=data, evaluators=evaluators, checks=(lambda: setup.check_inputs(config, mode),),
     pieces=pieces,
+    export=lambda params, out_dir: setup.export_policy(config, params, dcfg, codec, out_dir),
   )

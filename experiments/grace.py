@@ -31,6 +31,7 @@ from contrastive_jax import sharding
 from contrastive_jax.data import grace as grace_data
 from contrastive_jax.data.offline_docs import pydoc_documents
 from contrastive_jax.data.pipeline import array_batches
+from contrastive_jax.evaluation import mteb_adapter
 from contrastive_jax.evaluation.grace_eval import DecoderHidden, GraceEvaluator, eos_ids
 from contrastive_jax.evaluation.retrieval import exact_top_k
 from contrastive_jax.io import write_json
@@ -42,11 +43,23 @@ from contrastive_jax.train import policy_pieces
 from contrastive_jax.train import step as step_lib
 from contrastive_jax.train.experiment import Experiment
 from contrastive_jax.train.optim import make_optimizer
-from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra
+from contrastive_jax.train.policy_opt import (
+  PolicyOptimizer,
+  PolicyOptSettings,
+  decoding_params,
+  init_extra,
+)
 from contrastive_jax.train.preflight import Piece, PreflightError, abstract
+from contrastive_jax.weights import export as export_lib
 from contrastive_jax.weights import gguf as gguf_lib
 from contrastive_jax.weights.hf import WeightsError, load_tokenizer
+from experiments import mteb_setup
 from experiments import policy_setup as setup
+
+
+def _model_dir(config):
+  """The HF directory whose generation_config.json lists stop ids (None for other sources)."""
+  return config.model.path if config.model.source == "hf" else None
 
 
 def make_tokenizer(config):
@@ -110,7 +123,7 @@ def make_reward_fn(config, *, dcfg, tok, prompts, mesh):
   """
   r, rw = config.policy, config.reward
   lm, hidden = DecoderLM(dcfg), DecoderHidden(dcfg)
-  eos, pad = eos_ids(tok, dcfg), tok.pad_token_id or 0
+  eos, pad = eos_ids(tok, dcfg, _model_dir(config)), tok.pad_token_id or 0
   k = r.group_size
 
   def placed(*xs):
@@ -119,6 +132,7 @@ def make_reward_fn(config, *, dcfg, tok, prompts, mesh):
     return [x if isinstance(x, jax.Array) else sharding.place(x, mesh) for x in xs]
 
   def aux(params, name, ids, key, lengths):
+    params = decoding_params(lm, params, mesh)  # as the optimizer's rollout (cast, gathered)
     arr = prompts[name]
     # Placed on the mesh (rows over data/fsdp): host arrays would run replicated on every device.
     emb, done = encode(
@@ -135,6 +149,9 @@ def make_reward_fn(config, *, dcfg, tok, prompts, mesh):
       pad_id=pad,
       method=rw.pooling,
       embed_batch=rw.embed_batch,
+      engine=r.engine,
+      mesh=mesh,
+      block_size=r.block_size,
     )
     emb, done_lengths = sharding.to_host((emb, done.lengths))
     lengths.append(done_lengths)
@@ -183,7 +200,7 @@ def make_reward_fn(config, *, dcfg, tok, prompts, mesh):
 def policy_settings(config, tok, dcfg) -> PolicyOptSettings:
   """`config.policy` is `PolicyOptSettings`' fields; the stop tokens are the tokenizer's and the
   model's (`grace_eval.eos_ids`)."""
-  return PolicyOptSettings(**config.policy, eos_ids=eos_ids(tok, dcfg),
+  return PolicyOptSettings(**config.policy, eos_ids=eos_ids(tok, dcfg, _model_dir(config)),
                            pad_id=tok.pad_token_id or 0)
 
 
@@ -266,7 +283,6 @@ def _policy_pieces(config, *, dcfg, tok, mesh, p):
   aux_rows = bsz * k if rw.form == "paper" and not rw.unsupervised else bsz
   aux_calls = 1 if rw.unsupervised else 2
   t = r.max_new_tokens
-
   def reward_embed(params, pt, pm, seg, tokens, mask):
     # The reward function's call (`make_reward_fn`), `reward.embed_batch` rows per pass.
     return embed(hidden, params, pt, pm, seg, tokens, mask, method=rw.pooling,
@@ -277,10 +293,14 @@ def _policy_pieces(config, *, dcfg, tok, mesh, p):
                                       mesh=mesh, state=state, rows=bsz * k, prompt_len=p)
     aux = policy_pieces.policy_pieces(
       apply_fn=lm, init_cache=lm.init_cache, mesh=mesh, state=state, rows=aux_rows,
-      prompt_len=p, settings=dataclasses.replace(settings, temperature=rw.aux_temperature),
-      prefix="aux_",
+      prompt_len=p, prefix="aux_",
+      # One rationale per q / d- text (`make_reward_fn`): groups of 1.
+      settings=dataclasses.replace(settings, temperature=rw.aux_temperature, group_size=1),
     )
-    for name in ("aux_rollout_generate", "aux_decode_step"):
+    for name in ("aux_rollout_generate", "aux_decode_step", "aux_rollout_submit",
+                 "aux_rollout_decode"):
+      if name not in aux:
+        continue
       piece = aux[name]
       out[name] = dataclasses.replace(piece, per_step=piece.per_step * aux_calls,
                                       note=f"{aux_calls} call(s) per step; " + piece.note)
@@ -297,6 +317,24 @@ def _policy_pieces(config, *, dcfg, tok, mesh, p):
   return pieces
 
 
+def _evaluators(config, tok, dcfg, records, tasks, mesh) -> dict:
+  """"retrieval" (`GraceEvaluator` on the held-out pydoc pages), or, with `eval.mteb_tasks`,
+  "mteb": the tasks scored through the released protocol's encoder (one rationale per text,
+  then the pooled hidden state)."""
+  evaluator = GraceEvaluator(config, tok, dcfg, records, mesh=mesh)
+  if not tasks:
+    return {"retrieval": evaluator}
+
+  def encode_fn_of(params):
+    rationale = evaluator.encode_fn(params, config.eval.max_new_tokens)
+    return lambda texts, *, kind: rationale(texts)
+
+  return {"mteb": mteb_adapter.mteb_evaluator(
+    encode_fn_of, tasks, name=os.path.basename(config.model.path or "base"),
+    embed_dim=dcfg.hidden_size, max_tokens=config.data.max_text_tokens,
+    batch_size=config.eval.batch_size)}
+
+
 def build(config, *, mode, workdir, devices=None) -> Experiment:
   """GRACE's rationale policy ("grace") or the InfoNCE baseline ("infonce") on the same model and
   triplets; `train/experiment.py` has the protocol."""
@@ -310,11 +348,15 @@ def build(config, *, mode, workdir, devices=None) -> Experiment:
   tx, schedule = make_optimizer(config.optim, total, trainable=setup.trainable(config))
   load = setup.pretrained_loader(config, dcfg, mesh)
   preflight = mode == "preflight"
-  records = None if preflight else offline_records(config)
+  evaluating = mode in ("train", "eval")
+  tasks = mteb_setup.tasks(config) if evaluating else ()
+  # The pydoc pages: the offline triplets, and the evaluation unless MTEB replaces it.
+  pages = (mode == "train" and config.data.source == "offline") or (evaluating and not tasks)
+  records = offline_records(config) if pages else None
   triplets = train_triplets(config, records) if mode == "train" else None
   prompts = _chat_prompts(config, tok, triplets) if triplets else None
-  evaluators = {} if preflight else {
-    "retrieval": GraceEvaluator(config, tok, dcfg, records, mesh=mesh)}
+  evaluators = _evaluators(config, tok, dcfg, None if tasks else records, tasks, mesh) if (
+    evaluating) else {}
   try:
     p = _prompt_len(config, tok)
   except ValueError as e:
@@ -322,6 +364,15 @@ def build(config, *, mode, workdir, devices=None) -> Experiment:
       raise PreflightError(str(e)) from e
     p = None
   bsz = config.train.batch_size
+
+  def export(params, out_dir):
+    # The rationale policy (or the InfoNCE-tuned model) as a causal LM: tokenizer files from
+    # the HF directory, or rebuilt from the GGUF / the tiny vocabulary; every stop id.
+    m = config.model
+    export_lib.export(params, dcfg, m.path if m.source == "hf" else None, out_dir,
+                      tokenizer=tok if m.source != "hf" else None,
+                      stop_ids=eos_ids(tok, dcfg, _model_dir(config)))
+
   if config.algorithm == "infonce":
     step = step_lib.make_train_step(
       functools.partial(infonce_loss, hidden=DecoderHidden(dcfg),
@@ -337,7 +388,7 @@ def build(config, *, mode, workdir, devices=None) -> Experiment:
       batch={f"{name}_{f}": ((bsz, p), jnp.int32) for name in ("q", "pos", "neg")
              for f in ("tokens", "mask", "segments")} if p else None,
       data=lambda: array_batches(arrays, batch_size=bsz, seed=config.seed),
-      evaluators=evaluators,
+      evaluators=evaluators, export=export,
     )
   num_prompts = len(triplets) if triplets else config.data.train_size or 1
   init_state = setup.init_fn(dcfg, tx, load, ema=config.optim.ema,
@@ -346,12 +397,12 @@ def build(config, *, mode, workdir, devices=None) -> Experiment:
   pieces = _policy_pieces(config, dcfg=dcfg, tok=shape_tok, mesh=mesh, p=p) if p else None
   if mode != "train":
     return Experiment(mesh=mesh, init_state=init_state, jit_step=False, evaluators=evaluators,
-                      pieces=pieces)
+                      pieces=pieces, export=export)
   return Experiment(
     mesh=mesh, init_state=init_state, jit_step=False,
     train_step=_policy_step(config, dcfg=dcfg, tok=tok, prompts=prompts, mesh=mesh,
                             schedule=schedule, per_step=per_step),
     data=lambda: array_batches({"prompt_id": np.arange(len(triplets), dtype=np.int32)},
                                batch_size=bsz, seed=config.seed),
-    evaluators=evaluators, pieces=pieces,
+    evaluators=evaluators, pieces=pieces, export=export,
   )

@@ -114,15 +114,20 @@ def _policy_step(config, *, lm, codec, task, init_state, mesh, schedule):
 def build(config, *, mode, workdir, devices=None) -> Experiment:
   """GRPO (rollouts + PPO-clip updates, the loop's step un-jitted: the optimizer compiles its
   pieces) or SFT (a jitted cross-entropy step); `train/experiment.py` has the protocol."""
-  del workdir  # nothing cached
   mesh = sharding.make_mesh(config.mesh, devices)
   codec, dcfg = setup.codec_and_model(config, mode)
+  grader = setup.make_grader(config)  # one set of grading processes, started on first use
   tx, schedule = _optimizer(config.optim.to_json(), _total_updates(config),
                             setup.trainable(config) is not None)
   lm = DecoderLM(dcfg)
   load = setup.pretrained_loader(config, dcfg, mesh)
   checks = (lambda: setup.check_inputs(config, mode),)
   preflight = mode == "preflight"
+  evaluating = mode in ("train", "eval")
+
+  def export(params, out_dir):
+    setup.export_policy(config, params, dcfg, codec, out_dir)
+
   if config.algorithm == "sft":
     step = step_lib.make_train_step(
       functools.partial(sft_loss, lm=lm, chunk=config.policy.logprob_chunk),
@@ -131,23 +136,25 @@ def build(config, *, mode, workdir, devices=None) -> Experiment:
     )
     arrays = _sft_arrays(config, codec)
     b = config.train.batch_size
-    test_task = None if preflight else setup.make_tasks(config)[1]
+    evaluators = {}
+    if evaluating:
+      test_task = setup.make_tasks(config, grader=grader)[1]
+      evaluators = setup.evaluators(config, dcfg, codec, test_task, mesh, grader=grader,
+                                    workdir=workdir)
     return Experiment(
       mesh=mesh, init_state=setup.init_fn(dcfg, tx, load, ema=config.optim.ema),
       train_step=step,
       batch={k: ((b, *v.shape[1:]), v.dtype) for k, v in arrays.items()},
       data=lambda: array_batches(arrays, batch_size=b, seed=config.seed),
-      evaluators={} if preflight else {
-        "heldout": setup.heldout_evaluator(config, dcfg, codec, test_task, mesh)},
-      checks=checks,
+      evaluators=evaluators, checks=checks, export=export,
     )
   if config.algorithm != "grpo":
     raise ValueError(f"algorithm={config.algorithm!r}; expected 'grpo' or 'sft'")
-  if preflight and config.task.max_prompt_len:
+  if mode == "export" or (preflight and config.task.max_prompt_len):
     # Shapes only: the paper presets name data files that need not be here.
     train_task, test_task, num_prompts = None, None, config.task.train_size or 1
   else:
-    train_task, test_task = setup.make_tasks(config)
+    train_task, test_task = setup.make_tasks(config, grader=grader)
     num_prompts = len(train_task)
   init_state = setup.init_fn(dcfg, tx, load, ema=config.optim.ema,
                              extra=init_extra(num_prompts))
@@ -160,14 +167,16 @@ def build(config, *, mode, workdir, devices=None) -> Experiment:
       reference=bool(config.policy.reference or config.policy.kl_beta),
     )
 
-  if preflight:
-    return Experiment(mesh=mesh, init_state=init_state, jit_step=False, pieces=pieces)
+  if not evaluating:
+    return Experiment(mesh=mesh, init_state=init_state, jit_step=False, pieces=pieces,
+                      export=export)
   return Experiment(
     mesh=mesh, init_state=init_state, jit_step=False,
     train_step=_policy_step(config, lm=lm, codec=codec, task=train_task, init_state=init_state,
                             mesh=mesh, schedule=schedule),
     data=lambda: array_batches({"prompt_id": np.arange(len(train_task), dtype=np.int32)},
                                batch_size=config.train.batch_size, seed=config.seed),
-    evaluators={"heldout": setup.heldout_evaluator(config, dcfg, codec, test_task, mesh)},
-    checks=checks, pieces=pieces,
+    evaluators=setup.evaluators(config, dcfg, codec, test_task, mesh, grader=grader,
+                                workdir=workdir),
+    checks=checks, pieces=pieces, export=export,
   )

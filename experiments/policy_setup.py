@@ -18,20 +18,26 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from etils import epath
 
+from configs.common import ConfigError
 from contrastive_jax import sharding
-from contrastive_jax.data import policy_tasks
+from contrastive_jax.data import policy_tasks, reasoning
 from contrastive_jax.data.char_vocab import CharVocab
+from contrastive_jax.data.math_answers import MathGrader
+from contrastive_jax.evaluation.benchmarks import BenchmarkEvaluator
 from contrastive_jax.evaluation.policy_eval import policy_evaluator
 from contrastive_jax.models import lora as lora_lib
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
 from contrastive_jax.models.lora import LoraConfig
 from contrastive_jax.train.init import Pretrained
 from contrastive_jax.train.state import CheckpointManager, TrainState
+from contrastive_jax.weights import export as export_lib
 from contrastive_jax.weights import gguf as gguf_lib
 from contrastive_jax.weights import published_configs
 from contrastive_jax.weights.decoder import load_decoder
 from contrastive_jax.weights.hf import WeightsError, load_config, load_tokenizer
+from contrastive_jax.weights.stop_tokens import stop_token_ids
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCES = ("scratch", "checkpoint", "gguf", "hf")
@@ -54,15 +60,27 @@ def make_codec(config):
     return policy_tasks.CharCodec(CharVocab())
   if m.source == "gguf":
     tok = gguf_lib.load_gguf_tokenizer(_gguf_path(config))
+    stops = stop_token_ids(tok)
   elif m.source == "hf":
     tok = load_tokenizer(m.path)
+    stops = stop_token_ids(tok, m.path, config_eos=load_config(m.path).get("eos_token_id"))
   else:
     raise ValueError(f"model.source={m.source!r}; expected one of {SOURCES}")
-  return policy_tasks.HFCodec(tok, chat=t.style == "chat", system=t.chat_system)
+  return policy_tasks.HFCodec(tok, chat=t.style == "chat", system=t.chat_system, eos_ids=stops)
 
 
-def make_tasks(config, *, train_size=None):
-  """(train Task, held-out Task) from `config.task`."""
+def make_grader(config):
+  """The math reward's `MathGrader` of `task.extraction` in `task.grader_workers` processes (0:
+  graded in-process, `math_answers.grade`)."""
+  t = config.task
+  if not t.grader_workers:
+    return None
+  return MathGrader(extraction=t.extraction, workers=t.grader_workers, timeout=t.grader_timeout)
+
+
+def make_tasks(config, *, train_size=None, grader=None):
+  """(train Task, held-out Task) from `config.task`; math tasks grade with `grader` (default a
+  new `make_grader(config)`)."""
   t = config.task
   if t.name in ("arithmetic", "first_token"):
     kw = dict(style=t.style if t.name == "arithmetic" else "compact", seed=t.seed,
@@ -75,12 +93,48 @@ def make_tasks(config, *, train_size=None):
       test = policy_tasks.Task(test.questions, test.golds, "first_token", t.target)
     return train, test
   if t.name == "math_jsonl":
-    train = policy_tasks.math_jsonl_task(t.train_file, dataset=t.dataset, key="task.train_file",
-                                         limit=train_size or t.train_size or None)
-    test = policy_tasks.math_jsonl_task(t.test_file, dataset=t.dataset, key="task.test_file",
-                                        limit=t.test_size or None)
+    kw = dict(dataset=t.dataset, extraction=t.extraction,
+              grader=grader or make_grader(config))
+    train = policy_tasks.math_jsonl_task(t.train_file, key="task.train_file",
+                                         limit=train_size or t.train_size or None, **kw)
+    test = policy_tasks.math_jsonl_task(t.test_file, key="task.test_file",
+                                        limit=t.test_size or None, **kw)
     return train, test
   raise ValueError(f"task.name={t.name!r}; expected arithmetic, first_token or math_jsonl")
+
+
+def benchmark_files(config) -> list[tuple[str, str]]:
+  """[(benchmark, file)] of `eval.benchmarks` ("math500,aime24=/data/aime24.jsonl"): a bare name
+  reads `<eval.benchmark_dir>/<name>.jsonl`. An unknown name raises `ConfigError`."""
+  e = config.eval
+  try:
+    entries = reasoning.parse_benchmarks(e.benchmarks)
+  except ValueError as err:
+    raise ConfigError(f"config.eval.benchmarks={e.benchmarks!r}: {err}") from None
+  return [(name, path or str(epath.Path(e.benchmark_dir or ".") / f"{name}.jsonl"))
+          for name, path in entries]
+
+
+def benchmark_evaluator(config, dcfg, codec, mesh, grader=None, workdir=None):
+  """`evaluation.benchmarks.BenchmarkEvaluator` of `eval.benchmarks` (None when empty): n =
+  `eval.k` samples per problem at `eval.{temperature, top_p, top_k, max_new_tokens}`."""
+  files = benchmark_files(config)
+  if not files:
+    return None
+  e, t = config.eval, config.task
+  grader = grader or make_grader(config)
+  # Chat models get MATH's instruction ("put your final answer within \\boxed{}"); a
+  # character-level policy (style "compact") sees the problem alone.
+  instruction = policy_tasks.MATH_INSTRUCTION if t.style == "chat" else ""
+  tasks = {name: policy_tasks.math_jsonl_task(
+    path, dataset=name, limit=None, key=f"config.eval.benchmarks ({name})",
+    instruction=instruction, extraction=t.extraction, grader=grader)
+    for name, path in files}
+  lm = DecoderLM(dcfg)
+  return BenchmarkEvaluator(
+    tasks, codec=codec, apply_fn=lm, init_cache=lm.init_cache, mesh=mesh, n=e.k,
+    max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
+    batch_size=e.batch_size, seed=e.seed, workdir=workdir)
 
 
 def _model_overrides(m) -> dict:
@@ -130,10 +184,19 @@ def sft_command(path: str) -> str:
 
 
 def check_inputs(config, mode: str):
-  """Before anything is written (launch.py runs `Experiment.checks`): a "checkpoint" source needs
-  `model.path` to hold an earlier run's checkpoints/ (the GRPO cpu_g2 / cpu_g16 and DPO cpu
-  presets start from the SFT run `runs/grpo_cpu_sft`); the error names the command that makes
-  it."""
+  """Before anything is written (launch.py runs `Experiment.checks`): every `eval.benchmarks` name is known
+  (`ConfigError`) and its file exists (`FileNotFoundError` naming it); a "checkpoint" source
+  needs `model.path` to hold an earlier run's checkpoints/ (the GRPO cpu_g2 / cpu_g16 and DPO
+  cpu presets start from the SFT run `runs/grpo_cpu_sft`); the error names the command that
+  makes it."""
+  files = benchmark_files(config)
+  if files and mode in ("train", "eval"):
+    if config.eval.k < 1:
+      raise ConfigError(f"config.eval.k={config.eval.k}: benchmarks need >= 1 sample per problem")
+    for name, path in files:
+      if not epath.Path(path).is_file():
+        raise FileNotFoundError(f"config.eval.benchmarks: no file {path!r} for benchmark "
+                                f"{name!r} (JSON lines in its public record format)")
   m = config.model
   if mode != "train" or m.source != "checkpoint":
     return
@@ -205,6 +268,16 @@ def init_fn(dcfg: DecoderConfig, tx, load=None, *, ema=0.0, extra=None):
   return init_state if load is None else Pretrained(init_state, load)
 
 
+def evaluators(config, dcfg, codec, test_task, mesh, *, grader=None, workdir=None) -> dict:
+  """The policy's evaluators: "heldout" (the task's held-out problems) and, with
+  `eval.benchmarks`, "benchmarks" (completions written under `workdir`)."""
+  out = {"heldout": heldout_evaluator(config, dcfg, codec, test_task, mesh)}
+  benchmarks = benchmark_evaluator(config, dcfg, codec, mesh, grader, workdir)
+  if benchmarks is not None:
+    out["benchmarks"] = benchmarks
+  return out
+
+
 def heldout_evaluator(config, dcfg, codec, test_task, mesh):
   """The held-out evaluator (`evaluation.policy_eval`) of `config.eval`."""
   e = config.eval
@@ -227,6 +300,23 @@ def codec_and_model(config, mode: str):
     return codec, decoder_config(config, codec)
   dcfg = decoder_config(config, None, shapes_only=True)
   return shape_codec(config, dcfg), dcfg
+
+
+def export_dir(workdir, step, out_dir=None) -> str:
+  """Where `--mode export` writes step `step`: `out_dir`, else `<workdir>/export/step_<step>`."""
+  return str(out_dir or epath.Path(workdir) / "export" / f"step_{step}")
+
+
+def export_policy(config, params, dcfg: DecoderConfig, codec, out_dir):
+  """The policy's parameters as an HF causal-LM directory (`weights.export.export`): tokenizer
+  and generation config from `model.path` ("hf"), the GGUF's rebuilt tokenizer ("gguf"), none
+  for the character-level policies; `generation_config.json` lists the codec's stop tokens."""
+  m = config.model
+  tok = getattr(codec, "tok", None)
+  export_lib.export(params, dcfg, m.path if m.source == "hf" else None, out_dir,
+                    tokenizer=tok if m.source == "gguf" else None,
+                    stop_ids=tuple(getattr(codec, "eos_ids", ())))
+  return out_dir
 
 
 def shape_codec(config, dcfg: DecoderConfig):

@@ -3,8 +3,9 @@
 `repa.encoder="dinov2"`: this project's Flax DINOv2 (`models/vit.py`) with the weights of a local
 Hugging Face directory `repa.encoder_dir` (facebook/dinov2-base in the paper), on images
 preprocessed as REPA does (`dinov2_inputs`: ImageNet normalisation, bicubic resize to
-`repa.image_size`); its patch tokens are the targets. Latent models decode first with
-`eval.decoder`, which must then be a JAX-traceable function (it runs inside the training step).
+`repa.image_size`); its patch tokens are the targets. On ImageNet latents the targets are read
+from the dataset (`imagenet_latents --dinov2`: the same preprocessed crop and its flip, computed
+once), so no encoder is built and the step never decodes: `repa_encoder` returns (None, name).
 
 `repa.encoder="digits_classifier"` (CPU presets): no pretrained image encoder fits 8x8 digits, so
 the stand-in is this project's digits classifier (`evaluation/digits_classifier.py`), trained
@@ -55,23 +56,24 @@ def repa_encoder(config, workdir: str | None):
     )
     return encode, name
 
-  from contrastive_jax.callables import load_callable
   from contrastive_jax.models.vit import DinoV2, dinov2_inputs
   from contrastive_jax.weights.dinov2 import load_dinov2
 
+  if config.data.name == "imagenet_latents":
+    return None, (
+      f"dinov2 patch tokens stored in {config.data.tfds_name} (built with --dinov2; "
+      f"{rc.encoder_dim}-d, the flip each step draws)"
+    )
   if not rc.encoder_dir:
     raise ValueError(
       "repa.encoder='dinov2' needs repa.encoder_dir: a local Hugging Face DINOv2 directory "
       "(config.json + model.safetensors, e.g. a facebook/dinov2-base snapshot)"
     )
-  decoder = None
   if m.in_channels != 3:
-    if not config.eval.decoder:
-      raise ValueError(
-        f"repa.encoder='dinov2' on {m.in_channels}-channel latents needs eval.decoder (a "
-        f"JAX-traceable 'module:function' from latents to images in [-1, 1])"
-      )
-    decoder = load_callable(config.eval.decoder, key="eval.decoder")
+    raise ValueError(
+      f"repa.encoder='dinov2' on {m.in_channels}-channel inputs needs data.name="
+      f"'imagenet_latents' with stored DINOv2 features (imagenet_latents --dinov2)"
+    )
   params, vcfg = load_dinov2(rc.encoder_dir)
   _check_dim(rc, vcfg.hidden_size)
   side = int(rc.image_size)
@@ -84,7 +86,7 @@ def repa_encoder(config, workdir: str | None):
   model = DinoV2(vcfg)
 
   def encode(images):
-    x = decoder(images) if decoder is not None else images
+    x = images
     if x.shape[-1] == 1:
       x = jnp.repeat(x, 3, axis=-1)
     return model.apply(params, dinov2_inputs(x, size=side))[:, 1:]

@@ -25,12 +25,14 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from contrastive_jax import sharding
 from contrastive_jax.data import html_views, mining, offline_docs, structdoc
 from contrastive_jax.data.seal_batches import SealBatches, tokenize, tokenize_chunks
+from contrastive_jax.evaluation import mteb_adapter
 from contrastive_jax.evaluation.retrieval import (
   embedding_retrieval_metrics,
   encode_corpus,
@@ -47,8 +49,10 @@ from contrastive_jax.train.optim import make_optimizer
 from contrastive_jax.train.preflight import Piece, abstract
 from contrastive_jax.train.state import TrainState
 from contrastive_jax.weights import encoder as W
+from contrastive_jax.weights import export as export_lib
 from contrastive_jax.weights.hf import load_tokenizer
 from contrastive_jax.weights.published_configs import hf_config
+from experiments import mteb_setup
 
 
 def _encoder_overrides(config) -> dict:
@@ -107,10 +111,10 @@ def _records_and_summary(config, split):
   d = config.data
   if d.source != "jsonl":
     return [r for r in _offline_records(config) if r["split"] == split], None
-  path = d.train_file if split == "train" else d.test_file
-  key = "data.train_file" if split == "train" else "data.test_file"
-  if not path or not os.path.isfile(path):
-    raise FileNotFoundError(f"{key}={path!r}: no such StructDocRetrieval JSONL file")
+  key = f"data.{split}_file"
+  path = d[f"{split}_file"]
+  if not path or not epath.Path(path).is_file():
+    raise FileNotFoundError(f"{key}={path!r}: no such StructDocRetrieval file (JSON lines)")
   # Hard negatives come with the training records only; a held-out file is plain.
   negatives = config.loss.group_size - 1 if d.hard_negatives == "file" and split == "train" else 0
   records, stats = structdoc.load_structdoc_jsonl(path, negatives=negatives)
@@ -327,20 +331,24 @@ def _init_fn(enc_cfg, tx, load, *, ema=0.0):
 
 
 def make_evaluators(config, model, tokenizer, mesh):
-  """name -> fn(params, *, step) -> metrics on the test split: "test" (tagged),
-  "test_untagged"."""
-  queries, docs, positives = _pairs(_records(config, "test"))
+  """name -> fn(params, *, step) -> metrics: "test" (tagged) and "test_untagged" on the test
+  split, and "dev", "dev_untagged" on `data.dev_file` when set (JSON lines)."""
   embed = make_embed(model, config, mesh)
   kw = {"batch_size": config.eval.batch_size, "mesh": mesh}
-  corpora = {"test": docs}
-  if config.eval.untagged:
-    corpora["test_untagged"] = [html_views.tag_stripped_view(d) for d in docs]
+  splits = ("test", "dev") if config.data.source == "jsonl" and config.data.dev_file else ("test",)
+  corpora = {}
+  for split in splits:
+    queries, docs, positives = _pairs(_records(config, split))
+    corpora[split] = (queries, docs, positives)
+    if config.eval.untagged:
+      corpora[f"{split}_untagged"] = (queries, [html_views.tag_stripped_view(d) for d in docs],
+                                      positives)
 
   page_chunks = config.eval.page_chunks
   if page_chunks < 0:
     raise ValueError(f"eval.page_chunks={page_chunks}: 0 (off) or the most chunks per page")
 
-  def evaluator(texts):
+  def evaluator(queries, texts, positives):
     length = config.data.passage_max_length
     # Chunk 0 of a page is its truncated passage, so one encoding serves both rankings.
     chunks = (
@@ -364,7 +372,21 @@ def make_evaluators(config, model, tokenizer, mesh):
 
     return run
 
-  return {name: evaluator(texts) for name, texts in corpora.items()}
+  return {name: evaluator(*corpus) for name, corpus in corpora.items()}
+
+
+def mteb_encode_fn(config, model, params, tokenizer, mesh):
+  """`encode_fn(texts, *, kind)` of `evaluation.mteb_adapter.MtebEncoder`: pooled, normalised
+  embeddings, queries at `data.query_max_length` tokens and documents at
+  `data.passage_max_length`, in sharded batches of `eval.batch_size`."""
+  embed = make_embed(model, config, mesh)
+  lengths = {"query": config.data.query_max_length, "document": config.data.passage_max_length}
+
+  def encode_fn(texts, *, kind):
+    return encode_texts(embed, params, tokenizer, texts, max_length=lengths[kind],
+                        batch_size=config.eval.batch_size, mesh=mesh)
+
+  return encode_fn
 
 
 def _batch_spec(config) -> dict:
@@ -436,7 +458,25 @@ def build(config, *, mode, workdir, devices=None) -> Experiment:
     train_step=step,
     batch=_batch_spec(config),
     data=data,
-    evaluators={} if mode == "preflight" else make_evaluators(config, model, tokenizer, mesh),
+    evaluators=_evaluators(config, mode, model, enc_cfg, tokenizer, mesh),
     pieces=pieces,
     data_summary=lambda: prepared.get("summary"),
+    export=lambda params, out_dir: export_lib.export(
+      params, enc_cfg, path, out_dir, pooling=config.model.pooling, normalize=True,
+      max_seq_length=config.data.passage_max_length),
   )
+
+
+def _evaluators(config, mode, model, enc_cfg, tokenizer, mesh) -> dict:
+  """StructDoc / pydoc retrieval (`make_evaluators`), or, with `eval.mteb_tasks`, MTEB through
+  the pooled encoder (`mteb_encode_fn`) instead."""
+  if mode not in ("train", "eval"):
+    return {}
+  tasks = mteb_setup.tasks(config)
+  if not tasks:
+    return make_evaluators(config, model, tokenizer, mesh)
+  return {"mteb": mteb_adapter.mteb_evaluator(
+    lambda params: mteb_encode_fn(config, model, params, tokenizer, mesh), tasks,
+    name=os.path.basename(str(config.model.path or "all-MiniLM-L6-v2")),
+    embed_dim=enc_cfg.hidden_size, max_tokens=config.data.passage_max_length,
+    batch_size=config.eval.batch_size)}

@@ -5,12 +5,15 @@ import tempfile
 
 # LLVM at -O0 for the CPU programs (XLA's HLO passes still run): the suite's small programs
 # spend more time compiling than running; measured on a GRPO 1 x 8 run, 14.7 s -> 9.6 s of
-# compilation. tests/multiprocess.py passes these flags on to the processes it starts.
+# compilation. tests/multiprocess_runs.py passes these flags on to the processes it starts.
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "")
   + " --xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Nothing downloads at run time: the hub and `datasets` (mteb's data) read the local cache only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One persistent compilation cache per test session, shared by the xdist workers and every
 # process they start (launch.py runs, the 2 x 4 multi-process runs): a resumed, relaunched or
@@ -77,6 +80,8 @@ def tiny_bert_dir(tmp_path_factory):
 _SLOW_FIRST = (
   "test_multihost.py",
   "test_eval_multihost.py",
+  "test_fid_stream.py::test_two_processes",
+  "test_fid_stream.py::test_peak_host_memory",
   "test_seal_experiment.py::test_train_then_evaluate",
   "test_grace_experiment.py::test_grace_raises",
   "test_dispersive_experiment.py::test_train_then_evaluate",

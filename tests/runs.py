@@ -6,6 +6,7 @@ import os
 
 import experiments
 from contrastive_jax.train import evaluate as evaluate_lib
+from contrastive_jax.train import export as export_lib
 from contrastive_jax.train import loop
 from contrastive_jax.train.init import state_shardings
 from contrastive_jax.train.state import CheckpointManager
@@ -24,6 +25,12 @@ def evaluate(config, workdir, step=None):
   """`--mode eval`: the record of a checkpoint (or of the base parameters)."""
   experiment = experiments.build(config, mode="eval", workdir=workdir)
   return evaluate_lib.evaluate(config, str(workdir), experiment, step)
+
+
+def export(config, workdir, step=None, out_dir=None):
+  """`--mode export`: the checkpoint's parameters as a Hugging Face directory."""
+  experiment = experiments.build(config, mode="export", workdir=workdir)
+  return export_lib.export(config, str(workdir), experiment, step, out_dir)
 
 
 def restore(config, workdir):

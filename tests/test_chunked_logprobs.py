@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import runs
 import tiny
 
 from configs.grpo import get_config
@@ -26,7 +27,6 @@ from contrastive_jax.train.policy_opt import (
   make_update,
 )
 from contrastive_jax.train.state import TrainState
-from experiments import grpo
 
 
 def test_hidden_logprobs_equals_log_softmax_values_and_gradients():
@@ -264,7 +264,7 @@ def test_grpo_run_with_microbatches_and_chunks_matches_the_plain_run(tmp_path):
     c = get_config("test")
     c.train.update(steps=2, eval_every=0, checkpoint_every=0)
     c.policy.update(**bounds)
-    grpo.train(c, str(tmp_path / name))
+    runs.train(c, str(tmp_path / name))
     rows[name] = _rows(str(tmp_path / name))
   assert len(rows["plain"]) == len(rows["bounded"]) == 2
   for a, b in zip(rows["plain"], rows["bounded"]):

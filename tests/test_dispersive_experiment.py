@@ -271,44 +271,6 @@ def test_inception_without_weights_is_refused_before_reading_a_checkpoint(tmp_pa
     runs.evaluate(config, str(tmp_path))
 
 
-def fake_encoder(images):
-  """uint8 [B, 256, 256, 3] -> [B, 32, 32, 4]: 8x8 mean pooling, channels (R, G, B, R)."""
-  x = images.astype(np.float32) / 255.0
-  return x.reshape(x.shape[0], 32, 8, 32, 8, 3).mean(axis=(2, 4))[..., [0, 1, 2, 0]]
-
-
-def test_imagenet_latents_builder_encodes_center_crops_and_reads_back(tmp_path, monkeypatch):
-  import ml_collections
-  import tensorflow_datasets as tfds
-
-  from contrastive_jax.data import imagenet_latents as il
-
-  rng = np.random.default_rng(0)
-  fake = {
-    s: [
-      {"image": rng.integers(0, 256, (300, 520, 3), dtype=np.uint8), "label": 7 * i}
-      for i in range(3)
-    ]
-    for s in ("train", "validation")
-  }
-  monkeypatch.setattr(tfds, "data_source", lambda name, split, data_dir, download: fake[split])
-  builder = il.ImagenetLatents(
-    data_dir=str(tmp_path), encoder=f"{__name__}:fake_encoder", encode_batch_size=2
-  )
-  builder.download_and_prepare()
-  monkeypatch.undo()
-  cfg = ml_collections.ConfigDict(
-    {"data_dir": str(tmp_path), "tfds_name": il.TFDS_NAME, "split": "train"}
-  )
-  source = il.latent_source(cfg)
-  assert len(source) == 3
-  by_label = {int(source[i]["label"]): source[i]["image"] for i in range(3)}
-  for row in fake["train"]:
-    crop = il.center_crop(row["image"])
-    assert crop.shape == (256, 256, 3)
-    np.testing.assert_allclose(by_label[row["label"]], fake_encoder(crop[None])[0], rtol=1e-6)
-
-
 def test_meanflow_dispersive_term_reads_the_jvp_forward_blocks_value_and_grad(classifier_cache):
   config = _config(classifier_cache, "test_meanflow", gather="global", blocks="last", weight=0.5)
   model = dispersive.make_model(config)

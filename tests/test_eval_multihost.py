@@ -8,7 +8,7 @@ import sys
 
 import eval_multihost_inputs as inputs
 import jax
-import multiprocess as mp
+import multiprocess_runs as mp
 import numpy as np
 
 from configs.dispersive import get_config as dispersive_config

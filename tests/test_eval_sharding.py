@@ -57,7 +57,7 @@ def test_sampler_inputs_and_outputs_are_batch_sharded(mesh8):
     model, model_cfg=c.model, eval_cfg=c.eval, path="linear", mesh=mesh8
   )
   sharding = generative.batch_sharding(mesh8, 4)
-  noise = generative._noise(jax.random.PRNGKey(0), shape=(16, 8, 8, 1), rows=16, sharding=sharding)
+  noise = generative.batch_noise(jax.random.PRNGKey(0), shape=(16, 8, 8, 1), rows=16, sharding=sharding)
   labels = generative.place(np.arange(16, dtype=np.int32) % 10, mesh8)
   out = sample(params, noise, jax.random.PRNGKey(1), labels)
   for x in (noise, labels, out):
@@ -100,7 +100,7 @@ def test_grace_encode_on_mesh_placed_prompts_equals_one_device(mesh8):
   )  # fmt: skip
   got, done = encode(
     lm, hidden, params, *(place(x, mesh8) for x in (tokens, mask, segments)),
-    jax.random.PRNGKey(1), **kw,
+    jax.random.PRNGKey(1), mesh=mesh8, **kw,
   )  # fmt: skip
   np.testing.assert_array_equal(np.asarray(done.tokens), np.asarray(want_done.tokens))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

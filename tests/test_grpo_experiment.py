@@ -3,6 +3,9 @@ included), evaluation from a checkpoint repeats the in-loop numbers; the sharded
 the one-device update; dynamic sampling drops all-equal groups; a DPO step equals dpo_loss on
 hand-computed log-probs."""
 
+import itertools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,7 @@ import tiny
 
 from configs.dpo import get_config as dpo_config
 from configs.grpo import get_config
+from contrastive_jax.data.math_answers import grade
 from contrastive_jax.losses.policy import dpo_loss
 from contrastive_jax.models.decoder import Decoder, DecoderLM
 from contrastive_jax.sharding import make_mesh, to_host
@@ -22,7 +26,7 @@ from contrastive_jax.train import step as step_lib
 from contrastive_jax.train.init import initialize_state
 from contrastive_jax.train.policy_opt import PolicyOptimizer, PolicyOptSettings, init_extra, place
 from contrastive_jax.train.state import TrainState
-from experiments import dpo
+from experiments import dpo, policy_setup
 from experiments.reports import plot
 
 
@@ -31,6 +35,9 @@ def _config(steps):
   c.policy.selection = True
   c.optim.ema = 0.5  # evaluated with the EMA: in-loop and --mode eval must see the same params
   c.eval.params = "ema"
+  # Four steps of a 1-layer policy are noisy: of seeds 0-5, 3 learn to lead with "7" by step 4
+  # (rollouts draw per-request keys, sampling.lm.row_keys); seed 3 rises 0.09 -> 0.75.
+  c.seed = 3
   c.train.update(steps=steps, eval_every=0, checkpoint_every=2)  # eval at the end of a run
   return c
 
@@ -43,7 +50,7 @@ def test_grpo_raises_reward_and_evaluates_as_in_loop(tmp_path):
   runs.train(_config(4), workdir)
   rows = runs.rows(workdir)
   rewards = [r["reward"] for r in rows if "reward" in r]
-  # 1/14 characters start with "7" by chance; the fixed seed gives 0.0625 at step 1 and the
+  # 1/14 characters start with "7" by chance; the fixed seed gives 0.094 at step 1 and the
   # policy learns to emit "7" first within 4 steps (lr 3e-2).
   assert rewards[0] < 0.2 and np.mean(rewards[-2:]) > rewards[0] + 0.3, rewards
   state, data_state = runs.restore(_config(4), workdir)
@@ -63,6 +70,72 @@ def test_grpo_raises_reward_and_evaluates_as_in_loop(tmp_path):
   assert result["params"] == "ema" and result["eval/heldout/pass@4"] >= result[
     "eval/heldout/mean@4"]
   assert {k: v for k, v in rows[-1].items() if k.startswith("eval/")} == runs.metrics_of(result)
+
+  # Reasoning benchmarks in their public formats, 4 samples per problem, graded in a worker
+  # process by math-verify ("any": the policy writes no \boxed{}): the reported avg@4 and
+  # pass@k equal their brute-force values from the written completions, and each written
+  # score is the in-process grade of its completion.
+  bench = tmp_path / "bench"
+  bench.mkdir()
+  (bench / "math500.jsonl").write_text("".join(json.dumps(
+    {"problem": p, "solution": "...", "answer": a, "level": 1}) + "\n"
+    for p, a in (("1+6=", "777"), ("70+3=", "787"), ("3+4=", "\\frac{1554}{2}"))))
+  (bench / "aime24.jsonl").write_text("".join(json.dumps(
+    {"id": i, "problem": p, "answer": a}) + "\n" for i, (p, a) in enumerate(
+      (("5+2=", "778"), ("9-2=", "0787")))))
+  c = _config(4)
+  c.eval.update(benchmarks="math500,aime24", benchmark_dir=str(bench))
+  c.task.update(extraction="any", grader_workers=1)
+  c.eval.params = "raw"  # the trained policy, whose first "7"s make some golds right
+  result = runs.evaluate(c, workdir)
+  means = {}
+  for name, problems in (("math500", 3), ("aime24", 2)):
+    with open(os.path.join(workdir, "eval", f"{name}_4.jsonl")) as f:
+      records = [json.loads(line) for line in f]
+    assert len(records) == problems * 4
+    for r in records:
+      assert r["score"] == grade(r["completion"], r["gold"], extraction="any")
+    correct = np.array([r["score"] for r in records]).reshape(problems, 4)
+    assert result[f"eval/benchmarks/{name}/avg@4"] == pytest.approx(correct.mean())
+    for k in (1, 2, 4):
+      brute = np.mean([np.mean([row[list(s)].any() for s in itertools.combinations(range(4), k)])
+                       for row in correct > 0])
+      assert result[f"eval/benchmarks/{name}/pass@{k}"] == pytest.approx(brute)
+    means[name] = correct.mean()
+  assert 0 < means["math500"] < 1  # right and wrong answers: pass@k above avg@k is exercised
+  assert result["eval/benchmarks/average/avg@4"] == pytest.approx(np.mean(
+    [result["eval/benchmarks/math500/avg@4"], result["eval/benchmarks/aime24/avg@4"]]))
+
+  # --mode export: a step that does not exist is refused naming the steps, nothing written;
+  # step 4 loads in transformers with the logits of our decoder on the restored parameters.
+  with pytest.raises(FileNotFoundError, match=r"step 3.*\[2, 4\]"):
+    runs.export(c, workdir, step=3)
+  assert not os.path.exists(os.path.join(workdir, "export"))
+  out = runs.export(c, workdir, step=4)  # eval.params "raw": the optimised parameters
+  assert out == os.path.join(workdir, "export", "step_4")
+  torch = pytest.importorskip("torch")
+  from transformers import AutoModelForCausalLM
+
+  state, _ = runs.restore(c, workdir)
+  ids = np.array([[1, 5, 9, 2, 7]])
+  lm = policy_setup.decoder_config(c, policy_setup.make_codec(c))
+  ours = Decoder(lm).apply(state.params, ids, np.arange(5)[None], np.ones_like(ids))["logits"]
+  model = AutoModelForCausalLM.from_pretrained(out).eval()
+  with torch.no_grad():
+    theirs = model(input_ids=torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4)
+
+
+def test_benchmark_names_and_files_are_checked_before_anything_runs(tmp_path):
+  from configs.common import ConfigError
+
+  c = _config(2)
+  c.eval.update(benchmarks="math500,aime23", benchmark_dir=str(tmp_path))
+  with pytest.raises(ConfigError, match=r"unknown benchmark 'aime23'; expected one of"):
+    policy_setup.check_inputs(c, "eval")
+  c.eval.benchmarks = "amc23"
+  with pytest.raises(FileNotFoundError, match=r"no file '.*amc23\.jsonl' for benchmark 'amc23'"):
+    policy_setup.check_inputs(c, "eval")
 
 
 def _tiny_policy(mesh, settings, reward_fn, *, prompts=16, lr=1e-2, jit_reward=False):

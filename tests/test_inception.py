@@ -188,8 +188,8 @@ def _fid_config(weights, stats):
   config = get_config("test")
   config.eval.update(
     feature_network="inception_v3",
-    num_samples=8,
-    batch_size=8,
+    num_samples=10,
+    batch_size=10,
     steps=2,
     inception_weights=weights,
     reference_stats=stats,
@@ -209,7 +209,7 @@ def test_evaluator_config_errors_name_key_and_file(tmp_path, weights_npz):
     build(_fid_config("", ""))
   with pytest.raises(ValueError, match=r"eval.inception_weights='/no/such.pth': no such file"):
     build(_fid_config("/no/such.pth", ""))
-  with pytest.raises(ValueError, match="needs eval.reference_stats"):
+  with pytest.raises(ValueError, match="needs eval.reference_batch .* or eval.reference_stats"):
     build(_fid_config(weights_npz, ""))
   with pytest.raises(ValueError, match=r"eval.reference_stats='/no/stats.npz': no such file"):
     build(_fid_config(weights_npz, "/no/stats.npz"))
@@ -218,7 +218,7 @@ def test_evaluator_config_errors_name_key_and_file(tmp_path, weights_npz):
     build(_fid_config(weights_npz, str(tmp_path / "small.npz")))
   imagenet = get_config("sit_b2_imagenet")
   assert imagenet.eval.feature_network == "inception_v3"
-  with pytest.raises(ValueError, match="4-channel latents: set eval.decoder"):
+  with pytest.raises(ValueError, match="4-channel latents: set vae.path"):
     SampleEvaluator(imagenet, str(tmp_path), None)
 
 
@@ -245,8 +245,8 @@ def test_evaluator_fid_is_zero_against_its_sets_own_statistics(tmp_path, weights
   images, _ = generative.generate(
     sample,
     params,
-    num_samples=8,
-    batch_size=8,
+    num_samples=10,
+    batch_size=10,
     shape=(8, 8, 1),
     num_classes=10,
     seed=config.eval.seed,
@@ -262,7 +262,7 @@ def test_evaluator_fid_is_zero_against_its_sets_own_statistics(tmp_path, weights
   rec = {**out["protocol"], **{k: v for k, v in out.items() if k != "protocol"}}
   assert {k: rec[k] for k in ("feature_network", "num_samples", "sampler", "steps")} == {
     "feature_network": "inception_v3",
-    "num_samples": 8,
+    "num_samples": 10,
     "sampler": "ode_heun",
     "steps": 2,
   }

@@ -20,6 +20,7 @@ from contrastive_jax.data.jsonl import DataError
 from contrastive_jax.sharding import MeshError
 from contrastive_jax.train import migrate, run_info
 from contrastive_jax.train import workdir as workdir_lib
+from contrastive_jax.train.export import ExportError
 from contrastive_jax.train.loop import NonFiniteLossError
 from contrastive_jax.train.preflight import PreflightError
 from contrastive_jax.train.state import (
@@ -321,6 +322,7 @@ def test_an_unreadable_run_info_refuses_the_launch_and_is_kept(tmp_path):
     (MeshError("x"), 8),
     (hosts.ClusterError("x"), 9),
     (PreflightError("x"), 10),
+    (ExportError("x"), 11),
     (hosts.AgreedError("x", origin_types=("CheckpointMismatchError", "CheckpointError")), 6),
     (hosts.AgreedError("x"), None),
     (ValueError("x"), None),  # a bug keeps its traceback

@@ -9,7 +9,7 @@ import shlex
 import subprocess
 import sys
 
-import multiprocess as mp
+import multiprocess_runs as mp
 import pytest
 import yaml
 

@@ -12,16 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import runs
 import tiny
 from flax import traverse_util
 
 import experiments
+import runs
 from configs.common import base_config
 from configs.grace import get_config as grace_config
 from configs.grpo import get_config as grpo_config
 from contrastive_jax.models.decoder import Decoder
 from contrastive_jax.models.lora import (
+  QUANTIZED_KEYS,
   LoraConfig,
   dequantize_nf4,
   merge_params,
@@ -209,6 +210,23 @@ def test_qlora_logits_stay_near_lora():
     assert float(jnp.max(diff)) < tol and float(jnp.mean(diff)) < mean_tol, (quantize, diff)
     assert float(jnp.max(diff)) > 1e-5  # the base really was quantised
   assert 0.15 < spread < 0.25
+
+
+@pytest.mark.parametrize("quantize", ["int8", "nf4"])
+def test_rollout_params_of_a_qlora_policy_keep_codes_and_give_the_same_logits(quantize):
+  """The rollout's `inference_params` (the compute dtype, bfloat16 here) cast the float leaves
+  only: QLoRA's integer codes stay codes, the scales float32, and the logits are bit-identical
+  to the forward on the stored parameters."""
+  from contrastive_jax.models.decoder import DecoderLM
+
+  cfg = _lora(quantize, dtype="bfloat16")
+  params = _init(cfg)
+  cast = DecoderLM(cfg).inference_params(params)
+  kinds = {p[-1].key: (x.dtype, cast_x.dtype) for (p, x), cast_x in
+           zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(cast))}
+  assert kinds[QUANTIZED_KEYS[quantize]][0] == kinds[QUANTIZED_KEYS[quantize]][1]
+  assert kinds["scale"][1] == jnp.float32 and kinds["lora_a"][1] == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(_logits(cfg, cast)), np.asarray(_logits(cfg, params)))
 
 
 def _without_adapters(params):

@@ -1,4 +1,4 @@
-"""Answer extraction and matching, the generated arithmetic task, GSM8K/MATH/DPO loaders."""
+"""Answer extraction, the generated arithmetic task, GSM8K/MATH/DPO loaders."""
 
 import json
 import types
@@ -12,7 +12,7 @@ from contrastive_jax.data.arithmetic import (
   arithmetic_reward,
   arithmetic_split,
 )
-from contrastive_jax.data.math_answers import answers_match, extract_answer, math_reward
+from contrastive_jax.data.math_answers import extract_answer
 
 EXTRACT_CASES = [
   ("so \\boxed{\\frac{1}{\\sqrt{2}}} done", "\\frac{1}{\\sqrt{2}}"),  # nested braces
@@ -32,53 +32,6 @@ EXTRACT_CASES = [
 @pytest.mark.parametrize("text,expected", EXTRACT_CASES)
 def test_extract_answer(text, expected):
   assert extract_answer(text) == expected
-
-
-MATCH_CASES = [
-  ("\\frac{1}{2}", "0.5", True),
-  ("1/2", "0.5", True),
-  ("\\dfrac{3}{4}", "3/4", True),
-  ("\\frac34", "0.75", True),  # MATH's brace-less \frac
-  ("1,000", "1000", True),
-  ("12,345.5", "12345.5", True),
-  ("1,2", "12", False),  # a tuple, not a thousands separator
-  ("-3", "-3.0", True),
-  ("\u22123", "-3", True),  # unicode minus
-  ("-3", "3", False),
-  ("5\\text{ cm}", "5", True),
-  ("18 dollars", "\\$18", True),
-  ("$18.00$", "18", True),
-  ("2x", "2", False),  # a variable is not a unit
-  ("x = 5", "5", True),
-  ("50\\%", "50", True),
-  ("50%", "0.5", False),  # percent kept as written (module docstring)
-  ("30^\\circ", "30", True),
-  ("10^{3}", "1000", True),
-  ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}", True),
-  ("2\\sqrt{3}", "\\sqrt{12}", True),
-  ("\\sqrt[3]{27}", "3", True),
-  ("0.333", "\\frac{1}{3}", False),
-  ("0.3333333", "\\frac{1}{3}", True),  # within relative 1e-6
-  ("(1, 2.0)", "(1,2)", True),
-  ("\\left( 3, 4 \\right)", "(3,4)", True),
-  ("(1,2)", "[1,2]", False),
-  ("\\text{Monday}", "Monday", True),
-  ("x^2+1", "x^2 + 1", True),
-  ("", "5", False),
-  (None, "5", False),
-]
-
-
-@pytest.mark.parametrize("pred,gold,expected", MATCH_CASES)
-def test_answers_match(pred, gold, expected):
-  assert answers_match(pred, gold) is expected
-
-
-def test_math_reward_end_to_end():
-  assert math_reward("So the total is \\boxed{\\dfrac{3}{4}}.", "3/4") == 1.0
-  assert math_reward("Work...\n#### 1,000", "1000") == 1.0
-  assert math_reward("I think it is 5", "5") == 0.0  # nothing extractable
-  assert math_reward("\\boxed{6}", "5") == 0.0
 
 
 def test_arithmetic_is_a_pure_function_of_its_arguments():
@@ -232,7 +185,7 @@ def test_tfds_prepared_source_is_decoded(monkeypatch):
 
 
 def test_task_rewards_arithmetic_literals_but_math_equivalents(tmp_path):
-  """The arithmetic chat task scores with `arithmetic_reward`, MATH JSONL with `math_reward`."""
+  """The arithmetic chat task scores with `arithmetic_reward`, MATH JSONL with `math-verify`."""
   from contrastive_jax.data import policy_tasks
 
   arith = policy_tasks.arithmetic_task(split="test", start=0, count=1, style="chat", seed=0,

@@ -180,6 +180,23 @@ def test_tpu_preflight_picks_splash_attention_for_decoder_and_encoder(tmp_path):
   assert saved["pieces"]["encode_corpus"]["kernels"] == ["splash_mha_fwd_segmented_no_residuals"]
 
 
+@pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler",
+)
+def test_tpu_preflight_rollout_decode_runs_the_ragged_paged_attention_kernel(tmp_path):
+  # A decode step of the continuous engine (`sampling.engine`): each device's slots attend their
+  # own pages with the Pallas ragged paged attention kernel (head_dim 128: its tiling), and the
+  # step's bytes are the analytic ones (weights + live keys/values), the kernel's being
+  # invisible to XLA's count.
+  config = _grpo_test_config()
+  config.model.update(hidden=256, heads=2, kv_heads=1, mlp=256)
+  result = _run(config, tmp_path, "v5p-8", only=["rollout_decode"])
+  rec = result["pieces"]["rollout_decode"]
+  assert rec["fits"] and rec["kernels"] == ["ragged_paged_attention_kernel"]
+  assert rec["bytes_accessed"] != rec["bytes_accessed_xla"] and rec["per_step"] >= 1
+
+
 def _policy_config(name):
   module = importlib.import_module(f"configs.{name}")
   return module.get_config("test")
@@ -213,9 +230,9 @@ def test_policy_preflight_bytes_equal_the_compiled_executable(tmp_path, name, pi
   )
   assert rec["flops"] == compiled.cost_analysis()["flops"] > 0
   expected = {  # the pieces each experiment's loop compiles
-    "grpo": {"rollout_generate", "decode_step", "old_logprobs", "ppo_update"},
-    "grace": {"rollout_generate", "decode_step", "old_logprobs", "ppo_update", "reward_embed",
-              "aux_rollout_generate", "aux_decode_step", "aux_embed"},
+    "grpo": {"rollout_params", "rollout_submit", "rollout_decode", "old_logprobs", "ppo_update"},
+    "grace": {"rollout_params", "rollout_submit", "rollout_decode", "old_logprobs", "ppo_update",
+              "reward_embed", "aux_rollout_submit", "aux_rollout_decode", "aux_embed"},
     "dpo": {"train_step", "reference_logprobs"},
   }[name]
   assert set(pieces) == expected

@@ -266,3 +266,34 @@ def test_views_in_one_encoder_pass_equal_one_pass_per_view(tiny_bert_dir):
   # The masks matter: another key for the tagged view moves the loss far beyond rounding.
   moved = joint(params, batch, jax.random.PRNGKey(4))[0]
   assert abs(float(moved) - float(want)) > 1e-3
+
+
+def test_structdoc_release_files_and_dev_split(tiny_bert_dir, tmp_path):
+  """The paper presets name the release's train.json / test.json / dev.json; those JSON-lines
+  files load by name, and dev.json is an evaluation corpus beside test: with the same records
+  it scores exactly as test, with other records otherwise. A JSON-array file reads the same."""
+  for preset in ("bge_m3_structdoc", "bge_large_zh_structdoc"):
+    d = get_config(preset).data
+    assert [os.path.basename(p) for p in (d.train_file, d.test_file, d.dev_file)] == [
+      "train.json", "test.json", "dev.json"]
+  rows = [{"query": f"what is item {i}", "content": f"<div><h1>item {i}</h1><p>{'ab ' * i}x</p>"
+           f"<ul><li>{i * 7}</li></ul></div>"} for i in range(12)]
+  for name, part in (("train", rows), ("test", rows[:6]), ("dev", rows[:6])):
+    (tmp_path / f"{name}.json").write_text("".join(json.dumps(r) + "\n" for r in part))
+  config = _config(tiny_bert_dir, 1)
+  config.unlock()
+  config.data.update(source="jsonl", train_file=str(tmp_path / "train.json"),
+                     test_file=str(tmp_path / "test.json"), dev_file=str(tmp_path / "dev.json"))
+  config.eval.page_chunks = 0
+  config.lock()
+  enc_cfg, pretrained, tokenizer = seal.load_model(config)
+  model, mesh = Encoder(enc_cfg), make_mesh(config.mesh)
+  evaluators = seal.make_evaluators(config, model, tokenizer, mesh)
+  assert sorted(evaluators) == ["dev", "dev_untagged", "test", "test_untagged"]
+  params = {"params": pretrained["params"]}
+  assert evaluators["dev"](params, step=1) == evaluators["test"](params, step=1)
+  (tmp_path / "dev.json").write_text(json.dumps(rows[6:]))  # one JSON array, other records
+  assert [r["query"] for r in seal._records(config, "dev")] == [r["query"] for r in rows[6:]]
+  other = seal.make_evaluators(config, model, tokenizer, mesh)["dev"](params, step=1)
+  test = evaluators["test"](params, step=1)
+  assert other != test and set(other) == set(test)

@@ -8,7 +8,7 @@ expression) falls below `test_fraction`; a draw that lands in the other split is
 the next attempt number. Difficulty is the operand length in digits and the operand count.
 
 Two prompt styles: "chat" ("What is 23 + 58? Answer with \\boxed{}.") for instruction-tuned
-models, rewarded through `math_answers`; "compact" ("23+58=") for tiny character-level models,
+models, rewarded on the integer literal of the last \\boxed{} (`math_answers.extract_answer`); "compact" ("23+58=") for tiny character-level models,
 rewarded on the leading integer of the completion.
 """
 
@@ -19,7 +19,7 @@ import hashlib
 import random
 import re
 
-from contrastive_jax.data.math_answers import answers_match, extract_answer, normalize_answer
+from contrastive_jax.data.math_answers import extract_answer
 
 _OPERATORS = ("+", "-", "*")
 _MAX_ATTEMPTS = 10_000
@@ -137,6 +137,13 @@ def arithmetic_examples(start: int, count: int, *, style: str = "chat", **task) 
   return [(p.prompt(style), str(p.answer)) for p in problems]
 
 
+_INTEGER = re.compile(r"([-\u2212]?\d{1,3}(?:,\d{3})+|[-\u2212]?\d+)")
+
+
+def _integer(text: str) -> int:
+  return int(text.replace(",", "").replace("\u2212", "-"))
+
+
 def arithmetic_reward(completion: str, gold: str, *, style: str = "chat") -> float:
   """1.0 if the completion answers `gold`, else 0.0.
 
@@ -145,13 +152,13 @@ def arithmetic_reward(completion: str, gold: str, *, style: str = "chat") -> flo
   "compact": the integer the completion starts with ("81\\n..." -> 81; "8 1" -> 8).
   """
   if style == "chat":
-    # An integer literal only: the MATH checker evaluates arithmetic ("\\frac{1}{2}" = "0.5"), so
-    # "\\boxed{2 - 8}" would match -6, and SmolLM2-135M learned within 12 GRPO steps to box the
-    # question's own expression (greedy accuracy 0.94, no answer computed).
+    # An integer literal only: an equivalence checker evaluates arithmetic ("\\frac{1}{2}" =
+    # "0.5"), so "\\boxed{2 - 8}" would match -6, and SmolLM2-135M learned within 12 GRPO steps
+    # to box the question's own expression (greedy accuracy 0.94, no answer computed).
     answer = extract_answer(completion)
-    literal = answer is not None and re.fullmatch(r"-?\d+", normalize_answer(answer))
-    return 1.0 if literal and answers_match(answer, gold) else 0.0
+    literal = answer is not None and _INTEGER.fullmatch(answer.replace("{,}", "").strip("$ "))
+    return 1.0 if literal and _integer(literal.group(1)) == _integer(gold) else 0.0
   if style == "compact":
     match = re.match(r"\s*(-?\d+)", completion)
-    return 1.0 if match and answers_match(match.group(1), gold) else 0.0
+    return 1.0 if match and _integer(match.group(1)) == _integer(gold) else 0.0
   raise ValueError(f"arithmetic_reward: style={style!r}; expected 'chat' or 'compact'")

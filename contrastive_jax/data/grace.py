@@ -21,9 +21,9 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from contrastive_jax.data.html_views import tag_stripped_view
 from contrastive_jax.data.jsonl import DataError, read_jsonl
@@ -109,7 +109,7 @@ def load_triplets_jsonl(path: str | os.PathLike) -> list[dict[str, str]]:
   Blank lines are skipped; anything else that is not such an object raises a ValueError naming
   `path:line` and the problem. Extra fields are ignored.
   """
-  path = Path(path)
+  path = epath.Path(os.fspath(path))
   if not path.is_file():
     raise DataError(f"{path}: no such triplet file (JSON lines with {TRIPLET_FIELDS})")
   triplets = []

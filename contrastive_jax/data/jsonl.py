@@ -16,6 +16,8 @@ import os
 from collections import Counter
 from collections.abc import Iterator, Mapping
 
+from etils import epath
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,8 @@ def read_jsonl(
   """Yields `("file:line", object)` for every non-blank line of a JSON-lines file.
 
   Args:
-    path: the file (a missing file raises `FileNotFoundError` naming it).
+    path: the file, local or any epath (`gs://...` where its driver is installed); a missing
+      file raises `FileNotFoundError` naming it.
     stats: None for strict reading; a `Counter` to skip bad lines instead, counting them as
       `not_utf8` or `malformed_json` (not JSON, or JSON that is not an object), and every
       line read (blank ones included) as `lines`.
@@ -40,7 +43,7 @@ def read_jsonl(
       raise DataError(message)
     stats[reason] += 1
 
-  with open(path, "rb") as f:
+  with epath.Path(os.fspath(path)).open("rb") as f:
     for number, raw in enumerate(f, start=1):
       where = f"{path}:{number}"
       if stats is not None:

@@ -1,42 +1,48 @@
-"""Final-answer extraction and equivalence for verifiable math rewards (GSM8K, MATH, arithmetic).
+"""Math answers graded as the field grades them: Hugging Face's `math-verify` (open-r1, TRL).
 
-Extraction (`extract_answer`), first rule that applies:
-  1. the content of the last \\boxed{...} or \\fbox{...} (nested braces; also `\\boxed 5`),
-  2. the rest of the line after the last "####" (GSM8K's format),
-  3. the rest of the line after the last "the answer is" (any case, optional ":").
+`math-verify` parses an answer into SymPy (LaTeX or plain expressions) and compares the two
+by value, symbolically, as sets, intervals, relations and matrices: `\\pi/2` equals
+`\\frac{\\pi}{2}`, `1+x^2` equals `x^2+1`, `\\{2,1\\}` equals `\\{1,2\\}`, `3` equals
+`\\log_2 8`, `1{,}000` equals `1000`. What this module adds, because the library does not do it:
 
-Equivalence (`answers_match`) compares normalised strings, then numbers. Normalisation strips
-$ and \\$, \\left/\\right, spacing commands (\\! \\, \\; \\:), unwraps \\text{}/\\mathrm{}/
-\\textbf{}/\\mbox{}, drops a leading "x =" (one-letter variable), degree marks, a trailing period,
-the percent sign ("50\\%" equals "50", NOT "0.5": reward models disagree on this, so we keep the
-number as written), thousands separators in "1,000"/"12,345.5" (not in "1,2", which is a tuple),
-and, conservatively, unit words after a number when separated by a space ("18 dollars", "5
-\\text{ cm}" -> 18, 5; "2x" is left alone, so units are never compared with each other).
-\\dfrac and \\tfrac read as \\frac. The numeric step evaluates +, -, *, /, ^, \\frac, \\sqrt,
-\\sqrt[n], \\pi, \\cdot, \\times and implicit products ("2\\sqrt{3}") without `eval`, and calls two
-values equal within relative 1e-6 (so "1/3" equals "0.3333333" but not "0.333"). Tuples and
-intervals compare element by element with the same brackets. Symbolic answers that are not
-numbers ("x^2+1" vs "1+x^2") only match as identical normalised strings.
+  * The extraction rule, named in the config (`EXTRACTIONS`):
+      "boxed"    the content of the last \\boxed{} / \\fbox{} of the completion, nothing else
+                 (Qwen2.5-Math's and DeepSeekMath's rule; the library's own boxed pattern
+                 competes with "final answer is" phrases and un-anchored LaTeX);
+      "open_r1"  the library's LaTeX extraction as open-r1's `accuracy_reward` sets it up
+                 (boxed first, then "final answer is ..." anchors; no un-anchored match; with
+                 several boxes it grades the set of all of them: "\\boxed{3} ... \\boxed{4}"
+                 is {3, 4}, which matches neither 3 nor 4);
+      "any"      the library's defaults (any LaTeX or plain expression, the last one wins).
+  * Gold answers of reference solutions in GSM8K's "#### x" form and the last-\\boxed form
+    (`extract_answer`, used by `data.reasoning` and the arithmetic task).
+  * A bound on every answer in any thread. The library's timeout is `signal.alarm`, which only
+    works in the main thread of the main interpreter; a SymPy evaluation stuck in C
+    (`9^{9^{9^9}}`) is not interrupted by it at all. `MathGrader` grades in worker processes,
+    where the library's alarm runs in each worker's main thread, and kills a worker that
+    overruns a hard deadline (its answer scores 0 and a fresh worker takes its place).
+    `grade` is the in-process form: with the library's alarm in the main thread, without a
+    bound elsewhere (use `MathGrader` there).
 """
 
 from __future__ import annotations
 
-import ast
-import math
-import operator
+import functools
+import logging
+import multiprocessing
 import re
+import threading
+import time
+from collections.abc import Sequence
+from multiprocessing import connection
 
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+EXTRACTIONS = ("boxed", "open_r1", "any")
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
-_TEXT_COMMANDS = re.compile(
-  r"\\(?:text|textbf|textrm|textit|mathrm|mathbf|mbox|operatorname)\s*"
-  r"\{([^{}]*)\}"
-)
-_NUMBER = r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
-_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_UNITS = re.compile(rf"({_NUMBER})(?:\s+[a-zA-Z]{{2,}}\.?)+")
-_VARIABLE = re.compile(r"^[a-zA-Z]\s*=\s*([^=]+)$")
 _ANSWER_IS = re.compile(r"the\s+(?:final\s+)?answer\s+is\s*:?", re.IGNORECASE)
-_REL_TOL = 1e-6
 
 
 def _braced(text: str, start: int) -> tuple[str, int] | None:
@@ -52,9 +58,9 @@ def _braced(text: str, start: int) -> tuple[str, int] | None:
   return None
 
 
-def _last_boxed(text: str) -> str | None:
-  starts = [(text.rfind(cmd), cmd) for cmd in _BOX_COMMANDS]
-  start, cmd = max(starts)
+def last_boxed(text: str) -> str | None:
+  """Content of the last \\boxed{...} or \\fbox{...} (nested braces; also `\\boxed 5`), or None."""
+  start, cmd = max((text.rfind(c), c) for c in _BOX_COMMANDS)
   if start < 0:
     return None
   i = start + len(cmd)
@@ -66,16 +72,10 @@ def _last_boxed(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
-  """The final answer of a completion or a reference solution (module docstring, rules 1-3).
-
-  Args:
-    text: model output or solution text.
-
-  Returns:
-    The answer string as written (not normalised), or None when no rule applies or the answer
-    is empty.
-  """
-  answer = _last_boxed(text)
+  """The final answer of a completion or reference solution as written, first rule that applies:
+  the last \\boxed{}; the rest of the line after the last "####" (GSM8K); the rest of the line
+  after the last "the answer is". None when no rule applies or the answer is empty."""
+  answer = last_boxed(text)
   if answer is None and "####" in text:
     answer = text[text.rfind("####") + 4 :].split("\n", 1)[0]
   if answer is None:
@@ -88,183 +88,221 @@ def extract_answer(text: str) -> str | None:
   return answer.strip()
 
 
-def normalize_answer(answer: str) -> str:
-  """Canonical string form of an answer (the rules of the module docstring), spaces removed."""
-  s = answer.strip().replace("\u2212", "-")
-  previous = None
-  while previous != s:
-    previous, s = s, _TEXT_COMMANDS.sub(r" \1", s)
-  for token in (
-    "\\left",
-    "\\right",
-    "\\!",
-    "\\,",
-    "\\;",
-    "\\:",
-    "\\$",
-    "$",
-    "\\%",
-    "%",
-    "^{\\circ}",
-    "^\\circ",
-    "\u00b0",
-  ):
-    s = s.replace(token, "")
-  s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").strip().rstrip(".").strip()
-  variable = _VARIABLE.match(s)
-  if variable:
-    s = variable.group(1).strip()
-  units = _UNITS.fullmatch(s)
-  if units:
-    s = units.group(1)
-  if _THOUSANDS.fullmatch(s):
-    s = s.replace(",", "")
-  return re.sub(r"\s+", "", s)
+@functools.lru_cache(maxsize=None)
+def _configs(extraction: str):
+  """(gold extraction targets, prediction extraction targets, prediction extraction_mode).
+
+  Imported here: SymPy and the parser take about a second to import, which the tasks without a
+  math reward never pay."""
+  from latex2sympy2_extended import NormalizationConfig
+  from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+  gold = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+  if extraction == "boxed":  # the prediction is already `\boxed{<last box>}`
+    return gold, gold, "first_match"
+  if extraction == "open_r1":  # open-r1 src/open_r1/rewards.py accuracy_reward
+    # open-r1 also sets equations=True, which latex2sympy2_extended 1.11 deprecates (its parser
+    # handles equations itself).
+    norm = NormalizationConfig(nits=False, malformed_operators=False, basic_latex=True,
+                               boxed="all", units=True)
+    pred = (LatexExtractionConfig(normalization_config=norm, boxed_match_priority=0,
+                                  try_extract_without_anchor=False),)
+    return gold, pred, "first_match"
+  if extraction == "any":
+    return gold, (LatexExtractionConfig(), ExprExtractionConfig()), "any_match"
+  raise ValueError(f"extraction={extraction!r}; expected one of {EXTRACTIONS}")
 
 
-def _latex_to_python(s: str) -> str | None:
-  """Translates the numeric LaTeX subset into a Python expression; None if anything else."""
-  out, i = [], 0
-  while i < len(s):
-    if s.startswith("\\frac", i) or s.startswith("\\sqrt", i):
-      cmd, i = s[i : i + 5], i + 5
-      root = None
-      if cmd == "\\sqrt" and i < len(s) and s[i] == "[":
-        end = s.find("]", i)
-        if end < 0:
-          return None
-        root, i = _latex_to_python(s[i + 1 : end]), end + 1
-        if root is None:
-          return None
-      args = []
-      for _ in range(2 if cmd == "\\frac" else 1):
-        if i >= len(s):
-          return None
-        if s[i] == "{":
-          group = _braced(s, i)
-          if group is None:
-            return None
-          arg, i = group
-        else:
-          arg, i = s[i], i + 1
-        args.append(_latex_to_python(arg))
-      if None in args:
-        return None
-      if cmd == "\\frac":
-        out.append(f"(({args[0]})/({args[1]}))")
-      elif root is not None:
-        out.append(f"(({args[0]})**(1/({root})))")
-      else:
-        out.append(f"sqrt({args[0]})")
-      continue
-    for latex, python in (("\\pi", "pi"), ("\\cdot", "*"), ("\\times", "*"), ("\\div", "/")):
-      if s.startswith(latex, i):
-        out.append(f" {python} ")
-        i += len(latex)
-        break
-    else:
-      char = s[i]
-      if char == "\\":
-        return None
-      out.append({"^": "**", "{": "(", "}": ")"}.get(char, char))
-      i += 1
-  expr = "".join(out)
-  expr = re.sub(r"(\d|\)|\bpi\b)\s*(?=\(|sqrt|\bpi\b)", r"\1*", expr)
-  return re.sub(r"\)\s*(?=\d)", ")*", expr)
+def check_extraction(extraction: str) -> None:
+  """ValueError naming the choices for an unknown extraction rule."""
+  if extraction not in EXTRACTIONS:
+    raise ValueError(f"extraction={extraction!r}; expected one of {EXTRACTIONS}")
 
 
-_BINARY = {
-  ast.Add: operator.add,
-  ast.Sub: operator.sub,
-  ast.Mult: operator.mul,
-  ast.Div: operator.truediv,
-  ast.Pow: operator.pow,
-}
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(gold: str, extraction: str, timeout: int | None) -> tuple:
+  """The gold answer parsed once per process: a GRPO group grades G completions against it."""
+  from math_verify import parse
+
+  if not gold:
+    return ()
+  return tuple(parse(f"\\boxed{{{gold}}}", extraction_config=_configs(extraction)[0],
+                     extraction_mode="first_match", parsing_timeout=timeout))
 
 
-def _evaluate(node: ast.AST) -> float:
-  if isinstance(node, ast.Expression):
-    return _evaluate(node.body)
-  if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-    return float(node.value)
-  if isinstance(node, ast.Name) and node.id == "pi":
-    return math.pi
-  if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
-    value = _evaluate(node.operand)
-    return -value if isinstance(node.op, ast.USub) else value
-  if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-    left, right = _evaluate(node.left), _evaluate(node.right)
-    if isinstance(node.op, ast.Pow) and (abs(right) > 64 or abs(left) > 1e6):
-      raise ValueError("power too large")
-    return _BINARY[type(node.op)](left, right)
-  if (
-    isinstance(node, ast.Call)
-    and isinstance(node.func, ast.Name)
-    and node.func.id == "sqrt"
-    and len(node.args) == 1
-    and not node.keywords
-  ):
-    return math.sqrt(_evaluate(node.args[0]))
-  raise ValueError(f"not a number: {ast.dump(node)}")
+def _grade(completion: str, gold: str, extraction: str, timeout: int | None) -> float:
+  from math_verify import parse, verify
+
+  _, pred_targets, mode = _configs(extraction)
+  if extraction == "boxed":
+    boxed = last_boxed(completion)
+    if boxed is None or not boxed.strip():
+      return 0.0
+    completion = f"\\boxed{{{boxed}}}"
+  gold_parsed = _parse_gold(gold.strip().strip("$").strip(), extraction, timeout)
+  pred_parsed = parse(completion, extraction_config=pred_targets, extraction_mode=mode,
+                      parsing_timeout=timeout)
+  if not gold_parsed or not pred_parsed:
+    return 0.0
+  return 1.0 if verify(list(gold_parsed), pred_parsed, timeout_seconds=timeout) else 0.0
 
 
-def _to_number(s: str) -> float | None:
-  expr = _latex_to_python(s)
-  if expr is None or not expr.strip():
-    return None
-  try:
-    value = _evaluate(ast.parse(expr, mode="eval"))
-  except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, TypeError, RecursionError):
-    return None
-  return value if isinstance(value, float) and math.isfinite(value) else None
+def grade(completion: str, gold: str, *, extraction: str = "boxed", timeout: int = 5) -> float:
+  """1.0 if the completion's answer (rule `extraction`) equals `gold` by `math-verify`, else 0.0.
 
-
-def _split_top_level(s: str) -> list[str]:
-  parts, depth, start = [], 0, 0
-  for i, char in enumerate(s):
-    if char in "([{":
-      depth += 1
-    elif char in ")]}":
-      depth -= 1
-    elif char == "," and depth == 0:
-      parts.append(s[start:i])
-      start = i + 1
-  return parts + [s[start:]]
-
-
-def _equivalent(pred: str, gold: str) -> bool:
-  if pred == gold:
-    return True
-  p, g = _to_number(pred), _to_number(gold)
-  if p is not None and g is not None:
-    return math.isclose(p, g, rel_tol=_REL_TOL, abs_tol=1e-9)
-  brackets = "([", ")]"
-  same_brackets = len(pred) > 1 and len(gold) > 1 and (pred[0], pred[-1]) == (gold[0], gold[-1])
-  if same_brackets and pred[0] in brackets[0] and pred[-1] in brackets[1]:
-    pred, gold = pred[1:-1], gold[1:-1]
-  p_parts, g_parts = _split_top_level(pred), _split_top_level(gold)
-  if len(p_parts) < 2 or len(p_parts) != len(g_parts):
-    return False
-  return all(_equivalent(a, b) for a, b in zip(p_parts, g_parts))
-
-
-def answers_match(pred: str | None, gold: str | None) -> bool:
-  """Whether a predicted final answer equals the reference (module docstring for the rules).
+  In-process: the library's `timeout`-second alarm bounds parsing and each comparison in the
+  main thread; in another thread no alarm can be set and nothing bounds it (`MathGrader` does).
 
   Args:
-    pred: extracted answer of a completion (None: nothing was extracted).
-    gold: reference final answer (already extracted, e.g. "72" or "\\frac{3}{4}").
-
-  Returns:
-    True when the normalised strings are equal or both evaluate to the same number.
+    completion: the model's output.
+    gold: the reference final answer ("\\frac{\\pi}{2}", "33", "\\text{(B)}"), with or without $.
+    extraction: "boxed" | "open_r1" | "any" (module docstring).
+    timeout: seconds per parse or comparison in the main thread.
   """
-  if pred is None or gold is None:
-    return False
-  p, g = normalize_answer(pred), normalize_answer(gold)
-  return bool(p) and bool(g) and _equivalent(p, g)
+  check_extraction(extraction)
+  main = threading.current_thread() is threading.main_thread()
+  return _grade(completion, gold, extraction, timeout if main else None)
 
 
-def math_reward(completion: str, gold: str) -> float:
-  """Verifiable reward of GRPO on math (DeepSeekMath, arXiv 2402.03300): 1.0 if the last
-  answer of `completion` (`extract_answer`) matches `gold` (`answers_match`), else 0.0."""
-  return 1.0 if answers_match(extract_answer(completion), gold) else 0.0
+def math_reward(completion: str, gold: str, *, extraction: str = "boxed") -> float:
+  """Verifiable reward of GRPO on math (DeepSeekMath, arXiv 2402.03300): `grade` in-process."""
+  return grade(completion, gold, extraction=extraction)
+
+
+def _worker(conn, extraction: str, timeout: int) -> None:
+  """A grading process: (completion, gold) in, score out, in its own main thread (so the
+  library's alarm works)."""
+  logging.getLogger("math_verify").setLevel(logging.ERROR)  # timeouts are counted by the parent
+  _grade("\\boxed{1}", "1", extraction, timeout)  # imports SymPy and the parser
+  conn.send("ready")  # start-up is not charged to the first answer's deadline
+  while True:
+    try:
+      item = conn.recv()
+    except EOFError:
+      return
+    if item is None:
+      return
+    try:
+      score = _grade(item[0], item[1], extraction, timeout)
+    except Exception:  # noqa: BLE001 - a malformed answer scores 0, whatever SymPy raised
+      score = 0.0
+    conn.send(score)
+
+
+_STARTUP_SECONDS = 300  # a spawned worker imports SymPy and math_verify before its first answer
+
+
+class MathGrader:
+  """`grade` over a batch in worker processes, bounded per answer, callable from any thread.
+
+  Each answer goes to an idle worker; the library's alarm (`timeout` seconds per parse or
+  comparison) runs in the worker's main thread, and a worker that has not answered after
+  `hard_timeout` seconds (an evaluation stuck in C, which no alarm interrupts) is killed, its
+  answer scored 0 and replaced by a fresh worker. Workers start on the first call ("spawn":
+  no fork of a process that runs JAX's threads; their imports are not charged to any answer's
+  deadline) and stop at `close()` or exit.
+
+  Args:
+    extraction: "boxed" | "open_r1" | "any" (module docstring).
+    workers: grading processes.
+    timeout: the library's alarm, seconds.
+    hard_timeout: seconds an answer may take before its worker is killed (default 3 x timeout
+      + 2: a parse of each side and a comparison, plus start-up).
+
+  Attributes:
+    timeouts: answers scored 0 because their worker was killed, since construction.
+  """
+
+  def __init__(self, *, extraction: str = "boxed", workers: int = 2, timeout: int = 5,
+               hard_timeout: float | None = None):
+    check_extraction(extraction)
+    if workers < 1 or timeout < 1:
+      raise ValueError(f"MathGrader: workers={workers} and timeout={timeout} must be >= 1")
+    self.extraction, self.num_workers, self.timeout = extraction, workers, int(timeout)
+    self.hard_timeout = float(hard_timeout or 3 * timeout + 2)
+    self.timeouts = 0
+    self._ctx = multiprocessing.get_context("spawn")
+    self._procs: list = [None] * workers
+    self._lock = threading.Lock()
+
+  def _start(self, i: int) -> None:
+    parent, child = self._ctx.Pipe()
+    proc = self._ctx.Process(target=_worker, args=(child, self.extraction, self.timeout),
+                             daemon=True, name=f"math-grader-{i}")
+    proc.start()
+    child.close()
+    self._procs[i] = (proc, parent)
+    try:
+      ready = parent.poll(_STARTUP_SECONDS) and parent.recv() == "ready"
+    except EOFError:
+      ready = False
+    if not ready:
+      self._kill(i)
+      raise RuntimeError(f"math grader: worker {i} did not start within {_STARTUP_SECONDS} s "
+                         f"(importing math_verify)")
+
+  def _kill(self, i: int) -> None:
+    proc, conn = self._procs[i]
+    proc.kill()
+    proc.join()
+    conn.close()
+    self._procs[i] = None
+
+  def __call__(self, completions: Sequence[str], golds: Sequence[str]) -> np.ndarray:
+    """[N] float32 scores of completions [N] against golds [N]."""
+    if len(completions) != len(golds):
+      raise ValueError(f"MathGrader: {len(completions)} completions but {len(golds)} golds")
+    scores = np.zeros(len(completions), np.float32)
+    with self._lock:
+      for i, p in enumerate(self._procs):
+        if p is None or not p[0].is_alive():
+          self._start(i)
+      todo = list(range(len(completions)))[::-1]
+      busy: dict[int, tuple[int, float]] = {}  # worker -> (item, deadline)
+      while todo or busy:
+        for w in range(self.num_workers):
+          if w not in busy and todo:
+            item = todo.pop()
+            self._procs[w][1].send((completions[item], golds[item]))
+            busy[w] = (item, time.monotonic() + self.hard_timeout)
+        deadline = min(d for _, d in busy.values())
+        ready = connection.wait([self._procs[w][1] for w in busy],
+                                timeout=max(0.0, deadline - time.monotonic()))
+        for w in list(busy):
+          conn = self._procs[w][1]
+          if conn in ready:
+            try:
+              scores[busy.pop(w)[0]] = conn.recv()
+            except EOFError:  # the worker died (out of memory): score 0, start another
+              busy.pop(w)
+              self._kill(w)
+              self._start(w)
+          elif time.monotonic() >= busy[w][1]:
+            item, _ = busy.pop(w)
+            self.timeouts += 1
+            log.warning("math grader: answer %d took over %.0f s; scored 0 (%r)", item,
+                        self.hard_timeout, completions[item][-80:])
+            self._kill(w)
+            self._start(w)
+    return scores
+
+  def close(self) -> None:
+    with self._lock:
+      for i, p in enumerate(self._procs):
+        if p is not None:
+          try:
+            p[1].send(None)
+          except (BrokenPipeError, OSError):
+            pass
+          p[0].join(timeout=1)
+          if p[0].is_alive():
+            p[0].kill()
+            p[0].join()
+          p[1].close()
+          self._procs[i] = None
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # noqa: BLE001 - interpreter shutdown
+      pass

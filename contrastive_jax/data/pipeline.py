@@ -32,10 +32,14 @@ class _ArraySource:
     return {k: v[i] for k, v in self._arrays.items()}
 
 
-def batched(source, *, batch_size: int, seed: int, shuffle: bool = True) -> grain.MapDataset:
+def batched(
+  source, *, batch_size: int, seed: int, shuffle: bool = True, transform=None
+) -> grain.MapDataset:
   """An infinite MapDataset of this process's share of each global batch.
 
   `source` is any grain random-access source (len + getitem), e.g. `tfds.data_source(...)`.
+  `transform(row, rng)`, if given, is applied to every row with a numpy Generator fixed by
+  (seed, the row's position in the repeated stream): a fresh draw per epoch, the same on resume.
   Process i of N reads rows [i*B/N, (i+1)*B/N) of each global batch of B, the rows its devices
   hold (`sharding.host_to_global` places them in process order), so the global batch is the
   same, row for row, for any number of processes.
@@ -48,7 +52,10 @@ def batched(source, *, batch_size: int, seed: int, shuffle: bool = True) -> grai
     raise ValueError(f"dataset has {len(ds)} examples, fewer than one batch of {batch_size}")
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat().batch(batch_size // n, drop_remainder=True)
+  ds = ds.repeat()
+  if transform is not None:
+    ds = ds.random_map(transform, seed=seed)
+  ds = ds.batch(batch_size // n, drop_remainder=True)
   # Global batch k is the N consecutive per-process batches k*N .. k*N + N - 1.
   return ds[i::n] if n > 1 else ds
 

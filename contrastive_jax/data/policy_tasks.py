@@ -15,14 +15,14 @@ Tasks:
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 
 from contrastive_jax.data.arithmetic import arithmetic_examples, arithmetic_reward
 from contrastive_jax.data.char_vocab import CharVocab, left_pad
-from contrastive_jax.data.math_answers import math_reward
+from contrastive_jax.data.math_answers import grade
 from contrastive_jax.data.reasoning import load_reasoning_jsonl
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -52,7 +52,9 @@ class HFCodec:
     tokenizer: a (fast) tokenizer.
     chat: wrap each question as one user turn and add the generation prompt.
     system: optional system message (chat only).
-    eos_ids: stop tokens; default the tokenizer's eos token.
+    eos_ids: stop tokens (`weights.stop_tokens.stop_token_ids`: the chat template's end of turn
+      first); default the tokenizer's eos token. A chat completion is written ending with the
+      first, a plain one with the tokenizer's eos.
   """
 
   def __init__(self, tokenizer, *, chat: bool, system: str = "", eos_ids: Sequence[int] = ()):
@@ -61,6 +63,8 @@ class HFCodec:
     if any(e is None for e in eos):
       raise ValueError("HFCodec: the tokenizer has no eos token; pass eos_ids")
     self.eos_ids = tuple(int(e) for e in eos)
+    plain = tokenizer.eos_token_id
+    self.end_id = self.eos_ids[0] if chat or plain is None else int(plain)
     pad = tokenizer.pad_token_id
     self.pad_id = int(pad if pad is not None else self.eos_ids[0])
     self.vocab_size = len(tokenizer)
@@ -75,7 +79,7 @@ class HFCodec:
     return self.tok.encode(rendered, add_special_tokens=False)
 
   def encode_completion(self, text: str) -> list[int]:
-    return self.tok.encode(text, add_special_tokens=False) + [self.eos_ids[0]]
+    return self.tok.encode(text, add_special_tokens=False) + [self.end_id]
 
   def decode(self, ids) -> str:
     ids = [int(i) for i in ids]
@@ -88,13 +92,16 @@ class HFCodec:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """Questions [P] and gold answers [P] with a text reward: "math" (`math_reward`, MATH/GSM8K),
-  "chat" / "compact" (`arithmetic_reward`: an integer literal) or "first_token"."""
+  """Questions [P] and gold answers [P] with a text reward: "math" (`math_answers`: `grader`,
+  a `MathGrader`, over a batch; else `grade` in-process, by the rule `extraction`), "chat" /
+  "compact" (`arithmetic_reward`: an integer literal) or "first_token"."""
 
   questions: tuple[str, ...]
   golds: tuple[str, ...]
   reward_style: str
   target: str = ""
+  extraction: str = "boxed"
+  grader: object = dataclasses.field(default=None, compare=False, repr=False)
 
   def __len__(self):
     return len(self.questions)
@@ -108,15 +115,23 @@ class Task:
     if self.reward_style == "first_token":
       return 1.0 if completion.startswith(self.target) else 0.0
     if self.reward_style == "math":
-      return math_reward(completion, self.golds[index])
+      return grade(completion, self.golds[index], extraction=self.extraction)
     return arithmetic_reward(completion, self.golds[index], style=self.reward_style)
+
+  def texts(self, codec, tokens, mask) -> list[str]:
+    """The decoded completions of tokens [N, T] (mask [N, T])."""
+    return [codec.decode(row[m > 0]) for row, m in zip(np.asarray(tokens), np.asarray(mask))]
+
+  def score_texts(self, completions, prompt_ids) -> np.ndarray:
+    """[N] rewards of decoded completions [N] of prompts `prompt_ids` [N]."""
+    ids = [int(i) for i in prompt_ids]
+    if self.reward_style == "math" and self.grader is not None:
+      return np.asarray(self.grader(list(completions), [self.golds[i] for i in ids]), np.float32)
+    return np.array([self.reward(c, i) for c, i in zip(completions, ids)], np.float32)
 
   def rewards(self, codec, prompt_ids, tokens, mask) -> np.ndarray:
     """[N] rewards of completions tokens [N, T] (mask [N, T]) of prompts `prompt_ids` [N]."""
-    out = np.zeros(len(prompt_ids), np.float32)
-    for n, (i, row, m) in enumerate(zip(prompt_ids, np.asarray(tokens), np.asarray(mask))):
-      out[n] = self.reward(codec.decode(row[m > 0]), int(i))
-    return out
+    return self.score_texts(self.texts(codec, tokens, mask), prompt_ids)
 
 
 def arithmetic_task(*, split: str, start: int, count: int, style: str, seed: int, digits: int,
@@ -129,10 +144,14 @@ def arithmetic_task(*, split: str, start: int, count: int, style: str, seed: int
 
 
 def math_jsonl_task(path: str, *, dataset: str, limit: int | None, key: str,
-                    instruction: str = MATH_INSTRUCTION) -> Task:
-  """MATH/GSM8K JSON lines as a chat task; a missing file raises naming `key` and the path."""
-  if not path or not os.path.isfile(path):
+                    instruction: str = MATH_INSTRUCTION, extraction: str = "boxed",
+                    grader=None) -> Task:
+  """MATH/GSM8K JSON lines (or a benchmark's records, `data.reasoning.BENCHMARKS`) as a chat
+  task graded by `grader` (a `MathGrader`; None: in-process); a missing file raises naming `key`
+  and the path."""
+  if not path or not epath.Path(path).is_file():
     raise FileNotFoundError(f"{key}={path!r}: no such JSONL file ({dataset} problems)")
   pairs = load_reasoning_jsonl(path, dataset=dataset, limit=limit)
   questions = tuple(f"{q}\n{instruction}" if instruction else q for q, _ in pairs)
-  return Task(questions, tuple(a for _, a in pairs), "math")
+  return Task(questions, tuple(a for _, a in pairs), "math", extraction=extraction,
+              grader=grader)

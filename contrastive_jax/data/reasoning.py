@@ -1,4 +1,4 @@
-"""GSM8K / MATH prompts with gold answers, and preference pairs for DPO.
+"""GSM8K / MATH prompts with gold answers, the reasoning benchmarks, and DPO preference pairs.
 
 Sources:
   * TFDS through `builder.as_data_source` (what `tfds.data_source` calls), which reads
@@ -6,8 +6,18 @@ Sources:
     annotation, short_answer); it has no Hendrycks MATH, so MATH comes from JSONL. When the data
     is not prepared, the error names the dataset, the data_dir and the `tfds build` step; nothing
     is downloaded at run time.
-  * JSON lines: GSM8K's released files ({"question", "answer"}, the answer ending in "#### x")
-    and MATH's ({"problem", "solution"}, the answer in the last \\boxed{}); keys are arguments.
+  * JSON lines in each set's public record format (`DATASETS`): GSM8K ({"question", "answer"},
+    the answer ending in "#### x"); MATH ({"problem", "solution"}, the answer in the last
+    \\boxed{}); and the benchmarks 2-GRPO and the RL-zero papers report, whose records carry
+    the final answer in a field of its own: MATH-500 ({"problem", "solution", "answer", ...},
+    HuggingFaceH4/MATH-500), AIME 2024 / 2025 ({"problem" or "question", "answer"}:
+    HuggingFaceH4/aime_2024, math-ai/aime25), AMC 2023 ({"question", "answer"}, the answer a
+    number: math-ai/amc23), Minerva Math ({"question" or "problem", "answer"}, or a MATH-style
+    boxed "solution": math-ai/minervamath, Qwen2.5-Math's minerva_math) and OlympiadBench
+    ({"question", "final_answer": ["$...$"]}, Hothan/OlympiadBench, math-ai/olympiadbench).
+    Where a benchmark record has no answer field, the last \\boxed{} of its "solution" is the
+    answer. Numbers (27.0) become their shortest form ("27"); a list of answers is joined with
+    ", "; surrounding $ are stripped.
   * Preference pairs: JSON lines {"prompt", "chosen", "rejected"}.
 
 Every malformed line (not UTF-8, not JSON, a missing key, no final answer; a preference pair
@@ -17,6 +27,7 @@ the 1-based line number; a file without a single example is a `DataError` naming
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections.abc import Iterable, Mapping
@@ -24,20 +35,38 @@ from collections.abc import Iterable, Mapping
 from contrastive_jax.data.jsonl import DataError, read_jsonl
 from contrastive_jax.data.math_answers import extract_answer
 
-# dataset -> (question key, solution key, how the gold answer is written in the solution)
+
+@dataclasses.dataclass(frozen=True)
+class RecordFormat:
+  """Where a set's records keep the question and the gold answer: the first of `question_keys`
+  present; the first of `answer_keys` present (the answer itself), else `solution_key`'s text,
+  whose answer follows the last "####" (`style` "####") or is in its last \\boxed{} ("boxed")."""
+
+  question_keys: tuple[str, ...]
+  answer_keys: tuple[str, ...]
+  solution_key: str | None
+  style: str = "boxed"
+
+
 DATASETS = {
-  "gsm8k": ("question", "answer", "####"),
-  "math": ("problem", "solution", "boxed"),
+  "gsm8k": RecordFormat(("question",), (), "answer", "####"),
+  "math": RecordFormat(("problem",), (), "solution"),
+  "math500": RecordFormat(("problem",), ("answer",), "solution"),
+  "aime24": RecordFormat(("problem", "question"), ("answer",), "solution"),
+  "aime25": RecordFormat(("problem", "question"), ("answer",), "solution"),
+  "amc23": RecordFormat(("question", "problem"), ("answer",), "solution"),
+  "minerva": RecordFormat(("question", "problem"), ("answer",), "solution"),
+  "olympiadbench": RecordFormat(("question", "problem"), ("final_answer", "answer"), "solution"),
 }
+BENCHMARKS = ("math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench")
 # TFDS builders that are not registered by `import tensorflow_datasets` alone.
 _TFDS_MODULES = {"gsm8k": "tensorflow_datasets.text.gsm8k.gsm8k"}
 
 
 def gold_answer(solution: str, *, dataset: str) -> str | None:
   """The final answer of a reference solution: after the last "####" (GSM8K) or in the last
-  \\boxed{} (MATH); None if absent."""
-  _, _, style = _dataset(dataset)
-  if style == "####":
+  \\boxed{} (MATH and the benchmarks); None if absent."""
+  if _dataset(dataset).style == "####":
     if "####" not in solution:
       return None
     answer = solution[solution.rfind("####") + 4 :].strip()
@@ -45,7 +74,7 @@ def gold_answer(solution: str, *, dataset: str) -> str | None:
   return extract_answer(solution) if "\\boxed" in solution or "\\fbox" in solution else None
 
 
-def _dataset(name: str):
+def _dataset(name: str) -> RecordFormat:
   if name not in DATASETS:
     raise ValueError(f"dataset={name!r}; expected one of {sorted(DATASETS)}")
   return DATASETS[name]
@@ -59,6 +88,21 @@ def _text(value, *, where: str, key: str) -> str:
   return value
 
 
+def _answer_text(value, *, where: str, key: str) -> str | None:
+  """A benchmark's answer field as text: numbers in shortest form, lists joined, $ stripped."""
+  if isinstance(value, bool):
+    raise DataError(f"{where}: key {key!r} holds a boolean, expected the answer")
+  if isinstance(value, (int, float)):
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+  if isinstance(value, list):
+    parts = [_answer_text(v, where=where, key=key) for v in value]
+    return ", ".join(p for p in parts if p) or None
+  text = _text(value, where=where, key=key).strip()
+  if len(text) > 1 and text.startswith("$") and text.endswith("$"):
+    text = text.strip("$").strip()
+  return text or None
+
+
 def reasoning_examples(
   records: Iterable[tuple[str, Mapping]],
   *,
@@ -68,23 +112,60 @@ def reasoning_examples(
 ) -> list[tuple[str, str]]:
   """[(prompt, gold answer)] from records [(where, mapping)]; `where` is quoted in errors.
 
-  Keys default to the dataset's (`DATASETS`); values may be str or UTF-8 bytes (TFDS Text).
+  Keys default to the dataset's (`DATASETS`); `answer_key` overrides the solution field (the
+  text the answer is extracted from). Values may be str or UTF-8 bytes (TFDS Text).
   """
-  default_q, default_a, _ = _dataset(dataset)
-  question_key, answer_key = question_key or default_q, answer_key or default_a
+  fmt = _dataset(dataset)
+  question_keys = (question_key,) if question_key else fmt.question_keys
+  answer_keys = () if answer_key else fmt.answer_keys
+  solution_key = answer_key or fmt.solution_key
   examples = []
   for where, record in records:
-    for key in (question_key, answer_key):
-      if key not in record:
-        raise DataError(f"{where}: missing key {key!r} (keys: {sorted(record)})")
-    question = _text(record[question_key], where=where, key=question_key)
-    solution = _text(record[answer_key], where=where, key=answer_key)
-    gold = gold_answer(solution, dataset=dataset)
+    q_key = next((k for k in question_keys if k in record), None)
+    if q_key is None:
+      raise DataError(f"{where}: missing key {' or '.join(map(repr, question_keys))} "
+                      f"(keys: {sorted(record)})")
+    question = _text(record[q_key], where=where, key=q_key)
+    a_key = next((k for k in answer_keys if record.get(k) not in (None, "", [])), None)
+    if a_key is not None:
+      gold = _answer_text(record[a_key], where=where, key=a_key)
+    elif solution_key in record:
+      solution = _text(record[solution_key], where=where, key=solution_key)
+      gold = gold_answer(solution, dataset=dataset)
+      if gold is None:
+        style = "'#### <answer>'" if fmt.style == "####" else "\\boxed{<answer>}"
+        raise DataError(f"{where}: no final answer ({style}) in {solution_key!r}: "
+                        f"{solution[-80:]!r}")
+    else:
+      wanted = " or ".join(map(repr, (*answer_keys, solution_key)))
+      raise DataError(f"{where}: missing key {wanted}, no answer (keys: {sorted(record)})")
     if gold is None:
-      style = "'#### <answer>'" if dataset == "gsm8k" else "\\boxed{<answer>}"
-      raise DataError(f"{where}: no final answer ({style}) in {answer_key!r}: {solution[-80:]!r}")
+      raise DataError(f"{where}: key {a_key!r} holds no answer")
     examples.append((question, gold))
   return examples
+
+
+def parse_benchmarks(spec: str) -> list[tuple[str, str | None]]:
+  """"math500,aime24=/data/aime24.jsonl" -> [("math500", None), ("aime24", "/data/...")];
+  an unknown name raises a ValueError naming the known ones."""
+  out = []
+  for entry in (e.strip() for e in spec.split(",")):
+    if not entry:
+      continue
+    name, _, path = entry.partition("=")
+    name = name.strip()
+    if name not in BENCHMARKS:
+      raise ValueError(f"unknown benchmark {name!r}; expected one of {list(BENCHMARKS)} "
+                       f"(optionally name=FILE.jsonl)")
+    out.append((name, path.strip() or None))
+  return out
+
+
+def load_benchmark(name: str, path, *, limit: int | None = None) -> list[tuple[str, str]]:
+  """[(problem, gold answer)] of benchmark `name` (`BENCHMARKS`) from its JSON-lines file."""
+  if name not in BENCHMARKS:
+    raise ValueError(f"unknown benchmark {name!r}; expected one of {list(BENCHMARKS)}")
+  return load_reasoning_jsonl(path, dataset=name, limit=limit)
 
 
 def load_reasoning_jsonl(
@@ -99,8 +180,8 @@ def load_reasoning_jsonl(
 
   Args:
     path: the .jsonl file; blank lines are skipped.
-    dataset: "gsm8k" ("####" answers) or "math" (\\boxed answers); sets the default keys.
-    question_key, answer_key: override the keys (e.g. "problem", "solution").
+    dataset: a key of `DATASETS` ("gsm8k", "math", or a benchmark); sets the default keys.
+    question_key, answer_key: override the question and solution keys.
     limit: keep the first `limit` examples.
   """
   records = itertools.islice(read_jsonl(path), limit)

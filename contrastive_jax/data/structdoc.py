@@ -1,6 +1,8 @@
 """Structured-document retrieval sets for SEAL: StructDocRetrieval JSON lines and BEIR directories.
 
-StructDocRetrieval: `{"query", "content"}` lines, one relevant document per query. BEIR:
+StructDocRetrieval as released: `train.json`, `test.json`, `dev.json`, each JSON lines (one
+`{"query", "content"}` object per line despite the suffix; a file holding one JSON array is read
+too), one relevant document per query. BEIR:
 corpus.jsonl, queries.jsonl, qrels/<split>.tsv. Bad lines, empty documents, queries without a
 relevant document: skipped and counted in a stats dict (logged in one line); a file with no
 usable record, or a bad hard-negative list, raises `DataError`.
@@ -8,11 +10,12 @@ usable record, or a bad hard-negative list, raises `DataError`.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from contrastive_jax.data.html_views import TAG_REGEX, unbalanced_markup
 from contrastive_jax.data.jsonl import DataError, log_summary, read_jsonl, require_rows, summary
@@ -40,7 +43,7 @@ def load_structdoc_jsonl(path: str | os.PathLike, *, negatives: int = 0):
   """
   stats = Counter(dict.fromkeys(_JSONL_STATS.split(), 0))
   records = []
-  for where, row in read_jsonl(path, stats=stats):
+  for where, row in _rows(path, stats):
     query, content = row.get("query"), row.get("content")
     if not isinstance(query, str) or not isinstance(content, str):
       stats["missing_field"] += 1
@@ -68,6 +71,26 @@ def load_structdoc_jsonl(path: str | os.PathLike, *, negatives: int = 0):
   return records, dict(stats)
 
 
+def _rows(path, stats):
+  """JSON lines; or, when the file is one JSON array (a re-saved release), its objects, with
+  `file:[index]` as their place."""
+  with epath.Path(path).open("rb") as f:
+    head = f.read(64).lstrip()
+  if not head.startswith(b"["):
+    yield from read_jsonl(path, stats=stats)
+    return
+  try:
+    rows = json.loads(epath.Path(path).read_bytes())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DataError(f"{path}: starts with '[' but is not a JSON array ({e})") from e
+  for i, row in enumerate(rows):
+    stats["lines"] += 1
+    if isinstance(row, dict):
+      yield f"{path}:[{i}]", row
+    else:
+      stats["malformed_json"] += 1
+
+
 def jsonl_summary(path, stats) -> dict:
   """`data.jsonl.summary` of `load_structdoc_jsonl`'s counts (what `run_info.json` records)."""
   return summary(path, kept=stats["kept"], skipped={k: stats.get(k, 0) for k in SKIP_REASONS})
@@ -90,7 +113,7 @@ def load_beir(directory: str | os.PathLike, *, split: str = "test"):
   the split without any relevant document are dropped (`queries_without_relevant`); qrels rows
   naming unknown ids (`qrels_unknown_id`) or unparsable (`qrels_malformed`) are skipped.
   """
-  directory = Path(directory)
+  directory = epath.Path(os.fspath(directory))
   stats = Counter(dict.fromkeys(_BEIR_STATS.split(), 0))
   docs: dict[str, str] = {}
   for _, row in read_jsonl(directory / "corpus.jsonl", stats=stats):
@@ -105,7 +128,7 @@ def load_beir(directory: str | os.PathLike, *, split: str = "test"):
       continue
     queries[str(row["_id"])] = row["text"]
   qrels: dict[str, set[str]] = {}
-  with open(directory / "qrels" / f"{split}.tsv", encoding="utf-8") as f:
+  with (directory / "qrels" / f"{split}.tsv").open("r", encoding="utf-8") as f:
     for i, line in enumerate(f):
       parts = line.rstrip("\n").split("\t")
       if i == 0 and parts[0] == "query-id":

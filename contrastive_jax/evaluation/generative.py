@@ -9,22 +9,22 @@ number of steps and guidance scale, then:
   * with `eval.feature_network="digits_classifier"`, computes "FD-digits", the Frechet distance
     between classifier features of the samples and of the held-out digits test split, and the
     classifier's accuracy on the samples' conditioning labels and on the real test split;
-  * with `eval.feature_network="inception_v3"`, computes "fid": FID proper, pytorch-fid's
-    Inception-v3 (weights file `eval.inception_weights`, which the user supplies) pool3 features
-    of the samples (quantised to uint8, grayscale repeated to RGB, resized to 299; see
-    `inception_fid.py`) against the reference statistics `eval.reference_stats` (an npz with
-    `mu`, `sigma`: pytorch-fid's format, or ADM's `VIRTUAL_imagenet256_labeled.npz`). The
-    samples' own `mu`/`sigma` go to `eval/inception_stats_<step>.npz` in the same format.
-    N is `eval.num_samples` (FID-50K needs 50_000). Real-image statistics are not computed
-    here: the ImageNet pipeline holds latents, not the real images a reference comes from.
+  * with `eval.feature_network="inception_v3"`, streams the samples batch by batch through the
+    decoder and pytorch-fid's Inception-v3 (`inception_suite.py`, `fid_stream.py`): FID, and
+    against ADM's reference batch (`eval.reference_batch`) sFID, Inception Score and
+    precision/recall (FDD with `eval.fdd_encoder_dir`); no sample outlives its batch on the
+    host. The samples' own statistics go to `eval/inception_stats_<step>.npz` (pytorch-fid's
+    `mu`/`sigma`, plus `mu_s`/`sigma_s`). N is `eval.num_samples` (FID-50K needs 50_000).
   * returns the record, which the loop and `--mode eval` write to `eval/eval_<step>.json`
-    (`train/evaluate.py`): the feature network, N, sampler, steps and guidance scale beside
-    every figure, and the file its "features" entry names (`eval/features_<step>.npz` with both
-    feature sets, or the FID statistics above), from which the figure can be recomputed.
+    (`train/evaluate.py`): the figures (the metrics the loop logs) and a "protocol" holding the
+    feature network, N, sampler, steps and guidance scale, the reference and the file its
+    "features" entry names (`eval/features_<step>.npz` with both feature sets, or the FID
+    statistics above), from which the figures can be recomputed.
 
-Latent models need a decoder the user supplies (`eval.decoder="module:function"`, latents
-[N, h, w, c] -> images [N, H, W, 3] in [-1, 1]); this codebase has no VAE. Settings that cannot
-work (missing weights or statistics, latents without a decoder) raise a ValueError naming the
+Latent models decode with the SD-VAE of `vae.path` (`weights/vae.py`, inside the jitted
+pipeline) or a host callable `eval.decoder="module:function"` (latents [N, h, w, c] -> images
+[N, H, W, 3] in [-1, 1]). Settings that cannot work (missing weights or reference, latents
+without a decoder, a protocol that cannot be class-balanced) raise a ValueError naming the
 config key and the file when the evaluator is built, before any training or sampling.
 """
 
@@ -38,10 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from contrastive_jax.callables import load_callable
-from contrastive_jax.evaluation import digits_classifier, inception_fid
+from contrastive_jax.evaluation import digits_classifier
 from contrastive_jax.evaluation.fid import feature_statistics, frechet_distance
+from contrastive_jax.evaluation.fid_stream import batch_labels, batch_noise
+from contrastive_jax.evaluation.inception_suite import InceptionSuite
 from contrastive_jax.io import eval_path, write_npz, write_png
-from contrastive_jax.models.inception import InceptionV3
 from contrastive_jax.sampling import ddpm, flow, meanflow
 from contrastive_jax.sharding import (
   batch_sharding,
@@ -129,16 +130,6 @@ def make_sampler(model, *, model_cfg, eval_cfg, path: str, mesh=None):
   return functools.partial(_sample, model=model, name=name, path=path, settings=settings, mesh=mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "rows", "sharding"))
-def _noise(key, *, shape, rows, sharding):
-  # Drawn as one global array straight into its shards (threefry is partitionable in JAX 0.10),
-  # so the values equal an unsharded draw; zero rows pad it to `rows`, a multiple of the batch
-  # devices, and are dropped after sampling.
-  out = jax.random.normal(key, shape)
-  out = jnp.pad(out, [(0, rows - shape[0])] + [(0, 0)] * (len(shape) - 1))
-  return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
-
-
 def generate(
   sample,
   params,
@@ -149,8 +140,10 @@ def generate(
   num_classes: int,
   seed: int,
   mesh=None,
+  class_sampling: str = "balanced",
 ):
-  """(samples [N, *shape] numpy, labels [N]); batch b uses noise fold_in(key(seed), 2b).
+  """(samples [N, *shape] numpy, labels [N]); batch b uses noise fold_in(key(seed), 2b) and
+  `fid_stream.batch_labels` (the labels of the streamed FID evaluation, batch for batch).
 
   With a `mesh` (the one `sample` was made with), each batch's noise and labels are placed
   batch-sharded on it (padded to a multiple of data x fsdp with rows that are then dropped) and
@@ -168,10 +161,14 @@ def generate(
     noise_sharding = batch_sharding(mesh, 1 + len(shape))
     rows = round_to_batch_devices(batch_size, mesh)
   key = jax.random.PRNGKey(seed)
-  labels = np.arange(num_samples, dtype=np.int32) % num_classes
+  labels = np.concatenate([
+    batch_labels(b, batch_size=batch_size, num_classes=num_classes, seed=seed,
+                 class_sampling=class_sampling)
+    for b in range(num_samples // batch_size)
+  ])  # fmt: skip
   out = []
   for b in range(num_samples // batch_size):
-    noise = _noise(
+    noise = batch_noise(
       jax.random.fold_in(key, 2 * b),
       shape=(batch_size, *shape),
       rows=rows,
@@ -201,11 +198,15 @@ def save_grid(images, path: str, *, rows: int, min_side: int = 32):
   write_png(path, grid[..., 0] if c == 1 else grid)
 
 
+# The numbers an evaluation reports; everything else in its record says how they were made.
+FIGURES = ("fid", "sfid", "inception_score", "precision", "recall", "fdd", "fd_digits",
+           "fd_digits_train_vs_test", "accuracy_samples", "accuracy_test")
+
+
 class SampleEvaluator:
-  """`evaluator(params, *, step) -> record`: FID or FD-digits with the protocol that gives it
-  (feature network, N, sampler, steps, guidance), the sample grid and feature files it wrote
-  (named by `step`). The loop and `--mode eval` write the record (`train/evaluate.py`).
-  `inception` is the Inception-v3 module for "inception_v3" (default `InceptionV3()`, the FID network at 299;
+  """`evaluator(params, *, step) -> {figure: value, ..., "protocol": {...}}` (`FIGURES`; files
+  named by `step`), in the loop and in `--mode eval` alike. `inception` is
+  the Inception-v3 module for "inception_v3" (default `InceptionV3()`, the FID network at 299;
   tests pass a smaller `image_size` to run in seconds). `mesh` (default: one built from
   `config.mesh`) is where sampling and feature extraction are sharded over the batch axes."""
 
@@ -222,45 +223,18 @@ class SampleEvaluator:
         f"makes {m.input_size}x{m.input_size}x{m.in_channels}"
       )
     self.config, self.workdir = config, workdir
-    self.decoder = load_callable(ec.decoder, key="eval.decoder") if ec.decoder else None
+    self.decoder = None
+    if ec.decoder and ec.feature_network != "inception_v3":  # the suite decodes batch by batch
+      self.decoder = load_callable(ec.decoder, key="eval.decoder")
     self.mesh = make_mesh(config.mesh) if mesh is None else mesh
     self.sample = make_sampler(
       model, model_cfg=m, eval_cfg=ec, path=config.diffusion.path, mesh=self.mesh
     )
     self._classifier = None
+    self.suite = None
     if ec.feature_network == "inception_v3":
-      self.inception = inception or InceptionV3()
-      self._inception = self._load_inception(config, self.inception, self.mesh)
-
-  @staticmethod
-  def _load_inception(config, inception, mesh):
-    """(params on the mesh, mesh, reference mu, sigma), checked before any sampling."""
-    from contrastive_jax.weights.inception import WEIGHTS_FILE, load_inception_params
-
-    ec, m = config.eval, config.model
-    if not ec.decoder and m.in_channels not in (1, 3):
-      raise ValueError(
-        f"eval.feature_network='inception_v3' needs images; the model makes "
-        f"{m.in_channels}-channel latents: set eval.decoder='module:function' (latents -> "
-        f"images in [-1, 1]) or eval.feature_network='none'"
-      )
-    if not ec.inception_weights:
-      raise ValueError(
-        f"eval.feature_network='inception_v3' needs eval.inception_weights: the path of "
-        f"pytorch-fid's {WEIGHTS_FILE} (or eval.feature_network='none')"
-      )
-    if not os.path.isfile(ec.inception_weights) and not os.path.isdir(ec.inception_weights):
-      raise ValueError(f"eval.inception_weights={ec.inception_weights!r}: no such file")
-    if not ec.reference_stats:
-      raise ValueError(
-        "eval.feature_network='inception_v3' needs eval.reference_stats: an npz with the "
-        "reference set's Inception pool3 'mu' [2048] and 'sigma' [2048, 2048] (pytorch-fid's "
-        "format; ADM's VIRTUAL_imagenet256_labeled.npz for ImageNet 256)"
-      )
-    mu, sigma = inception_fid.load_reference_stats(ec.reference_stats)
-    weights = load_inception_params(ec.inception_weights)
-    params = inception_fid.shard_params(weights, mesh, model=inception)
-    return params, mesh, mu, sigma
+      self.suite = InceptionSuite(config, self.mesh, inception=inception)
+      self.inception = self.suite.inception
 
   def classifier(self):
     if self._classifier is None:
@@ -270,19 +244,47 @@ class SampleEvaluator:
     return self._classifier
 
   def __call__(self, params, *, step) -> dict:
+    rec = self._record(params, int(step))
+    protocol = {k: v for k, v in rec.items() if k not in FIGURES and k != "protocol"}
+    return {**{k: rec[k] for k in FIGURES if k in rec},
+            "protocol": {**protocol, **rec.get("protocol", {})}}
+
+  def _record(self, params, step) -> dict:
     ec, m = self.config.eval, self.config.model
+    rec = self._protocol(step)
+    shape = (m.input_size, m.input_size, m.in_channels)
+    if self.suite is not None:  # streamed: no sample outlives its batch on the host
+      fields, grid = self.suite.run(
+        self.sample, params, step=step, workdir=self.workdir, shape=shape,
+        grid=ec.grid_rows * GRID_COLUMNS,
+      )  # fmt: skip
+      rec.update(fields)
+      if grid is not None and grid.shape[-1] in (1, 3):
+        rec["grid"] = eval_path(self.workdir, f"samples_{step}.png")
+        save_grid(grid, rec["grid"], rows=ec.grid_rows)
+      return rec
     images, labels = generate(
       self.sample,
       params,
       num_samples=ec.num_samples,
       batch_size=ec.batch_size,
-      shape=(m.input_size, m.input_size, m.in_channels),
+      shape=shape,
       num_classes=m.num_classes,
       seed=ec.seed,
       mesh=self.mesh,
+      class_sampling=ec.class_sampling,
     )
     if self.decoder is not None:
       images = np.asarray(self.decoder(images))
+    if images.shape[-1] in (1, 3):
+      rec["grid"] = eval_path(self.workdir, f"samples_{step}.png")
+      save_grid(images, rec["grid"], rows=ec.grid_rows)
+    if ec.feature_network == "digits_classifier":
+      rec.update(self._fd_digits(images, labels, step))
+    return rec
+
+  def _protocol(self, step) -> dict:
+    ec, m = self.config.eval, self.config.model
     rec = {
       "feature_network": ec.feature_network,
       "num_samples": int(ec.num_samples),
@@ -294,6 +296,7 @@ class SampleEvaluator:
       "model_kind": m.kind,
       "path": self.config.diffusion.path if m.kind == "sit" else None,
       "decoder": ec.decoder or None,
+      "class_sampling": ec.class_sampling,
       "grid": None,
     }
     if self.config.repa.weight > 0:
@@ -306,18 +309,7 @@ class SampleEvaluator:
         "kappa": float(mf.kappa),
         "interval": [float(mf.t_start), float(mf.t_end)],
       }
-    if images.shape[-1] in (1, 3):
-      rec["grid"] = eval_path(self.workdir, f"samples_{step}.png")
-      save_grid(images, rec["grid"], rows=ec.grid_rows)
-    if ec.feature_network == "digits_classifier":
-      rec.update(self._fd_digits(images, labels, step))
-    if ec.feature_network == "inception_v3":
-      rec.update(self._fid(images, step))
-    # The figures are the metrics; everything that says how they were made is the protocol
-    # (numbers such as N or the seed are not metrics to plot).
-    figures = ("fid", "fd_digits", "fd_digits_train_vs_test", "accuracy_samples", "accuracy_test")
-    return {**{k: rec[k] for k in figures if k in rec},
-            "protocol": {k: v for k, v in rec.items() if k not in figures}}
+    return rec
 
   def _fd_digits(self, images, labels, step) -> dict:
     from contrastive_jax.data.digits import load_digits
@@ -338,26 +330,5 @@ class SampleEvaluator:
       "num_real": len(test_feats),
       "real_split": "digits test",
       "fd_digits_train_vs_test": floor,
-      "features": path,
-    }
-
-  def _fid(self, images, step) -> dict:
-    ec = self.config.eval
-    params, mesh, ref_mu, ref_sigma = self._inception
-    feats = inception_fid.pool3_features(
-      params,
-      inception_fid.quantize_images(images),
-      mesh=mesh,
-      batch_size=ec.batch_size,
-      model=self.inception,
-    )
-    mu, sigma = feature_statistics(feats)
-    path = eval_path(self.workdir, f"inception_stats_{step}.npz")
-    inception_fid.save_stats(path, mu, sigma)
-    return {
-      "fid": frechet_distance(mu, sigma, ref_mu, ref_sigma),
-      "inception_image_size": self.inception.image_size,
-      "inception_weights": ec.inception_weights,
-      "reference_stats": ec.reference_stats,
       "features": path,
     }

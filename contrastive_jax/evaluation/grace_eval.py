@@ -26,6 +26,7 @@ from contrastive_jax.evaluation.embedding_eval import heldout_lm_loss, retrieval
 from contrastive_jax.models.decoder import Decoder, DecoderConfig, DecoderLM
 from contrastive_jax.sampling.rationale import encode
 from contrastive_jax.sharding import place, round_to_batch_devices, to_host
+from contrastive_jax.weights.stop_tokens import stop_token_ids
 
 RATIONALE_MODES = ("sampled", "greedy")
 
@@ -41,12 +42,10 @@ class DecoderHidden:
     return out["hidden"]
 
 
-def eos_ids(tok, dcfg):
-  """Stop tokens: the tokenizer's eos and the model config's eos id(s)."""
-  ids = {tok.eos_token_id}
-  eos = dcfg.eos_token_id
-  ids |= set(eos) if isinstance(eos, tuple) else {eos}
-  return tuple(sorted(i for i in ids if i is not None))
+def eos_ids(tok, dcfg, model_dir=None):
+  """Stop tokens of a rationale (`weights.stop_tokens.stop_token_ids`): the chat template's
+  end of turn, the tokenizer's eos, generation_config.json's and config.json's eos ids."""
+  return stop_token_ids(tok, model_dir, config_eos=dcfg.eos_token_id)
 
 
 class GraceEvaluator:
@@ -62,14 +61,17 @@ class GraceEvaluator:
 
   def __init__(self, config, tok, dcfg, records, *, mesh=None):
     e, d = config.eval, config.data
-    test = [r for r in records if r["split"] == "test"]
+    # records=None: the rationale encoder alone (`encode_fn`, e.g. for MTEB), no pydoc test set.
+    test = [r for r in records or () if r["split"] == "test"]
     test = test[: e.max_docs] if e.max_docs else test
-    if not test:
+    if records is not None and not test:
       raise ValueError("GraceEvaluator: no test-split documents (data.modules too few?)")
     if e.rationale not in RATIONALE_MODES:
       raise ValueError(f"eval.rationale={e.rationale!r}: use one of {RATIONALE_MODES}")
     self.cfg, self.tok = config, tok
-    self.lm, self.hidden, self.eos = DecoderLM(dcfg), DecoderHidden(dcfg), eos_ids(tok, dcfg)
+    model_dir = config.model.path if config.model.source == "hf" else None
+    self.lm, self.hidden = DecoderLM(dcfg), DecoderHidden(dcfg)
+    self.eos = eos_ids(tok, dcfg, model_dir)
     self.queries = [r["query"] for r in test]
     self.corpus = [tag_stripped_view(r["content"])[: d.max_chars] for r in test]
     self.pairs = grace_data.scored_pairs(test, max_chars=d.max_chars, seed=e.seed)
@@ -105,6 +107,7 @@ class GraceEvaluator:
           eos_ids=self.eos,
           pad_id=self.tok.pad_token_id or 0,
           method=c.reward.pooling,
+          mesh=self.mesh,
         )
         emb, done = to_host((emb, done))  # whole on every process (several hosts)
         out.append(emb[: len(rows)])

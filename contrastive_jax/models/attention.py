@@ -304,3 +304,197 @@ def attention(
     ),
     default=lambda q, k, v, allowed, key_mask: _xla(q, k, v, allowed),
   )
+
+
+# -- paged KV cache (continuous-batching decode, `sampling/engine.py`) ----------------------------
+#
+# A block pool holds the keys and values of many sequences: [num_blocks, block_size,
+# 2 * kv_heads, head_dim], keys and values of head i interleaved at 2i and 2i + 1 (the layout
+# of the Pallas ragged paged attention kernel's `kv_pages`, so the kernel reads the pool as it is
+# stored). A sequence's position p lives in block `table[p // block_size]` at offset
+# `p % block_size`. A model with stacked layers keeps one [num_layers, num_blocks, ...] pool and
+# passes `layer`: layer i's blocks are then blocks i * num_blocks + b of the pool seen as
+# [num_layers * num_blocks, ...] (a free reshape), so a layer scan carries the whole pool and
+# updates it in place, and the kernel reads it without a per-layer copy. Under a context mesh
+# the block axis is split over the batch axes like the rows: each device holds its rows' blocks,
+# and block ids are local to a device.
+
+PAGED_CHUNK_TOKENS = 256  # keys per step of the XLA decode loop (a multiple of the block size)
+
+
+def _local_axes(mesh, logical: str, sizes) -> tuple | None:
+  """Mesh axes of a logical axis (DEFAULT_RULES) that divide every size in `sizes`, or None."""
+  from contrastive_jax.sharding import DEFAULT_RULES
+
+  names = dict(DEFAULT_RULES).get(logical)
+  names = tuple(a for a in ((names,) if isinstance(names, str) else names or ()) if a in mesh.shape)
+  if names and all(n % math.prod(mesh.shape[a] for a in names) == 0 for n in sizes):
+    return names
+  return None
+
+
+def _per_device(fn, mesh, rows: int, heads: tuple[int, ...], args, specs, out_specs):
+  """`fn` on each device's rows and pool blocks (`shard_map` over the batch axes; heads over
+  their axes where they divide), or `fn` itself without a context mesh."""
+  if mesh is None:
+    return fn(*args)
+  from jax.sharding import PartitionSpec as P
+
+  fill = {"rows": _local_axes(mesh, "batch", (rows,)),
+          "heads": _local_axes(mesh, "kv_heads", heads)}
+
+  def spec(names):
+    return P(*(fill.get(a, a) for a in names))
+
+  out = tuple(spec(o) for o in out_specs)
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(x) for x in specs),
+                       out_specs=out if len(out) > 1 else out[0], check_vma=False)(*args)
+
+
+def _pool_spec(pool):
+  return (None,) * (pool.ndim - 4) + ("rows", None, "heads", None)
+
+
+def _flat_pool(pool, layer):
+  """(pool as [blocks, bs, 2K, Dh], block offset of `layer`) of a [NB, ...] or
+  [num_layers, NB, ...] pool."""
+  if pool.ndim == 4:
+    return pool, 0
+  return pool.reshape(-1, *pool.shape[2:]), layer * pool.shape[1]
+
+
+def paged_write(pool, k, v, slots, layer=None):
+  """Writes new keys/values into the pool: pool [NB, bs, 2K, Dh] (or [num_layers, NB, ...]
+  with `layer`); k, v [B, L, K, Dh]; slots [B, L, C] int32 flat slots of the layer's blocks
+  (block * bs + offset; < 0 writes nothing), C copies of each token (a prompt's partial last
+  block is written once per sample that extends it). Returns the pool (in place when donated)."""
+  b, length, kv, dh = k.shape
+  if pool.shape[-2:] != (2 * kv, dh) or slots.shape[:2] != (b, length):
+    raise ValueError(f"paged_write: pool {pool.shape}, k {k.shape}, slots {slots.shape} do not "
+                     f"fit [(layers,) NB, bs, 2K, Dh], [B, L, K, Dh], [B, L, C]")
+
+  def local(pool, k, v, slots, layer):
+    flat, offset = _flat_pool(pool, layer)
+    n, bs = flat.shape[:2]
+    new = jnp.stack([k, v], axis=3).reshape(k.shape[0], length, -1, dh).astype(pool.dtype)
+    flat = flat.reshape(n * bs, *flat.shape[2:])
+    for c in range(slots.shape[-1]):
+      # Negative slots would wrap around: send them past the end, where "drop" discards them.
+      idx = jnp.where(slots[..., c] < 0, n * bs, slots[..., c] + offset * bs)
+      flat = flat.at[idx].set(new, mode="drop")
+    return flat.reshape(pool.shape)
+
+  layer = jnp.int32(0) if layer is None else jnp.asarray(layer, jnp.int32)
+  return _per_device(local, context_mesh(), b, (kv,), (pool, k, v, slots, layer),
+                     (_pool_spec(pool), ("rows", None, "heads", None),
+                      ("rows", None, "heads", None), ("rows", None, None), ()),
+                     (_pool_spec(pool),))
+
+
+def _paged_xla(q, pool, table, kv_lens):
+  """Decode attention over each row's first kv_lens[b] pool positions, `PAGED_CHUNK_TOKENS` keys
+  at a time (online softmax, Milakov & Gimelshein 2018): a while loop whose trip count is the
+  longest live row's chunks, so the keys read follow the live lengths, not the table's width."""
+  b, h, dh = q.shape
+  bs, kk = pool.shape[1], pool.shape[2]
+  kv = kk // 2
+  c = max(1, min(PAGED_CHUNK_TOKENS // bs, table.shape[1]))
+  table = jnp.pad(table, ((0, 0), (0, (-table.shape[1]) % c)))
+  qg = q.reshape(b, kv, h // kv, dh)
+  scale = 1.0 / math.sqrt(dh)
+  low = jnp.finfo(jnp.float32).min
+
+  def body(j, carry):
+    m, l, acc = carry
+    blocks = jax.lax.dynamic_slice_in_dim(table, j * c, c, axis=1)
+    keys = pool[blocks].reshape(b, c * bs, kk, dh)  # [B, T, 2K, Dh]
+    k, v = keys[:, :, 0::2], keys[:, :, 1::2]
+    s = jnp.einsum("bkgd,btkd->bkgt", qg, k.astype(q.dtype),
+                   preferred_element_type=jnp.float32) * scale
+    valid = (j * c * bs + jnp.arange(c * bs))[None] < kv_lens[:, None]
+    s = jnp.where(valid[:, None, None], s, low)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.where(valid[:, None, None], jnp.exp(s - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    pv = jnp.einsum("bkgt,btkd->bkgd", p.astype(q.dtype), v.astype(q.dtype),
+                    preferred_element_type=jnp.float32)
+    return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+
+  init = (jnp.full((b, kv, h // kv), low, jnp.float32), jnp.zeros((b, kv, h // kv), jnp.float32),
+          jnp.zeros((b, kv, h // kv, dh), jnp.float32))
+  n = -(-jnp.max(kv_lens) // (c * bs))
+  _, l, acc = jax.lax.fori_loop(0, n, body, init)
+  return (acc / l[..., None]).reshape(b, h, dh).astype(q.dtype)
+
+
+def ragged_unsupported(num_heads: int, kv_heads: int, head_dim: int, block_size: int,
+                       dtype) -> str | None:
+  """Why the Pallas ragged paged attention kernel cannot take these shapes (None if it can): its
+  Mosaic tiling needs the combined key/value heads (2K) fully tiled and 128-lane head dims."""
+  from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel
+
+  if head_dim % 128:
+    return f"ragged paged attention: head_dim {head_dim} is not a multiple of 128"
+  if block_size % 8:
+    return f"ragged paged attention: block size {block_size} is not a multiple of 8"
+  try:
+    kernel.get_min_heads_per_blk(num_heads, 2 * kv_heads, dtype, dtype)
+  except ValueError as e:
+    return f"ragged paged attention: {e}"
+  return None
+
+
+def _paged_kernel(q, pool, table, kv_lens):
+  from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
+
+  b = q.shape[0]
+  pages = table.shape[1]
+  # Block sizes given, not looked up: the tuned table queries the local device, which is the
+  # CPU host when preflight compiles for a TPU topology. ~2K keys per kernel step.
+  return ragged_paged_attention(
+    q, pool, kv_lens, table, jnp.arange(b + 1, dtype=jnp.int32), jnp.array([b], jnp.int32),
+    sm_scale=1.0 / math.sqrt(q.shape[-1]),
+    num_kv_pages_per_block=max(1, min(pages, 2048 // pool.shape[1])),
+    num_queries_per_block=min(b, 32),
+  )
+
+
+def paged_attention(q, pool, table, kv_lens, *, layer=None, implementation: str = "auto"):
+  """One query token per row against its pages: q [B, H, Dh], pool [NB, bs, 2K, Dh] (or
+  [num_layers, NB, ...] with `layer`; the new token's key/value already written), table [B, M]
+  int32 block ids, kv_lens [B] int32 >= 1 (positions 0 .. kv_lens - 1 are attended; the query
+  sits at kv_lens - 1) -> [B, H, Dh].
+
+  Paths: on TPU ("auto", when `ragged_unsupported` names no reason) the Pallas ragged paged
+  attention kernel (vLLM / tpu-inference's design, `jax.experimental.pallas.ops.tpu`), which
+  reads each row's own kv_lens keys; elsewhere `_paged_xla`, which reads the longest live row's
+  keys for every row (chunked: `PAGED_CHUNK_TOKENS`). Both read only the filled cache, never
+  the table's full width. Other `implementation` names take the XLA path. Under a context mesh
+  both run per device (`shard_map`: rows and pool blocks over the batch axes).
+  """
+  check_implementation(implementation)
+  b, h, dh = q.shape
+  kv = pool.shape[-2] // 2
+  if pool.shape[-1] != dh or table.shape[0] != b or kv_lens.shape != (b,) or h % kv:
+    raise ValueError(f"paged_attention: q {q.shape}, pool {pool.shape}, table {table.shape}, "
+                     f"kv_lens {kv_lens.shape} do not fit [B, H, Dh], [(layers,) NB, bs, 2K, "
+                     f"Dh], [B, M], [B]")
+  mesh = context_mesh()
+  if implementation != "auto" or _on_gpu() or (mesh is None and jax.device_count() > 1):
+    attend = _paged_xla
+  elif ragged_unsupported(h, kv, dh, pool.shape[-3], q.dtype) is not None:
+    attend = _paged_xla
+  else:
+
+    def attend(q, pool, table, kv_lens):
+      return jax.lax.platform_dependent(q, pool, table, kv_lens, tpu=_paged_kernel,
+                                        default=_paged_xla)
+
+  def local(q, pool, table, kv_lens, layer):
+    flat, offset = _flat_pool(pool, layer)
+    return attend(q, flat, table + offset, kv_lens)
+
+  layer = jnp.int32(0) if layer is None else jnp.asarray(layer, jnp.int32)
+  return _per_device(local, mesh, b, (h, kv), (q, pool, table, kv_lens, layer),
+                     (("rows", "heads", None), _pool_spec(pool), ("rows", None), ("rows",), ()),
+                     (("rows", "heads", None),))

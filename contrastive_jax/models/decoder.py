@@ -13,6 +13,13 @@ Attention is masked by `key_mask` (which cache slots / tokens hold real tokens, 
 is excluded) and causally by slot index; positions (for RoPE) are passed explicitly, so a
 left-padded row starts at position 0 on its first real token.
 
+Paged KV cache (continuous batching, `sampling/engine.py`): `init_pool` preallocates a block
+pool shared by many sequences, and a call with `pages` writes the new keys/values to given pool
+slots and attends each row's blocks through its block table, only as far as the row is filled
+(`models.attention.paged_attention`: the Pallas ragged paged attention kernel on TPU). With
+`scan_layers` the pool is one stacked array carried through the layer scan and updated in place
+(the static cache, scanned in and out, is copied by every call).
+
 Memory switches (not part of the checkpoint format): `remat` rematerialises each block in the
 backward pass with a named `jax.checkpoint` policy (`models.layers.REMAT_POLICIES`);
 `scan_layers` runs the blocks under `nn.scan` (parameters stacked on a leading "layers" axis,
@@ -36,7 +43,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastive_jax.models.attention import attention, check_implementation
+from contrastive_jax.models.attention import (
+  attention,
+  check_implementation,
+  paged_attention,
+  paged_write,
+)
 from contrastive_jax.models.layers import Dense, remat_block, remat_name
 from contrastive_jax.models.lora import LoraConfig
 
@@ -277,7 +289,7 @@ class Attention(nn.Module):
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, cache, cache_index, deterministic=True):
+  def __call__(self, x, positions, key_mask, cache, cache_index, deterministic=True, pages=None):
     c = self.config
     dt = jnp.dtype(c.dtype)
     h, kv, dh = c.num_heads, c.num_kv_heads, c.head_dim
@@ -289,7 +301,9 @@ class Attention(nn.Module):
       q = RMSNorm(c.rms_norm_eps, dt, name="q_norm")(q)
       k = RMSNorm(c.rms_norm_eps, dt, name="k_norm")(k)
     q, k = (apply_rope(t, positions, *rope_frequencies(c)) for t in (q, k))
-    if cache is not None:
+    if pages is not None:
+      out, cache = _paged(q, k, v, key_mask, cache, pages, c.attention_impl)
+    elif cache is not None:
       cache = jax.tree.map(
         lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
           buf, new.astype(buf.dtype), cache_index, axis=1
@@ -298,18 +312,34 @@ class Attention(nn.Module):
         {"k": k, "v": v},
       )
       k, v = cache["k"].astype(dt), cache["v"].astype(dt)
-    out = attention(
-      q,
-      k,
-      v,
-      key_mask=key_mask,
-      causal=True,
-      # Without a cache the queries are slots 0..L-1; a static 0 lets splash keep its mask static.
-      query_offset=0 if cache is None else cache_index,
-      implementation=c.attention_impl,
-    )
+    if pages is None:
+      out = attention(
+        q,
+        k,
+        v,
+        key_mask=key_mask,
+        causal=True,
+        # Without a cache the queries are slots 0..L-1; a static 0 lets splash keep its mask
+        # static.
+        query_offset=0 if cache is None else cache_index,
+        implementation=c.attention_impl,
+      )
     o = dense(c.hidden_size, ("heads", "kv", "embed"), "o", axis=(-2, -1), use_bias=c.o_bias)
     return o(out, deterministic), cache
+
+
+def _paged(q, k, v, key_mask, pool, pages, implementation):
+  """Attention with a block-pool cache (`models.attention` paged section): the new keys/values
+  go to `pages["write"]`; one new token per row attends its pages (`paged_attention`), several
+  (a prefill of fresh sequences) attend each other under `key_mask` [B, L]."""
+  layer = pages.get("layer")
+  pool = {"kv": paged_write(pool["kv"], k, v, pages["write"], layer)}
+  if q.shape[1] == 1:
+    out = paged_attention(q[:, 0], pool["kv"], pages["table"], pages["lengths"], layer=layer,
+                          implementation=implementation)[:, None]
+  else:
+    out = attention(q, k, v, key_mask=key_mask, causal=True, implementation=implementation)
+  return out, pool
 
 
 class MLP(nn.Module):
@@ -332,16 +362,31 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, cache, cache_index):
+  def __call__(self, x, positions, key_mask, cache, cache_index, pages=None):
     c, det = self.config, self.deterministic
     dt = jnp.dtype(c.dtype)
     a, cache = Attention(c, name="attn")(
       RMSNorm(c.rms_norm_eps, dt, name="attn_norm")(x), positions, key_mask, cache, cache_index,
-      det,
+      det, pages,
     )
     x = x + a
     x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, dt, name="mlp_norm")(x), det)
     return x, cache
+
+
+class _PagedLayer(nn.Module):
+  """One block of a layer scan over a paged cache: the whole [num_layers, ...] pool rides in
+  the scan's carry and this layer's writes and reads address it at `layer` (so it is updated in
+  place; as scanned input and output it would be copied every call)."""
+
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, carry, layer, positions, key_mask, pages):
+    x, pool = carry
+    x, pool = Block(self.config, name="block")(x, positions, key_mask, pool, 0,
+                                               {**pages, "layer": layer})
+    return (x, pool), None
 
 
 class Decoder(nn.Module):
@@ -354,6 +399,11 @@ class Decoder(nn.Module):
   if return_hidden, "hidden" [B, L, D]: the final-norm hidden states (what GRACE mean-pools).
   logits=False computes no logits and returns "hidden" and "head" [D, V] (float32; the embedding
   transposed when tied), for log-probs that never hold [B, L, V] (`sampling.logprobs`).
+  With `pages` (a dict: "write" [B, L, C], "table" [B, M], "lengths" [B]) the cache is a block
+  pool (`init_pool`): the new keys/values go to the flat pool slots of "write" (C copies, < 0
+  none); L = 1 attends each row's pages ("table", the first "lengths" positions, the new token
+  included), L > 1 is a prefill of fresh sequences (the new tokens attend each other under
+  key_mask [B, L]).
   `deterministic=False` applies LoRA's adapter dropout (needs a "dropout" rng).
   """
 
@@ -371,26 +421,36 @@ class Decoder(nn.Module):
     return_hidden=False,
     last_only=False,
     logits=True,
+    pages=None,
   ):
     c = self.config
     dt = jnp.dtype(c.dtype)
     embedding = _param(self, "embedding", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
     x = jnp.take(embedding, tokens, axis=0).astype(dt)
     block = remat_block(Block, c.remat, scanned=c.scan_layers)
-    if c.scan_layers:
+    if c.scan_layers and pages is not None:
+      (x, new_cache), _ = nn.scan(
+        _PagedLayer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=c.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )(c, name="paged_layers")((x, cache), jnp.arange(c.num_layers), positions, key_mask, pages)
+    elif c.scan_layers:
       x, new_cache = nn.scan(
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
         length=c.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
-      )(c, self.deterministic, name="layers")(x, positions, key_mask, cache, cache_index)
+      )(c, self.deterministic, name="layers")(x, positions, key_mask, cache, cache_index, pages)
     else:
       new_cache = []
       for i in range(c.num_layers):
         x, layer_cache = block(c, self.deterministic, name=f"layer_{i}")(
-          x, positions, key_mask, None if cache is None else cache[i], cache_index
+          x, positions, key_mask, None if cache is None else cache[i], cache_index, pages
         )
         new_cache.append(layer_cache)
       new_cache = tuple(new_cache)
@@ -428,6 +488,17 @@ def init_cache(config: DecoderConfig, batch: int, max_len: int, dtype=None):
   )
 
 
+def init_pool(config: DecoderConfig, num_blocks: int, block_size: int, dtype=None):
+  """Zero block pool of the paged cache (`models.attention`, paged section): a tuple over
+  layers of {"kv": [num_blocks, block_size, 2 * kv_heads, head_dim]} (keys and values
+  interleaved by head), or with `scan_layers` one {"kv": [num_layers, num_blocks, ...]}."""
+  dtype = jnp.dtype(dtype or config.dtype)
+  shape = (num_blocks, block_size, 2 * config.num_kv_heads, config.head_dim)
+  if config.scan_layers:
+    return {"kv": jnp.zeros((config.num_layers, *shape), dtype)}
+  return tuple({"kv": jnp.zeros(shape, dtype)} for _ in range(config.num_layers))
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderLM:
   """The model as the sampler sees it: hashable (by config), so it can be a static jit argument.
@@ -441,10 +512,15 @@ class DecoderLM:
   config: DecoderConfig
 
   def __call__(
-    self, params, tokens, *, positions, key_mask, cache=None, cache_index=0, last_only=False
+    self, params, tokens, *, positions, key_mask, cache=None, cache_index=0, last_only=False,
+    pages=None,
   ):
+    if pages is not None and self.config.scan_layers:  # the stacked layers, as `_PagedLayer`s
+      p = dict(params["params"])
+      p["paged_layers"] = {"block": p.pop("layers")}
+      params = {**params, "params": p}
     out = Decoder(self.config).apply(
-      params, tokens, positions, key_mask, cache, cache_index, last_only=last_only
+      params, tokens, positions, key_mask, cache, cache_index, last_only=last_only, pages=pages
     )
     return out["logits"], out["cache"]
 
@@ -455,3 +531,19 @@ class DecoderLM:
 
   def init_cache(self, batch: int, max_len: int):
     return init_cache(self.config, batch, max_len)
+
+  def init_pool(self, num_blocks: int, block_size: int):
+    return init_pool(self.config, num_blocks, block_size)
+
+  def inference_params(self, params):
+    """`params` in the compute dtype except the norm scales: the forward casts every other
+    parameter there at each use (`w.astype(dtype)`), so the logits are bit-identical while a
+    decode step reads half the weight bytes in bfloat16; RMSNorm scales multiply in float32."""
+    dt = jnp.dtype(self.config.dtype)
+
+    def cast(path, w):
+      # Norm and quantization scales stay float32; QLoRA's integer codes stay codes.
+      keep = getattr(path[-1], "key", None) == "scale" or not jnp.issubdtype(w.dtype, jnp.floating)
+      return w if keep else w.astype(dt)
+
+    return jax.tree_util.tree_map_with_path(cast, params)

@@ -23,6 +23,10 @@ import jax.numpy as jnp
 FID_SIZE = 299
 FEATURES = 2048
 NUM_CLASSES = 1008
+# sFID (Nash et al. 2021; ADM's evaluator): TF's `mixed_6/conv:0`, which is pytorch-fid's
+# Mixed_6d.branch1x1 after its ReLU ([17, 17, 192] at 299 px), first 7 channels, flattened.
+SPATIAL_CHANNELS = 7
+SPATIAL_BLOCK = "Mixed_6d"
 
 
 def resize_bilinear(images: jax.Array, size: int) -> jax.Array:
@@ -83,7 +87,8 @@ class InceptionV3(nn.Module):
   image_size: int = FID_SIZE
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, *, spatial: bool = False):
+    """(pool3, logits), or with `spatial` (pool3, logits, sFID features [N, 17 * 17 * 7])."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"InceptionV3: images must be [N, H, W, 3], got {images.shape}")
     p = self.precision
@@ -99,7 +104,9 @@ class InceptionV3(nn.Module):
       x = InceptionA(pool_features=pool_features, precision=p, name=name)(x)
     x = InceptionB(precision=p, name="Mixed_6a")(x)
     for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
-      x = InceptionC(channels_7x7=c7, precision=p, name=name)(x)
+      x, branch1x1 = InceptionC(channels_7x7=c7, precision=p, name=name)(x)
+      if name == SPATIAL_BLOCK:
+        mixed_6_conv = branch1x1[..., :SPATIAL_CHANNELS].reshape(x.shape[0], -1)
     x = InceptionD(precision=p, name="Mixed_7a")(x)
     x = InceptionE(max_pool=False, precision=p, name="Mixed_7b")(x)
     x = InceptionE(max_pool=True, precision=p, name="Mixed_7c")(x)
@@ -111,7 +118,7 @@ class InceptionV3(nn.Module):
       kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "vocab")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
     )(pool3)
-    return pool3, logits
+    return (pool3, logits, mixed_6_conv) if spatial else (pool3, logits)
 
 
 class InceptionA(nn.Module):
@@ -149,7 +156,8 @@ class InceptionB(nn.Module):
 
 
 class InceptionC(nn.Module):
-  """pytorch-fid `FIDInceptionC` (Mixed_6b-e): factorised 7x7 branches, avg-pool (no pad)."""
+  """pytorch-fid `FIDInceptionC` (Mixed_6b-e): factorised 7x7 branches, avg-pool (no pad).
+  Returns (output, the 1x1 branch after its ReLU): Mixed_6d's is sFID's feature map."""
 
   channels_7x7: int
   precision: Any = "highest"
@@ -169,7 +177,7 @@ class InceptionC(nn.Module):
     bd = _conv(bd, "branch7x7dbl_4", c7, precision=p, **col)
     bd = _conv(bd, "branch7x7dbl_5", 192, precision=p, **row)
     bp = _conv(_avg_pool_same(x), "branch_pool", 192, 1, precision=p)
-    return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+    return jnp.concatenate([b1, b7, bd, bp], axis=-1), b1
 
 
 class InceptionD(nn.Module):

@@ -25,7 +25,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from contrastive_jax.sampling.engine import generate_groups
 from contrastive_jax.sampling.lm import Completions, generate, left_pad_positions
+from contrastive_jax.sharding import place, to_host
 
 SEGMENT_PAD, SEGMENT_SYSTEM, SEGMENT_TEXT, SEGMENT_RATIONALE = 0, 1, 2, 3
 POOLED_SEGMENTS = (SEGMENT_TEXT, SEGMENT_RATIONALE)
@@ -161,13 +163,19 @@ def encode(
   method: str = "mean",
   segments: tuple[int, ...] = POOLED_SEGMENTS,
   embed_batch: int = 0,
+  engine: str = "continuous",
+  mesh=None,
+  block_size: int = 16,
 ) -> tuple[jax.Array, Completions | None]:
   """GRACE's inference: one rationale per input (greedy, or sampled at `temperature` and
   `top_p`), then `embed`.
 
   `max_new_tokens=0` embeds the prompt alone (the "no rationale" baseline) and returns None for
-  the completions. Both pieces are jitted (`generate`, `embed`); shapes are static.
-  `embed_batch`: rows per embedding pass (`embed`'s `batch`; 0: all).
+  the completions. `embed_batch`: rows per embedding pass (`embed`'s `batch`; 0: all).
+  `engine`: "continuous" decodes on `sampling.engine` (paged KV cache read as far as each
+  rationale is filled, rows over `mesh`'s batch axes, `block_size` positions per block; the
+  prompts must be host arrays, the same on every process), "static" on `generate`; row b draws
+  with id b either way, so both give the same rationales.
 
   Returns:
     (embeddings [B, D] float32, Completions of the rationales or None).
@@ -188,20 +196,17 @@ def encode(
       batch=embed_batch,
     )
     return out, None
-  done = generate(
-    apply_fn,
-    params,
-    prompt_tokens,
-    prompt_mask,
-    rng,
-    init_cache=init_cache,
-    max_new_tokens=max_new_tokens,
-    temperature=temperature,
-    top_p=top_p,
-    greedy=greedy,
-    eos_ids=tuple(eos_ids) if isinstance(eos_ids, Sequence) else eos_ids,
-    pad_id=pad_id,
-  )
+  sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                  greedy=greedy, pad_id=pad_id,
+                  eos_ids=tuple(eos_ids) if isinstance(eos_ids, Sequence) else (eos_ids,))
+  if engine == "continuous":
+    done, _ = generate_groups(apply_fn, params, to_host(prompt_tokens), to_host(prompt_mask), rng,
+                              mesh=mesh, block_size=block_size, **sampling)
+    if mesh is not None:
+      done = jax.tree.map(lambda x: place(x, mesh), done)
+  else:
+    done = generate(apply_fn, params, prompt_tokens, prompt_mask, rng, init_cache=init_cache,
+                    **sampling)
   out = embed(
     hidden_fn,
     params,

@@ -8,14 +8,17 @@ and nothing else is looked up in it (`experiments.build` imports the module and 
 is one of `MODES`; `build` does only what the mode needs, and never reads a checkpoint or
 pretrained weights (`init.Pretrained` loads them when a state is first built): "preflight" reads
 no weight, tokenizer or data file (shapes come from published configs); "eval" reads what its
-evaluators need; "train" also its training data, when the loop first asks for it. Nothing is
-written at `build`. `workdir` is where the run's files go (SEAL caches its mined data there,
-the dispersive evaluator its sample grids); `devices` are the mesh's devices (preflight passes
-a TPU topology's; default `jax.devices()`).
+evaluators need; "export" what its `export` needs; "train" also its training data, when the
+loop first asks for it. Nothing is written at `build` (one exception: REPA's 8x8-digits
+stand-in encoder is trained once and cached when its step is built, in `eval.classifier_cache`,
+by default under the workdir). `workdir` is where the run's files go (SEAL caches its mined
+data there, the dispersive evaluator its sample grids); `devices` are the mesh's devices
+(preflight passes a TPU topology's; default `jax.devices()`).
 
 The drivers in `train/` consume the record: `loop.train` (cadence, checkpoints, logging,
-evaluation), `evaluate.evaluate` (`--mode eval`), `preflight.run` (`--mode preflight`: the
-`train_step` piece is derived from `train_step` and `batch`, never a second copy of the step).
+evaluation), `evaluate.evaluate` (`--mode eval`), `export.export` (`--mode export`),
+`preflight.run` (`--mode preflight`: the `train_step` piece is derived from `train_step` and
+`batch`, never a second copy of the step).
 Which parameters an evaluation sees is `config.eval.params` ("ema" | "raw" | "base"), read by
 the loop and by `--mode eval` alike.
 """
@@ -29,7 +32,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-MODES = ("train", "eval", "preflight")
+MODES = ("train", "eval", "preflight", "export")
 EVAL_PARAMS = ("ema", "raw", "base")
 
 # `fn(params, *, step) -> {key: value}`. Numbers are metrics (metrics.jsonl rows
@@ -61,6 +64,9 @@ class Experiment:
       (samplers, corpus encoding, rollouts), built from the same functions the run uses.
     hooks: `hook(step, state, metrics)` after every step.
     data_summary: `() -> {file: counts}`: what the loaders read and skipped, for run_info.json.
+    export: `(params, out_dir) -> None`: writes parameters as a Hugging Face directory that
+      transformers / sentence-transformers load (`--mode export`, `train/export.py`); None for an
+      experiment whose models have no such format.
   """
 
   mesh: Mesh
@@ -74,6 +80,7 @@ class Experiment:
   pieces: Callable[[Any], Mapping[str, Any]] | None = None
   hooks: Sequence[Callable[[int, Any, Mapping], None]] = ()
   data_summary: Callable[[], Mapping] | None = None
+  export: Callable[[Any, str], None] | None = None
 
   def run_checks(self):
     for check in self.checks:

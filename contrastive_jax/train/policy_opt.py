@@ -5,8 +5,12 @@ One call of `PolicyOptimizer.step(state, batch)` is one rollout batch (DeepSeekM
 
   1. prompts: the batch's ids, or Thompson-sampled from the Beta posteriors in `state.extra`
      (MoPPS, arXiv 2507.04632) when `settings.selection`;
-  2. rollout: G completions per prompt from the current (= old) policy with
-     `sampling.lm.generate` (compiled once per shape);
+  2. rollout: G completions per prompt from the current (= old) policy on the continuous-
+     batching engine (`sampling.engine`: each prompt prefilled once, `slots` decode slots fed
+     from a queue, paged KV cache read as far as each row is filled; the weights cast to the
+     compute dtype and gathered over the batch axes once per step), or with `engine="static"`
+     on `sampling.lm.generate`; request r of a step draws with fold_in(key, r), so both engines
+     give the same tokens;
   3. rewards: the caller's `reward_fn(params, rollouts, rng) -> (rewards [N], metrics)`, host
      python on numpy arrays or a jittable function (`jit_reward=True`); `rng` is one key per
      refill attempt from the step key (a reward that samples, as GRACE's, resumes exactly); its
@@ -14,7 +18,9 @@ One call of `PolicyOptimizer.step(state, batch)` is one rollout batch (DeepSeekM
      DAPO's overlong penalty is added when switched on; with `dynamic_sampling`, groups whose
      rewards are all equal are dropped and new prompts rolled out until the batch is full (at
      most `max_refills` times; a batch still short is topped up with dropped groups, whose
-     advantage is 0);
+     advantage is 0). The refills are a queue: attempt a + 1's groups are queued behind
+     attempt a's and fill the slots its last rows leave (not with MoPPS selection, whose next
+     draw needs this attempt's rewards);
   4. log-probs: pi_old recomputed in float32 with `sampling.lm.sequence_logprobs` from the
      rollout parameters, and pi_ref from frozen `ref_params` when given, `logprob_batch` rows
      per call, `logprob_chunk` positions of logits at a time;
@@ -28,7 +34,12 @@ Memory: `logprob_chunk`, `logprob_batch` and `update_microbatches` bound what a 
 rows with whole-sequence logits.
 
 Each phase is timed separately (`block_until_ready`); metrics carry tokens/s, reward, accuracy,
-the share of groups without signal, clip fractions, KL, entropy and response lengths. All
+the share of groups without signal, clip fractions, KL, entropy and response lengths; the
+rollout's useful tokens/s (`throughput/rollout_tokens_per_s`: the completions' tokens over the
+rollout seconds), prefill and decode seconds, slot occupancy, decode steps, preemptions, the mean
+live kv length, MBU on an accelerator of `train.chips`, and the mean |rollout log-prob -
+recomputed old log-prob| over the completion tokens (`rollout/logprob_mismatch`, with top-k and
+top-p off: the same distribution, apart only by kernels and batch shapes). All
 randomness comes from `state.step_rng()`, so a resumed run repeats an uninterrupted one exactly.
 `state.step` counts rollout batches (what `train/loop.py` counts), not optimizer updates; the
 optimizer's schedule counts updates (`updates_per_step` of them per step). For the same reason
@@ -46,6 +57,7 @@ Use it with `contrastive_jax.train.loop.train(..., jit_step=False)`; the loop's 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -61,14 +73,18 @@ from contrastive_jax.losses.policy import (
   overlong_penalty,
   policy_loss,
 )
+from contrastive_jax.sampling.engine import Engine, EngineSpec, Wave, engine_metrics
 from contrastive_jax.sampling.lm import generate, sequence_logprobs
 from contrastive_jax.sampling.prompts import select_prompts, update_prompt_state
-from contrastive_jax.sharding import place, to_host
+from contrastive_jax.sharding import batch_devices, place, round_to_batch_devices, to_host
+from contrastive_jax.train.chips import chip_of
 from contrastive_jax.train.step import (
   split_microbatches,
   trainable_value_and_grad,
   with_frozen_zeros,
 )
+
+ENGINES = ("continuous", "static")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,14 +135,27 @@ class PolicyOptSettings:
   logprob_chunk: int = 0
   logprob_batch: int = 0
   update_microbatches: int = 1
+  # The rollout engine: "continuous" (`sampling.engine`: one prefill per prompt, `slots` decode
+  # slots fed from a queue, a paged KV cache of `block_size`-position blocks) or "static"
+  # (`sampling.lm.generate` on the repeated prompts); both draw the same tokens (per-request keys).
+  engine: str = "continuous"
+  slots: int = 0  # decode slots (0: every rollout of a step at once)
+  block_size: int = 16  # positions per KV block (128 on TPU: the Pallas kernel's tuned page)
+  # KV blocks over all devices (0: every slot can reach max_new_tokens; fewer preempts the
+  # youngest rows when the pool runs out, vLLM's recompute preemption).
+  pool_blocks: int = 0
+  # Roll out with the parameters in the compute dtype, replicated over the batch axes: one
+  # gather per step instead of one per decoded token.
+  rollout_params_replicated: bool = True
 
   def __post_init__(self):
     positive = ("group_size", "max_new_tokens", "epochs", "minibatches", "update_microbatches",
-                "selection_pool")
+                "selection_pool", "block_size")
     bad = [f"{k}={getattr(self, k)}" for k in positive if getattr(self, k) < 1]
     bad += [f"{k}={getattr(self, k)}" for k in ("logprob_chunk", "logprob_batch", "max_refills",
                                                  "overlong_cache", "kl_beta", "entropy_coef",
-                                                 "clip_low", "clip_high") if getattr(self, k) < 0]
+                                                 "clip_low", "clip_high", "slots", "pool_blocks")
+            if getattr(self, k) < 0]
     if not self.temperature > 0:
       bad.append(f"temperature={self.temperature}")
     if not 0 < self.top_p <= 1:
@@ -138,6 +167,7 @@ class PolicyOptSettings:
       ("ratio", self.ratio, ("token", "sequence")),
       ("advantage_scale", self.advantage_scale, ("group", "batch", "none")),
       ("advantage_std", self.advantage_std, ("population", "sample")),
+      ("engine", self.engine, ENGINES),
     ):
       if value not in choices:
         bad.append(f"{name}={value!r} (one of {choices})")
@@ -209,6 +239,43 @@ def rollout_settings(s: PolicyOptSettings) -> dict:
           "top_p": s.top_p, "eos_ids": tuple(s.eos_ids), "pad_id": s.pad_id}
 
 
+def engine_spec(s: PolicyOptSettings, *, prompts: int, prompt_len: int, mesh,
+                waves: int = 1) -> EngineSpec:
+  """The continuous engine of a step of `prompts` prompts (a wave each attempt, padded to the
+  batch devices), checked: bad sizes raise `EngineError` naming them, before any compile."""
+  wave = round_to_batch_devices(prompts, mesh)
+  return EngineSpec(
+    slots=s.slots or wave * s.group_size, block_size=s.block_size, prompt_len=prompt_len,
+    max_new_tokens=s.max_new_tokens, group_size=s.group_size, wave_prompts=wave,
+    shards=batch_devices(mesh), pool_blocks=s.pool_blocks, waves=waves,
+    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, eos_ids=tuple(s.eos_ids),
+    pad_id=s.pad_id,
+  ).check()
+
+
+def rollout_params_fn(apply_fn, params_sharding, mesh, replicated: bool):
+  """jitted `params -> params for decoding`: `apply_fn.inference_params` (the compute dtype,
+  bit-identical logits) and, with `replicated`, every leaf gathered over the batch axes (its
+  tensor split kept): a decode step then reads local weights instead of all-gathering them."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  cast = getattr(apply_fn, "inference_params", lambda p: p)
+  if not replicated:
+    return jax.jit(cast)
+  batch = {"data", "fsdp"}
+
+  def drop(sh):
+    if not isinstance(sh, NamedSharding):
+      return sh
+    spec = [tuple(a for a in (e if isinstance(e, tuple) else (e,)) if a not in batch) or None
+            if e is not None else None for e in sh.spec]
+    spec = [e[0] if isinstance(e, tuple) and len(e) == 1 else e for e in spec]
+    return NamedSharding(mesh, P(*spec))
+
+  return jax.jit(cast, out_shardings=jax.tree.map(drop, params_sharding))
+
+
 def _timed(fn):
   start = time.perf_counter()
   out = jax.block_until_ready(fn())
@@ -278,6 +345,16 @@ def make_update(apply_fn: Callable, settings: PolicyOptSettings):
   return update
 
 
+def decoding_params(apply_fn, params, mesh, replicated: bool = True):
+  """`rollout_params_fn(...)(params)`, compiled once per model and placement."""
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  leaves, treedef = jax.tree.flatten(shardings)
+  key = ("rollout_params", apply_fn, treedef, tuple(leaves), replicated)
+  if key not in _UPDATES:
+    _UPDATES[key] = rollout_params_fn(apply_fn, shardings, mesh, replicated)
+  return _UPDATES[key](params)
+
+
 class PolicyOptimizer:
   """Compiled pieces of a GRPO-family step and the step itself (module docstring).
 
@@ -306,19 +383,74 @@ class PolicyOptimizer:
     self.jit_reward = jit_reward
     self.ref_params = ref_params
     self.elapsed = 0.0  # training seconds of this process (host clock; not checkpointed)
+    self._weight_bytes = None
 
   # -- pieces ---------------------------------------------------------------------------------
 
-  def rollout(self, params, prompt_ids, rng) -> Rollouts:
-    """G completions of each prompt id ([Q] host ints) as host numpy `Rollouts`."""
-    s = self.s
-    ids = np.repeat(np.asarray(prompt_ids, np.int32), s.group_size)
-    tokens, mask = self.prompt_tokens[ids], self.prompt_mask[ids]
-    out = generate(self.apply_fn, params, place(tokens, self.mesh), place(mask, self.mesh), rng,
-                   init_cache=self.init_cache, **rollout_settings(s))
-    out = to_host(out)
-    return Rollouts(ids, tokens, mask, out.tokens, out.mask, out.logprobs, out.lengths,
-                    out.hit_eos)
+  def rollout(self, params, prompt_ids, rng, *, request_offset: int = 0) -> Rollouts:
+    """G completions of each prompt id ([Q] host ints) as host numpy `Rollouts`; request
+    request_offset + q * G + g draws with that id (the same tokens on either engine)."""
+    ro, _ = next(self.rollout_stream(params, iter([np.asarray(prompt_ids, np.int32)]), rng,
+                                     request_offset=request_offset))
+    return ro
+
+  def _rollout_params(self, params):
+    out = decoding_params(self.apply_fn, params, self.mesh, self.s.rollout_params_replicated)
+    # Weight bytes one device reads per decode step (for the MBU).
+    self._weight_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(out))
+    return out
+
+  def engine(self, prompts: int, waves: int = 1) -> Engine:
+    """The continuous engine for steps of `prompts` prompts (`engine_spec`)."""
+    spec = engine_spec(self.s, prompts=prompts, prompt_len=self.prompt_tokens.shape[1],
+                       mesh=self.mesh, waves=waves)
+    return Engine(self.apply_fn, spec, self.mesh)
+
+  def rollout_stream(self, params, id_waves, rng, *, waves: int = 1, request_offset: int = 0):
+    """Yields (Rollouts, rollout stats) per wave of prompt ids ([Q] each, read lazily), wave a
+    being requests request_offset + (a * Q + q) * G + g. The continuous engine keeps `waves`
+    waves in flight: with 2, wave a + 1's prompts are read (and queued behind wave a's) before
+    wave a is yielded; stats are the engine's (`engine_metrics`, prefill and decode seconds)."""
+    s, g = self.s, self.s.group_size
+    params = self._rollout_params(params)
+    id_waves = iter(id_waves)
+    first = next(id_waves, None)
+    if first is None:
+      return
+    q = len(first)
+    offsets = request_offset + np.arange(q * g, dtype=np.int32).reshape(q, g)
+    drawn = []
+
+    def chain():
+      for a, ids in enumerate(itertools.chain([first], id_waves)):
+        drawn.append(ids)
+        yield ids, a
+
+    def rows(ids):
+      rep = np.repeat(ids, g)
+      return rep, self.prompt_tokens[rep], self.prompt_mask[rep]
+
+    if s.engine == "static":
+      for ids, a in chain():
+        rep, tokens, mask = rows(ids)
+        start = time.perf_counter()
+        out = to_host(generate(self.apply_fn, params, place(tokens, self.mesh),
+                               place(mask, self.mesh), rng, init_cache=self.init_cache,
+                               row_ids=place(offsets.reshape(-1) + a * q * g, self.mesh),
+                               **rollout_settings(s)))
+        yield (Rollouts(rep, tokens, mask, out.tokens, out.mask, out.logprobs, out.lengths,
+                        out.hit_eos), {"decode_s": time.perf_counter() - start})
+      return
+    engine = self.engine(q, waves)
+    stream = engine.stream(params, (Wave(self.prompt_tokens[ids], self.prompt_mask[ids],
+                                         offsets + a * q * g) for ids, a in chain()), rng)
+    for a, (out, stats) in enumerate(stream):
+      rep, tokens, mask = rows(drawn[a])
+      stats = {**engine_metrics(stats, engine.spec), "prefill_s": stats["prefill_s"],
+               "decode_s": stats["decode_s"], "kv_bytes_read": stats["kv_tokens_read"]
+               * engine.bytes_per_position / engine.spec.shards}
+      yield Rollouts(rep, tokens, mask, out.tokens, out.mask, out.logprobs, out.lengths,
+                     out.hit_eos), stats
 
   def rewards(self, params, rollouts: Rollouts, rng) -> tuple[np.ndarray, dict[str, float]]:
     """Raw rewards [N] and the reward function's metrics (floats), whole on every process."""
@@ -391,22 +523,37 @@ class PolicyOptimizer:
     k_prompt, k_roll = jax.random.split(rng)
     # A third stream beside split's two (split(rng, 3) would change those and earlier numbers).
     k_reward = jax.random.fold_in(rng, 2)
-    extra = {"a": state.extra["a"], "b": state.extra["b"]}
+    posterior = {"extra": {"a": state.extra["a"], "b": state.extra["b"]}}
     parts, rewards, keep, reward_logs = [], [], [], []
     times = {"rollout": 0.0, "reward": 0.0}
     sampled_ties, attempts = [], 1 + (s.max_refills if s.dynamic_sampling else 0)
+
+    def prompt_waves():  # read lazily: attempt a's prompts are drawn when the engine asks
+      for attempt in range(attempts):
+        yield self._prompt_ids(posterior["extra"], batch_ids, k_prompt, attempt)
+
+    # Dynamic sampling is a queue: the next attempt's groups are queued behind this one's and
+    # take the slots its last rows leave (unless MoPPS selection needs this attempt's rewards
+    # to draw the next prompts). Request ids run on over attempts, so each draw is the same
+    # whatever was in flight beside it.
+    lookahead = 2 if s.dynamic_sampling and not s.selection else 1
+    start = time.perf_counter()
+    params = state.params
+    stream = self.rollout_stream(params, prompt_waves(), k_roll, waves=lookahead)
+    times["rollout"] += time.perf_counter() - start
+    engine_stats = {}
     for attempt in range(attempts):
-      ids = self._prompt_ids(extra, batch_ids, k_prompt, attempt)
-      key = jax.random.fold_in(k_roll, attempt)
-      ro, dt = _timed(lambda ids=ids, key=key: self.rollout(state.params, ids, key))
+      (ro, engine_stats), dt = _timed(lambda: next(stream))
       times["rollout"] += dt
+      ids = ro.prompt_ids[::g]
       key = jax.random.fold_in(k_reward, attempt)
-      (r, logged), dt = _timed(lambda ro=ro, key=key: self.rewards(state.params, ro, key))
+      (r, logged), dt = _timed(lambda ro=ro, key=key: self.rewards(params, ro, key))
       times["reward"] += dt
       reward_logs.append(logged)
       correct = (r >= s.success_threshold).astype(np.float32).reshape(q, g)
-      extra = update_prompt_state(extra, jnp.asarray(ids), jnp.asarray(correct.sum(1)),
-                                  jnp.full((q,), g, jnp.float32), lam=s.selection_lam)
+      posterior["extra"] = update_prompt_state(
+        posterior["extra"], jnp.asarray(ids), jnp.asarray(correct.sum(1)),
+        jnp.full((q,), g, jnp.float32), lam=s.selection_lam)
       grouped = r.reshape(q, g)
       tie = grouped.max(1) == grouped.min(1)
       sampled_ties.append(tie)
@@ -415,6 +562,8 @@ class PolicyOptimizer:
       keep += [(attempt, j) for j in range(q) if not (s.dynamic_sampling and tie[j])]
       if len(keep) >= q:
         break
+    stream.close()
+    extra = posterior["extra"]
     short = max(q - len(keep), 0)
     if short:  # refills exhausted: top up with groups that carry no signal
       ties = [(a, j) for a, t in enumerate(sampled_ties) for j in range(q) if t[j]]
@@ -427,10 +576,28 @@ class PolicyOptimizer:
       "rollouts_generated": len(parts) * q * g,
       "generated_tokens": int(sum(p.mask.sum() for p in parts)),
       "kept_groups_short": short,
+      **self._engine_logs(engine_stats, times),
     }
     names = sorted({k for m in reward_logs for k in m})
     stats.update({k: float(np.mean([m[k] for m in reward_logs if k in m])) for k in names})
     return ro, np.concatenate(rewards)[rows], extra, times, stats
+
+  def _engine_logs(self, stats, times) -> dict:
+    """Rollout metrics of the continuous engine: slot occupancy, decode steps, preemptions,
+    mean live kv length, and on an accelerator of the chip table the MBU of the decode loop
+    (weights read per step + the keys/values of the live rows, per device, over the decode
+    seconds and the chip's HBM bandwidth). Prefill and decode seconds go to `times`."""
+    if "slot_occupancy" not in stats:
+      return {}
+    times["rollout_prefill"] = stats["prefill_s"]
+    times["rollout_decode"] = stats["decode_s"]
+    out = {f"rollout/{k}": float(stats[k])
+           for k in ("slot_occupancy", "decode_steps", "preempted", "mean_kv_len")}
+    chip = chip_of(jax.devices()[0])
+    if chip is not None and stats["decode_s"] > 0 and self._weight_bytes is not None:
+      moved = stats["decode_steps"] * self._weight_bytes + stats["kv_bytes_read"]
+      out["rollout/mbu"] = moved / stats["decode_s"] / chip.hbm_bytes_per_s
+    return out
 
   def step(self, state, batch):
     """One rollout batch and its PPO updates: `(state, metrics)` (module docstring)."""
@@ -447,6 +614,11 @@ class PolicyOptimizer:
     adv, adv_metrics = group_advantages(jnp.asarray(reward), group_size=s.group_size,
                                         scale=s.advantage_scale, std=s.advantage_std)
     old_logp, times["logprob"] = _timed(lambda: self.token_logprobs(state.params, ro))
+    if s.top_k == 0 and s.top_p >= 1.0 and ro.mask.any():
+      # The sampler's log-probs against the trainer's recomputation of the same distribution:
+      # their gap depends on batch shapes and kernels (Tunix, SkyRL); 0 only in exact math.
+      gap = np.abs(ro.logprobs - to_host(old_logp))[ro.mask > 0]
+      stats["rollout/logprob_mismatch"] = float(gap.mean())
     ref_logp = None
     if self.ref_params is not None:
       ref_logp, times["ref_logprob"] = _timed(lambda: self.token_logprobs(self.ref_params, ro))

@@ -619,6 +619,16 @@ class CheckpointManager:
     self._previous_handlers.clear()
 
 
+def committed_steps(directory) -> list[int]:
+  """The step directories Orbax committed in `directory` (it renames a finished step's temporary
+  directory to the step number), listed without Orbax: no cross-process barrier, for a process
+  whose peers are gone. Whether each one reads is for `restore` to say."""
+  directory = workdir_path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
 def checkpoint_steps(directory) -> list[int]:
   """The committed steps in `directory`, read without creating or cleaning anything."""
   directory = workdir_path(directory)

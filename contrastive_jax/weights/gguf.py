@@ -15,11 +15,11 @@ splits digits one by one before the GPT-2 regex, as SmolLM2's own tokenizer.json
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from contrastive_jax.io import input_path, local_copy
 from contrastive_jax.models.decoder import DecoderConfig
 from contrastive_jax.weights.decoder import params_from_tensors, save_decoder
 from contrastive_jax.weights.hf import WeightsError
@@ -46,10 +46,10 @@ _GLOBAL_NAMES = {
 def _reader(path: str | os.PathLike):
   from gguf import GGUFReader
 
-  if not Path(path).is_file():
+  if not input_path(path).is_file():
     raise WeightsError(f"{path}: no such GGUF file")
   try:
-    return GGUFReader(str(path))
+    return GGUFReader(local_copy(path))  # a memory map: a gs:// file is copied here once
   except Exception as e:  # gguf raises ValueError/struct errors on a bad magic or truncation
     raise WeightsError(f"{path}: cannot read as GGUF ({e})") from e
 

@@ -11,7 +11,8 @@ facebook/dinov2-base is not here: only REPA reads it, from a local directory, ne
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+from etils import epath
 
 from contrastive_jax.weights.hf import WeightsError, load_config
 
@@ -91,9 +92,9 @@ PUBLISHED = {
 
 def hf_config(path: str | os.PathLike) -> dict:
   """`<path>/config.json` if it exists, else the published config of the directory's name."""
-  if path and (Path(path) / "config.json").is_file():
+  if path and (epath.Path(os.fspath(path)) / "config.json").is_file():
     return load_config(path)
-  name = Path(str(path)).name
+  name = epath.Path(str(path)).name
   if name in PUBLISHED:
     return dict(PUBLISHED[name])
   raise WeightsError(

@@ -18,6 +18,14 @@
 # contrastive_jax, under the remote home), DETACH=1 (train under nohup, logs in
 # ~/contrastive_jax.log on each worker, so a dropped ssh does not kill the run).
 #
+# Inputs (model directories, GGUF files, JSONL data) are read in place, not staged by this
+# script: name them gs://... in the config (--config.model.path=gs://bucket/models/Qwen2.5-Math-1.5B
+# --config.task.train_file=gs://bucket/data/math/train.jsonl) and every worker reads the bucket
+# through etils epath (the gcsfs driver the setup stage installs). JSON lines stream from the
+# bucket; what only opens local files (safetensors shards, tokenizer files, GGUF) is copied once
+# per worker into CJ_INPUT_CACHE (default ~/.cache/contrastive_jax/inputs on the worker's disk).
+# Local paths work too when every worker has the same files (an NFS mount, or copied there).
+#
 # Preemption / maintenance: the workers get SIGTERM; launch.py saves one common step and exits
 # 0. Resume with the same `train` command once the slice is back.
 set -euo pipefail
@@ -74,6 +82,9 @@ WORKDIR_IS_SHARED=1 for an NFS mount on all workers)"
   fi
   local launch
   launch="$(quote python launch.py --config="$CONFIG" --workdir="$WORKDIR" "$@")"
+  if [[ -n "${CJ_INPUT_CACHE:-}" ]]; then
+    launch="CJ_INPUT_CACHE=$(quote "$CJ_INPUT_CACHE") $launch"
+  fi
   if [[ "${DETACH:-0}" == 1 ]]; then
     launch="nohup $launch < /dev/null >> ~/contrastive_jax.log 2>&1 &"
   fi
