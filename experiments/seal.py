@@ -244,23 +244,50 @@ def _views(config):
   )
 
 
+# Batch prefixes of the encoder inputs and the dropout stream of each (`fold_in(rng, k)`): the
+# queries, then the passages tagged, tag-stripped (SAL) and element-masked (EAL).
+VIEW_STREAMS = {"q": 0, "p": 1, "u": 2, "m": 3}
+
+
+def encode_views(model, params, batch, rng, *, prefixes, deterministic, pooling):
+  """{prefix: [N, D] pooled embeddings} of the batch's `<prefix>_ids / _mask` rows.
+
+  Views of one shape go through the encoder as one pass: `vmap` over a stacked [V, N, L] batch,
+  which XLA runs as one [V*N, L] pass (its matmuls are V times taller; one program instead of V).
+  Each view keeps its own dropout key, `fold_in(rng, VIEW_STREAMS[prefix])`, the key of the
+  separate pass it had before, so the masks and the embeddings are those of one encoder call per
+  view (tests/test_seal_experiment.py checks it). Views of different shapes (queries; length
+  buckets) form separate passes.
+  """
+
+  def one(ids, mask, key):
+    hidden = model.apply(params, ids, mask, deterministic=deterministic, rngs={"dropout": key})
+    return pool(hidden, mask, kind=pooling)
+
+  groups: dict[tuple, list[tuple[int, str]]] = {}
+  for prefix in prefixes:
+    groups.setdefault(batch[f"{prefix}_ids"].shape, []).append((VIEW_STREAMS[prefix], prefix))
+  out = {}
+  for members in groups.values():
+    keys = jnp.stack([jax.random.fold_in(rng, k) for k, _ in members])
+    if len(members) == 1:
+      (_, prefix), = members
+      out[prefix] = one(batch[f"{prefix}_ids"], batch[f"{prefix}_mask"], keys[0])
+      continue
+    stacked = [jnp.stack([batch[f"{p}_{part}"] for _, p in members]) for part in ("ids", "mask")]
+    emb = jax.vmap(one)(*stacked, keys)
+    out |= {prefix: emb[i] for i, (_, prefix) in enumerate(members)}
+  return out
+
+
 def loss_fn(params, batch, rng, *, model, config, mesh):
-  """SEAL objective of one batch (see the module docstring)."""
+  """SEAL objective of one batch (see the module docstring): the queries in one encoder pass,
+  the passage views in another (`encode_views`)."""
   lc = config.loss
-  deterministic = not config.model.dropout
-
-  def encode(prefix, k):
-    ids, mask = batch[f"{prefix}_ids"], batch[f"{prefix}_mask"]
-    hidden = model.apply(
-      params, ids, mask, deterministic=deterministic, rngs={"dropout": jax.random.fold_in(rng, k)}
-    )
-    return pool(hidden, mask, kind=config.model.pooling)
-
-  emb = [encode("q", 0), encode("p", 1)]
-  emb += [
-    encode(k[0], i + 2) if f"{k[0]}_ids" in batch else None
-    for i, k in enumerate(("untagged", "masked"))
-  ]
+  prefixes = tuple(p for p in VIEW_STREAMS if f"{p}_ids" in batch)
+  enc = encode_views(model, params, batch, rng, prefixes=prefixes,
+                     deterministic=not config.model.dropout, pooling=config.model.pooling)
+  emb = [enc["q"], enc["p"], enc.get("u"), enc.get("m")]
   hyper = {
     "dense_weight": lc.dense_weight,
     "sal_weight": lc.sal_weight,

@@ -224,6 +224,50 @@ def test_pydoc_pairs_have_no_verbatim_query_in_the_document():
   assert "file:" not in page and "href" not in page and len(page) <= 3000
 
 
+def test_views_in_one_encoder_pass_equal_one_pass_per_view(tiny_bert_dir):
+  """`loss_fn` encodes the three passage views in one (vmapped) encoder pass. With dropout on
+  (hidden and attention probabilities) its loss and gradients equal the formulation before that
+  change: one `model.apply` per view with the key `fold_in(rng, k)`, k = 1, 2, 3 (queries 0).
+  Different masks per view would move the loss by ~1e-2 here; the match is to float rounding."""
+  config = _config(tiny_bert_dir, 4)
+  config.unlock()
+  config.model.update(dropout=True, attention_impl="einsum")
+  config.lock()
+  mesh = make_mesh(config.mesh)
+  enc_cfg, pretrained, _ = seal.load_model(config)
+  model = Encoder(enc_cfg)
+  rng = np.random.default_rng(0)
+  batch = {"q_ids": rng.integers(1000, 2000, (8, 6))}
+  for view in "pum":
+    batch[f"{view}_ids"] = rng.integers(1000, 2000, (16, 10))
+  batch = {k: v.astype(np.int32) for k, v in batch.items()}
+  batch.update({k.replace("ids", "mask"): (np.arange(v.shape[1]) < v.shape[1] - k.count("m"))
+                .astype(np.int32)[None].repeat(len(v), 0) for k, v in batch.items()})
+  params = {"params": pretrained["params"]}
+  key = jax.random.PRNGKey(3)
+
+  def separate(params):
+    emb = [
+      pool(model.apply(params, batch[f"{v}_ids"], batch[f"{v}_mask"], deterministic=False,
+                       rngs={"dropout": jax.random.fold_in(key, k)}), batch[f"{v}_mask"],
+           kind="mean")
+      for k, v in enumerate("qpum")
+    ]
+    return seal_loss(*emb, temperature=0.02, group_size=2)[0]
+
+  joint = jax.jit(functools.partial(seal.loss_fn, model=model, config=config, mesh=mesh))
+  got, got_grad = jax.value_and_grad(lambda p: joint(p, batch, key)[0])(params)
+  want, want_grad = jax.jit(jax.value_and_grad(separate))(params)
+  np.testing.assert_allclose(got, want, rtol=2e-6)
+  # float32 sums over views in another order: agreement to ~1e-6 of the gradient's scale
+  scale = max(float(np.abs(w).max()) for w in jax.tree.leaves(want_grad))
+  for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+    np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6 * scale)
+  # The masks matter: another key for the tagged view moves the loss far beyond rounding.
+  moved = joint(params, batch, jax.random.PRNGKey(4))[0]
+  assert abs(float(moved) - float(want)) > 1e-3
+
+
 def test_structdoc_release_files_and_dev_split(tiny_bert_dir, tmp_path):
   """The paper presets name the release's train.json / test.json / dev.json; those JSON-lines
   files load by name, and dev.json is an evaluation corpus beside test: with the same records

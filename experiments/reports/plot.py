@@ -10,7 +10,10 @@
 Each `--arm NAME=GLOB` is one curve (or bar); the workdirs its glob matches are its seeds. What
 is drawn, per kind:
   grpo        held-out greedy accuracy (`eval/*/greedy_accuracy` rows) against steps, rollouts
-              (`rollouts_total` of the step's training row) and wall-clock (`time/elapsed_s`)
+              (`rollouts_total` of the step's training row) and training seconds (the sum of
+              the steps' `time/step_s` after step 1, which holds the compilation: a resumed run
+              adds up like an uninterrupted one; evaluation excluded); and grpo_time.png, the
+              mean seconds per step of each phase (`time/<phase>_s`, steps >= 2) by arm
   seal        MRR@10 and NDCG@10 of each seed's latest evaluation record, bars by arm (and
               the page-level NDCG@10 when the records have it)
   grace       training reward, rationale length and truncated share against steps
@@ -31,7 +34,9 @@ import os
 import numpy as np
 
 KINDS = ("grpo", "seal", "grace", "dispersive")
-GRPO_X = {"steps": "step", "rollouts": "rollouts_total", "wall-clock s": "time/elapsed_s"}
+TRAIN_SECONDS = "train_seconds"  # derived: see `with_train_seconds`
+GRPO_X = {"steps": "step", "rollouts": "rollouts_total", "training s": TRAIN_SECONDS}
+GRPO_PHASES = ("rollout", "reward", "logprob", "ref_logprob", "update")
 GRACE_Y = ("reward", "response_length_mean", "truncated_fraction")
 SEAL_Y = ("MRR@10", "NDCG@10")
 SEAL_PAGE_Y = ("page/NDCG@10",)
@@ -44,6 +49,32 @@ def read_rows(workdir: str) -> list[dict]:
     raise FileNotFoundError(f"{workdir}: no metrics.jsonl")
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def with_train_seconds(rows: list[dict]) -> list[dict]:
+  """`rows` with "train_seconds" on each training row: the sum of `time/step_s` over the
+  training rows of steps 2..step (step 1's time is mostly compilation). With an evaluation at
+  step 0 a row {step 0, rollouts_total 0, train_seconds 0} is added, so that point has an x."""
+  out, total = [], 0.0
+  for r in rows:
+    if "time/step_s" in r:
+      total += float(r["time/step_s"]) if r["step"] > 1 else 0.0
+      r = {**r, TRAIN_SECONDS: total}
+    out.append(r)
+  if any(r["step"] == 0 for r in rows):
+    out.insert(0, {"step": 0, "rollouts_total": 0, TRAIN_SECONDS: 0.0})
+  return out
+
+
+def phase_seconds(rows: list[dict]) -> dict[str, float]:
+  """Mean seconds per step of each GRPO phase over the training rows of steps >= 2."""
+  train = [r for r in rows if "time/step_s" in r and r["step"] > 1]
+  out = {}
+  for phase in (*GRPO_PHASES, "step"):
+    values = [float(r[f"time/{phase}_s"]) for r in train if f"time/{phase}_s" in r]
+    if values:
+      out[phase] = float(np.mean(values))
+  return out
 
 
 def read_eval_records(workdir: str) -> list[dict]:
@@ -110,10 +141,10 @@ def _line_panel(ax, bands: dict[str, dict], *, xlabel: str, ylabel: str):
   ax.legend(fontsize=8)
 
 
-def _lines(arms, panels, y_of=None):
+def _lines(arms, panels, y_of=None, derive=lambda rows: rows):
   """{panel: {arm: band}} for line plots; panels map a name to (x key, y key or None), None
-  meaning `y_of(rows)`, the y key found in a workdir's rows."""
-  rows = {w: read_rows(w) for workdirs in arms.values() for w in workdirs}
+  meaning `y_of(rows)`, the y key found in a workdir's rows; `derive` adds derived keys."""
+  rows = {w: derive(read_rows(w)) for workdirs in arms.values() for w in workdirs}
   out = {}
   for name, (x_key, y_key) in panels.items():
     out[name] = {}
@@ -143,8 +174,9 @@ def plot(kind: str, arms: dict[str, list[str]], out: str) -> dict:
   elif kind == "grpo":
     panels = {name: (x, None) for name, x in GRPO_X.items()}
     figures["grpo_accuracy.png"] = _lines(
-      arms, panels, lambda rows: _find_key(rows, ("greedy_accuracy",))
+      arms, panels, lambda rows: _find_key(rows, ("greedy_accuracy",)), with_train_seconds
     )
+    figures["grpo_time.png"] = {"seconds per step": phase_bars(arms)}
   elif kind == "grace":
     figures["grace_training.png"] = _lines(arms, {y: ("step", y) for y in GRACE_Y})
   else:
@@ -154,7 +186,9 @@ def plot(kind: str, arms: dict[str, list[str]], out: str) -> dict:
   for png, panels in figures.items():
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (name, bands) in zip(axes[0], panels.items()):
-      if kind == "seal":
+      if png == "grpo_time.png":
+        _phase_panel(ax, bands)
+      elif kind == "seal":
         names = list(bands)
         ax.bar(
           names,
@@ -176,6 +210,37 @@ def plot(kind: str, arms: dict[str, list[str]], out: str) -> dict:
   with open(os.path.join(out, f"{kind}_series.json"), "w", encoding="utf-8") as f:
     json.dump(figures, f, indent=1)
   return figures
+
+
+def phase_bars(arms) -> dict:
+  """{arm: {phase: {"mean", "std", "per_seed"}}}: `phase_seconds` of each workdir, mean and
+  sample std over the arm's workdirs (phases every workdir logged)."""
+  out = {}
+  for arm, workdirs in arms.items():
+    per = [phase_seconds(read_rows(w)) for w in workdirs]
+    phases = [p for p in (*GRPO_PHASES, "step") if all(p in x for x in per)]
+    out[arm] = {}
+    for p in phases:
+      values = np.array([x[p] for x in per], np.float64)
+      out[arm][p] = {"mean": float(values.mean()),
+                     "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                     "per_seed": values.tolist()}
+  return out
+
+
+def _phase_panel(ax, bars):
+  """Grouped bars: phases on x, one bar per arm (error bar: std over its workdirs)."""
+  arms = list(bars)
+  phases = [p for p in bars[arms[0]] if all(p in bars[a] for a in arms)]
+  width = 0.8 / len(arms)
+  for i, arm in enumerate(arms):
+    x = np.arange(len(phases)) + i * width
+    ax.bar(x, [bars[arm][p]["mean"] for p in phases], width,
+           yerr=[bars[arm][p]["std"] for p in phases], capsize=3, label=arm)
+  ax.set_xticks(np.arange(len(phases)) + width * (len(arms) - 1) / 2, phases)
+  ax.set_ylabel("seconds per step (steps >= 2)")
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend(fontsize=8)
 
 
 def seal_bars(arms) -> dict:
