@@ -41,6 +41,12 @@ def import_torchvision_beside_cpu_torch():
 
 import_torchvision_beside_cpu_torch()
 
+# A benchmark on a CPU machine with the [tpu] extra (for preflight) picks the CPU without
+# libtpu's start-up errors, as launch.py does.
+from contrastive_jax import hosts  # noqa: E402
+
+hosts.quiet_platforms()
+
 
 def add_torch_device_arg(parser: argparse.ArgumentParser):
   parser.add_argument(

@@ -27,6 +27,12 @@ os.environ.setdefault(
   ),
 )
 
+# Every program goes to that cache, not only those over JAX's 1 s default: launches of the same
+# preset with other seeds or steps (reports, multi-process, resume tests) and tests that compile
+# the same step again then load all of it; measured on two `grpo.py:test` launches, the second
+# took 13.1 s instead of 18.5 s.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 import importlib.util
 
 import jax

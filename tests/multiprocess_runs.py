@@ -29,8 +29,9 @@ def free_port() -> int:
 
 def process_env(devices: int, extra: dict | None = None) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "PYTEST_"))}
-  if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # the session's cache (tests/conftest.py)
-    env["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+  for key in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+    if key in os.environ:  # the session's cache and what goes into it (tests/conftest.py)
+      env[key] = os.environ[key]
   env.update(
     XLA_FLAGS=" ".join(
       [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]

@@ -20,8 +20,9 @@ from experiments.reports import tables as T
 from experiments.reports.sweep import Cost, Run
 
 CONFIG = "configs/seal.py"
-# The longest passage whose 4-arm x 3-seed sweep fits about 90 minutes of 2 quiet cores, from
-# the step costs below (experiments/reports/README.md, "Sizing the SEAL sweep").
+# 256 tokens: the shortest passage the report is asked for (document length). At it the 4-arm x
+# 3-seed sweep needs about 4.6 h of 2 quiet cores (the step costs below), not the ~90 minutes a
+# CPU session has; on a lent GPU it is minutes (scripts/seal_device.sh, DEVICE_LENGTH).
 LENGTH = 256
 DEVICE_LENGTH = 512  # all-MiniLM-L6-v2's longest input: the GPU sweep (scripts/seal_device.sh)
 ARMS = {
