@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import runs
 import tiny
 
+import runs
 from configs.grpo import get_config
 from contrastive_jax.evaluation.embedding_eval import heldout_lm_loss
 from contrastive_jax.losses.policy import aggregation_weight, policy_loss

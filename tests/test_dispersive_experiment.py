@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import plot_checks
 import pytest
-import runs
 
+import runs
 from configs.dispersive import get_config
 from contrastive_jax.evaluation import generative
 from contrastive_jax.evaluation.fid import feature_statistics, frechet_distance

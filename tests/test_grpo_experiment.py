@@ -13,9 +13,9 @@ import numpy as np
 import optax
 import plot_checks
 import pytest
-import runs
 import tiny
 
+import runs
 from configs.dpo import get_config as dpo_config
 from configs.grpo import get_config
 from contrastive_jax.data.math_answers import grade

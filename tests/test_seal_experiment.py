@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import plot_checks
 import pytest
-import runs
 
+import runs
 from configs.seal import get_config
 from contrastive_jax.data import html_views, offline_docs
 from contrastive_jax.data.jsonl import DataError
