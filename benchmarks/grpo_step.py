@@ -79,15 +79,18 @@ def torch_peer(model, tokens, mask, args, lr, device):
 
 def phase_flops(opt, state, args):
   """Per-device flops of (rollout, log-prob, update) from the compiled pieces the optimizer
-  runs (`policy_pieces.policy_pieces`): generate's decode loop is counted once by XLA, so the
-  rollout adds new_tokens - 1 decode steps; the update runs `minibatches` times."""
+  runs (`policy_pieces.policy_pieces`), each times its calls per step: the rollout is the
+  engine's pieces (continuous: `rollout_params` + `rollout_submit` + `rollout_decode` at the
+  planned decode steps; static: `rollout_generate` + `decode_step`, XLA counting generate's
+  decode loop once); the update runs `minibatches` times."""
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state)
   pieces = policy_pieces(apply_fn=opt.apply_fn, init_cache=opt.init_cache, settings=opt.s,
                          mesh=opt.mesh, state=abstract, rows=args.prompts * args.group,
                          prompt_len=args.prompt_len)
   f = {k: _cost(compile_piece(p)[0])["flops"] * p.per_step for k, p in pieces.items()}
-  return f["rollout_generate"] + f["decode_step"], f["old_logprobs"], f["ppo_update"]
+  rollout = sum(v for k, v in f.items() if k.startswith("rollout_") or k == "decode_step")
+  return rollout, f["old_logprobs"], f["ppo_update"]
 
 
 def main():

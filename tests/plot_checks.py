@@ -9,8 +9,10 @@ from experiments.reports import plot
 
 
 def rows(workdir):
+  """The workdir's metrics rows, with the x the plots derive (`plot.with_train_seconds`: training
+  seconds after step 1, and the step-0 point of an evaluation at the start)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    return plot.with_train_seconds([json.loads(line) for line in f if line.strip()])
 
 
 def draw(kind, arms, out):
