@@ -32,6 +32,7 @@ import importlib
 import os
 import sys
 
+from contrastive_jax.io import write_bytes
 from experiments.reports import sweep
 
 REPORTS = ("grpo", "grace", "dispersive", "seal")
@@ -102,9 +103,7 @@ def main(argv=None) -> int:
     return 0 if args.only != "*" or args.tables_only else 1
   text = mod.write(items, root, root, command)
   path = os.path.join(root, "tables.md")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+  write_bytes(path, text)  # atomic: a reader sees the old tables or the new ones
   print(f"wrote {path}")
   return 0
 
